@@ -1,0 +1,149 @@
+"""The transformers scorer: exact per-token log-probs and full-vocabulary entropies.
+
+The decoder runs once per batch; the vocabulary-sized logits are never materialised for a whole batch.
+Instead the hidden states of all scored positions are projected through the LM head a chunk of positions
+at a time, so memory stays bounded for 2048-token rows and 150k vocabularies.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..errors import CurateError
+
+# Bytes we allow for one chunk of float32 logits; log_softmax and exp need about two more of the same size.
+LOGITS_CHUNK_BYTES = 256 * 1024 * 1024
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CurateError(f"--device {device}: CUDA is not available on this machine")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise CurateError(f"--dtype {dtype!r} is not one of auto, float32, bfloat16, float16")
+    return table[dtype]
+
+
+def logprob_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of `logits` [n, V]: log p(target) and the entropy -sum p log p, both in nats, float32."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    target_lp = logp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return target_lp, entropy
+
+
+def chunked_logprob_entropy(hidden: torch.Tensor, head, targets: torch.Tensor, chunk: int,
+                            transform=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`logprob_entropy(head(hidden), targets)` computed `chunk` positions at a time."""
+    lps, ents = [], []
+    for start in range(0, hidden.shape[0], chunk):
+        logits = head(hidden[start:start + chunk])
+        if transform is not None:
+            logits = transform(logits)
+        lp, ent = logprob_entropy(logits, targets[start:start + chunk])
+        lps.append(lp)
+        ents.append(ent)
+    return torch.cat(lps), torch.cat(ents)
+
+
+def token_budget_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Indices grouped into batches whose padded size (rows x longest row) fits `batch_tokens`.
+
+    Longest first, so each batch holds rows of similar length and padding stays small. A row longer than
+    the budget gets a batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = lengths[current[0]] if current else lengths[i]
+        if current and (len(current) + 1) * longest > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class HFScorer:
+    name = "hf"
+    entropy_method = "exact"
+
+    def __init__(self, model_path: str, *, dtype: str = "auto", device: str = "auto", batch_tokens: int = 4096):
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # our own progress bar is the one the user watches
+
+        self.device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, self.device)
+        self.dtype = str(torch_dtype).removeprefix("torch.")
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
+        except OSError as e:
+            raise CurateError(f"cannot load the model {model_path!r}: {e}") from None
+        self.model.to(self.device).eval()
+        self.batch_tokens = batch_tokens
+        self.head = self.model.get_output_embeddings()
+        vocab = self.head.weight.shape[0]
+        self.chunk = max(16, LOGITS_CHUNK_BYTES // (vocab * 4))
+        cfg = self.model.config
+        softcap = getattr(cfg, "final_logit_softcapping", None)
+        scale = getattr(cfg, "logit_scale", None)
+        # A few architectures post-process logits inside forward(); replicate that here.
+        self.transform = None
+        if softcap:
+            self.transform = lambda z: torch.tanh(z / softcap) * softcap
+        elif isinstance(scale, (int, float)) and scale != 1:
+            self.transform = lambda z: z * scale
+
+    @torch.inference_mode()
+    def _score_batch(self, seqs: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        longest = max(len(s) for s in seqs)
+        ids = torch.zeros((len(seqs), longest), dtype=torch.long)
+        mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+        for row, s in enumerate(seqs):
+            ids[row, : len(s)] = torch.from_numpy(s.astype(np.int64))
+            mask[row, : len(s)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        # Position t predicts token t+1: gather the hidden states of every real position but the last.
+        hs = torch.cat([hidden[row, : len(s) - 1] for row, s in enumerate(seqs)])
+        targets = torch.cat([ids[row, 1: len(s)] for row, s in enumerate(seqs)])
+        lp, ent = chunked_logprob_entropy(hs, self.head, targets, self.chunk, self.transform)
+        lp, ent = lp.cpu().numpy(), ent.cpu().numpy()
+        out, offset = [], 0
+        for s in seqs:
+            n = len(s) - 1
+            row_lp = np.full(len(s), np.nan, dtype=np.float32)
+            row_ent = np.full(len(s), np.nan, dtype=np.float32)
+            row_lp[1:], row_ent[1:] = lp[offset: offset + n], ent[offset: offset + n]
+            out.append((row_lp, row_ent))
+            offset += n
+        return out
+
+    def score(self, sequences: Sequence[np.ndarray], on_batch=None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Scores in input order. `on_batch(rows, tokens)` is called after each forward batch."""
+        results: list = [None] * len(sequences)
+        for batch in token_budget_batches([len(s) for s in sequences], self.batch_tokens):
+            for i, r in zip(batch, self._score_batch([sequences[i] for i in batch])):
+                results[i] = r
+            if on_batch is not None:
+                on_batch(len(batch), sum(len(sequences[i]) for i in batch))
+        return results
+
+    def close(self) -> None:
+        self.model = None

@@ -1,0 +1,130 @@
+"""The `curate` command. Thin: parse options, call a stage, draw progress, print a summary."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .errors import CurateError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Q-Tuning data curation for SFT: score, prune, and write trainer-ready Parquet.")
+console = Console(stderr=True)
+out = Console()
+
+
+@contextmanager
+def _user_errors():
+    try:
+        yield
+    except CurateError as e:
+        console.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(2) from None
+
+
+def _stage_progress(label: str):
+    from .stages.score import Progress as StageProgress
+
+    bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
+                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"),
+                   TimeRemainingColumn(), console=console, transient=False)
+    state = {"task": None, "t0": None}
+
+    def start(total):
+        import time
+
+        state["t0"] = time.time()
+        state["task"] = bar.add_task(label, total=total, rate="")
+        bar.start()
+
+    def advance(rows, tokens):
+        import time
+
+        rate = tokens / max(time.time() - state["t0"], 1e-9)
+        bar.update(state["task"], completed=rows, rate=f"{rate:,.0f} tok/s")
+
+    return bar, StageProgress(start=start, advance=advance, log=lambda m: console.print(m))
+
+
+def _print_score_summary(manifest: dict) -> None:
+    c = manifest["counts"]
+    t = Table(title=f"scores: {Path(manifest['config']['out'])}", show_header=False)
+    t.add_row("model", manifest["model"]["name"])
+    t.add_row("backend", f"{manifest['config']['backend']} ({manifest.get('backend_choice', '')})")
+    t.add_row("rows read", f"{c['rows_read']:,}")
+    t.add_row("samples scored", f"{c['samples']:,}")
+    t.add_row("skipped", f"{c['skipped']:,} " + (str(manifest["skipped_by_reason"]) if c["skipped"] else ""))
+    t.add_row("truncated", f"{c['truncated']:,}")
+    t.add_row("tokens / trainable", f"{c['tokens']:,} / {c['trainable_tokens']:,}")
+    rate = manifest["scoring"]["tokens_per_s"]
+    t.add_row("scoring speed", f"{rate:,.0f} tokens/s" if rate else "(nothing scored in this run)")
+    t.add_row("shards", f"{len(manifest['shards'])} x part-NNNNN.parquet")
+    t.add_row("wall time", f"{manifest['wall_time_s']:.1f} s")
+    out.print(t)
+
+
+def score_with_progress(cfg, force: bool = False) -> dict:
+    from .stages import score
+
+    bar, progress = _stage_progress("score")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return score.run(cfg, progress, force=force)
+    finally:
+        bar.stop()
+
+
+@app.command("score")
+def score_cmd(
+    input: Path = typer.Argument(..., help="SFT data: .jsonl, .json (array or lines), .parquet, or a datasets save_to_disk folder."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for the scores (part-NNNNN.parquet + _manifest.json)."),
+    model: Optional[str] = typer.Option(None, help="Reference model: local folder or hub id. Default: built-in SmolLM2-135M-Instruct."),
+    backend: str = typer.Option("auto", help="Scorer: hf (transformers) or auto (best available)."),
+    format: str = typer.Option("auto", "--format", help="Input format: auto, openai, sharegpt, alpaca, prompt-completion, pairs."),
+    fields: Optional[str] = typer.Option(None, help="Field names for prompt/response rows, e.g. prompt=question,response=answer[,system=S][,id=I]."),
+    limit: Optional[int] = typer.Option(None, help="Score only the first N usable rows."),
+    max_length: int = typer.Option(2048, help="Truncate longer sequences to this many tokens (flagged `truncated`)."),
+    batch_tokens: int = typer.Option(4096, help="Padded tokens per forward batch (rows are length-sorted to cut padding)."),
+    shard_size: int = typer.Option(512, help="Samples per output shard; the unit of resume."),
+    dtype: str = typer.Option("auto", help="Model dtype: auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    on_bad_row: str = typer.Option("skip", help="skip: count unusable rows with their reason; fail: stop at the first, naming file, row and field."),
+    force: bool = typer.Option(False, "--force", help="Redo the run even if OUT holds finished or partial scores."),
+):
+    """Score every token of INPUT with a reference model: log-prob and entropy per token, as Parquet."""
+    from .stages.score import ScoreConfig
+
+    with _user_errors():
+        cfg = ScoreConfig(input=str(input), out=str(out_dir), model=model, backend=backend, format=format,
+                          fields=fields, limit=limit, max_length=max_length, batch_tokens=batch_tokens,
+                          shard_size=shard_size, dtype=dtype, device=device, on_bad_row=on_bad_row)
+        _print_score_summary(score_with_progress(cfg, force))
+
+
+@app.command("demo")
+def demo_cmd(
+    out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Run folder for the demo."),
+    force: bool = typer.Option(False, "--force", help="Recompute every stage."),
+):
+    """Run the whole pipeline on the built-in demo data with the built-in SmolLM2-135M model."""
+    from .demo import run_demo
+
+    with _user_errors():
+        run_demo(out_dir, force=force, console=out, score_fn=score_with_progress, print_score=_print_score_summary)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

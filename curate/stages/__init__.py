@@ -1,0 +1,1 @@
+"""Pipeline stages. Each reads files, writes files, and ends by writing its `_manifest.json`."""

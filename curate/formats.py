@@ -257,9 +257,8 @@ def _role_list(turns: Any, field: str, role_key: str, content_key: str, roles: d
             content = "".join(str(p.get("text", "")) for p in content)  # OpenAI content parts
         if content is None and turn.get("tool_calls"):
             content = json.dumps(turn["tool_calls"], ensure_ascii=False)
-        canonical = roles[role]
-        text = _text(content, f"{where}.{content_key}", allow_empty=canonical != "assistant")
-        out.append({"role": canonical, "content": text})
+        # Empty turns pass here; validate_conversation rejects an empty assistant turn by name.
+        out.append({"role": roles[role], "content": _text(content, f"{where}.{content_key}", allow_empty=True)})
     return out
 
 
@@ -274,7 +273,7 @@ def _from_alpaca(record: dict, fields: dict[str, str]) -> list[dict[str, str]]:
     if isinstance(system, str) and system.strip():
         messages.append({"role": "system", "content": system})
     messages.append({"role": "user", "content": prompt})
-    messages.append({"role": "assistant", "content": _text(_get(record, "output"), "output")})
+    messages.append({"role": "assistant", "content": _text(_get(record, "output"), "output", True)})
     return messages
 
 
@@ -284,7 +283,7 @@ def _from_prompt_completion(record: dict, fields: dict[str, str]) -> list[dict[s
         return _role_list(prompt, "prompt", "role", "content", OPENAI_ROLES) + _role_list(
             completion, "completion", "role", "content", OPENAI_ROLES)
     return [{"role": "user", "content": _text(prompt, "prompt")},
-            {"role": "assistant", "content": _text(completion, "completion")}]
+            {"role": "assistant", "content": _text(completion, "completion", True)}]
 
 
 def _from_pairs(record: dict, fields: dict[str, str]) -> list[dict[str, str]]:
@@ -295,7 +294,7 @@ def _from_pairs(record: dict, fields: dict[str, str]) -> list[dict[str, str]]:
     if "system" in fields and record.get(fields["system"]):
         messages.append({"role": "system", "content": _text(record[fields["system"]], fields["system"])})
     messages.append({"role": "user", "content": _text(_get(record, fields["prompt"]), fields["prompt"])})
-    messages.append({"role": "assistant", "content": _text(_get(record, fields["response"]), fields["response"])})
+    messages.append({"role": "assistant", "content": _text(_get(record, fields["response"]), fields["response"], True)})
     return messages
 
 

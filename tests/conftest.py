@@ -1,0 +1,92 @@
+"""Shared fixtures: a tiny Llama model and tokenizer built here, and the embedded SmolLM2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+GSM8K_TEST = SHARED / "gsm8k" / "test.jsonl"
+ALPACA = SHARED / "alpaca_demo" / "alpaca_en_demo.json"
+GLAIVE = SHARED / "glaive_toolcall" / "glaive_toolcall_en_demo.json"
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_tiny_tokenizer(chat_template: str | None = CHATML):
+    """A byte-level BPE tokenizer trained on a few sentences, with ChatML special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [json.dumps(r) for r in json.load(open(ALPACA))[:200]] + [
+        "the quick brown fox jumps over the lazy dog 0123456789 + - * / = ?"]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token="<|im_start|>")
+    fast.chat_template = chat_template
+    return fast
+
+
+def build_tiny_model_dir(path: Path, chat_template: str | None = CHATML) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tiny_tokenizer(chat_template)
+    torch.manual_seed(0)
+    # head_dim 32 (64 / 2 heads) so vLLM can load the same fixture.
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # larger logits than the default init, so entropies vary between positions
+        model.lm_head.weight.mul_(40)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    from curate.models import ensure_builtin
+
+    return ensure_builtin()
+
+
+def reference_scores(model_dir: Path, ids):
+    """Independent reference: one plain forward pass, logits -> torch.log_softmax, no chunking, no batching."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([list(ids)])).logits[0].double()
+    logp = torch.log_softmax(logits, -1)
+    lp = logp[:-1].gather(-1, torch.tensor(ids[1:], dtype=torch.long)[:, None])[:, 0]
+    ent = -(logp.exp() * logp).sum(-1)[:-1]
+    return lp.numpy(), ent.numpy()
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path

@@ -1,0 +1,89 @@
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from curate.errors import CurateError
+from curate.formats import Sample, Skip, count_rows, parse_fields, read_samples
+
+from .conftest import ALPACA, GLAIVE, GSM8K_TEST, write_jsonl
+
+
+def samples(path, **kw):
+    return [s for s in read_samples(Path(path), **kw) if isinstance(s, Sample)]
+
+
+def test_gsm8k_with_fields_and_auto_detected_pair():
+    fields = parse_fields("prompt=question,response=answer")
+    with_fields = samples(GSM8K_TEST, fields=fields)
+    auto = samples(GSM8K_TEST)
+    assert len(with_fields) == len(auto) == 1319
+    first = json.loads(open(GSM8K_TEST).readline())
+    assert with_fields[0].messages == [{"role": "user", "content": first["question"]},
+                                       {"role": "assistant", "content": first["answer"]}]
+    assert [s.id for s in with_fields] == [s.id for s in auto]
+    assert len({s.id for s in auto}) == 1319
+
+
+def test_alpaca_and_sharegpt_tool_calls():
+    alpaca = samples(ALPACA)
+    assert len(alpaca) == 999
+    raw = json.load(open(ALPACA))
+    assert alpaca[0].messages[-1] == {"role": "assistant", "content": raw[0]["output"]}
+    glaive = samples(GLAIVE)
+    assert len(glaive) == 300
+    first = json.load(open(GLAIVE))[0]
+    roles = [m["role"] for m in glaive[0].messages]
+    # tools -> system context; function_call -> assistant (trainable); observation -> tool (context)
+    assert roles[0] == "system" and "search_recipes" in glaive[0].messages[0]["content"]
+    assert roles[1:] == ["user", "assistant", "user", "assistant", "tool", "assistant", "user", "assistant"]
+    assert glaive[0].messages[4]["content"] == first["conversations"][3]["value"]
+
+
+def test_openai_prompt_completion_parquet_and_datasets_folder(tmp_path):
+    rows = [{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                          {"role": "assistant", "content": "hello"}], "id": "a"},
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]},
+                          {"role": "assistant", "content": "y"}], "id": 7}]
+    got = samples(write_jsonl(tmp_path / "a.jsonl", rows))
+    assert [s.id for s in got] == ["a", "7"] and got[1].messages[0]["content"] == "x"
+
+    pc = [{"prompt": "2+2?", "completion": "4"}]
+    (tmp_path / "pc.json").write_text(json.dumps(pc))
+    assert samples(tmp_path / "pc.json")[0].messages[1] == {"role": "assistant", "content": "4"}
+
+    pq.write_table(pa.Table.from_pylist([{"question": "q1", "answer": "a1"}, {"question": "q2", "answer": "a2"}]),
+                   tmp_path / "p.parquet")
+    assert len(samples(tmp_path / "p.parquet")) == 2 and count_rows(tmp_path / "p.parquet") == 2
+
+    import datasets
+
+    datasets.Dataset.from_list([{"instruction": "say a", "input": "", "output": "a"}]).save_to_disk(str(tmp_path / "ds"))
+    assert samples(tmp_path / "ds")[0].messages == [{"role": "user", "content": "say a"},
+                                                    {"role": "assistant", "content": "a"}]
+
+
+def test_bad_rows_are_skipped_with_reasons(tmp_path):
+    good = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    rows = [good, "{not json", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": " "}]},
+            {"messages": [{"role": "wizard", "content": "a"}, {"role": "assistant", "content": "b"}]},
+            {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "b"}]},
+            {"text": "no messages"}, {"messages": [{"role": "user", "content": "only a question"}]}, [1, 2]]
+    out = list(read_samples(write_jsonl(tmp_path / "bad.jsonl", rows)))
+    skips = {s.row: s for s in out if isinstance(s, Skip)}
+    assert len([s for s in out if isinstance(s, Sample)]) == 1
+    assert {row: s.reason for row, s in skips.items()} == {
+        2: "invalid_json", 3: "empty_assistant_turn", 4: "unknown_role", 5: "non_string_content",
+        6: "missing_field", 7: "no_assistant_turn", 8: "not_an_object"}
+    assert skips[4].field == "messages[0].role"
+
+
+def test_unrecognised_format_and_bad_fields_are_clear_errors(tmp_path):
+    with pytest.raises(CurateError, match=r"row 1: cannot recognise the format.*--fields"):
+        list(read_samples(write_jsonl(tmp_path / "x.jsonl", [{"foo": 1, "bar": 2}])))
+    with pytest.raises(CurateError, match="--fields"):
+        parse_fields("prompt=question")
+    with pytest.raises(CurateError, match="no such file"):
+        list(read_samples(tmp_path / "missing.jsonl"))

@@ -1,0 +1,107 @@
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from curate import io, schema
+from curate.cli import app
+from curate.errors import CurateError
+from curate.stages.score import Progress, ScoreConfig, run
+
+from .conftest import GSM8K_TEST, reference_scores, write_jsonl
+
+ROWS = [{"messages": [{"role": "user", "content": f"the fox {i}"}, {"role": "assistant", "content": "jumps " * (i + 1)}]}
+        for i in range(7)]
+
+
+def read_all(out):
+    return pq.read_table(sorted(out.glob("part-*.parquet"))).to_pylist() if list(out.glob("part-*.parquet")) else []
+
+
+def test_score_writes_the_contract(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "in.jsonl", ROWS + ["{broken", {"messages": [{"role": "user", "content": "x"}]}])
+    out = tmp_path / "scores"
+    manifest = run(ScoreConfig(input=str(data), out=str(out), model=str(tiny_model_dir), shard_size=3))
+    files = sorted(out.glob("part-*.parquet"))
+    assert [f.name for f in files] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    table = pq.read_table(files[0])
+    assert table.schema.remove_metadata().equals(schema.SCORES)
+    meta = io.parquet_metadata(files[0])
+    for key in ("model", "model_hash", "tokenizer", "chat_template_hash", "backend", "dtype", "max_length",
+                "curate_version", "entropy_method"):
+        assert meta[key], key
+    assert meta["backend"] == "hf" and meta["dtype"] == "float32" and meta["entropy_method"] == "exact"
+    rows = read_all(out)
+    assert len(rows) == 7 and manifest["counts"]["samples"] == 7
+    assert manifest["skipped_by_reason"] == {"invalid_json": 1, "no_assistant_turn": 1}
+    assert manifest["skipped_examples"][0]["row"] == 8
+    for r in rows:
+        lp, ent = reference_scores(tiny_model_dir, r["input_ids"])
+        assert np.max(np.abs(np.array(r["logprob"][1:]) - lp)) <= 1e-4
+        assert np.max(np.abs(np.array(r["entropy"][1:]) - ent)) <= 1e-4
+        assert r["n_trainable"] == sum(r["trainable"]) > 0 and r["n_tokens"] == len(r["input_ids"])
+    assert json.loads((out / "_manifest.json").read_text())["fingerprint"] == manifest["fingerprint"]
+
+
+def test_rerun_is_noop_and_interrupted_run_resumes_identically(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "in.jsonl", ROWS)
+    cfg = ScoreConfig(input=str(data), out=str(tmp_path / "full"), model=str(tiny_model_dir), shard_size=2)
+    run(cfg)
+    full = read_all(tmp_path / "full")
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "full").iterdir()}
+    logs = []
+    run(cfg, Progress(log=logs.append))
+    assert any("nothing to do" in m for m in logs)
+    assert before == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "full").iterdir()}
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_first_shard(rows, tokens):
+        if rows > 2:  # inside the second shard, after the first was written
+            raise Interrupt
+
+    part = ScoreConfig(**{**cfg.__dict__, "out": str(tmp_path / "part")})
+    with pytest.raises(Interrupt):
+        run(part, Progress(advance=stop_after_first_shard))
+    assert [p.name for p in (tmp_path / "part").glob("part-*")] == ["part-00000.parquet"]
+    assert not (tmp_path / "part" / "_manifest.json").exists()
+    manifest = run(part)
+    assert manifest["scoring"]["tokens_scored_this_run"] < manifest["counts"]["tokens"]  # shard 0 reused
+    assert read_all(tmp_path / "part") == full
+
+    changed = ScoreConfig(**{**part.__dict__, "max_length": 64})
+    with pytest.raises(CurateError, match="--force"):
+        run(changed)
+    run(changed, force=True)
+
+
+def test_fail_mode_names_file_row_and_field(tmp_path, tiny_model_dir):
+    bad = {"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]}
+    data = write_jsonl(tmp_path / "in.jsonl", ROWS[:2] + [bad])
+    with pytest.raises(CurateError, match=r"in\.jsonl, row 3, field 'messages\[1\]\.role'.*unknown_role"):
+        run(ScoreConfig(input=str(data), out=str(tmp_path / "o"), model=str(tiny_model_dir), on_bad_row="fail"))
+
+
+@pytest.mark.slow
+def test_cli_scores_gsm8k_with_builtin_model(tmp_path, smollm2_dir):
+    out = tmp_path / "gsm8k" / "scores"
+    res = CliRunner().invoke(app, ["score", str(GSM8K_TEST), "--fields", "prompt=question,response=answer",
+                                   "--limit", "16", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "samples scored" in res.output
+    rows = read_all(out)
+    assert len(rows) == 16
+    first = json.loads(open(GSM8K_TEST).readline())
+    assert rows[0]["messages"][-1]["content"] == first["answer"]
+    for r in rows[:3]:
+        lp, ent = reference_scores(smollm2_dir, r["input_ids"])
+        assert np.max(np.abs(np.array(r["logprob"][1:]) - lp)) <= 1e-4
+        assert np.max(np.abs(np.array(r["entropy"][1:]) - ent)) <= 1e-4
+
+
+def test_cli_reports_bad_input_without_traceback(tmp_path):
+    res = CliRunner().invoke(app, ["score", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "no such file" in res.output and "Traceback" not in res.output

@@ -110,6 +110,85 @@ def score_cmd(
         _print_score_summary(score_with_progress(cfg, force))
 
 
+def print_prune_summary(manifest: dict) -> None:
+    st = manifest["stats"]
+    t = Table(title=f"EU plane and pruning: {manifest['config']['out']}")
+    t.add_column("quadrant")
+    t.add_column("meaning")
+    t.add_column("samples", justify="right")
+    t.add_column("kept", justify="right")
+    names = {"Q1": "harmful noise (high PPL, high entropy)", "Q2": "valuable misconception (high PPL, low entropy)",
+             "Q3": "redundant knowledge (low PPL, low entropy)", "Q4": "calibration data (low PPL, high entropy)"}
+    for q, meaning in names.items():
+        t.add_row(q, meaning, f"{st['quadrants'][q]:,}", f"{st['kept_by_quadrant'][q]:,}")
+    out.print(t)
+    m = st["medians"]
+    out.print(f"medians: ppl {m['ppl']:.3f}, entropy {m['ent']:.3f}")
+    if st.get("thresholds"):
+        th = st["thresholds"]
+        out.print(f"alpha {th['alpha']:.4f}: Q2 = ppl > {th['ppl_high']:.3f} and ent <= {th['ent_low']:.3f}; "
+                  f"Q4 = ppl <= {th['ppl_low']:.3f} and ent > {th['ent_high']:.3f}")
+    elif st.get("alpha_per_batch"):
+        a = st["alpha_per_batch"]
+        out.print(f"alpha per batch: min {a['min']:.3f}, mean {a['mean']:.3f}, max {a['max']:.3f}")
+    tok = st["trainable_tokens"]
+    out.print(f"kept {st['K']:,} of {st['N']:,} samples ({st['sample_ratio']:.1%}): {st['selection']}")
+    out.print(f"loss tokens: {tok['after']:,} of {tok['all_samples']:,} trainable ({st['loss_token_ratio']:.1%}; "
+              f"{st['loss_token_ratio_in_kept']:.1%} of the kept samples' {tok['kept_samples']:,})")
+    out.print(f"pruned data: {Path(manifest['config']['out']) / 'data'}/train-*.parquet")
+
+
+def prune_with_log(cfg, force: bool = False) -> dict:
+    from .stages import prune
+
+    return prune.run(cfg, log=lambda m: console.print(m), force=force)
+
+
+@app.command("prune")
+def prune_cmd(
+    scores: Path = typer.Argument(..., help="Scores folder written by `curate score`."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for the pruned dataset (data/train-*.parquet, samples.parquet, stats.json)."),
+    ratio: float = typer.Option(0.125, help="Fraction of samples to keep, in (0, 1]: exactly max(1, round(ratio*N))."),
+    token_ratio: float = typer.Option(0.5, help="Fraction of trainable tokens kept in Q2 (misconception) samples, in (0, 1]."),
+    lam: float = typer.Option(0.5, help="Context weight of the token score: (1-lam)*ppl_i + lam*(ppl_i-1 + ppl_i+1)."),
+    scope: str = typer.Option("global", help="global: quantiles over the whole dataset; batch: per shuffled batch (the paper's in-training setting)."),
+    batch_size: int = typer.Option(8, help="Batch size for --scope batch."),
+    seed: int = typer.Option(0, help="Seed for batch shuffling and random strategies."),
+    entropy_positions: str = typer.Option("response", help="Mean entropy over response tokens (paper) or all positions (official code)."),
+    token_order: str = typer.Option("drop-high", help="drop-high: remove the highest-scoring tokens (paper); drop-low: the reversed ablation."),
+    strategy: str = typer.Option("qtuning", help="Sample strategy: qtuning, random, ppl-high, ppl-low, entropy-high, entropy-low."),
+    token_strategy: str = typer.Option("qtuning", help="Token strategy: qtuning, random, ppl (drop highest token PPL), none."),
+    force: bool = typer.Option(False, "--force", help="Redo even if OUT holds this exact result."),
+):
+    """Keep the valuable samples (Q2, Q4) to an exact budget and mask noisy tokens in Q2 samples."""
+    from .stages.prune import PruneConfig
+
+    with _user_errors():
+        cfg = PruneConfig(scores=str(scores), out=str(out_dir), ratio=ratio, token_ratio=token_ratio, lam=lam,
+                          scope=scope, batch_size=batch_size, seed=seed, entropy_positions=entropy_positions,
+                          token_order=token_order, strategy=strategy, token_strategy=token_strategy)
+        print_prune_summary(prune_with_log(cfg, force))
+
+
+@app.command("run")
+def run_cmd(
+    pipeline: Path = typer.Argument(..., help="Pipeline YAML (see pipelines/)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config value, e.g. --set prune.ratio=0.25 (repeatable)."),
+    force: bool = typer.Option(False, "--force", help="Recompute every stage."),
+):
+    """Run the stages a pipeline YAML describes (score -> prune) into one run folder; finished stages are skipped."""
+    from .config import load_pipeline
+    from .pipeline import run_pipeline
+
+    with _user_errors():
+        p = load_pipeline(pipeline, set_)
+        results = run_pipeline(p, score_fn=score_with_progress, prune_fn=prune_with_log, force=force)
+        _print_score_summary(results["score"])
+        if "prune" in results:
+            print_prune_summary(results["prune"])
+        out.print(f"run folder: {p.run_dir} (resolved config: {Path(p.run_dir) / 'config.yaml'})")
+
+
 @app.command("demo")
 def demo_cmd(
     out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Run folder for the demo."),
@@ -119,7 +198,8 @@ def demo_cmd(
     from .demo import run_demo
 
     with _user_errors():
-        run_demo(out_dir, force=force, console=out, score_fn=score_with_progress, print_score=_print_score_summary)
+        run_demo(out_dir, force=force, console=out, score_fn=score_with_progress, prune_fn=prune_with_log,
+                 print_score=_print_score_summary, print_prune=print_prune_summary)
 
 
 def main() -> None:

@@ -10,11 +10,16 @@ def demo_data_path() -> Path:
     return Path(str(resources.files("curate") / "data" / "demo.jsonl"))
 
 
-def run_demo(out_dir: Path, *, force: bool, console, score_fn, print_score) -> None:
-    from .stages.score import ScoreConfig
+def run_demo(out_dir: Path, *, force: bool, console, score_fn, prune_fn, print_score, print_prune) -> None:
+    from .config import Pipeline, PruneSection, ScoreSection
+    from .pipeline import run_pipeline
 
-    scores_dir = out_dir / "scores"
-    cfg = ScoreConfig(input=str(demo_data_path()), out=str(scores_dir))
-    manifest = score_fn(cfg, force)
-    print_score(manifest)
-    console.print(f"\n[bold green]Demo finished.[/] Scores: {scores_dir}/part-*.parquet (manifest: {scores_dir}/_manifest.json)")
+    pipeline = Pipeline(run_dir=str(out_dir), score=ScoreSection(input="demo"), prune=PruneSection(ratio=0.125))
+    results = run_pipeline(pipeline, score_fn=score_fn, prune_fn=prune_fn, force=force)
+    print_score(results["score"])
+    print_prune(results["prune"])
+    console.print(f"\n[bold green]Demo finished.[/] Results in {out_dir}/:\n"
+                  f"  scores:  {out_dir}/scores/part-*.parquet\n"
+                  f"  pruned:  {out_dir}/pruned/data/train-*.parquet  (load with datasets.load_dataset('parquet', ...))\n"
+                  f"  samples: {out_dir}/pruned/samples.parquet (every sample's ppl, ent, quadrant, fate)\n"
+                  f"  stats:   {out_dir}/pruned/stats.json")

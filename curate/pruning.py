@@ -1,0 +1,204 @@
+"""The Q-Tuning maths, pure: EU-plane coordinates, sample triage to an exact budget, token masks.
+
+Numpy/Polars in, numpy/Polars out, no I/O. DESIGN.md section 2 is the specification; comments name the
+places where we deliberately differ from the paper's code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+SAMPLE_STRATEGIES = ("qtuning", "random", "ppl-high", "ppl-low", "entropy-high", "entropy-low")
+TOKEN_STRATEGIES = ("qtuning", "random", "ppl", "none")
+BISECT_STEPS = 60  # alpha in [0, 0.5]; 60 halvings reach float64 resolution
+
+
+def budget(ratio: float, n: int) -> int:
+    """K = max(1, round(ratio * n)), rounding halves up (0.5 -> 1), never more than n."""
+    return min(n, max(1, math.floor(ratio * n + 0.5)))
+
+
+# ---------------------------------------------------------------- EU plane
+
+
+def sample_coordinates(scores: pl.DataFrame, entropy_positions: str = "response") -> pl.DataFrame:
+    """Per sample: `ppl` = exp(mean -logprob over trainable tokens), `ent` = mean entropy.
+
+    `scores` has the list columns id, trainable, logprob, entropy. With entropy_positions="all" the entropy
+    mean runs over every scored position, prompt included (the official code's choice).
+    Returns id, ppl, ent, n_trainable, nan_positions (trainable tokens whose scores are NaN).
+    """
+    tokens = (
+        scores.select("id", "trainable", "logprob", "entropy")
+        .with_columns(pos=pl.int_ranges(0, pl.col("trainable").list.len()))
+        .explode("trainable", "logprob", "entropy", "pos")
+    )
+    train = pl.col("trainable") == 1
+    scored = pl.col("pos") > 0  # position 0 has no prediction
+    ent_mask = train if entropy_positions == "response" else scored
+    lp = pl.col("logprob").cast(pl.Float64)
+    return (
+        tokens.group_by("id", maintain_order=True)
+        .agg(
+            nll=(-lp).filter(train).mean(),
+            ent=pl.col("entropy").cast(pl.Float64).filter(ent_mask).mean(),
+            n_trainable=train.sum().cast(pl.Int64),
+            nan_positions=(train & (lp.is_nan() | pl.col("entropy").is_nan())).sum(),
+        )
+        .with_columns(ppl=pl.col("nll").exp())
+        .select("id", "ppl", "ent", "n_trainable", "nan_positions")
+    )
+
+
+def quadrant_labels(ppl: np.ndarray, ent: np.ndarray) -> np.ndarray:
+    """Median-split diagnostic label: Q1 high/high, Q2 high ppl/low ent, Q3 low/low, Q4 low ppl/high ent."""
+    hi_p = ppl > np.quantile(ppl, 0.5)
+    hi_e = ent > np.quantile(ent, 0.5)
+    return np.where(hi_p, np.where(hi_e, "Q1", "Q2"), np.where(hi_e, "Q4", "Q3"))
+
+
+# ---------------------------------------------------------------- sample triage
+
+
+@dataclass(frozen=True)
+class Triage:
+    selection: np.ndarray  # object array: "Q2", "Q4", "fill-Q2", "fill-Q4", or None (dropped)
+    alpha: float | None
+    thresholds: dict[str, float]
+
+
+def _regions(ppl, ent, alpha):
+    q2 = (ppl > np.quantile(ppl, 1 - alpha)) & (ent <= np.quantile(ent, alpha))
+    q4 = (ppl <= np.quantile(ppl, alpha)) & (ent > np.quantile(ent, 1 - alpha))
+    return q2, q4
+
+
+def _minmax(x: np.ndarray) -> np.ndarray:
+    span = x.max() - x.min()
+    return np.zeros_like(x) if span == 0 else (x - x.min()) / span
+
+
+def qtuning_triage(ids: np.ndarray, ppl: np.ndarray, ent: np.ndarray, k: int) -> Triage:
+    """Exactly k samples: the largest alpha whose Q2 u Q4 fits in k, then a deterministic fill.
+
+    The official code bisects alpha and beta together and returns its last iterate, which can overshoot
+    the budget; we keep the largest feasible alpha and fill the rest, so the count is exact.
+    """
+    n = len(ids)
+    lo, hi = 0.0, 0.5
+    q2, q4 = _regions(ppl, ent, hi)
+    if q2.sum() + q4.sum() <= k:
+        lo = hi
+    else:
+        for _ in range(BISECT_STEPS):
+            mid = (lo + hi) / 2
+            a, b = _regions(ppl, ent, mid)
+            if a.sum() + b.sum() <= k:
+                lo = mid
+            else:
+                hi = mid
+    q2, q4 = _regions(ppl, ent, lo)
+    selection = np.full(n, None, dtype=object)
+    selection[q2] = "Q2"
+    selection[q4] = "Q4"
+    remaining = k - int(q2.sum() + q4.sum())
+    if remaining > 0:
+        ppl_n, ent_n = _minmax(ppl), _minmax(ent)
+        gap = np.abs(ppl_n - ent_n)
+        free = np.flatnonzero(selection == None)  # noqa: E711 (elementwise on an object array)
+        # largest gap first, ties by id (lexsort: last key is primary)
+        order = free[np.lexsort((ids[free], -gap[free]))][:remaining]
+        selection[order] = np.where(ppl_n[order] >= ent_n[order], "fill-Q2", "fill-Q4")
+    thresholds = {"alpha": lo, "ppl_high": float(np.quantile(ppl, 1 - lo)), "ent_low": float(np.quantile(ent, lo)),
+                  "ppl_low": float(np.quantile(ppl, lo)), "ent_high": float(np.quantile(ent, 1 - lo))}
+    return Triage(selection, lo, thresholds)
+
+
+def baseline_triage(strategy: str, ids: np.ndarray, ppl: np.ndarray, ent: np.ndarray, k: int, seed: int) -> Triage:
+    """The paper's comparison strategies; `selection` holds the strategy name for every kept sample."""
+    if strategy == "random":
+        chosen = np.random.default_rng(seed).permutation(len(ids))[:k]
+    else:
+        key = {"ppl-high": -ppl, "ppl-low": ppl, "entropy-high": -ent, "entropy-low": ent}[strategy]
+        chosen = np.lexsort((ids, key))[:k]
+    selection = np.full(len(ids), None, dtype=object)
+    selection[chosen] = strategy
+    return Triage(selection, None, {})
+
+
+def triage(strategy: str, ids, ppl, ent, k: int, seed: int) -> Triage:
+    if strategy == "qtuning":
+        return qtuning_triage(ids, ppl, ent, k)
+    return baseline_triage(strategy, ids, ppl, ent, k, seed)
+
+
+def batch_assignment(n: int, batch_size: int, seed: int) -> np.ndarray:
+    """Batch number per sample for `batch` scope: a seeded shuffle cut into batches of batch_size."""
+    order = np.random.default_rng(seed).permutation(n)
+    batch = np.empty(n, dtype=np.int64)
+    batch[order] = np.arange(n) // batch_size
+    return batch
+
+
+# ---------------------------------------------------------------- token pruning
+
+
+def protected_positions(trainable: np.ndarray, truncated: bool) -> np.ndarray:
+    """End-of-turn tokens: the last token of each trainable span (our masks end each assistant turn with it).
+
+    A span cut by truncation ends mid-turn and has no end-of-turn token to protect.
+    """
+    t = trainable.astype(bool)
+    nxt = np.append(t[1:], False)
+    last = t & ~nxt
+    if truncated and t[-1]:
+        last[-1] = False
+    return last
+
+
+def context_scores(logprob: np.ndarray, trainable: np.ndarray, lam: float) -> np.ndarray:
+    """s[i] = (1 - lam) * ppl_i + lam * (ppl_{i-1} + ppl_{i+1}); non-trainable neighbours count 0.
+
+    Token perplexities are exp(-logprob) in float64 (float32 overflows for logprob < -88).
+    """
+    t = trainable.astype(bool)
+    tok_ppl = np.where(t, np.exp(np.minimum(-logprob.astype(np.float64), 700.0)), 0.0)
+    left = np.concatenate([[0.0], tok_ppl[:-1]])
+    right = np.concatenate([tok_ppl[1:], [0.0]])
+    return np.where(t, (1 - lam) * tok_ppl + lam * (left + right), 0.0)
+
+
+def token_keep_mask(logprob: np.ndarray, trainable: np.ndarray, *, truncated: bool = False, token_ratio: float,
+                    lam: float, order: str = "drop-high", strategy: str = "qtuning", seed: int = 0) -> np.ndarray:
+    """int8 mask over positions: 1 where the token stays in the loss. Keeps k = max(1, round(ratio*|T|))
+    trainable tokens, end-of-turn tokens always among them (they count towards k)."""
+    t = trainable.astype(bool)
+    keep = t.copy()
+    n_train = int(t.sum())
+    if strategy == "none" or n_train == 0:
+        return keep.astype(np.int8)
+    k = budget(token_ratio, n_train)
+    protected = protected_positions(trainable, truncated)
+    candidates = np.flatnonzero(t & ~protected)
+    free_slots = max(0, k - int(protected.sum()))
+    if strategy == "random":
+        rng = np.random.default_rng(seed)
+        kept = rng.permutation(candidates)[:free_slots]
+    else:
+        s = context_scores(logprob, trainable, 0.0 if strategy == "ppl" else lam)[candidates]
+        # drop-high keeps the lowest scores; ties by position (stable sort)
+        rank = np.argsort(s if order == "drop-high" else -s, kind="stable")
+        kept = candidates[rank[:free_slots]]
+    keep[candidates] = False
+    keep[kept] = True
+    return keep.astype(np.int8)
+
+
+def sample_seed(seed: int, sample_id: str) -> int:
+    """A per-sample seed so random token pruning does not depend on shard layout or order."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()[:8], "little")

@@ -1,0 +1,58 @@
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from curate.cli import app
+from curate.config import load_pipeline
+from curate.errors import CurateError
+from curate.pipeline import stage_configs
+
+from .conftest import ROOT, write_jsonl
+
+PIPELINES = sorted((ROOT / "pipelines").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=[p.name for p in PIPELINES])
+def test_every_shipped_pipeline_validates_and_documents_its_command(path):
+    p = load_pipeline(path)
+    assert path.read_text().startswith(f"# curate run pipelines/{path.name}")
+    score, prune = stage_configs(p)
+    assert score.out.endswith("scores") and prune is not None
+
+
+def test_all_config_errors_reported_at_once_with_key_paths(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"run_dir": "r", "score": {"input": "x", "colour": "red", "max_length": 1},
+                                   "prune": {"ratio": 2, "scope": "everywhere"}, "extra": 1}))
+    with pytest.raises(CurateError) as e:
+        load_pipeline(bad)
+    msg = str(e.value)
+    for key in ("score.colour", "score.max_length", "prune.ratio", "prune.scope", "extra"):
+        assert key in msg, msg
+    assert "5 problem(s)" in msg
+    with pytest.raises(CurateError, match="prune.token_ratio"):
+        load_pipeline(ROOT / "pipelines" / "demo.yaml", ["prune.token_ratio=0"])
+
+
+def test_run_pipeline_end_to_end_then_noop(tmp_path, tiny_model_dir):
+    rows = [{"messages": [{"role": "user", "content": f"the fox {i}"},
+                          {"role": "assistant", "content": "jumps over " * (1 + i % 5) + str(i)}]} for i in range(24)]
+    data = write_jsonl(tmp_path / "in.jsonl", rows)
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "score": {"input": str(data), "model": str(tiny_model_dir)},
+                                   "prune": {"ratio": 0.25}}))
+    runner = CliRunner()
+    res = runner.invoke(app, ["run", str(cfg), "--set", "prune.token_ratio=0.5"])
+    assert res.exit_code == 0, res.output
+    assert "EU plane" in res.output and (tmp_path / "run" / "config.yaml").exists()
+    kept = pq.read_table(sorted((tmp_path / "run" / "pruned" / "data").glob("*.parquet")))
+    assert kept.num_rows == 6
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["prune"]["token_ratio"] == 0.5 and saved["prune"]["lam"] == 0.5
+    res = runner.invoke(app, ["run", str(cfg), "--set", "prune.token_ratio=0.5"])
+    assert res.exit_code == 0 and res.output.count("nothing to do") == 2, res.output
+    res = runner.invoke(app, ["run", str(cfg), "--set", "prune.nope=1"])
+    assert res.exit_code == 2 and "prune.nope" in res.output

@@ -1,0 +1,168 @@
+"""The prune maths against a brute-force reading of DESIGN.md section 2, plus invariants (hypothesis)."""
+
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from curate import pruning
+from curate.stages.prune import PruneConfig, select
+
+
+# ---------------------------------------------------------------- brute force, plain Python
+
+
+def bf_quantile(values, q):
+    xs = sorted(values)
+    h = (len(xs) - 1) * q
+    lo = math.floor(h)
+    return xs[lo] if lo + 1 >= len(xs) else xs[lo] + (h - lo) * (xs[lo + 1] - xs[lo])
+
+
+def bf_regions(ppl, ent, a):
+    p_hi, e_lo, p_lo, e_hi = bf_quantile(ppl, 1 - a), bf_quantile(ent, a), bf_quantile(ppl, a), bf_quantile(ent, 1 - a)
+    q2 = {i for i in range(len(ppl)) if ppl[i] > p_hi and ent[i] <= e_lo}
+    q4 = {i for i in range(len(ppl)) if ppl[i] <= p_lo and ent[i] > e_hi}
+    return q2, q4
+
+
+def bf_triage(ids, ppl, ent, ratio):
+    n = len(ids)
+    k = min(n, max(1, int(math.floor(ratio * n + 0.5))))
+    lo, hi = 0.0, 0.5
+    if sum(map(len, bf_regions(ppl, ent, hi))) <= k:
+        lo = hi
+    else:
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            if sum(map(len, bf_regions(ppl, ent, mid))) <= k:
+                lo = mid
+            else:
+                hi = mid
+    q2, q4 = bf_regions(ppl, ent, lo)
+    out = {ids[i]: "Q2" for i in q2} | {ids[i]: "Q4" for i in q4}
+
+    def norm(xs):
+        lo_, hi_ = min(xs), max(xs)
+        return [0.0 if hi_ == lo_ else (x - lo_) / (hi_ - lo_) for x in xs]
+
+    pn, en = norm(ppl), norm(ent)
+    free = sorted((i for i in range(n) if ids[i] not in out), key=lambda i: (-abs(pn[i] - en[i]), ids[i]))
+    for i in free[: k - len(out)]:
+        out[ids[i]] = "fill-Q2" if pn[i] >= en[i] else "fill-Q4"
+    return out
+
+
+def coords_frame(ppl, ent):
+    ids = [f"id{i:04d}" for i in range(len(ppl))]
+    return pl.DataFrame({"id": ids, "ppl": ppl, "ent": ent, "n_trainable": [3] * len(ppl)})
+
+
+def chosen(df):
+    return {r["id"]: r["selection"] for r in df.iter_rows(named=True) if r["selection"] is not None}
+
+
+values = st.lists(st.floats(0.5, 50, allow_nan=False), min_size=1, max_size=60)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), ratio=st.floats(0.01, 1.0), discrete=st.booleans())
+def test_global_triage_matches_brute_force(data, ratio, discrete):
+    n = data.draw(st.integers(1, 60))
+    elems = st.sampled_from([1.0, 2.0, 3.0, 5.0]) if discrete else st.floats(0.5, 50, allow_nan=False)
+    ppl = data.draw(st.lists(elems, min_size=n, max_size=n))
+    ent = data.draw(st.lists(elems, min_size=n, max_size=n))
+    df, _ = select(coords_frame(ppl, ent), PruneConfig(scores="", out="", ratio=ratio))
+    got = chosen(df)
+    assert got == bf_triage(df["id"].to_list(), ppl, ent, ratio)
+    assert len(got) == pruning.budget(ratio, n)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ppl=values, ent_seed=st.integers(0, 1000), ratio=st.floats(0.05, 1.0), bs=st.integers(1, 12), seed=st.integers(0, 5))
+def test_batch_triage_matches_brute_force_per_batch(ppl, ent_seed, ratio, bs, seed):
+    ent = list(np.random.default_rng(ent_seed).uniform(0, 5, len(ppl)))
+    cfg = PruneConfig(scores="", out="", ratio=ratio, scope="batch", batch_size=bs, seed=seed)
+    df, _ = select(coords_frame(ppl, ent), cfg)
+    expected = {}
+    for b in sorted(set(df["batch"].to_list())):
+        part = df.filter(pl.col("batch") == b)
+        expected |= bf_triage(part["id"].to_list(), part["ppl"].to_list(), part["ent"].to_list(), ratio)
+        assert part["selection"].drop_nulls().len() == pruning.budget(ratio, part.height)
+    assert chosen(df) == expected
+
+
+def test_median_quadrants_and_edge_cases():
+    df, summary = select(coords_frame([1.0, 9.0, 1.0, 9.0], [1.0, 1.0, 9.0, 9.0]),
+                         PruneConfig(scores="", out="", ratio=0.5))
+    assert df["quadrant"].to_list() == ["Q3", "Q2", "Q4", "Q1"]
+    assert chosen(df) == {"id0001": "Q2", "id0002": "Q4"} and summary["alpha"] == 0.5
+    # N = 1 keeps that sample; all-equal coordinates fall back to the deterministic fill
+    one, _ = select(coords_frame([3.0], [2.0]), PruneConfig(scores="", out="", ratio=0.125))
+    assert len(chosen(one)) == 1
+    same, _ = select(coords_frame([2.0] * 10, [2.0] * 10), PruneConfig(scores="", out="", ratio=0.3))
+    assert chosen(same) == {"id0000": "fill-Q2", "id0001": "fill-Q2", "id0002": "fill-Q2"}
+    full, _ = select(coords_frame(list(range(1, 9)), list(range(8, 0, -1))), PruneConfig(scores="", out="", ratio=1.0))
+    assert len(chosen(full)) == 8
+
+
+def test_baselines_pick_extremes():
+    ppl, ent = [5.0, 1.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]
+    for strategy, want in (("ppl-high", {"id0000", "id0003"}), ("ppl-low", {"id0001", "id0002"}),
+                           ("entropy-high", {"id0002", "id0003"}), ("entropy-low", {"id0000", "id0001"})):
+        df, _ = select(coords_frame(ppl, ent), PruneConfig(scores="", out="", ratio=0.5, strategy=strategy))
+        assert set(chosen(df)) == want
+    r1, _ = select(coords_frame(ppl, ent), PruneConfig(scores="", out="", ratio=0.5, strategy="random", seed=3))
+    r2, _ = select(coords_frame(ppl, ent), PruneConfig(scores="", out="", ratio=0.5, strategy="random", seed=3))
+    assert chosen(r1) == chosen(r2) and len(chosen(r1)) == 2
+
+
+# ---------------------------------------------------------------- token masks
+
+
+def bf_token_mask(logprob, trainable, ratio, lam, order):
+    n = len(trainable)
+    tp = [math.exp(-logprob[i]) if trainable[i] else 0.0 for i in range(n)]
+    T = [i for i in range(n) if trainable[i]]
+    protected = {i for i in T if i + 1 == n or not trainable[i + 1]}
+    k = max(1, int(math.floor(ratio * len(T) + 0.5)))
+    s = {i: (1 - lam) * tp[i] + lam * ((tp[i - 1] if i > 0 else 0) + (tp[i + 1] if i + 1 < n else 0)) for i in T}
+    cands = sorted((i for i in T if i not in protected), key=lambda i: ((s[i] if order == "drop-high" else -s[i]), i))
+    keep = protected | set(cands[: max(0, k - len(protected))])
+    return [1 if i in keep else 0 for i in range(n)]
+
+
+masks = st.lists(st.tuples(st.integers(0, 1), st.floats(-12, 0, allow_nan=False)), min_size=2, max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(tokens=masks, ratio=st.floats(0.01, 1.0), lam=st.sampled_from([0.0, 0.25, 0.5, 1.0]),
+       order=st.sampled_from(["drop-high", "drop-low"]))
+def test_token_mask_matches_brute_force_and_invariants(tokens, ratio, lam, order):
+    trainable = np.array([t for t, _ in tokens], dtype=np.int8)
+    trainable[0] = 0
+    logprob = np.array([lp for _, lp in tokens], dtype=np.float32)
+    if not trainable.any():
+        trainable[-1] = 1
+    mask = pruning.token_keep_mask(logprob, trainable, token_ratio=ratio, lam=lam, order=order)
+    assert mask.tolist() == bf_token_mask(logprob.astype(np.float64), trainable, ratio, lam, order)
+    assert not (mask & (trainable == 0)).any()  # never a non-trainable position
+    protected = pruning.protected_positions(trainable, False)
+    assert mask[protected].all()  # end-of-turn tokens always kept
+    k = pruning.budget(ratio, int(trainable.sum()))
+    assert mask.sum() == max(k, int(protected.sum()))
+    for strategy in ("random", "ppl"):
+        m = pruning.token_keep_mask(logprob, trainable, token_ratio=ratio, lam=lam, strategy=strategy, seed=1)
+        assert m.sum() == mask.sum() and m[protected].all() and not (m & (trainable == 0)).any()
+    assert (pruning.token_keep_mask(logprob, trainable, token_ratio=ratio, lam=lam, strategy="none") == trainable).all()
+
+
+def test_context_score_uses_float64_and_zero_for_non_trainable_neighbours():
+    lp = np.array([np.nan, -100.0, -1.0, -2.0], dtype=np.float32)
+    t = np.array([0, 1, 1, 0], dtype=np.int8)
+    s = pruning.context_scores(lp, t, 0.5)
+    assert np.isfinite(s).all() and s[1] == pytest.approx(0.5 * math.exp(100) + 0.5 * math.e)
+    assert s[2] == pytest.approx(0.5 * math.e + 0.5 * math.exp(100)) and s[0] == s[3] == 0

@@ -189,6 +189,32 @@ def run_cmd(
         out.print(f"run folder: {p.run_dir} (resolved config: {Path(p.run_dir) / 'config.yaml'})")
 
 
+@app.command("report")
+def report_cmd(
+    run_dir: Path = typer.Argument(..., help="Run folder holding scores/ and pruned/ (as `curate run` and `curate demo` write)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where to write the report (default RUN_DIR/report)."),
+    examples: int = typer.Option(3, help="Example samples shown per quadrant, token by token."),
+):
+    """Draw the EU plane (eu_plane.png, histograms.png) and write a self-contained report.html."""
+    from .stages import report
+
+    with _user_errors():
+        path = report.run(run_dir, out_dir, examples)
+        out.print(f"report: {path}")
+
+
+@app.command("inspect")
+def inspect_cmd(
+    run_dir: Path = typer.Argument(..., help="Run folder holding scores/ and pruned/."),
+    id: str = typer.Option(..., "--id", help="Sample id to show."),
+):
+    """One sample's tokens with their masks, log-probs, entropies and pruning scores, in the terminal."""
+    from .stages.inspect import sample_table
+
+    with _user_errors():
+        out.print(sample_table(run_dir, id))
+
+
 @app.command("demo")
 def demo_cmd(
     out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Run folder for the demo."),

@@ -55,10 +55,23 @@ def sample_coordinates(scores: pl.DataFrame, entropy_positions: str = "response"
     )
 
 
+def linear_quantile(sorted_x: np.ndarray, q: float) -> float:
+    """The q-quantile with linear interpolation (numpy's and polars' default definition).
+
+    Written out rather than calling np.quantile: the bisection converges onto points where a sample sits
+    exactly on a threshold, and there one ulp decides membership, so the formula must be this one, always.
+    """
+    h = (len(sorted_x) - 1) * q
+    lo = math.floor(h)
+    if lo + 1 >= len(sorted_x):
+        return float(sorted_x[lo])
+    return float(sorted_x[lo]) + (h - lo) * (float(sorted_x[lo + 1]) - float(sorted_x[lo]))
+
+
 def quadrant_labels(ppl: np.ndarray, ent: np.ndarray) -> np.ndarray:
     """Median-split diagnostic label: Q1 high/high, Q2 high ppl/low ent, Q3 low/low, Q4 low ppl/high ent."""
-    hi_p = ppl > np.quantile(ppl, 0.5)
-    hi_e = ent > np.quantile(ent, 0.5)
+    hi_p = ppl > linear_quantile(np.sort(ppl), 0.5)
+    hi_e = ent > linear_quantile(np.sort(ent), 0.5)
     return np.where(hi_p, np.where(hi_e, "Q1", "Q2"), np.where(hi_e, "Q4", "Q3"))
 
 
@@ -72,9 +85,14 @@ class Triage:
     thresholds: dict[str, float]
 
 
-def _regions(ppl, ent, alpha):
-    q2 = (ppl > np.quantile(ppl, 1 - alpha)) & (ent <= np.quantile(ent, alpha))
-    q4 = (ppl <= np.quantile(ppl, alpha)) & (ent > np.quantile(ent, 1 - alpha))
+def _thresholds(sorted_ppl, sorted_ent, alpha) -> dict[str, float]:
+    return {"alpha": alpha, "ppl_high": linear_quantile(sorted_ppl, 1 - alpha), "ent_low": linear_quantile(sorted_ent, alpha),
+            "ppl_low": linear_quantile(sorted_ppl, alpha), "ent_high": linear_quantile(sorted_ent, 1 - alpha)}
+
+
+def _regions(ppl, ent, th):
+    q2 = (ppl > th["ppl_high"]) & (ent <= th["ent_low"])
+    q4 = (ppl <= th["ppl_low"]) & (ent > th["ent_high"])
     return q2, q4
 
 
@@ -90,19 +108,24 @@ def qtuning_triage(ids: np.ndarray, ppl: np.ndarray, ent: np.ndarray, k: int) ->
     the budget; we keep the largest feasible alpha and fill the rest, so the count is exact.
     """
     n = len(ids)
+    sp, se = np.sort(ppl), np.sort(ent)
+
+    def kept(alpha):
+        a, b = _regions(ppl, ent, _thresholds(sp, se, alpha))
+        return int(a.sum() + b.sum())
+
     lo, hi = 0.0, 0.5
-    q2, q4 = _regions(ppl, ent, hi)
-    if q2.sum() + q4.sum() <= k:
+    if kept(hi) <= k:
         lo = hi
     else:
         for _ in range(BISECT_STEPS):
             mid = (lo + hi) / 2
-            a, b = _regions(ppl, ent, mid)
-            if a.sum() + b.sum() <= k:
+            if kept(mid) <= k:
                 lo = mid
             else:
                 hi = mid
-    q2, q4 = _regions(ppl, ent, lo)
+    thresholds = _thresholds(sp, se, lo)
+    q2, q4 = _regions(ppl, ent, thresholds)
     selection = np.full(n, None, dtype=object)
     selection[q2] = "Q2"
     selection[q4] = "Q4"
@@ -114,8 +137,6 @@ def qtuning_triage(ids: np.ndarray, ppl: np.ndarray, ent: np.ndarray, k: int) ->
         # largest gap first, ties by id (lexsort: last key is primary)
         order = free[np.lexsort((ids[free], -gap[free]))][:remaining]
         selection[order] = np.where(ppl_n[order] >= ent_n[order], "fill-Q2", "fill-Q4")
-    thresholds = {"alpha": lo, "ppl_high": float(np.quantile(ppl, 1 - lo)), "ent_low": float(np.quantile(ent, lo)),
-                  "ppl_low": float(np.quantile(ppl, lo)), "ent_high": float(np.quantile(ent, 1 - lo))}
     return Triage(selection, lo, thresholds)
 
 

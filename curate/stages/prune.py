@@ -123,7 +123,7 @@ def select(coords: pl.DataFrame, cfg: PruneConfig) -> tuple[pl.DataFrame, dict]:
         "thresholds": thresholds,
         "alpha_per_batch": ({"min": min(alphas), "mean": float(np.mean(alphas)), "max": max(alphas)}
                             if alphas and cfg.scope == "batch" else None),
-        "medians": {"ppl": float(np.quantile(ppl, 0.5)), "ent": float(np.quantile(ent, 0.5))},
+        "medians": {"ppl": pruning.linear_quantile(np.sort(ppl), 0.5), "ent": pruning.linear_quantile(np.sort(ent), 0.5)},
     }
     return out, summary
 

@@ -159,6 +159,7 @@ def prune_cmd(
     strategy: str = typer.Option("qtuning", help="Sample strategy: qtuning, random, ppl-high, ppl-low, entropy-high, entropy-low."),
     token_strategy: str = typer.Option("qtuning", help="Token strategy: qtuning, random, ppl (drop highest token PPL), none."),
     force: bool = typer.Option(False, "--force", help="Redo even if OUT holds this exact result."),
+    report: bool = typer.Option(False, "--report", help="Also write the EU-plane report into OUT/report."),
 ):
     """Keep the valuable samples (Q2, Q4) to an exact budget and mask noisy tokens in Q2 samples."""
     from .stages.prune import PruneConfig
@@ -168,6 +169,10 @@ def prune_cmd(
                           scope=scope, batch_size=batch_size, seed=seed, entropy_positions=entropy_positions,
                           token_order=token_order, strategy=strategy, token_strategy=token_strategy)
         print_prune_summary(prune_with_log(cfg, force))
+        if report:
+            from .stages import report as report_stage
+
+            out.print(f"report: {report_stage.run(out_dir.parent, pruned_dir=out_dir)}")
 
 
 @app.command("run")

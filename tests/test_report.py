@@ -45,6 +45,13 @@ def test_report_pictures_and_html(small_run):
     assert "http://" not in page and "https://" not in page  # self-contained
 
 
+def test_prune_report_flag_on_a_pruned_folder_elsewhere(small_run, tmp_path):
+    res = CliRunner().invoke(app, ["prune", str(small_run / "scores"), "--out", str(tmp_path / "p"), "--ratio", "0.5",
+                                   "--report"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "p" / "report" / "report.html").exists() and png_size(tmp_path / "p" / "report" / "eu_plane.png")
+
+
 def test_inspect_shows_tokens(small_run):
     import polars as pl
 

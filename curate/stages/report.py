@@ -23,12 +23,16 @@ QUADRANT_NAMES = {"Q1": "harmful noise", "Q2": "valuable misconception", "Q3": "
                   "Q4": "calibration data"}
 
 
-def load_run(run_dir: Path) -> tuple[Path, Path, pl.DataFrame, dict]:
-    pruned, scores = run_dir / "pruned", run_dir / "scores"
+def load_run(run_dir: Path, pruned: Path | None = None) -> tuple[Path, Path, pl.DataFrame, dict]:
+    """(pruned dir, scores dir, samples, stats) of a run folder, or of a pruned folder given directly."""
+    pruned = pruned or run_dir / "pruned"
+    scores = run_dir / "scores"
+    if pruned != run_dir / "pruned" and (pruned / io.MANIFEST).exists():
+        scores = Path(io.read_json(pruned / io.MANIFEST)["config"]["scores"])  # where prune read its scores
     for need in (pruned / "samples.parquet", pruned / "stats.json", scores / io.MANIFEST):
         if not need.exists():
-            raise CurateError(f"{run_dir}: {need.relative_to(run_dir)} is missing; run `curate score` and "
-                              "`curate prune` into RUN_DIR/scores and RUN_DIR/pruned first (as `curate run` does)")
+            raise CurateError(f"{need} is missing; run `curate score` and `curate prune` into RUN_DIR/scores and "
+                              "RUN_DIR/pruned first (as `curate run` and `curate demo` do)")
     return pruned, scores, pl.read_parquet(pruned / "samples.parquet"), io.read_json(pruned / "stats.json")
 
 
@@ -128,8 +132,7 @@ def examples(samples: pl.DataFrame, per_quadrant: int) -> list[dict]:
     return chosen
 
 
-def build_html(stats: dict, images: dict[str, bytes], sample_html: list[tuple[dict, str]],
-               transitions: str | None = None) -> str:
+def build_html(stats: dict, images: dict[str, bytes], sample_html: list[tuple[dict, str]]) -> str:
     rows = "".join(f"<tr><td>{q}</td><td>{QUADRANT_NAMES[q]}</td><td>{stats['quadrants'][q]:,}</td>"
                    f"<td>{stats['kept_by_quadrant'][q]:,}</td></tr>" for q in ("Q1", "Q2", "Q3", "Q4"))
     tok = stats["trainable_tokens"]
@@ -142,7 +145,6 @@ def build_html(stats: dict, images: dict[str, bytes], sample_html: list[tuple[di
         f'<div class="sample"><h3>{html.escape(str(s["id"]))} &middot; {s["quadrant"]} &middot; '
         f'{s["selection"] or "dropped"} &middot; ppl {s["ppl"]:.2f}, ent {s["ent"]:.3f}</h3><pre>{body}</pre></div>'
         for s, body in sample_html)
-    trans = f"<h2>Quadrant transitions between rounds</h2>{transitions}" if transitions else ""
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>q-curate report</title><style>
 body{{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px}} img{{max-width:100%}} pre{{white-space:pre-wrap;font-size:13px}}
@@ -153,16 +155,17 @@ td,th{{border:1px solid #ccc;padding:4px 8px}} img{{max-width:100%}} pre{{white-
 <h2 id="summary">Summary</h2>{summary}
 <table><tr><th>quadrant</th><th>meaning</th><th>samples</th><th>kept</th></tr>{rows}</table>
 <p>alpha {stats.get('alpha')}, thresholds {html.escape(json.dumps(stats.get('thresholds')))}</p>
-<h2 id="pictures">Pictures</h2>{imgs}{trans}
+<h2 id="pictures">Pictures</h2>{imgs}
 <h2 id="examples">Examples</h2>
 <p>Legend: <span class="prompt">prompt (context)</span> <span class="kept">kept loss token</span>
 <span class="pruned">pruned token</span>. Hover a token for its log-prob, entropy and pruning score.</p>
 {cards}</body></html>"""
 
 
-def run(run_dir: Path, out: Path | None = None, per_quadrant: int = 3) -> Path:
-    pruned, scores, samples, stats = load_run(run_dir)
-    out = out or run_dir / "report"
+def run(run_dir: Path, out: Path | None = None, per_quadrant: int = 3, pruned_dir: Path | None = None) -> Path:
+    """Write the report of RUN_DIR (scores/ + pruned/), or of `pruned_dir` and the scores it was made from."""
+    pruned, scores, samples, stats = load_run(run_dir, pruned_dir)
+    out = out or (pruned_dir / "report" if pruned_dir else run_dir / "report")
     out.mkdir(parents=True, exist_ok=True)
     plot_eu_plane(samples, stats, out / "eu_plane.png")
     plot_histograms(samples, out / "histograms.png")

@@ -151,7 +151,8 @@ def run(cfg: ScoreConfig, progress: Progress | None = None, force: bool = False)
     backend, why = choose_backend(cfg.backend)
     resolved = {**asdict(cfg), "input": str(in_path), "out": str(out), "model": model.name, "backend": backend}
     identity = {k: v for k, v in resolved.items() if k != "out"}
-    fingerprint = io.fingerprint_config({"config": identity, "input": io.fingerprint_path(in_path),
+    input_fingerprint = io.fingerprint_path(in_path)  # hashes the whole input: once per run
+    fingerprint = io.fingerprint_config({"config": identity, "input": input_fingerprint,
                                          "model": model.hash, "version": __version__})
     if force:
         for old in list(out.glob(schema.SCORES_GLOB)) + [out / io.MANIFEST]:
@@ -187,13 +188,12 @@ def run(cfg: ScoreConfig, progress: Progress | None = None, force: bool = False)
                     scorer = make_scorer(backend, model.path, dtype=cfg.dtype, device=cfg.device,
                                          batch_tokens=cfg.batch_tokens)
                 t0 = time.time()
-                done_before = (counts.rows_read - len(shard), tokens - shard_tokens)
-                partial = {"rows": 0, "tokens": 0}
+                progressed = [counts.rows_read - len(shard), tokens - shard_tokens]  # rows, tokens before this shard
 
-                def on_batch(rows, toks, base=done_before, acc=partial):
-                    acc["rows"] += rows
-                    acc["tokens"] += toks
-                    progress.advance(base[0] + acc["rows"], base[1] + acc["tokens"])
+                def on_batch(rows, toks):
+                    progressed[0] += rows
+                    progressed[1] += toks
+                    progress.advance(*progressed)
 
                 scores = scorer.score([t.input_ids for t in shard], on_batch=on_batch)
                 score_time += time.time() - t0
@@ -214,7 +214,7 @@ def run(cfg: ScoreConfig, progress: Progress | None = None, force: bool = False)
 
     return io.write_manifest(
         out, "score", fingerprint, started,
-        inputs=[{"path": str(in_path), "fingerprint": io.fingerprint_path(in_path)}],
+        inputs=[{"path": str(in_path), "fingerprint": input_fingerprint}],
         config=resolved, backend_choice=why,
         model={"name": model.name, "path": model.path, "hash": model.hash},
         counts={"rows_read": counts.rows_read, "samples": counts.samples,

@@ -183,15 +183,20 @@ def run_cmd(
 ):
     """Run the stages a pipeline YAML describes (score -> prune) into one run folder; finished stages are skipped."""
     from .config import load_pipeline
-    from .pipeline import run_pipeline
 
     with _user_errors():
         p = load_pipeline(pipeline, set_)
-        results = run_pipeline(p, score_fn=score_with_progress, prune_fn=prune_with_log, force=force)
-        _print_score_summary(results["score"])
-        if "prune" in results:
-            print_prune_summary(results["prune"])
+        _run_and_print(p, force)
         out.print(f"run folder: {p.run_dir} (resolved config: {Path(p.run_dir) / 'config.yaml'})")
+
+
+def _run_and_print(p, force: bool) -> None:
+    from .pipeline import run_pipeline
+
+    results = run_pipeline(p, score_fn=score_with_progress, prune_fn=prune_with_log, force=force)
+    _print_score_summary(results["score"])
+    if "prune" in results:
+        print_prune_summary(results["prune"])
 
 
 @app.command("report")
@@ -226,11 +231,18 @@ def demo_cmd(
     force: bool = typer.Option(False, "--force", help="Recompute every stage."),
 ):
     """Run the whole pipeline on the built-in demo data with the built-in SmolLM2-135M model."""
-    from .demo import run_demo
+    from .demo import demo_pipeline
+    from .stages import report
 
     with _user_errors():
-        run_demo(out_dir, force=force, console=out, score_fn=score_with_progress, prune_fn=prune_with_log,
-                 print_score=_print_score_summary, print_prune=print_prune_summary)
+        _run_and_print(demo_pipeline(out_dir), force)
+        report_path = report.run(out_dir)
+    out.print(f"\n[bold green]Demo finished.[/] Results in {out_dir}/:\n"
+              f"  scores:  {out_dir}/scores/part-*.parquet\n"
+              f"  pruned:  {out_dir}/pruned/data/train-*.parquet  (load with datasets.load_dataset('parquet', ...))\n"
+              f"  samples: {out_dir}/pruned/samples.parquet (every sample's ppl, ent, quadrant, fate)\n"
+              f"  stats:   {out_dir}/pruned/stats.json\n"
+              f"  report:  {report_path} (EU plane picture: {out_dir}/report/eu_plane.png)")
 
 
 def main() -> None:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+# The shared datasets sit beside the checkout (../shared/data); CURATE_SHARED_DATA points elsewhere.
+SHARED = Path(os.environ.get("CURATE_SHARED_DATA", ROOT.parent / "shared" / "data"))
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared datasets not found at {SHARED} "
+                                  "(set CURATE_SHARED_DATA to the folder holding gsm8k/, alpaca_demo/, glaive_toolcall/)")
+DEMO = ROOT / "curate" / "data" / "demo.jsonl"
 GSM8K_TEST = SHARED / "gsm8k" / "test.jsonl"
 ALPACA = SHARED / "alpaca_demo" / "alpaca_en_demo.json"
 GLAIVE = SHARED / "glaive_toolcall" / "glaive_toolcall_en_demo.json"
@@ -29,7 +34,7 @@ def build_tiny_tokenizer(chat_template: str | None = CHATML):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    corpus = [json.dumps(r) for r in json.load(open(ALPACA))[:200]] + [
+    corpus = open(DEMO).read().splitlines() + [
         "the quick brown fox jumps over the lazy dog 0123456789 + - * / = ?"]
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)

@@ -8,13 +8,14 @@ import pytest
 from curate.errors import CurateError
 from curate.formats import Sample, Skip, count_rows, parse_fields, read_samples
 
-from .conftest import ALPACA, GLAIVE, GSM8K_TEST, write_jsonl
+from .conftest import ALPACA, GLAIVE, GSM8K_TEST, needs_shared, write_jsonl
 
 
 def samples(path, **kw):
     return [s for s in read_samples(Path(path), **kw) if isinstance(s, Sample)]
 
 
+@needs_shared
 def test_gsm8k_with_fields_and_auto_detected_pair():
     fields = parse_fields("prompt=question,response=answer")
     with_fields = samples(GSM8K_TEST, fields=fields)
@@ -27,6 +28,7 @@ def test_gsm8k_with_fields_and_auto_detected_pair():
     assert len({s.id for s in auto}) == 1319
 
 
+@needs_shared
 def test_alpaca_and_sharegpt_tool_calls():
     alpaca = samples(ALPACA)
     assert len(alpaca) == 999

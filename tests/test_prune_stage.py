@@ -12,7 +12,7 @@ from curate.errors import CurateError
 from curate.stages.prune import PruneConfig, run
 from curate.synthetic import synthetic_scores
 
-from .conftest import GSM8K_TEST
+from .conftest import GSM8K_TEST, needs_shared
 from .test_pruning import bf_token_mask, bf_triage
 
 
@@ -130,6 +130,7 @@ def test_one_trainable_token_samples(tmp_path):
     assert all(sum(r["loss_mask"]) == 1 for r in rows)
 
 
+@needs_shared
 @pytest.mark.slow
 def test_gsm8k_64_rows_builtin_model_prune_quarter(tmp_path, smollm2_dir):
     """The issue's acceptance run: 64 GSM8K rows, default model, --ratio 0.25 --token-ratio 0.5."""

@@ -10,7 +10,7 @@ from curate.cli import app
 from curate.errors import CurateError
 from curate.stages.score import Progress, ScoreConfig, run
 
-from .conftest import GSM8K_TEST, reference_scores, write_jsonl
+from .conftest import GSM8K_TEST, needs_shared, reference_scores, write_jsonl
 
 ROWS = [{"messages": [{"role": "user", "content": f"the fox {i}"}, {"role": "assistant", "content": "jumps " * (i + 1)}]}
         for i in range(7)]
@@ -85,6 +85,7 @@ def test_fail_mode_names_file_row_and_field(tmp_path, tiny_model_dir):
         run(ScoreConfig(input=str(data), out=str(tmp_path / "o"), model=str(tiny_model_dir), on_bad_row="fail"))
 
 
+@needs_shared
 @pytest.mark.slow
 def test_cli_scores_gsm8k_with_builtin_model(tmp_path, smollm2_dir):
     out = tmp_path / "gsm8k" / "scores"

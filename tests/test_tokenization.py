@@ -8,7 +8,7 @@ from curate.errors import RowError
 from curate.formats import Sample, read_samples
 from curate.tokenization import encode, ensure_chat_template
 
-from .conftest import ALPACA, GLAIVE, GSM8K_TEST, build_tiny_tokenizer
+from .conftest import ALPACA, GLAIVE, GSM8K_TEST, build_tiny_tokenizer, needs_shared
 
 
 def spans(mask):
@@ -23,6 +23,7 @@ def smol_tokenizer(smollm2_dir):
     return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
+@needs_shared
 @pytest.mark.parametrize("path,n", [(ALPACA, 150), (GSM8K_TEST, 150), (GLAIVE, 300)])
 def test_trainable_tokens_decode_to_assistant_turns(smol_tokenizer, path, n):
     """Every contiguous trainable span is exactly one assistant turn followed by its <|im_end|>."""

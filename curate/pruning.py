@@ -68,10 +68,14 @@ def linear_quantile(sorted_x: np.ndarray, q: float) -> float:
     return float(sorted_x[lo]) + (h - lo) * (float(sorted_x[lo + 1]) - float(sorted_x[lo]))
 
 
-def quadrant_labels(ppl: np.ndarray, ent: np.ndarray) -> np.ndarray:
+def medians(ppl: np.ndarray, ent: np.ndarray) -> dict[str, float]:
+    return {"ppl": linear_quantile(np.sort(ppl), 0.5), "ent": linear_quantile(np.sort(ent), 0.5)}
+
+
+def quadrant_labels(ppl: np.ndarray, ent: np.ndarray, median: dict[str, float]) -> np.ndarray:
     """Median-split diagnostic label: Q1 high/high, Q2 high ppl/low ent, Q3 low/low, Q4 low ppl/high ent."""
-    hi_p = ppl > linear_quantile(np.sort(ppl), 0.5)
-    hi_e = ent > linear_quantile(np.sort(ent), 0.5)
+    hi_p = ppl > median["ppl"]
+    hi_e = ent > median["ent"]
     return np.where(hi_p, np.where(hi_e, "Q1", "Q2"), np.where(hi_e, "Q4", "Q3"))
 
 

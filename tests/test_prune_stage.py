@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from curate import io, pruning, schema
+from curate import pruning, schema
 from curate.cli import app
 from curate.errors import CurateError
 from curate.stages.prune import PruneConfig, run

@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 from rich.table import Table
 
-from .. import io, pruning
+from .. import pruning
 from ..errors import CurateError
-from .report import load_run
+from .report import load_run, rows_by_id, scoring_tokenizer
 
 
 def sample_table(run_dir: Path, sample_id: str) -> Table:
@@ -19,15 +18,10 @@ def sample_table(run_dir: Path, sample_id: str) -> Table:
     if info.height == 0:
         raise CurateError(f"{run_dir}: no sample with id {sample_id!r}")
     info = info.row(0, named=True)
-    row = next((r for p in sorted(scores.glob("part-*.parquet"))
-                for r in pq.read_table(p, filters=[("id", "==", sample_id)]).to_pylist()), None)
-    mask = next((r["loss_mask"] for p in sorted((pruned / "data").glob("*.parquet"))
-                 for r in pq.read_table(p, columns=["id", "loss_mask"], filters=[("id", "==", sample_id)]).to_pylist()),
-                None)
-    from ..models import ResolvedModel, load_tokenizer
-
-    model = io.read_json(scores / io.MANIFEST)["model"]
-    tok = load_tokenizer(ResolvedModel(model["path"], model["name"], model["hash"]))
+    row = rows_by_id(sorted(scores.glob("part-*.parquet")), [sample_id])[sample_id]
+    kept = rows_by_id(sorted((pruned / "data").glob("*.parquet")), [sample_id], ["id", "loss_mask"])
+    mask = kept[sample_id]["loss_mask"] if kept else None  # None: the sample was dropped
+    tok = scoring_tokenizer(scores)
     trainable = np.asarray(row["trainable"], dtype=np.int8)
     s = pruning.context_scores(np.nan_to_num(np.asarray(row["logprob"], dtype=np.float32)), trainable,
                                stats["config"]["lam"])

@@ -101,7 +101,8 @@ def select(coords: pl.DataFrame, cfg: PruneConfig) -> tuple[pl.DataFrame, dict]:
     ids = coords["id"].to_numpy().astype(str)
     ppl, ent = coords["ppl"].to_numpy(), coords["ent"].to_numpy()
     n = len(ids)
-    quadrant = pruning.quadrant_labels(ppl, ent)
+    median = pruning.medians(ppl, ent)
+    quadrant = pruning.quadrant_labels(ppl, ent, median)
     selection = np.full(n, None, dtype=object)
     if cfg.scope == "global":
         batch = np.zeros(n, dtype=np.int64)
@@ -123,7 +124,7 @@ def select(coords: pl.DataFrame, cfg: PruneConfig) -> tuple[pl.DataFrame, dict]:
         "thresholds": thresholds,
         "alpha_per_batch": ({"min": min(alphas), "mean": float(np.mean(alphas)), "max": max(alphas)}
                             if alphas and cfg.scope == "batch" else None),
-        "medians": {"ppl": pruning.linear_quantile(np.sort(ppl), 0.5), "ent": pruning.linear_quantile(np.sort(ent), 0.5)},
+        "medians": median,
     }
     return out, summary
 

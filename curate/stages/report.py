@@ -162,6 +162,20 @@ td,th{{border:1px solid #ccc;padding:4px 8px}} img{{max-width:100%}} pre{{white-
 {cards}</body></html>"""
 
 
+def scoring_tokenizer(scores: Path):
+    """The tokenizer of the model that wrote `scores`, as its manifest records it."""
+    from ..models import ResolvedModel, load_tokenizer
+
+    model = io.read_json(scores / io.MANIFEST)["model"]
+    return load_tokenizer(ResolvedModel(model["path"], model["name"], model["hash"]))
+
+
+def rows_by_id(paths: list[Path], ids: list[str], columns: list[str] | None = None) -> dict[str, dict]:
+    """The rows of these Parquet shards whose id is in `ids` (pushed down to the reader as a filter)."""
+    return {r["id"]: r for path in paths
+            for r in pq.read_table(path, columns=columns, filters=[("id", "in", ids)]).to_pylist()}
+
+
 def run(run_dir: Path, out: Path | None = None, per_quadrant: int = 3, pruned_dir: Path | None = None) -> Path:
     """Write the report of RUN_DIR (scores/ + pruned/), or of `pruned_dir` and the scores it was made from."""
     pruned, scores, samples, stats = load_run(run_dir, pruned_dir)
@@ -169,17 +183,11 @@ def run(run_dir: Path, out: Path | None = None, per_quadrant: int = 3, pruned_di
     out.mkdir(parents=True, exist_ok=True)
     plot_eu_plane(samples, stats, out / "eu_plane.png")
     plot_histograms(samples, out / "histograms.png")
-    from ..models import ResolvedModel, load_tokenizer
-
-    model = io.read_json(scores / io.MANIFEST)["model"]
-    tokenizer = load_tokenizer(ResolvedModel(model["path"], model["name"], model["hash"]))
+    tokenizer = scoring_tokenizer(scores)
     picks = examples(samples, per_quadrant)
-    wanted = {p["id"] for p in picks}
-    score_rows = {r["id"]: r for path in sorted(scores.glob("part-*.parquet"))
-                  for r in pq.read_table(path, filters=[("id", "in", list(wanted))]).to_pylist()}
-    pruned_rows = {r["id"]: r for path in sorted((pruned / "data").glob("*.parquet"))
-                   for r in pq.read_table(path, columns=["id", "loss_mask"],
-                                          filters=[("id", "in", list(wanted))]).to_pylist()}
+    wanted = [p["id"] for p in picks]
+    score_rows = rows_by_id(sorted(scores.glob("part-*.parquet")), wanted)
+    pruned_rows = rows_by_id(sorted((pruned / "data").glob("*.parquet")), wanted, ["id", "loss_mask"])
     lam = stats["config"]["lam"]
     bodies = [(p, token_view(tokenizer, score_rows[p["id"]], pruned_rows.get(p["id"]), lam)) for p in picks]
     images = {name: (out / name).read_bytes() for name in ("eu_plane.png", "histograms.png")}

@@ -181,7 +181,7 @@ def run_cmd(
     set_: list[str] = typer.Option([], "--set", help="Override a config value, e.g. --set prune.ratio=0.25 (repeatable)."),
     force: bool = typer.Option(False, "--force", help="Recompute every stage."),
 ):
-    """Run the stages a pipeline YAML describes (score -> prune) into one run folder; finished stages are skipped."""
+    """Run the stages a pipeline YAML describes (score -> prune [-> train], or the refresh loop) into one run folder; finished stages are skipped."""
     from .config import load_pipeline
 
     with _user_errors():
@@ -190,18 +190,152 @@ def run_cmd(
         out.print(f"run folder: {p.run_dir} (resolved config: {Path(p.run_dir) / 'config.yaml'})")
 
 
+def _stages() -> dict:
+    return {"score": score_with_progress, "prune": prune_with_log, "train": train_with_log}
+
+
 def _run_and_print(p, force: bool) -> None:
     from .pipeline import run_pipeline
 
-    results = run_pipeline(p, score_fn=score_with_progress, prune_fn=prune_with_log, force=force)
+    results = run_pipeline(p, _stages(), force=force, log=lambda m: console.print(m))
+    if "refresh" in results:
+        from .stages import report
+
+        print_refresh_summary(results["refresh"], Path(p.run_dir))
+        out.print(f"report: {report.run(Path(p.run_dir))}")
+        return
     _print_score_summary(results["score"])
     if "prune" in results:
         print_prune_summary(results["prune"])
+    if "train" in results:
+        print_train_summary(results["train"])
+
+
+def train_with_log(cfg, force: bool = False) -> dict:
+    from .stages import train
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return train.run(cfg, log=lambda m: console.print(m), force=force)
+
+
+def print_train_summary(manifest: dict) -> None:
+    c = manifest["counts"]
+    out.print(f"trained {c['steps']:,} steps on {c['samples']:,} samples ({c['loss_tokens']:,} loss tokens), "
+              f"final loss {manifest['loss_history'][-1]['loss'] if manifest.get('loss_history') else 'n/a'}; "
+              f"model: {manifest['config']['out']}")
+
+
+@app.command("train")
+def train_cmd(
+    data: Path = typer.Argument(..., help="Pruned data: a `curate prune` folder (data/*.parquet) or Parquet files with input_ids and labels."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for the trained model (a plain transformers folder; LoRA is merged)."),
+    model: Optional[str] = typer.Option(None, help="Model to fine-tune: local folder or hub id; must share the tokenizer the data was scored with. Default: built-in SmolLM2-135M-Instruct."),
+    epochs: float = typer.Option(3.0, help="Passes over the data (paper: 3)."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps (overrides --epochs)."),
+    lr: float = typer.Option(1e-4, help="Peak learning rate (paper: 1e-4 with LoRA)."),
+    batch_size: int = typer.Option(8, help="Samples per device batch."),
+    grad_accum: int = typer.Option(1, help="Gradient accumulation steps (paper: 8 x 4)."),
+    lora_rank: int = typer.Option(8, help="LoRA rank (paper: 8); 0 = full fine-tuning."),
+    lora_alpha: int = typer.Option(16, help="LoRA alpha."),
+    warmup: float = typer.Option(0.03, help="Warm-up: a fraction of the steps (< 1) or a number of steps."),
+    scheduler: str = typer.Option("cosine", help="Learning-rate schedule (any transformers scheduler name)."),
+    seed: int = typer.Option(0, help="Seed for shuffling and initialisation."),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
+    force: bool = typer.Option(False, "--force", help="Retrain even if OUT holds this exact result."),
+):
+    """Fine-tune a model on pruned data with the built-in transformers trainer (labels = -100 are not in the loss)."""
+    from .stages.train import TrainConfig
+
+    with _user_errors():
+        cfg = TrainConfig(data=str(data), out=str(out_dir), model=model, epochs=epochs, max_steps=max_steps, lr=lr,
+                          batch_size=batch_size, grad_accum=grad_accum, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                          warmup=warmup, scheduler=scheduler, seed=seed, device=device)
+        print_train_summary(train_with_log(cfg, force))
+
+
+@app.command("export")
+def export_cmd(
+    pruned: Path = typer.Argument(..., help="A `curate prune` output folder."),
+    format: str = typer.Option(..., "--format", help="llamafactory (save_to_disk for tokenized_path), axolotl (pre-tokenised JSONL), trl (Parquet with labels), jsonl (every column as JSON lines)."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for the exported data and its config snippet."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT even if it is not an earlier export."),
+):
+    """Write the pruned data in the shape a training framework accepts, with a ready-to-paste config."""
+    from .stages import export
+
+    with _user_errors():
+        path, snippet = export.run(pruned, format, out_dir, force)
+    out.print(snippet, markup=False, highlight=False)
+    out.print(f"exported to {out_dir}; config written to {path}")
+
+
+def print_refresh_summary(summary: dict, run_dir: Path) -> None:
+    quads = ("Q1", "Q2", "Q3", "Q4")
+    t = Table(title=f"refresh: {run_dir}")
+    for col in ("round", "scored by", *(f"{q} (kept)" for q in quads), "kept", "loss tokens"):
+        t.add_column(col, justify="left" if col == "scored by" else "right")
+    for r in summary["rounds"]:
+        q, k = r["quadrants"], r["kept_by_quadrant"]
+        scorer = "start model" if r["round"] == 1 else f"round {r['round'] - 1} model"
+        t.add_row(str(r["round"]), scorer,
+                  *(f"{q[x]:,} ({k[x]:,})" for x in quads), f"{r['K']:,} / {r['N']:,}", f"{r['loss_token_ratio']:.1%}")
+    out.print(t)
+    for tr in summary["transitions"]:
+        m = Table(title=f"quadrants, round {tr['from']} -> {tr['to']}")
+        m.add_column(f"round {tr['from']}")
+        for q in quads:
+            m.add_column(f"{q} in {tr['to']}", justify="right")
+        for q, row in tr["counts"].items():
+            m.add_row(q, *(f"{row[p]:,}" for p in quads))
+        out.print(m)
+        out.print(f"{tr['stayed']:,} of {tr['samples']:,} samples stayed in their quadrant; "
+                  f"{tr['kept_both']:,} were kept in both rounds")
+    out.print(f"rounds: {run_dir}/round-NN/{{scores,pruned,model}}; summary: {run_dir / 'refresh.json'}")
+
+
+@app.command("refresh")
+def refresh_cmd(
+    input: Path = typer.Argument(..., help="SFT data (as for `curate score`)."),
+    out_dir: Path = typer.Option(..., "--out", help="Run folder: round-NN/{scores,pruned,model}/ and refresh.json."),
+    rounds: int = typer.Option(2, help="Rounds of score -> prune -> train; each round scores the FULL input with the latest checkpoint."),
+    ratio: float = typer.Option(0.125, help="Fraction of samples kept per round."),
+    token_ratio: float = typer.Option(0.5, help="Fraction of trainable tokens kept in Q2 samples."),
+    model: Optional[str] = typer.Option(None, help="Starting model (local folder or hub id). Default: built-in SmolLM2-135M-Instruct."),
+    train_cmd: Optional[str] = typer.Option(None, help="Your own training command instead of the built-in trainer; {data} (pruned folder), {model} (current model) and {out} (where to save the merged model) are filled in."),
+    format: str = typer.Option("auto", "--format", help="Input format (see `curate score --help`)."),
+    fields: Optional[str] = typer.Option(None, help="Field names for prompt/response rows (see `curate score --help`)."),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N usable rows."),
+    max_length: int = typer.Option(2048, help="Truncate longer sequences to this many tokens."),
+    epochs: float = typer.Option(3.0, help="Built-in trainer: epochs per round."),
+    max_steps: Optional[int] = typer.Option(None, help="Built-in trainer: optimizer steps per round (overrides --epochs)."),
+    lr: float = typer.Option(1e-4, help="Built-in trainer: learning rate."),
+    batch_size: int = typer.Option(8, help="Built-in trainer: batch size."),
+    lora_rank: int = typer.Option(8, help="Built-in trainer: LoRA rank; 0 = full fine-tuning."),
+    force: bool = typer.Option(False, "--force", help="Recompute every stage of every round."),
+):
+    """The dynamic loop: score with the current model, prune, train, and re-score with the new checkpoint."""
+    from pydantic import ValidationError
+
+    from .config import Pipeline, PruneSection, RefreshSection, ScoreSection, TrainSection, config_errors
+
+    with _user_errors():
+        try:
+            p = Pipeline(run_dir=str(out_dir),
+                         score=ScoreSection(input=str(input), model=model, format=format, fields=fields, limit=limit,
+                                            max_length=max_length),
+                         prune=PruneSection(ratio=ratio, token_ratio=token_ratio),
+                         train=TrainSection(epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size,
+                                            lora_rank=lora_rank),
+                         refresh=RefreshSection(rounds=rounds, train_cmd=train_cmd))
+        except ValidationError as e:
+            raise CurateError(config_errors("options", e)) from None
+        _run_and_print(p, force)
 
 
 @app.command("report")
 def report_cmd(
-    run_dir: Path = typer.Argument(..., help="Run folder holding scores/ and pruned/ (as `curate run` and `curate demo` write)."),
+    run_dir: Path = typer.Argument(..., help="Run folder holding scores/ and pruned/ (as `curate run` and `curate demo` write), or a `curate refresh` folder (last round + transition tables)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Where to write the report (default RUN_DIR/report)."),
     examples: int = typer.Option(3, help="Example samples shown per quadrant, token by token."),
 ):

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import CurateError
 
@@ -43,10 +43,38 @@ class PruneSection(_Strict):
     token_strategy: Literal["qtuning", "random", "ppl", "none"] = "qtuning"
 
 
+class TrainSection(_Strict):
+    epochs: float = Field(3.0, gt=0)
+    max_steps: Optional[int] = Field(None, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lora_rank: int = Field(8, ge=0)
+    lora_alpha: int = Field(16, ge=1)
+    warmup: float = Field(0.03, ge=0)
+    scheduler: str = "cosine"
+    seed: int = 0
+    device: str = "auto"
+
+
+class RefreshSection(_Strict):
+    rounds: int = Field(2, ge=1)
+    train_cmd: Optional[str] = Field(None, description="shell command with {data}, {model} and {out}; "
+                                     "default: the built-in trainer with the train section")
+
+
 class Pipeline(_Strict):
     run_dir: str
     score: ScoreSection
     prune: Optional[PruneSection] = None
+    train: Optional[TrainSection] = None  # without refresh: train once on the pruned data into RUN_DIR/model
+    refresh: Optional[RefreshSection] = None  # the loop: RUN_DIR/round-NN/{scores,pruned,model}
+
+    @model_validator(mode="after")
+    def _stages_fit_together(self):
+        if (self.train or self.refresh) and self.prune is None:
+            raise ValueError("train and refresh need a prune section (they train on the pruned data)")
+        return self
 
 
 def _set_path(tree: dict, dotted: str, value: Any) -> None:
@@ -76,5 +104,9 @@ def load_pipeline(path: Path, overrides: list[str] | None = None) -> Pipeline:
     try:
         return Pipeline.model_validate(raw)
     except ValidationError as e:
-        lines = [f"  {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
-        raise CurateError(f"{path}: {len(lines)} problem(s) in the pipeline config:\n" + "\n".join(lines)) from None
+        raise CurateError(config_errors(str(path), e)) from None
+
+
+def config_errors(where: str, e: ValidationError) -> str:
+    lines = [f"  {'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors()]
+    return f"{where}: {len(lines)} problem(s) in the pipeline config:\n" + "\n".join(lines)

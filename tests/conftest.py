@@ -95,3 +95,15 @@ def write_jsonl(path: Path, rows) -> Path:
         for r in rows:
             f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """A run folder (scores/ + pruned/) of 40 demo rows scored by the tiny model, half of them kept."""
+    from curate.stages import prune, score
+
+    run = tmp_path_factory.mktemp("tiny-run")
+    score.run(score.ScoreConfig(input=str(DEMO), out=str(run / "scores"), model=str(tiny_model_dir), limit=40,
+                                shard_size=16))
+    prune.run(prune.PruneConfig(scores=str(run / "scores"), out=str(run / "pruned"), ratio=0.5, token_ratio=0.5))
+    return run

@@ -18,8 +18,9 @@ PIPELINES = sorted((ROOT / "pipelines").glob("*.yaml"))
 def test_every_shipped_pipeline_validates_and_documents_its_command(path):
     p = load_pipeline(path)
     assert path.read_text().startswith(f"# curate run pipelines/{path.name}")
-    score, prune = stage_configs(p)
+    score, prune, train = stage_configs(p)
     assert score.out.endswith("scores") and prune is not None
+    assert (train is not None) == (p.train is not None or p.refresh is not None)
 
 
 def test_all_config_errors_reported_at_once_with_key_paths(tmp_path):

@@ -1,7 +1,8 @@
 """`curate report RUN_DIR`: the EU plane as pictures and a self-contained HTML page.
 
 Reads RUN_DIR/pruned (samples.parquet, stats.json, data/) and RUN_DIR/scores; writes eu_plane.png,
-histograms.png and report.html (images embedded, no network) into RUN_DIR/report by default.
+histograms.png and report.html (images embedded, no network) into RUN_DIR/report by default. A refresh run
+folder gets its last round's pictures and the quadrant transition tables between rounds.
 """
 
 from __future__ import annotations
@@ -132,7 +133,27 @@ def examples(samples: pl.DataFrame, per_quadrant: int) -> list[dict]:
     return chosen
 
 
-def build_html(stats: dict, images: dict[str, bytes], sample_html: list[tuple[dict, str]]) -> str:
+def refresh_html(summary: dict) -> str:
+    """The rounds of a refresh run and, between consecutive rounds, how samples moved between quadrants."""
+    quads = ("Q1", "Q2", "Q3", "Q4")
+    head = "".join(f"<th>{q} (kept)</th>" for q in quads)
+    rounds = "".join(
+        f"<tr><td>{r['round']}</td><td>{html.escape(r['model'])}</td>"
+        + "".join(f"<td>{r['quadrants'][q]:,} ({r['kept_by_quadrant'][q]:,})</td>" for q in quads)
+        + f"<td>{r['K']:,} / {r['N']:,}</td><td>{r['loss_token_ratio']:.1%}</td></tr>" for r in summary["rounds"])
+    parts = [f"<table><tr><th>round</th><th>scored by</th>{head}<th>kept</th><th>loss tokens</th></tr>{rounds}</table>"]
+    for t in summary["transitions"]:
+        cols = "".join(f"<th>{q} in round {t['to']}</th>" for q in quads)
+        body = "".join(f"<tr><th>{q} in round {t['from']}</th>" + "".join(f"<td>{t['counts'][q][p]:,}</td>" for p in quads)
+                       + "</tr>" for q in quads)
+        parts.append(f'<h3>Round {t["from"]} &rarr; {t["to"]}</h3><table class="transitions"><tr><th></th>{cols}</tr>'
+                     f"{body}</table><p>{t['stayed']:,} of {t['samples']:,} samples stayed in their quadrant; "
+                     f"{t['kept_both']:,} were kept in both rounds.</p>")
+    return '<h2 id="refresh">Refresh rounds</h2>' + "".join(parts)
+
+
+def build_html(stats: dict, images: dict[str, bytes], sample_html: list[tuple[dict, str]],
+               refresh: dict | None = None) -> str:
     rows = "".join(f"<tr><td>{q}</td><td>{QUADRANT_NAMES[q]}</td><td>{stats['quadrants'][q]:,}</td>"
                    f"<td>{stats['kept_by_quadrant'][q]:,}</td></tr>" for q in ("Q1", "Q2", "Q3", "Q4"))
     tok = stats["trainable_tokens"]
@@ -151,8 +172,8 @@ td,th{{border:1px solid #ccc;padding:4px 8px}} img{{max-width:100%}} pre{{white-
 .prompt{{color:#777}} .kept{{background:#c7f0c2}} .pruned{{background:#f7b6b6;text-decoration:line-through}}
 .sample{{border:1px solid #ddd;border-radius:6px;padding:0 1em;margin:1em 0}}
 </style></head><body>
-<h1>q-curate report</h1>
-<h2 id="summary">Summary</h2>{summary}
+<h1>q-curate report</h1>{refresh_html(refresh) if refresh else ""}
+<h2 id="summary">Summary{" of the last round" if refresh else ""}</h2>{summary}
 <table><tr><th>quadrant</th><th>meaning</th><th>samples</th><th>kept</th></tr>{rows}</table>
 <p>alpha {stats.get('alpha')}, thresholds {html.escape(json.dumps(stats.get('thresholds')))}</p>
 <h2 id="pictures">Pictures</h2>{imgs}
@@ -177,9 +198,14 @@ def rows_by_id(paths: list[Path], ids: list[str], columns: list[str] | None = No
 
 
 def run(run_dir: Path, out: Path | None = None, per_quadrant: int = 3, pruned_dir: Path | None = None) -> Path:
-    """Write the report of RUN_DIR (scores/ + pruned/), or of `pruned_dir` and the scores it was made from."""
-    pruned, scores, samples, stats = load_run(run_dir, pruned_dir)
+    """Write the report of RUN_DIR (scores/ + pruned/), or of `pruned_dir` and the scores it was made from.
+    For a refresh run (RUN_DIR/refresh.json) the pictures show the last round, with the transition tables."""
     out = out or (pruned_dir / "report" if pruned_dir else run_dir / "report")
+    refresh = None
+    if pruned_dir is None and (run_dir / "refresh.json").exists():
+        refresh = io.read_json(run_dir / "refresh.json")
+        run_dir = run_dir / refresh["rounds"][-1]["dir"]
+    pruned, scores, samples, stats = load_run(run_dir, pruned_dir)
     out.mkdir(parents=True, exist_ok=True)
     plot_eu_plane(samples, stats, out / "eu_plane.png")
     plot_histograms(samples, out / "histograms.png")
@@ -191,5 +217,5 @@ def run(run_dir: Path, out: Path | None = None, per_quadrant: int = 3, pruned_di
     lam = stats["config"]["lam"]
     bodies = [(p, token_view(tokenizer, score_rows[p["id"]], pruned_rows.get(p["id"]), lam)) for p in picks]
     images = {name: (out / name).read_bytes() for name in ("eu_plane.png", "histograms.png")}
-    (out / "report.html").write_text(build_html(stats, images, bodies))
+    (out / "report.html").write_text(build_html(stats, images, bodies, refresh))
     return out / "report.html"

@@ -1,0 +1,155 @@
+"""`curate export PRUNED --format F --out DIR`: the pruned data in the shape each trainer accepts.
+
+LLaMA-Factory reads a `save_to_disk` DatasetDict via `tokenized_path` and fails on extra columns; axolotl takes
+pre-tokenized rows with exactly input_ids/attention_mask/labels and no `type:`; TRL uses a `labels` column as
+is. Each export also writes the ready-to-paste config (or script) for its framework next to the data.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .. import io
+from ..errors import CurateError
+from .train import data_files
+
+FORMATS = ("llamafactory", "axolotl", "trl", "jsonl")
+TOKENIZED = ["input_ids", "attention_mask", "labels"]
+JSONL_COLUMNS = ["id", "messages", "input_ids", "labels", "loss_mask", "quadrant", "selection"]
+
+
+def _scoring_model(pruned: Path) -> str:
+    """The model whose tokenizer produced the data (train that model, or one sharing its tokenizer)."""
+    try:
+        scores = Path(io.read_json(pruned / io.MANIFEST)["config"]["scores"])
+        return io.read_json(scores / io.MANIFEST)["model"]["path"]
+    except (OSError, KeyError, ValueError):
+        return "PATH/TO/THE/SCORING/MODEL"
+
+
+def _read(files: list[Path], columns: list[str]) -> pa.Table:
+    try:
+        return pa.concat_tables(pq.read_table(f, columns=columns) for f in files)
+    except (KeyError, pa.ArrowInvalid) as e:
+        raise CurateError(f"{files[0].parent}: not a `curate prune` output ({e})") from None
+
+
+def _write_jsonl(table: pa.Table, path: Path) -> None:
+    with open(path, "w") as f:
+        for batch in table.to_batches(max_chunksize=1024):
+            for row in batch.to_pylist():
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _llamafactory(table: pa.Table, tmp: Path, out: Path, model: str, max_len: int) -> tuple[str, str]:
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"train": Dataset(table)}).save_to_disk(str(tmp / "tokenized"))
+    return "llamafactory_sft.yaml", f"""\
+# llamafactory-cli train {out / 'llamafactory_sft.yaml'}
+# The data is already tokenised and masked by q-curate: LLaMA-Factory loads it from tokenized_path and
+# skips its own preprocessing (dataset/template settings are then ignored for the data).
+model_name_or_path: {model}
+stage: sft
+do_train: true
+finetuning_type: lora
+lora_rank: 8
+lora_target: all
+tokenized_path: {out / 'tokenized'}
+template: empty
+cutoff_len: {max_len}
+per_device_train_batch_size: 8
+gradient_accumulation_steps: 4
+learning_rate: 1.0e-4
+num_train_epochs: 3.0
+lr_scheduler_type: cosine
+output_dir: saves/q-curate-lora
+"""
+
+
+def _axolotl(table: pa.Table, tmp: Path, out: Path, model: str, max_len: int) -> tuple[str, str]:
+    _write_jsonl(table, tmp / "data.jsonl")
+    return "axolotl.yaml", f"""\
+# axolotl train {out / 'axolotl.yaml'}
+# Pre-tokenised rows (input_ids, attention_mask, labels with -100 on masked tokens): no `type:` on purpose.
+base_model: {model}
+datasets:
+  - path: {out / 'data.jsonl'}
+    ds_type: json
+    type:
+sequence_len: {max_len}
+adapter: lora
+lora_r: 8
+lora_alpha: 16
+lora_target_linear: true
+micro_batch_size: 8
+gradient_accumulation_steps: 4
+learning_rate: 1.0e-4
+num_epochs: 3
+lr_scheduler: cosine
+output_dir: ./outputs/q-curate-lora
+"""
+
+
+def _trl(table: pa.Table, tmp: Path, out: Path, model: str, max_len: int) -> tuple[str, str]:
+    io.write_parquet_atomic(table, tmp / "data" / "train-00000-of-00001.parquet")
+    return "train_trl.py", f'''\
+# python {out / 'train_trl.py'}
+# TRL uses the `labels` column as is (-100 = not in the loss), with or without packing.
+from datasets import load_dataset
+from trl import SFTConfig, SFTTrainer
+
+dataset = load_dataset("parquet", data_files="{out / 'data'}/*.parquet", split="train")
+args = SFTConfig(output_dir="q-curate-sft", max_length={max_len}, packing=True, learning_rate=1e-4,
+                 num_train_epochs=3, per_device_train_batch_size=8, gradient_accumulation_steps=4,
+                 lr_scheduler_type="cosine")
+SFTTrainer(model="{model}", args=args, train_dataset=dataset).train()
+'''
+
+
+def _jsonl(table: pa.Table, tmp: Path, out: Path, model: str, max_len: int) -> tuple[str, str]:
+    _write_jsonl(table, tmp / "data.jsonl")
+    return "load.py", f'''\
+# python {out / 'load.py'}
+# One JSON object per sample: id, messages, input_ids, labels (-100 = not in the loss), loss_mask, quadrant,
+# selection. Tokens come from {model}.
+from datasets import load_dataset
+
+dataset = load_dataset("json", data_files="{out / 'data.jsonl'}", split="train")
+print(dataset)
+'''
+
+
+WRITERS = {"llamafactory": (_llamafactory, TOKENIZED), "axolotl": (_axolotl, TOKENIZED),
+           "trl": (_trl, ["input_ids", "labels"]), "jsonl": (_jsonl, JSONL_COLUMNS)}
+
+
+def run(pruned: Path, fmt: str, out: Path, force: bool = False) -> tuple[Path, str]:
+    """Export `pruned` into `out`; returns (the config snippet's path, its text)."""
+    if fmt not in FORMATS:
+        raise CurateError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    started = time.time()
+    files = data_files(pruned)
+    earlier_export = (io.read_manifest(out) or {}).get("stage") == "export"
+    if out.exists() and any(out.iterdir()) and not force and not earlier_export:
+        raise CurateError(f"{out} exists and is not a `curate export` folder; choose another --out or use --force")
+    writer, columns = WRITERS[fmt]
+    table = _read(files, columns)
+    max_len = max((len(ids) for ids in table.column("input_ids").to_pylist()), default=0)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    # Written into a sibling folder and renamed at the end; the snippet names the final paths.
+    name, snippet = writer(table, tmp, out.resolve(), _scoring_model(pruned), max_len)
+    (tmp / name).write_text(snippet)
+    io.write_manifest(tmp, "export", io.fingerprint_config([str(pruned), fmt]), started,
+                      inputs=[{"path": str(pruned)}], format=fmt, rows=table.num_rows, columns=columns)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out / name, snippet

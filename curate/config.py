@@ -18,7 +18,7 @@ class _Strict(BaseModel):
 class ScoreSection(_Strict):
     input: str = Field(description="input file/folder, or `demo` for the built-in demo data")
     model: Optional[str] = None
-    backend: Literal["auto", "hf"] = "auto"
+    backend: Literal["auto", "hf", "vllm"] = "auto"
     format: Literal["auto", "openai", "sharegpt", "alpaca", "prompt-completion", "pairs"] = "auto"
     fields: Optional[str] = None
     limit: Optional[int] = Field(None, ge=1)
@@ -28,6 +28,13 @@ class ScoreSection(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
     on_bad_row: Literal["skip", "fail"] = "skip"
+    # vLLM engine options (the transformers backend ignores them)
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: Optional[float] = Field(None, gt=0, le=1)
+    max_num_batched_tokens: Optional[int] = Field(None, ge=1)
+    max_model_len: Optional[int] = Field(None, ge=2)
+    enforce_eager: Optional[bool] = None
+    vllm_entropy: Literal["exact", "topk"] = "exact"
 
 
 class PruneSection(_Strict):

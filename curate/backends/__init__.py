@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import CurateError
 
-BACKENDS = ("auto", "hf")
+BACKENDS = ("auto", "hf", "vllm")
 
 
 class Scorer(Protocol):
@@ -25,20 +25,35 @@ class Scorer(Protocol):
     def close(self) -> None: ...
 
 
-def choose_backend(requested: str) -> tuple[str, str]:
-    """(backend, why). `auto` picks the transformers backend until the vLLM one exists."""
+def choose_backend(requested: str, device: str = "auto") -> tuple[str, str]:
+    """(backend, why). `auto` picks vLLM only with a CUDA GPU: on CPUs transformers is faster (DESIGN.md 5)."""
+    import importlib.util
+
     if requested not in BACKENDS:
         raise CurateError(f"--backend {requested!r} is not one of {', '.join(BACKENDS)}")
-    if requested == "auto":
-        return "hf", "auto: transformers is the available exact backend"
-    return requested, "requested"
+    if requested != "auto":
+        return requested, "requested"
+    if device == "cpu":
+        return "hf", "auto: --device cpu, where transformers is faster than vLLM"
+    if importlib.util.find_spec("vllm") is None:
+        return "hf", "auto: vllm is not installed"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "hf", "auto: no CUDA GPU (on CPUs transformers is faster than vLLM)"
+    return "vllm", f"auto: CUDA GPU ({torch.cuda.get_device_name(0)}) and vLLM available"
 
 
-def make_scorer(backend: str, model_path: str, *, dtype: str, device: str, batch_tokens: int) -> Scorer:
+def make_scorer(backend: str, model_path: str, *, dtype: str, device: str, batch_tokens: int, max_length: int = 2048,
+                engine=None, log=lambda msg: None) -> Scorer:
     if backend == "hf":
         try:
             from .hf import HFScorer
         except ImportError as e:
             raise CurateError(f"backend 'hf' needs torch and transformers: pip install 'q-curate[hf]' ({e})") from None
         return HFScorer(model_path, dtype=dtype, device=device, batch_tokens=batch_tokens)
+    if backend == "vllm":
+        from .vllm import VLLMScorer
+
+        return VLLMScorer(model_path, dtype=dtype, max_length=max_length, options=engine, log=log)
     raise CurateError(f"unknown backend {backend!r}")

@@ -37,6 +37,13 @@ class ScoreConfig:
     dtype: str = "auto"
     device: str = "auto"
     on_bad_row: str = "skip"  # or "fail"
+    # vLLM engine options (ignored by the transformers backend)
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float | None = None
+    max_num_batched_tokens: int | None = None
+    max_model_len: int | None = None
+    enforce_eager: bool | None = None  # None: eager on CPUs, compiled (CUDA graphs) on GPUs
+    vllm_entropy: str = "exact"  # or "topk": the approximate fallback, flagged in the files
 
 
 @dataclass
@@ -131,8 +138,31 @@ def _validate(cfg: ScoreConfig) -> None:
         problems.append("--batch-tokens must be at least 2")
     if cfg.shard_size < 1:
         problems.append("--shard-size must be at least 1")
+    if cfg.vllm_entropy not in ("exact", "topk"):
+        problems.append(f"--vllm-entropy must be exact or topk, not {cfg.vllm_entropy!r}")
+    if cfg.gpu_memory_utilization is not None and not 0 < cfg.gpu_memory_utilization <= 1:
+        problems.append("--gpu-memory-utilization must be in (0, 1]")
+    if cfg.tensor_parallel_size < 1:
+        problems.append("--tensor-parallel-size must be at least 1")
     if problems:
         raise CurateError("; ".join(problems))
+
+
+def _engine_options(cfg: ScoreConfig):
+    from ..backends.vllm import EngineOptions
+
+    return EngineOptions(tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                         max_num_batched_tokens=cfg.max_num_batched_tokens, max_model_len=cfg.max_model_len,
+                         enforce_eager=cfg.enforce_eager, entropy=cfg.vllm_entropy)
+
+
+def _refuse_mixed_methods(out: Path, method: str) -> None:
+    """A resumed run must compute entropies the way its finished shards did (exact vs top-k approximation)."""
+    for path in sorted(out.glob(schema.SCORES_GLOB)):
+        earlier = io.parquet_metadata(path).get("entropy_method")
+        if earlier != method:
+            raise CurateError(f"{path} holds entropies computed as {earlier!r} but this run computes {method!r}; "
+                              "a run never mixes methods: fix the cause or rerun with --force")
 
 
 def run(cfg: ScoreConfig, progress: Progress | None = None, force: bool = False) -> dict:
@@ -148,7 +178,7 @@ def run(cfg: ScoreConfig, progress: Progress | None = None, force: bool = False)
     if not in_path.exists():
         raise CurateError(f"{in_path}: no such file or folder")
     model = resolve_model(cfg.model)
-    backend, why = choose_backend(cfg.backend)
+    backend, why = choose_backend(cfg.backend, cfg.device)
     resolved = {**asdict(cfg), "input": str(in_path), "out": str(out), "model": model.name, "backend": backend}
     identity = {k: v for k, v in resolved.items() if k != "out"}
     input_fingerprint = io.fingerprint_path(in_path)  # hashes the whole input: once per run
@@ -186,7 +216,9 @@ def run(cfg: ScoreConfig, progress: Progress | None = None, force: bool = False)
             if not path.exists():  # shards are written atomically: one that exists is complete
                 if scorer is None:
                     scorer = make_scorer(backend, model.path, dtype=cfg.dtype, device=cfg.device,
-                                         batch_tokens=cfg.batch_tokens)
+                                         batch_tokens=cfg.batch_tokens, max_length=cfg.max_length,
+                                         engine=_engine_options(cfg), log=progress.log)
+                    _refuse_mixed_methods(out, scorer.entropy_method)
                 t0 = time.time()
                 progressed = [counts.rows_read - len(shard), tokens - shard_tokens]  # rows, tokens before this shard
 
@@ -206,16 +238,21 @@ def run(cfg: ScoreConfig, progress: Progress | None = None, force: bool = False)
                 }
                 io.write_parquet_atomic(_table(shard, scores), path, metadata)
             progress.advance(counts.rows_read, tokens)
+        topk_error = getattr(scorer, "topk_half_width", None)
     finally:
         if scorer is not None:
             scorer.close()
     if counts.samples == 0:
         raise CurateError(f"{in_path}: no usable rows (skipped: {dict(counts.skipped) or 'none read'})")
+    methods = sorted({io.parquet_metadata(out / f).get("entropy_method") for f in shard_files})
+    entropy = {"method": methods[0] if len(methods) == 1 else methods}
+    if topk_error and topk_error[1]:
+        entropy["topk_max_error_nats"] = round(topk_error[0], 6)  # half-width of the widest tail-mass bound
 
     return io.write_manifest(
         out, "score", fingerprint, started,
         inputs=[{"path": str(in_path), "fingerprint": input_fingerprint}],
-        config=resolved, backend_choice=why,
+        config=resolved, backend_choice=why, entropy=entropy,
         model={"name": model.name, "path": model.path, "hash": model.hash},
         counts={"rows_read": counts.rows_read, "samples": counts.samples,
                 "skipped": sum(counts.skipped.values()), "truncated": counts.truncated,

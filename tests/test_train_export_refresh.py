@@ -53,6 +53,31 @@ def test_train_lora_merges_into_a_plain_model_then_noop(tiny_run, tiny_model_dir
     assert res.exit_code == 0 and "nothing to do" in text(res)
 
 
+def test_interrupted_training_resumes_from_its_last_epoch_checkpoint(tiny_run, tiny_model_dir, tmp_path, monkeypatch):
+    from transformers import TrainerCallback
+
+    from curate.stages import train
+
+    original = train._loss_history_callback
+
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3:  # epoch 1 (2 steps) is checkpointed; stop inside epoch 2
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_loss_history_callback", lambda history, log: Interrupt())
+    cfg = train.TrainConfig(data=str(tiny_run / "pruned"), out=str(tmp_path / "m"), model=str(tiny_model_dir),
+                            epochs=2, batch_size=10, lora_rank=0, device="cpu")
+    with pytest.raises(KeyboardInterrupt):
+        train.run(cfg)
+    assert (tmp_path / "m" / "checkpoints" / "checkpoint-2").is_dir() and not (tmp_path / "m" / io.MANIFEST).exists()
+    monkeypatch.setattr(train, "_loss_history_callback", original)
+    logs = []
+    manifest = train.run(cfg, log=logs.append)
+    assert any("resuming from" in m and "checkpoint-2" in m for m in logs)
+    assert manifest["counts"]["steps"] == 4 and [h["step"] for h in manifest["loss_history"]] == [3, 4]
+
+
 def test_train_rejects_data_from_another_tokenizer(tiny_model_dir, tmp_path):
     import pyarrow as pa
 

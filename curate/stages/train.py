@@ -132,6 +132,7 @@ def run(cfg: TrainConfig, log=lambda msg: None, force: bool = False) -> dict:
         return done
     (out / io.MANIFEST).unlink(missing_ok=True)
 
+    import pyarrow.compute as pc
     import torch
     from transformers import AutoModelForCausalLM, set_seed
     from transformers.trainer_utils import get_last_checkpoint
@@ -143,7 +144,9 @@ def run(cfg: TrainConfig, log=lambda msg: None, force: bool = False) -> dict:
     dataset = load_training_table(files)
     model = AutoModelForCausalLM.from_pretrained(model_ref.path, dtype=torch.float32)
     vocab = model.get_input_embeddings().num_embeddings
-    top = max(max(ids) for ids in dataset["input_ids"])
+    columns = dataset.with_format("arrow")[:]  # Arrow columns: counts without Python lists per token
+    top = pc.max(pc.list_flatten(columns["input_ids"])).as_py()
+    n_loss = pc.sum(pc.not_equal(pc.list_flatten(columns["labels"]), -100)).as_py()
     if top >= vocab:
         raise CurateError(f"{files[0].parent}: token id {top} is outside the vocabulary of {model_ref.name!r} "
                           f"({vocab}); the data was tokenised for another model: score and prune with --model "
@@ -154,14 +157,18 @@ def run(cfg: TrainConfig, log=lambda msg: None, force: bool = False) -> dict:
         targets = [t for t in LORA_TARGETS if any(n.endswith(t) for n, _ in model.named_modules())] or "all-linear"
         model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                                                  target_modules=targets, task_type="CAUSAL_LM"))
-    n_loss = sum(sum(1 for t in labels if t != -100) for labels in dataset["labels"])
     log(f"training {model_ref.name} on {len(dataset):,} samples ({n_loss:,} loss tokens), "
         f"{'LoRA rank ' + str(cfg.lora_rank) if cfg.lora_rank else 'full fine-tuning'}")
 
     work = out / "checkpoints"  # Trainer checkpoints, so an interrupted run resumes; removed when done
+    stamp = work / "fingerprint"
+    if work.is_dir() and (not stamp.exists() or stamp.read_text() != fingerprint):
+        shutil.rmtree(work)  # checkpoints of other data or settings must not be resumed
+    work.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fingerprint)
     history: list = []
     trainer = build_trainer(cfg, model, tokenizer, dataset, work, [_loss_history_callback(history, log)])
-    last = get_last_checkpoint(str(work)) if work.is_dir() else None
+    last = get_last_checkpoint(str(work))
     if last:
         log(f"resuming from {last}")
     result = trainer.train(resume_from_checkpoint=last)

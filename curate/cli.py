@@ -325,22 +325,26 @@ def refresh_cmd(
     lora_rank: int = typer.Option(8, help="Built-in trainer: LoRA rank; 0 = full fine-tuning."),
     force: bool = typer.Option(False, "--force", help="Recompute every stage of every round."),
 ):
-    """The dynamic loop: score with the current model, prune, train, and re-score with the new checkpoint."""
+    """The dynamic loop: score with the current model, prune, train, and re-score with the new checkpoint.
+
+    Every other stage setting (scope, lam, dtype, LoRA alpha, ...) is available in a pipeline config with a
+    refresh section: see pipelines/refresh.yaml and `curate run`."""
     from pydantic import ValidationError
 
-    from .config import Pipeline, PruneSection, RefreshSection, ScoreSection, TrainSection, config_errors
+    from .config import Pipeline, config_errors
 
     with _user_errors():
-        try:
-            p = Pipeline(run_dir=str(out_dir),
-                         score=ScoreSection(input=str(input), model=model, format=format, fields=fields, limit=limit,
-                                            max_length=max_length),
-                         prune=PruneSection(ratio=ratio, token_ratio=token_ratio),
-                         train=TrainSection(epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size,
-                                            lora_rank=lora_rank),
-                         refresh=RefreshSection(rounds=rounds, train_cmd=train_cmd))
+        try:  # validated as one pipeline config, so every bad option is reported at once with its key path
+            p = Pipeline.model_validate({
+                "run_dir": str(out_dir),
+                "score": {"input": str(input), "model": model, "format": format, "fields": fields, "limit": limit,
+                          "max_length": max_length},
+                "prune": {"ratio": ratio, "token_ratio": token_ratio},
+                "train": {"epochs": epochs, "max_steps": max_steps, "lr": lr, "batch_size": batch_size,
+                          "lora_rank": lora_rank},
+                "refresh": {"rounds": rounds, "train_cmd": train_cmd}})
         except ValidationError as e:
-            raise CurateError(config_errors("options", e)) from None
+            raise CurateError(config_errors("curate refresh options", e)) from None
         _run_and_print(p, force)
 
 

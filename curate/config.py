@@ -111,9 +111,9 @@ def load_pipeline(path: Path, overrides: list[str] | None = None) -> Pipeline:
     try:
         return Pipeline.model_validate(raw)
     except ValidationError as e:
-        raise CurateError(config_errors(str(path), e)) from None
+        raise CurateError(config_errors(f"{path}: pipeline config", e)) from None
 
 
 def config_errors(where: str, e: ValidationError) -> str:
     lines = [f"  {'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors()]
-    return f"{where}: {len(lines)} problem(s) in the pipeline config:\n" + "\n".join(lines)
+    return f"{where}: {len(lines)} problem(s):\n" + "\n".join(lines)

@@ -209,3 +209,5 @@ def test_refresh_with_a_user_training_command(tmp_path, tiny_model_dir):
     assert res.exit_code == 2 and "{out}" in text(res)
     res = runner.invoke(app, _refresh_args(tmp_path / "r2", tiny_model_dir, 1) + ["--train-cmd", "true {data} {out}"])
     assert res.exit_code == 2 and "holds no model" in text(res)
+    res = runner.invoke(app, _refresh_args(tmp_path / "r3", tiny_model_dir, 1) + ["--ratio", "2", "--lr", "0"])
+    assert res.exit_code == 2 and "prune.ratio" in text(res) and "train.lr" in text(res)

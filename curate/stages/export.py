@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .. import io
@@ -141,7 +142,7 @@ def run(pruned: Path, fmt: str, out: Path, force: bool = False) -> tuple[Path, s
         raise CurateError(f"{out} exists and is not a `curate export` folder; choose another --out or use --force")
     writer, columns = WRITERS[fmt]
     table = _read(files, columns)
-    max_len = max((len(ids) for ids in table.column("input_ids").to_pylist()), default=0)
+    max_len = pc.max(pc.list_value_length(table.column("input_ids"))).as_py() or 0
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

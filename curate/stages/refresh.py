@@ -43,13 +43,13 @@ def transition_table(before: pl.DataFrame, after: pl.DataFrame) -> dict:
             "kept_both": int((joined["kept"] & joined["kept_next"]).sum())}
 
 
-def run_train_cmd(template: str, data: Path, model: dict, out: Path, log) -> dict:
+def run_train_cmd(template: str, data: Path, model: dict, out: Path, log, force: bool = False) -> dict:
     """The user's training command, with {data}, {model} and {out} filled in; it must leave a model in out.
     `model` is the scoring manifest's model entry (path and content hash)."""
     started = time.time()
     fingerprint = io.fingerprint_config({"cmd": template, "data": io.read_json(data / io.MANIFEST)["fingerprint"],
                                          "model": model["hash"], "version": __version__})
-    if done := io.is_done(out, fingerprint):
+    if not force and (done := io.is_done(out, fingerprint)):
         log(f"{out}: already trained by the command; nothing to do")
         return done
     cmd = template  # str.replace, not format: the command may contain other braces (JSON, shell)
@@ -90,7 +90,7 @@ def run(out: Path, rounds: int, score: ScoreConfig, prune: PruneConfig, train: T
         scored = stages["score"](replace(score, out=str(d / "scores"), model=model), force)
         pruned = stages["prune"](replace(prune, scores=str(d / "scores"), out=str(d / "pruned")), force)
         if train_cmd:
-            run_train_cmd(train_cmd, d / "pruned", scored["model"], d / "model", log)
+            run_train_cmd(train_cmd, d / "pruned", scored["model"], d / "model", log, force)
         else:
             stages["train"](replace(train, data=str(d / "pruned"), out=str(d / "model"), model=model), force)
         samples = pl.read_parquet(d / "pruned" / "samples.parquet", columns=["id", "quadrant", "kept"])

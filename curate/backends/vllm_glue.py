@@ -60,7 +60,10 @@ def _score_positions(logits_fn, hidden, token_ids, chunk: int = CHUNK_POSITIONS)
     targets = token_ids.to(hidden.device, dtype=torch.long)
     for start in range(0, n - 1, chunk):
         stop = min(start + chunk, n - 1)  # hidden state i predicts token i + 1
-        lp, ent = logprob_entropy(logits_fn(hidden[start:stop]), targets[start + 1:stop + 1])
+        logits = logits_fn(hidden[start:stop])
+        if logits is None:  # tensor parallelism: only the first rank receives the gathered logits
+            return None
+        lp, ent = logprob_entropy(logits, targets[start + 1:stop + 1])
         out[start + 1:stop + 1, 0], out[start + 1:stop + 1, 1] = lp, ent
     return out
 

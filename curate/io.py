@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import __version__
+from .errors import CurateError
 
 MANIFEST = "_manifest.json"
 
@@ -105,6 +106,17 @@ def is_done(out_dir: Path, fingerprint: str) -> dict | None:
     if manifest and manifest.get("fingerprint") == fingerprint:
         return manifest
     return None
+
+
+def pruned_data_files(path: Path) -> list[Path]:
+    """The Parquet files of a pruned dataset: DIR/data/*.parquet, DIR/*.parquet, or the file itself."""
+    if path.is_file():
+        return [path]
+    for folder in (path / "data", path):
+        files = sorted(folder.glob("*.parquet"))
+        if files:
+            return files
+    raise CurateError(f"{path}: no Parquet files found (expected a `curate prune` output folder with data/*.parquet)")
 
 
 def shard_name(prefix: str, index: int) -> str:

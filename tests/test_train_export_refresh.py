@@ -11,10 +11,10 @@ import yaml
 from typer.testing import CliRunner
 
 from curate import io
+from curate.io import pruned_data_files as data_files
 from curate.cli import app
 from curate.stages.export import JSONL_COLUMNS, TOKENIZED
 from curate.stages.refresh import QUADRANTS, transition_table
-from curate.stages.train import data_files
 
 from .conftest import DEMO
 

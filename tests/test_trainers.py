@@ -11,7 +11,8 @@ import pytest
 import torch
 from datasets import load_dataset
 
-from curate.stages.train import TrainConfig, build_trainer, data_files, load_training_table
+from curate.io import pruned_data_files as data_files
+from curate.stages.train import TrainConfig, build_trainer, load_training_table
 
 
 def masked_ce(model, rows, mask_column="loss_mask"):

@@ -18,7 +18,6 @@ import pyarrow.parquet as pq
 
 from .. import io
 from ..errors import CurateError
-from .train import data_files
 
 FORMATS = ("llamafactory", "axolotl", "trl", "jsonl")
 TOKENIZED = ["input_ids", "attention_mask", "labels"]
@@ -136,7 +135,7 @@ def run(pruned: Path, fmt: str, out: Path, force: bool = False) -> tuple[Path, s
     if fmt not in FORMATS:
         raise CurateError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     started = time.time()
-    files = data_files(pruned)
+    files = io.pruned_data_files(pruned)
     earlier_export = (io.read_manifest(out) or {}).get("stage") == "export"
     if out.exists() and any(out.iterdir()) and not force and not earlier_export:
         raise CurateError(f"{out} exists and is not a `curate export` folder; choose another --out or use --force")

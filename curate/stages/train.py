@@ -37,17 +37,6 @@ class TrainConfig:
     device: str = "auto"
 
 
-def data_files(path: Path) -> list[Path]:
-    """The Parquet files of a pruned dataset: DIR/data/*.parquet, DIR/*.parquet, or the file itself."""
-    if path.is_file():
-        return [path]
-    for folder in (path / "data", path):
-        files = sorted(folder.glob("*.parquet"))
-        if files:
-            return files
-    raise CurateError(f"{path}: no Parquet files found (expected a `curate prune` output folder with data/*.parquet)")
-
-
 def _validate(cfg: TrainConfig) -> None:
     problems = []
     if cfg.epochs <= 0:
@@ -121,7 +110,7 @@ def run(cfg: TrainConfig, log=lambda msg: None, force: bool = False) -> dict:
     _validate(cfg)
     started = time.time()
     out = Path(cfg.out)
-    files = data_files(Path(cfg.data))
+    files = io.pruned_data_files(Path(cfg.data))
     model_ref = resolve_model(cfg.model)
     data_fingerprint = io.fingerprint_path(Path(cfg.data))
     identity = {k: v for k, v in asdict(cfg).items() if k not in ("data", "out", "model", "device")}

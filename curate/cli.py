@@ -59,8 +59,9 @@ def _print_score_summary(manifest: dict) -> None:
     t = Table(title=f"scores: {Path(manifest['config']['out'])}", show_header=False)
     t.add_row("model", manifest["model"]["name"])
     t.add_row("backend", f"{manifest['config']['backend']} ({manifest.get('backend_choice', '')})")
-    t.add_row("entropy", str(manifest.get("entropy", {}).get("method")) + (
-        f" (max error {manifest['entropy']['topk_max_error_nats']:.3g} nats)" if "topk_max_error_nats" in manifest.get("entropy", {}) else ""))
+    entropy = manifest["entropy"]
+    bound = f" (max error {entropy['topk_max_error_nats']:.3g} nats)" if "topk_max_error_nats" in entropy else ""
+    t.add_row("entropy", entropy["method"] + bound)
     t.add_row("rows read", f"{c['rows_read']:,}")
     t.add_row("samples scored", f"{c['samples']:,}")
     t.add_row("skipped", f"{c['skipped']:,} " + (str(manifest["skipped_by_reason"]) if c["skipped"] else ""))

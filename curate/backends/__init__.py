@@ -19,6 +19,7 @@ class Scorer(Protocol):
     name: str
     dtype: str
     entropy_method: str
+    entropy_max_error: float | None  # largest possible entropy error (nats) of the last score() call; None: exact
 
     def score(self, sequences: Sequence[np.ndarray], on_batch=None) -> list[tuple[np.ndarray, np.ndarray]]: ...
 

@@ -81,6 +81,7 @@ def token_budget_batches(lengths: Sequence[int], batch_tokens: int) -> list[list
 class HFScorer:
     name = "hf"
     entropy_method = "exact"
+    entropy_max_error = None
 
     def __init__(self, model_path: str, *, dtype: str = "auto", device: str = "auto", batch_tokens: int = 4096):
         from transformers import AutoModelForCausalLM

@@ -132,7 +132,7 @@ class VLLMScorer:
             raise CurateError(f"vLLM could not start the engine for {model_path}: {e}") from None
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
-        self.topk_half_width = [0.0, 0]  # max and count of positions, for the manifest
+        self.entropy_max_error: float | None = None
 
     def _exact(self, prompts) -> list[tuple[np.ndarray, np.ndarray]]:
         outs = self.llm.encode(prompts, pooling_task="token_embed", use_tqdm=False)
@@ -156,8 +156,7 @@ class VLLMScorer:
                 top = [v.logprob for v in dist.values() if v.rank is not None and v.rank <= self.options.topk]
                 est, lower, upper = topk_entropy(np.array(top), self.vocab_size)
                 ent[i] = est
-                self.topk_half_width[0] = max(self.topk_half_width[0], (upper - lower) / 2)
-                self.topk_half_width[1] += 1
+                self.entropy_max_error = max(self.entropy_max_error, (upper - lower) / 2)
             results.append((lp, ent))
         return results
 
@@ -168,6 +167,7 @@ class VLLMScorer:
         if too_long:
             raise CurateError(f"a sequence of {max(too_long)} tokens exceeds the engine's max_model_len "
                               f"{self.max_model_len}; raise --max-model-len or lower --max-length")
+        self.entropy_max_error = None if self.exact else 0.0
         results: list[tuple[np.ndarray, np.ndarray]] = []
         start = 0
         while start < len(sequences):

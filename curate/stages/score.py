@@ -236,18 +236,21 @@ def run(cfg: ScoreConfig, progress: Progress | None = None, force: bool = False)
                     "backend": backend, "dtype": scorer.dtype, "entropy_method": scorer.entropy_method,
                     "max_length": cfg.max_length, "curate_version": __version__,
                 }
+                if scorer.entropy_max_error is not None:  # approximate entropies carry their error bound
+                    metadata["entropy_max_error"] = scorer.entropy_max_error
                 io.write_parquet_atomic(_table(shard, scores), path, metadata)
             progress.advance(counts.rows_read, tokens)
-        topk_error = getattr(scorer, "topk_half_width", None)
     finally:
         if scorer is not None:
             scorer.close()
     if counts.samples == 0:
         raise CurateError(f"{in_path}: no usable rows (skipped: {dict(counts.skipped) or 'none read'})")
-    methods = sorted({io.parquet_metadata(out / f).get("entropy_method") for f in shard_files})
-    entropy = {"method": methods[0] if len(methods) == 1 else methods}
-    if topk_error and topk_error[1]:
-        entropy["topk_max_error_nats"] = round(topk_error[0], 6)  # half-width of the widest tail-mass bound
+    # From the shards, so a resumed run reports the shards of earlier runs too (one method: mixing is refused).
+    shard_meta = [io.parquet_metadata(out / f) for f in shard_files]
+    entropy = {"method": shard_meta[0]["entropy_method"]}
+    errors = [float(m["entropy_max_error"]) for m in shard_meta if "entropy_max_error" in m]
+    if errors:
+        entropy["topk_max_error_nats"] = round(max(errors), 6)  # half-width of the widest tail-mass bound
 
     return io.write_manifest(
         out, "score", fingerprint, started,

@@ -12,11 +12,9 @@ Token ids go in as `TokensPrompt`, never as text: vLLM would re-tokenise text an
 from __future__ import annotations
 
 import gc
-import json
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -47,10 +45,13 @@ def plugin_installed() -> bool:
 
 
 def model_architecture(model_path: str) -> str | None:
-    config = Path(model_path) / "config.json"
-    if not config.exists():
+    """The HF architecture of a local folder or hub id (hub ids too: vLLM loads both)."""
+    from transformers import AutoConfig
+
+    try:
+        archs = AutoConfig.from_pretrained(model_path).architectures or []
+    except (OSError, ValueError):
         return None
-    archs = json.loads(config.read_text()).get("architectures") or []
     return archs[0] if archs else None
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import CurateError
 
@@ -68,6 +68,15 @@ class RefreshSection(_Strict):
     rounds: int = Field(2, ge=1)
     train_cmd: Optional[str] = Field(None, description="shell command with {data}, {model} and {out}; "
                                      "default: the built-in trainer with the train section")
+
+    @field_validator("train_cmd")
+    @classmethod
+    def _has_placeholders(cls, cmd):
+        # {model} is optional: a command may name its base model itself.
+        missing = [p for p in ("{data}", "{out}") if cmd is not None and p not in cmd]
+        if missing:
+            raise ValueError(f"the training command must contain {{data}} and {{out}}; missing {', '.join(missing)}")
+        return cmd
 
 
 class Pipeline(_Strict):

@@ -24,7 +24,6 @@ from .score import ScoreConfig
 from .train import TrainConfig
 
 QUADRANTS = ("Q1", "Q2", "Q3", "Q4")
-PLACEHOLDERS = ("{data}", "{out}")  # {model} is optional: a command may name its base model itself
 
 
 def round_dir(out: Path, r: int) -> Path:
@@ -67,20 +66,10 @@ def run_train_cmd(template: str, data: Path, model: dict, out: Path, log, force:
                              inputs=[{"path": str(data)}, {"model": model["path"], "hash": model["hash"]}])
 
 
-def validate_train_cmd(template: str) -> None:
-    missing = [p for p in PLACEHOLDERS if p not in template]
-    if missing:
-        raise CurateError(f"--train-cmd must contain {', '.join(PLACEHOLDERS)}; missing {', '.join(missing)}")
-
-
 def run(out: Path, rounds: int, score: ScoreConfig, prune: PruneConfig, train: TrainConfig,
         train_cmd: str | None, stages: dict[str, Callable], log=lambda msg: None, force: bool = False) -> dict:
     """Run (or resume) `rounds` rounds. `stages` maps score/prune/train to callables taking (config, force),
     so the CLI can draw progress; returns the summary also written to OUT/refresh.json."""
-    if rounds < 1:
-        raise CurateError("--rounds must be at least 1")
-    if train_cmd:
-        validate_train_cmd(train_cmd)
     model = score.model
     summary = {"rounds": [], "transitions": []}
     previous = None

@@ -16,9 +16,6 @@ from pathlib import Path
 from .. import __version__, io
 from ..errors import CurateError
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
 @dataclass
 class TrainConfig:
     data: str  # a pruned folder (data/*.parquet), a folder of Parquet files, or one Parquet file
@@ -143,9 +140,9 @@ def run(cfg: TrainConfig, log=lambda msg: None, force: bool = False) -> dict:
     if cfg.lora_rank:
         from peft import LoraConfig, get_peft_model
 
-        targets = [t for t in LORA_TARGETS if any(n.endswith(t) for n, _ in model.named_modules())] or "all-linear"
+        # Every linear layer but the output head: the attention and MLP projections of any decoder.
         model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                                 target_modules=targets, task_type="CAUSAL_LM"))
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
     log(f"training {model_ref.name} on {len(dataset):,} samples ({n_loss:,} loss tokens), "
         f"{'LoRA rank ' + str(cfg.lora_rank) if cfg.lora_rank else 'full fine-tuning'}")
 

@@ -1,62 +1,109 @@
-"""The `curate` command. Thin: parse options, call a stage, draw progress, print a summary."""
+"""The `curate` command. Thin: options come from the config models (`curate.options`), each command calls one
+stage (or the pipeline), draws its progress and prints a summary of the manifest it returns."""
 
 from __future__ import annotations
 
+import errno
 import sys
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .config import (ExportConfig, PruneConfig, PruneOptions, RefreshConfig, ReportConfig,
+                     RetokenizeConfig, ScoreConfig, ScoreOptions, TrainConfig, TrainOptions)
 from .errors import CurateError
+from .options import command, sectioned_command
+from .progress import Reporter
+from .schema import QUADRANT_AXES, QUADRANT_NAMES, QUADRANTS
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Q-Tuning data curation for SFT: score, prune, and write trainer-ready Parquet.")
 console = Console(stderr=True)
 out = Console()
 
+OS_HINTS = {errno.ENOSPC: "free some space or choose another --out", errno.EDQUOT: "free some space or choose another --out",
+            errno.EACCES: "choose a folder you can write to", errno.EROFS: "choose a writable folder",
+            errno.ENOTDIR: "a folder was expected there, not a file", errno.EEXIST: "a file is in the way",
+            errno.EISDIR: "a file was expected there, not a folder"}
+
 
 @contextmanager
-def _user_errors():
+def user_errors():
+    """Errors a user can act on become one line and exit code 2; Ctrl-C says how to resume."""
     try:
         yield
     except CurateError as e:
-        console.print(f"[bold red]error:[/] {e}")
+        console.print(f"[bold red]error:[/] {escape(str(e))}")
         raise typer.Exit(2) from None
+    except OSError as e:  # at the edges: disks, permissions, paths
+        where = e.filename or ""
+        hint = OS_HINTS.get(e.errno, "check the path")
+        console.print(f"[bold red]error:[/] {escape(str(where))}: {escape(e.strerror or str(e))} ({hint})")
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        console.print("[bold yellow]interrupted[/]: finished shards are kept; run the same command again to resume")
+        raise typer.Exit(130) from None
 
 
-def _stage_progress(label: str):
-    from .stages.score import Progress as StageProgress
+class RichReporter(Reporter):
+    """A progress bar with a tokens/s rate and an ETA, and log lines above it."""
 
-    bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
-                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"),
-                   TimeRemainingColumn(), console=console, transient=False)
-    state = {"task": None, "t0": None}
+    def __init__(self):
+        self.bar: Progress | None = None
+        self.task = None
+        self.t0 = 0.0
+        self.tokens0 = None
 
-    def start(total):
-        import time
+    def log(self, message: str) -> None:
+        console.print(message)
 
-        state["t0"] = time.time()
-        state["task"] = bar.add_task(label, total=total, rate="")
-        bar.start()
+    def start(self, label: str, total: int | None, unit: str = "rows") -> None:
+        self.finish()
+        self.bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
+                            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"),
+                            TimeRemainingColumn(), console=console)
+        self.task = self.bar.add_task(label, total=total, rate="")
+        self.t0, self.tokens0 = time.time(), None
+        self.bar.start()
 
-    def advance(rows, tokens):
-        import time
+    def advance(self, done: int, tokens: int = 0) -> None:
+        if self.bar is None:
+            return
+        if self.tokens0 is None:
+            self.tokens0 = tokens  # tokens of resumed shards do not count towards this run's rate
+        rate = (tokens - self.tokens0) / max(time.time() - self.t0, 1e-9)
+        self.bar.update(self.task, completed=done, rate=f"{rate:,.0f} tok/s" if tokens else "")
 
-        rate = tokens / max(time.time() - state["t0"], 1e-9)
-        bar.update(state["task"], completed=rows, rate=f"{rate:,.0f} tok/s")
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
 
-    return bar, StageProgress(start=start, advance=advance, log=lambda m: console.print(m))
+
+def reporter() -> RichReporter:
+    return RichReporter()
 
 
-def _print_score_summary(manifest: dict) -> None:
+def quiet(fn, *args):
+    """Run a stage with library warnings silenced (transformers and vLLM are chatty); progress stays."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args)
+
+
+# ---------------------------------------------------------------- summaries
+
+
+def print_score_summary(manifest: dict) -> None:
     c = manifest["counts"]
-    t = Table(title=f"scores: {Path(manifest['config']['out'])}", show_header=False)
+    t = Table(title=f"scores: {manifest['config']['out']}", show_header=False)
     t.add_row("model", manifest["model"]["name"])
     t.add_row("backend", f"{manifest['config']['backend']} ({manifest.get('backend_choice', '')})")
     entropy = manifest["entropy"]
@@ -65,74 +112,27 @@ def _print_score_summary(manifest: dict) -> None:
     t.add_row("rows read", f"{c['rows_read']:,}")
     t.add_row("samples scored", f"{c['samples']:,}")
     t.add_row("skipped", f"{c['skipped']:,} " + (str(manifest["skipped_by_reason"]) if c["skipped"] else ""))
+    dup = manifest["duplicates"]
+    if dup["groups"]:
+        t.add_row("duplicates", f"{dup['later_copies']:,} later copies of {dup['groups']:,} conversations "
+                  + ("(dropped)" if dup["dropped"] else "(kept; --dedup drops them)"))
     t.add_row("truncated", f"{c['truncated']:,}")
     t.add_row("tokens / trainable", f"{c['tokens']:,} / {c['trainable_tokens']:,}")
-    rate = manifest["scoring"]["tokens_per_s"]
-    t.add_row("scoring speed", f"{rate:,.0f} tokens/s" if rate else "(nothing scored in this run)")
-    t.add_row("shards", f"{len(manifest['shards'])} x part-NNNNN.parquet")
+    s = manifest["scoring"]
+    t.add_row("scoring speed", f"{s['tokens_per_s']:,.0f} tokens/s ({s['engine']}, {s['workers']} worker(s))"
+              if s["tokens_per_s"] else "(nothing scored in this run)")
+    t.add_row("shards", f"{len(manifest['files'])} x part-NNNNN.parquet")
     t.add_row("wall time", f"{manifest['wall_time_s']:.1f} s")
     out.print(t)
-
-
-def score_with_progress(cfg, force: bool = False) -> dict:
-    from .stages import score
-
-    bar, progress = _stage_progress("score")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return score.run(cfg, progress, force=force)
-    finally:
-        bar.stop()
-
-
-@app.command("score")
-def score_cmd(
-    input: Path = typer.Argument(..., help="SFT data: .jsonl, .json (array or lines), .parquet, or a datasets save_to_disk folder."),
-    out_dir: Path = typer.Option(..., "--out", help="Folder for the scores (part-NNNNN.parquet + _manifest.json)."),
-    model: Optional[str] = typer.Option(None, help="Reference model: local folder or hub id. Default: built-in SmolLM2-135M-Instruct."),
-    backend: str = typer.Option("auto", help="Scorer: hf (transformers), vllm, or auto (vllm with a CUDA GPU and vllm installed, else hf)."),
-    format: str = typer.Option("auto", "--format", help="Input format: auto, openai, sharegpt, alpaca, prompt-completion, pairs."),
-    fields: Optional[str] = typer.Option(None, help="Field names for prompt/response rows, e.g. prompt=question,response=answer[,system=S][,id=I]."),
-    limit: Optional[int] = typer.Option(None, help="Score only the first N usable rows."),
-    max_length: int = typer.Option(2048, help="Truncate longer sequences to this many tokens (flagged `truncated`)."),
-    batch_tokens: int = typer.Option(4096, help="Padded tokens per forward batch (rows are length-sorted to cut padding)."),
-    shard_size: int = typer.Option(512, help="Samples per output shard; the unit of resume."),
-    dtype: str = typer.Option("auto", help="Model dtype: auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
-    on_bad_row: str = typer.Option("skip", help="skip: count unusable rows with their reason; fail: stop at the first, naming file, row and field."),
-    tensor_parallel_size: int = typer.Option(1, help="vLLM: GPUs per model (tensor parallelism)."),
-    gpu_memory_utilization: Optional[float] = typer.Option(None, help="vLLM: share of GPU memory for weights and KV cache [0.9]; on CPU a share of free RAM for the KV cache [default there: a fixed 1 GiB]."),
-    max_num_batched_tokens: Optional[int] = typer.Option(None, help="vLLM: tokens per engine step; longer rows are prefilled in chunks [vLLM default]."),
-    max_model_len: Optional[int] = typer.Option(None, help="vLLM: longest sequence the engine accepts [--max-length]."),
-    enforce_eager: Optional[bool] = typer.Option(None, "--enforce-eager/--no-enforce-eager", help="vLLM: skip torch.compile and CUDA graphs (faster start, slower steps on GPUs) [eager on CPU, compiled on GPU]."),
-    vllm_entropy: str = typer.Option("exact", help="vLLM: exact (full-vocabulary entropy via the q-curate pooling plugin) or topk (approximate, flagged in the files; used automatically when the plugin cannot serve the model)."),
-    force: bool = typer.Option(False, "--force", help="Redo the run even if OUT holds finished or partial scores."),
-):
-    """Score every token of INPUT with a reference model: log-prob and entropy per token, as Parquet."""
-    from .stages.score import ScoreConfig
-
-    with _user_errors():
-        cfg = ScoreConfig(input=str(input), out=str(out_dir), model=model, backend=backend, format=format,
-                          fields=fields, limit=limit, max_length=max_length, batch_tokens=batch_tokens,
-                          shard_size=shard_size, dtype=dtype, device=device, on_bad_row=on_bad_row,
-                          tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-                          max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-                          enforce_eager=enforce_eager, vllm_entropy=vllm_entropy)
-        _print_score_summary(score_with_progress(cfg, force))
 
 
 def print_prune_summary(manifest: dict) -> None:
     st = manifest["stats"]
     t = Table(title=f"EU plane and pruning: {manifest['config']['out']}")
-    t.add_column("quadrant")
-    t.add_column("meaning")
-    t.add_column("samples", justify="right")
-    t.add_column("kept", justify="right")
-    names = {"Q1": "harmful noise (high PPL, high entropy)", "Q2": "valuable misconception (high PPL, low entropy)",
-             "Q3": "redundant knowledge (low PPL, low entropy)", "Q4": "calibration data (low PPL, high entropy)"}
-    for q, meaning in names.items():
-        t.add_row(q, meaning, f"{st['quadrants'][q]:,}", f"{st['kept_by_quadrant'][q]:,}")
+    for col in ("quadrant", "meaning", "samples", "kept"):
+        t.add_column(col, justify="right" if col in ("samples", "kept") else "left")
+    for q in QUADRANTS:
+        t.add_row(q, f"{QUADRANT_NAMES[q]} ({QUADRANT_AXES[q]})", f"{st['quadrants'][q]:,}", f"{st['kept_by_quadrant'][q]:,}")
     out.print(t)
     m = st["medians"]
     out.print(f"medians: ppl {m['ppl']:.3f}, entropy {m['ent']:.3f}")
@@ -142,7 +142,9 @@ def print_prune_summary(manifest: dict) -> None:
                   f"Q4 = ppl <= {th['ppl_low']:.3f} and ent > {th['ent_high']:.3f}")
     elif st.get("alpha_per_batch"):
         a = st["alpha_per_batch"]
-        out.print(f"alpha per batch: min {a['min']:.3f}, mean {a['mean']:.3f}, max {a['max']:.3f}")
+        out.print(f"alpha per batch or group: min {a['min']:.3f}, mean {a['mean']:.3f}, max {a['max']:.3f}")
+    for g, v in (st.get("groups") or {}).items():
+        out.print(f"group {g}: kept {v['K']:,} of {v['N']:,} (ratio {v['ratio']})")
     tok = st["trainable_tokens"]
     out.print(f"kept {st['K']:,} of {st['N']:,} samples ({st['sample_ratio']:.1%}): {st['selection']}")
     out.print(f"loss tokens: {tok['after']:,} of {tok['all_samples']:,} trainable ({st['loss_token_ratio']:.1%}; "
@@ -150,41 +152,138 @@ def print_prune_summary(manifest: dict) -> None:
     out.print(f"pruned data: {Path(manifest['config']['out']) / 'data'}/train-*.parquet")
 
 
-def prune_with_log(cfg, force: bool = False) -> dict:
-    from .stages import prune
+def print_train_summary(manifest: dict) -> None:
+    c = manifest["counts"]
+    last = manifest["loss_history"][-1]["loss"] if manifest.get("loss_history") else "n/a"
+    out.print(f"trained {c['steps']:,} steps on {c['samples']:,} samples ({c['loss_tokens']:,} loss tokens), "
+              f"final loss {last}; model: {manifest['config']['out']}")
 
-    return prune.run(cfg, log=lambda m: console.print(m), force=force)
+
+def print_refresh_summary(manifest: dict) -> None:
+    summary, run_dir = manifest["summary"], Path(manifest["config"]["out"])
+    t = Table(title=f"refresh: {run_dir}")
+    for col in ("round", "scored by", *(f"{q} (kept)" for q in QUADRANTS), "kept", "loss tokens"):
+        t.add_column(col, justify="left" if col == "scored by" else "right")
+    for r in summary["rounds"]:
+        q, k = r["quadrants"], r["kept_by_quadrant"]
+        scorer = "start model" if r["round"] == 1 else f"round {r['round'] - 1} model"
+        t.add_row(str(r["round"]), scorer, *(f"{q[x]:,} ({k[x]:,})" for x in QUADRANTS), f"{r['K']:,} / {r['N']:,}",
+                  f"{r['loss_token_ratio']:.1%}")
+    out.print(t)
+    for tr in summary["transitions"]:
+        m = Table(title=f"quadrants, round {tr['from']} -> {tr['to']}")
+        m.add_column(f"round {tr['from']}")
+        for q in QUADRANTS:
+            m.add_column(f"{q} in {tr['to']}", justify="right")
+        for q, row in tr["counts"].items():
+            m.add_row(q, *(f"{row[p]:,}" for p in QUADRANTS))
+        out.print(m)
+        out.print(f"{tr['stayed']:,} of {tr['samples']:,} samples stayed in their quadrant; "
+                  f"{tr['kept_both']:,} were kept in both rounds")
+    out.print(f"rounds: {run_dir}/round-NN/{{scores,pruned,model}}; summary: {run_dir}/_manifest.json")
+
+
+def print_results(results: dict) -> None:
+    for stage, printer in (("refresh", print_refresh_summary), ("score", print_score_summary),
+                           ("prune", print_prune_summary), ("train", print_train_summary)):
+        if stage in results:
+            printer(results[stage])
+
+
+def write_report(run: Path, rep: Reporter) -> str:
+    from .stages import report
+
+    return quiet(report.run, ReportConfig(run=str(run)), rep)["report"]
+
+
+# ---------------------------------------------------------------- commands
+
+
+@app.command("score")
+@command(ScoreConfig, arguments=("input",), first=("out",))
+def score_cmd(cfg: ScoreConfig, force: bool = typer.Option(False, "--force", help="Redo the run even if OUT holds finished or partial scores.")):
+    """Score every token of INPUT with a reference model: log-prob and entropy per token, as Parquet."""
+    from .stages import score
+
+    with user_errors():
+        rep = reporter()
+        try:
+            print_score_summary(quiet(score.run, cfg, rep, force))
+        finally:
+            rep.finish()
 
 
 @app.command("prune")
-def prune_cmd(
-    scores: Path = typer.Argument(..., help="Scores folder written by `curate score`."),
-    out_dir: Path = typer.Option(..., "--out", help="Folder for the pruned dataset (data/train-*.parquet, samples.parquet, stats.json)."),
-    ratio: float = typer.Option(0.125, help="Fraction of samples to keep, in (0, 1]: exactly max(1, round(ratio*N))."),
-    token_ratio: float = typer.Option(0.5, help="Fraction of trainable tokens kept in Q2 (misconception) samples, in (0, 1]."),
-    lam: float = typer.Option(0.5, help="Context weight of the token score: (1-lam)*ppl_i + lam*(ppl_i-1 + ppl_i+1)."),
-    scope: str = typer.Option("global", help="global: quantiles over the whole dataset; batch: per shuffled batch (the paper's in-training setting)."),
-    batch_size: int = typer.Option(8, help="Batch size for --scope batch."),
-    seed: int = typer.Option(0, help="Seed for batch shuffling and random strategies."),
-    entropy_positions: str = typer.Option("response", help="Mean entropy over response tokens (paper) or all positions (official code)."),
-    token_order: str = typer.Option("drop-high", help="drop-high: remove the highest-scoring tokens (paper); drop-low: the reversed ablation."),
-    strategy: str = typer.Option("qtuning", help="Sample strategy: qtuning, random, ppl-high, ppl-low, entropy-high, entropy-low."),
-    token_strategy: str = typer.Option("qtuning", help="Token strategy: qtuning, random, ppl (drop highest token PPL), none."),
-    force: bool = typer.Option(False, "--force", help="Redo even if OUT holds this exact result."),
-    report: bool = typer.Option(False, "--report", help="Also write the EU-plane report into OUT/report."),
-):
+@command(PruneConfig, arguments=("scores",), first=("out",))
+def prune_cmd(cfg: PruneConfig,
+              force: bool = typer.Option(False, "--force", help="Redo even if OUT holds this exact result."),
+              report: bool = typer.Option(False, "--report", help="Also write the EU-plane report into OUT/report.")):
     """Keep the valuable samples (Q2, Q4) to an exact budget and mask noisy tokens in Q2 samples."""
-    from .stages.prune import PruneConfig
+    from .stages import prune
 
-    with _user_errors():
-        cfg = PruneConfig(scores=str(scores), out=str(out_dir), ratio=ratio, token_ratio=token_ratio, lam=lam,
-                          scope=scope, batch_size=batch_size, seed=seed, entropy_positions=entropy_positions,
-                          token_order=token_order, strategy=strategy, token_strategy=token_strategy)
-        print_prune_summary(prune_with_log(cfg, force))
+    with user_errors():
+        rep = reporter()
+        print_prune_summary(prune.run(cfg, rep, force))
         if report:
-            from .stages import report as report_stage
+            out.print(f"report: {write_report(Path(cfg.out), rep)}")
 
-            out.print(f"report: {report_stage.run(out_dir.parent, pruned_dir=out_dir)}")
+
+@app.command("train")
+@command(TrainConfig, arguments=("data",), first=("out",))
+def train_cmd(cfg: TrainConfig, force: bool = typer.Option(False, "--force", help="Retrain even if OUT holds this exact result.")):
+    """Fine-tune a model on pruned data with the built-in transformers trainer (labels = -100 are not in the loss)."""
+    from .stages import train
+
+    with user_errors():
+        print_train_summary(quiet(train.run, cfg, reporter(), force))
+
+
+@app.command("export")
+@command(ExportConfig, arguments=("pruned",))
+def export_cmd(cfg: ExportConfig, force: bool = typer.Option(False, "--force", help="Replace OUT even if it is not an earlier export.")):
+    """Write the pruned data in the shape a training framework accepts, with a ready-to-paste config."""
+    from .stages import export
+
+    with user_errors():
+        manifest = export.run(cfg, reporter(), force)
+        snippet = Path(manifest["config_file"]).read_text()
+    out.print(snippet, markup=False, highlight=False)
+    out.print(f"exported to {cfg.out}; config written to {manifest['config_file']}", markup=False)
+
+
+@app.command("retokenize")
+@command(RetokenizeConfig, arguments=("pruned",), first=("model", "out"))
+def retokenize_cmd(cfg: RetokenizeConfig, force: bool = typer.Option(False, "--force", help="Redo even if OUT holds this exact result.")):
+    """Carry a pruned dataset over to another model's tokenizer and chat template (score small, train any model)."""
+    from .stages import retokenize
+
+    with user_errors():
+        manifest = quiet(retokenize.run, cfg, reporter(), force)
+        st = manifest["stats"]
+        out.print(f"re-tokenised {st['samples']:,} samples for {cfg.model}: loss tokens {st['loss_tokens_source']:,} "
+                  f"-> {st['loss_tokens_target']:,}; kept loss characters carried over: "
+                  f"{st['kept_chars_ratio']:.4f}; data: {cfg.out}/data/train-*.parquet")
+
+
+@app.command("refresh")
+@sectioned_command(RefreshConfig, [
+    (None, RefreshConfig, ("input", "out", "rounds", "train_cmd")),
+    ("score", ScoreOptions, ("model", "format", "fields", "limit", "max_length", "backend", "device", "dtype")),
+    ("prune", PruneOptions, ("ratio", "token_ratio")),
+    ("train", TrainOptions, ("epochs", "max_steps", "lr", "batch_size", "lora_rank")),
+], arguments=("input",))
+def refresh_cmd(cfg: RefreshConfig, force: bool = typer.Option(False, "--force", help="Recompute every stage of every round.")):
+    """The dynamic loop: score with the current model, prune, train, and re-score with the new checkpoint.
+
+    Every other stage setting (scope, lam, LoRA alpha, ...) is available in a pipeline config with a refresh
+    section: see pipelines/refresh.yaml and `curate run`."""
+    from .stages import refresh
+
+    with user_errors():
+        rep = reporter()
+        manifest = quiet(refresh.run, cfg, rep, force)
+        print_refresh_summary(manifest)
+        out.print(f"report: {write_report(Path(cfg.out), rep)}")
 
 
 @app.command("run")
@@ -195,184 +294,55 @@ def run_cmd(
 ):
     """Run the stages a pipeline YAML describes (score -> prune [-> train], or the refresh loop) into one run folder; finished stages are skipped."""
     from .config import load_pipeline
+    from .pipeline import run_pipeline
 
-    with _user_errors():
+    with user_errors():
         p = load_pipeline(pipeline, set_)
-        _run_and_print(p, force)
+        rep = reporter()
+        results = quiet(run_pipeline, p, rep, force)
+        print_results(results)
+        if "refresh" in results:
+            out.print(f"report: {write_report(Path(p.run_dir), rep)}")
         out.print(f"run folder: {p.run_dir} (resolved config: {Path(p.run_dir) / 'config.yaml'})")
 
 
-def _stages() -> dict:
-    return {"score": score_with_progress, "prune": prune_with_log, "train": train_with_log}
-
-
-def _run_and_print(p, force: bool) -> None:
-    from .pipeline import run_pipeline
-
-    results = run_pipeline(p, _stages(), force=force, log=lambda m: console.print(m))
-    if "refresh" in results:
-        from .stages import report
-
-        print_refresh_summary(results["refresh"], Path(p.run_dir))
-        out.print(f"report: {report.run(Path(p.run_dir))}")
-        return
-    _print_score_summary(results["score"])
-    if "prune" in results:
-        print_prune_summary(results["prune"])
-    if "train" in results:
-        print_train_summary(results["train"])
-
-
-def train_with_log(cfg, force: bool = False) -> dict:
-    from .stages import train
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return train.run(cfg, log=lambda m: console.print(m), force=force)
-
-
-def print_train_summary(manifest: dict) -> None:
-    c = manifest["counts"]
-    out.print(f"trained {c['steps']:,} steps on {c['samples']:,} samples ({c['loss_tokens']:,} loss tokens), "
-              f"final loss {manifest['loss_history'][-1]['loss'] if manifest.get('loss_history') else 'n/a'}; "
-              f"model: {manifest['config']['out']}")
-
-
-@app.command("train")
-def train_cmd(
-    data: Path = typer.Argument(..., help="Pruned data: a `curate prune` folder (data/*.parquet) or Parquet files with input_ids and labels."),
-    out_dir: Path = typer.Option(..., "--out", help="Folder for the trained model (a plain transformers folder; LoRA is merged)."),
-    model: Optional[str] = typer.Option(None, help="Model to fine-tune: local folder or hub id; must share the tokenizer the data was scored with. Default: built-in SmolLM2-135M-Instruct."),
-    epochs: float = typer.Option(3.0, help="Passes over the data (paper: 3)."),
-    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps (overrides --epochs)."),
-    lr: float = typer.Option(1e-4, help="Peak learning rate (paper: 1e-4 with LoRA)."),
-    batch_size: int = typer.Option(8, help="Samples per device batch."),
-    grad_accum: int = typer.Option(1, help="Gradient accumulation steps (paper: 8 x 4)."),
-    lora_rank: int = typer.Option(8, help="LoRA rank (paper: 8); 0 = full fine-tuning."),
-    lora_alpha: int = typer.Option(16, help="LoRA alpha."),
-    warmup: float = typer.Option(0.03, help="Warm-up: a fraction of the steps (< 1) or a number of steps."),
-    scheduler: str = typer.Option("cosine", help="Learning-rate schedule (any transformers scheduler name)."),
-    seed: int = typer.Option(0, help="Seed for shuffling and initialisation."),
-    device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
-    force: bool = typer.Option(False, "--force", help="Retrain even if OUT holds this exact result."),
-):
-    """Fine-tune a model on pruned data with the built-in transformers trainer (labels = -100 are not in the loss)."""
-    from .stages.train import TrainConfig
-
-    with _user_errors():
-        cfg = TrainConfig(data=str(data), out=str(out_dir), model=model, epochs=epochs, max_steps=max_steps, lr=lr,
-                          batch_size=batch_size, grad_accum=grad_accum, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                          warmup=warmup, scheduler=scheduler, seed=seed, device=device)
-        print_train_summary(train_with_log(cfg, force))
-
-
-@app.command("export")
-def export_cmd(
-    pruned: Path = typer.Argument(..., help="A `curate prune` output folder."),
-    format: str = typer.Option(..., "--format", help="llamafactory (save_to_disk for tokenized_path), axolotl (pre-tokenised JSONL), trl (Parquet with labels), jsonl (every column as JSON lines)."),
-    out_dir: Path = typer.Option(..., "--out", help="Folder for the exported data and its config snippet."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT even if it is not an earlier export."),
-):
-    """Write the pruned data in the shape a training framework accepts, with a ready-to-paste config."""
-    from .stages import export
-
-    with _user_errors():
-        path, snippet = export.run(pruned, format, out_dir, force)
-    out.print(snippet, markup=False, highlight=False)
-    out.print(f"exported to {out_dir}; config written to {path}")
-
-
-def print_refresh_summary(summary: dict, run_dir: Path) -> None:
-    quads = ("Q1", "Q2", "Q3", "Q4")
-    t = Table(title=f"refresh: {run_dir}")
-    for col in ("round", "scored by", *(f"{q} (kept)" for q in quads), "kept", "loss tokens"):
-        t.add_column(col, justify="left" if col == "scored by" else "right")
-    for r in summary["rounds"]:
-        q, k = r["quadrants"], r["kept_by_quadrant"]
-        scorer = "start model" if r["round"] == 1 else f"round {r['round'] - 1} model"
-        t.add_row(str(r["round"]), scorer,
-                  *(f"{q[x]:,} ({k[x]:,})" for x in quads), f"{r['K']:,} / {r['N']:,}", f"{r['loss_token_ratio']:.1%}")
-    out.print(t)
-    for tr in summary["transitions"]:
-        m = Table(title=f"quadrants, round {tr['from']} -> {tr['to']}")
-        m.add_column(f"round {tr['from']}")
-        for q in quads:
-            m.add_column(f"{q} in {tr['to']}", justify="right")
-        for q, row in tr["counts"].items():
-            m.add_row(q, *(f"{row[p]:,}" for p in quads))
-        out.print(m)
-        out.print(f"{tr['stayed']:,} of {tr['samples']:,} samples stayed in their quadrant; "
-                  f"{tr['kept_both']:,} were kept in both rounds")
-    out.print(f"rounds: {run_dir}/round-NN/{{scores,pruned,model}}; summary: {run_dir / 'refresh.json'}")
-
-
-@app.command("refresh")
-def refresh_cmd(
-    input: Path = typer.Argument(..., help="SFT data (as for `curate score`)."),
-    out_dir: Path = typer.Option(..., "--out", help="Run folder: round-NN/{scores,pruned,model}/ and refresh.json."),
-    rounds: int = typer.Option(2, help="Rounds of score -> prune -> train; each round scores the FULL input with the latest checkpoint."),
-    ratio: float = typer.Option(0.125, help="Fraction of samples kept per round."),
-    token_ratio: float = typer.Option(0.5, help="Fraction of trainable tokens kept in Q2 samples."),
-    model: Optional[str] = typer.Option(None, help="Starting model (local folder or hub id). Default: built-in SmolLM2-135M-Instruct."),
-    train_cmd: Optional[str] = typer.Option(None, help="Your own training command instead of the built-in trainer; {data} (pruned folder), {model} (current model) and {out} (where to save the merged model) are filled in."),
-    format: str = typer.Option("auto", "--format", help="Input format (see `curate score --help`)."),
-    fields: Optional[str] = typer.Option(None, help="Field names for prompt/response rows (see `curate score --help`)."),
-    limit: Optional[int] = typer.Option(None, help="Use only the first N usable rows."),
-    max_length: int = typer.Option(2048, help="Truncate longer sequences to this many tokens."),
-    epochs: float = typer.Option(3.0, help="Built-in trainer: epochs per round."),
-    max_steps: Optional[int] = typer.Option(None, help="Built-in trainer: optimizer steps per round (overrides --epochs)."),
-    lr: float = typer.Option(1e-4, help="Built-in trainer: learning rate."),
-    batch_size: int = typer.Option(8, help="Built-in trainer: batch size."),
-    lora_rank: int = typer.Option(8, help="Built-in trainer: LoRA rank; 0 = full fine-tuning."),
-    force: bool = typer.Option(False, "--force", help="Recompute every stage of every round."),
-):
-    """The dynamic loop: score with the current model, prune, train, and re-score with the new checkpoint.
-
-    Every other stage setting (scope, lam, dtype, LoRA alpha, ...) is available in a pipeline config with a
-    refresh section: see pipelines/refresh.yaml and `curate run`."""
-    from pydantic import ValidationError
-
-    from .config import Pipeline, config_errors
-
-    with _user_errors():
-        try:  # validated as one pipeline config, so every bad option is reported at once with its key path
-            p = Pipeline.model_validate({
-                "run_dir": str(out_dir),
-                "score": {"input": str(input), "model": model, "format": format, "fields": fields, "limit": limit,
-                          "max_length": max_length},
-                "prune": {"ratio": ratio, "token_ratio": token_ratio},
-                "train": {"epochs": epochs, "max_steps": max_steps, "lr": lr, "batch_size": batch_size,
-                          "lora_rank": lora_rank},
-                "refresh": {"rounds": rounds, "train_cmd": train_cmd}})
-        except ValidationError as e:
-            raise CurateError(config_errors("curate refresh options", e)) from None
-        _run_and_print(p, force)
-
-
 @app.command("report")
-def report_cmd(
-    run_dir: Path = typer.Argument(..., help="Run folder holding scores/ and pruned/ (as `curate run` and `curate demo` write), or a `curate refresh` folder (last round + transition tables)."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where to write the report (default RUN_DIR/report)."),
-    examples: int = typer.Option(3, help="Example samples shown per quadrant, token by token."),
-):
+@command(ReportConfig, arguments=("run",))
+def report_cmd(cfg: ReportConfig, force: bool = typer.Option(False, "--force", help="Redraw even if the report is current.")):
     """Draw the EU plane (eu_plane.png, histograms.png) and write a self-contained report.html."""
     from .stages import report
 
-    with _user_errors():
-        path = report.run(run_dir, out_dir, examples)
-        out.print(f"report: {path}")
+    with user_errors():
+        out.print(f"report: {quiet(report.run, cfg, reporter(), force)['report']}")
 
 
 @app.command("inspect")
 def inspect_cmd(
-    run_dir: Path = typer.Argument(..., help="Run folder holding scores/ and pruned/."),
+    run_dir: Path = typer.Argument(..., help="A run folder (scores/ + pruned/) or a `curate prune` folder."),
     id: str = typer.Option(..., "--id", help="Sample id to show."),
 ):
     """One sample's tokens with their masks, log-probs, entropies and pruning scores, in the terminal."""
     from .stages.inspect import sample_table
 
-    with _user_errors():
+    with user_errors():
         out.print(sample_table(run_dir, id))
+
+
+@app.command("verify")
+def verify_cmd(path: Path = typer.Argument(..., help="Any folder q-curate wrote (a stage or a whole run folder).")):
+    """Check every file of every finished stage under PATH against its manifest (sizes and checksums, nothing stray)."""
+    from .verify import verify_tree
+
+    with user_errors():
+        rows, bad = verify_tree(path)
+        t = Table(title=f"verify {path}")
+        for col in ("folder", "stage", "files", "result"):
+            t.add_column(col)
+        for folder, stage, n, problems in rows:
+            t.add_row(str(folder), stage, str(n), "ok" if not problems else "; ".join(f"{f}: {w}" for f, w in problems))
+        out.print(t)
+    if bad:
+        raise typer.Exit(1)
 
 
 @app.command("demo")
@@ -382,11 +352,12 @@ def demo_cmd(
 ):
     """Run the whole pipeline on the built-in demo data with the built-in SmolLM2-135M model."""
     from .demo import demo_pipeline
-    from .stages import report
+    from .pipeline import run_pipeline
 
-    with _user_errors():
-        _run_and_print(demo_pipeline(out_dir), force)
-        report_path = report.run(out_dir)
+    with user_errors():
+        rep = reporter()
+        print_results(quiet(run_pipeline, demo_pipeline(out_dir), rep, force))
+        report_path = write_report(out_dir, rep)
     out.print(f"\n[bold green]Demo finished.[/] Results in {out_dir}/:\n"
               f"  scores:  {out_dir}/scores/part-*.parquet\n"
               f"  pruned:  {out_dir}/pruned/data/train-*.parquet  (load with datasets.load_dataset('parquet', ...))\n"

@@ -1,73 +1,233 @@
-"""Pipeline configs: YAML -> typed, validated stage configs. Every error is reported at once, with its key path."""
+"""Every option of every stage, defined once: one typed model per stage.
+
+The CLI builds each command's options from these models (`curate.options`), pipeline YAML is validated
+against them, and the stages read them. Choices are `Literal`s, so `--help` lists them and bad values are
+rejected before any work; every problem is reported at once, with its option or key path.
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import CurateError
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ScoreSection(_Strict):
-    input: str = Field(description="input file/folder, or `demo` for the built-in demo data")
-    model: Optional[str] = None
-    backend: Literal["auto", "hf", "vllm"] = "auto"
-    format: Literal["auto", "openai", "sharegpt", "alpaca", "prompt-completion", "pairs"] = "auto"
-    fields: Optional[str] = None
-    limit: Optional[int] = Field(None, ge=1)
-    max_length: int = Field(2048, ge=2)
-    batch_tokens: int = Field(4096, ge=2)
-    shard_size: int = Field(512, ge=1)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: str = "auto"
-    on_bad_row: Literal["skip", "fail"] = "skip"
-    # vLLM engine options (the transformers backend ignores them)
-    tensor_parallel_size: int = Field(1, ge=1)
-    gpu_memory_utilization: Optional[float] = Field(None, gt=0, le=1)
-    max_num_batched_tokens: Optional[int] = Field(None, ge=1)
-    max_model_len: Optional[int] = Field(None, ge=2)
-    enforce_eager: Optional[bool] = None
-    vllm_entropy: Literal["exact", "topk"] = "exact"
+PosInt = Annotated[int, Field(ge=1)]
+Ratio = Annotated[float, Field(gt=0, le=1)]
 
 
-class PruneSection(_Strict):
-    ratio: float = Field(0.125, gt=0, le=1)
-    token_ratio: float = Field(0.5, gt=0, le=1)
-    lam: float = Field(0.5, ge=0, le=1)
-    scope: Literal["global", "batch"] = "global"
-    batch_size: int = Field(8, ge=1)
-    seed: int = 0
-    entropy_positions: Literal["response", "all"] = "response"
-    token_order: Literal["drop-high", "drop-low"] = "drop-high"
-    strategy: Literal["qtuning", "random", "ppl-high", "ppl-low", "entropy-high", "entropy-low"] = "qtuning"
-    token_strategy: Literal["qtuning", "random", "ppl", "none"] = "qtuning"
+class Options(BaseModel):
+    """Strict: a YAML `limit: true` is an error, not 1; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
 
 
-class TrainSection(_Strict):
-    epochs: float = Field(3.0, gt=0)
-    max_steps: Optional[int] = Field(None, ge=1)
-    lr: float = Field(1e-4, gt=0)
-    batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    lora_rank: int = Field(8, ge=0)
-    lora_alpha: int = Field(16, ge=1)
-    warmup: float = Field(0.03, ge=0)
-    scheduler: str = "cosine"
-    seed: int = 0
-    device: str = "auto"
+# ---------------------------------------------------------------- score
+
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+Dtype = Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"]
 
 
-class RefreshSection(_Strict):
-    rounds: int = Field(2, ge=1)
-    train_cmd: Optional[str] = Field(None, description="shell command with {data}, {model} and {out}; "
-                                     "default: the built-in trainer with the train section")
+class ScoreOptions(Options):
+    model: Optional[str] = Field(
+        None, description="Reference model: a local folder or hub id. Default: the built-in SmolLM2-135M-Instruct."
+    )
+    backend: Literal["auto", "hf", "vllm"] = Field(
+        "auto", description="Scorer: hf (transformers), vllm, or auto (vllm with a CUDA GPU and vllm installed, else hf)."
+    )
+    engine: Literal["local", "ray"] = Field(
+        "local", description="local: this process; ray: a pool of Ray actors, one scorer each, over many GPUs/machines."
+    )
+    address: Optional[str] = Field(
+        None, description="Ray: the cluster to join (auto, or ray://HOST:10001); default: start a local Ray."
+    )
+    num_workers: Optional[PosInt] = Field(
+        None, description="Ray: scorer actors (default: one per GPU of the cluster, or 1 without GPUs)."
+    )
+    gpus_per_worker: Optional[float] = Field(
+        None, ge=0, description="Ray: GPUs per actor; with vLLM, more than 1 is tensor parallelism (default 1 with GPUs, else 0)."
+    )
+    cpus_per_worker: float = Field(1.0, gt=0, description="Ray: CPU cores per actor.")
+    format: Literal["auto", "openai", "sharegpt", "alpaca", "prompt-completion", "pairs"] = Field(
+        "auto", description="Input format; auto decides by majority over the first rows."
+    )
+    fields: Optional[str] = Field(
+        None, description="Field names for prompt/response rows: prompt=question,response=answer[,system=S][,id=I]."
+    )
+    keep_fields: list[str] = Field(
+        default_factory=list, description="Input fields to carry into the scores (e.g. source), comma-separated on the CLI."
+    )
+    dedup: bool = Field(
+        False, description="Drop later copies of an identical conversation (reason duplicate_content); they are always counted."
+    )
+    limit: Optional[PosInt] = Field(None, description="Read only the first N rows of the input.")
+    max_length: int = Field(2048, ge=2, description="Truncate longer sequences to this many tokens (flagged `truncated`).")
+    batch_tokens: int = Field(4096, ge=2, description="Padded tokens per forward batch (rows are length-sorted).")
+    shard_size: PosInt = Field(512, description="Input rows per output shard: the unit of resume and of parallel work.")
+    dtype: Dtype = Field("auto", description="Model dtype: auto is float32 on CPU and bfloat16 on CUDA.")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N.")
+    on_bad_row: Literal["skip", "fail"] = Field(
+        "skip", description="skip: count unusable rows with their reason; fail: stop at the first, naming file, row and field."
+    )
+    tensor_parallel_size: PosInt = Field(1, description="vLLM: GPUs per model (tensor parallelism).")
+    gpu_memory_utilization: Optional[float] = Field(
+        None, gt=0, le=1, description="vLLM: share of GPU memory for weights and KV cache (0.9); on CPU a 1 GiB KV cache."
+    )
+    max_num_batched_tokens: Optional[PosInt] = Field(
+        None, description="vLLM: tokens per engine step; longer rows are prefilled in chunks (vLLM's default)."
+    )
+    max_model_len: Optional[int] = Field(None, ge=2, description="vLLM: longest sequence the engine accepts (--max-length).")
+    enforce_eager: Optional[bool] = Field(
+        None, description="vLLM: skip torch.compile and CUDA graphs (default: eager on CPU, compiled on GPU)."
+    )
+    vllm_entropy: Literal["exact", "topk"] = Field(
+        "exact", description="vLLM: exact (full-vocabulary entropy via the q-curate plugin) or topk (approximate, flagged)."
+    )
+
+    @field_validator("dtype")
+    @classmethod
+    def _canonical_dtype(cls, v: str) -> str:
+        return DTYPE_ALIASES.get(v, v)
+
+    @field_validator("keep_fields", mode="before")
+    @classmethod
+    def _comma_list(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [f.strip() for f in v.split(",") if f.strip()]
+        return v
+
+    @field_validator("fields")
+    @classmethod
+    def _fields_parse(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            from .formats import parse_fields
+
+            try:
+                parse_fields(v)
+            except CurateError as e:
+                raise ValueError(str(e)) from None
+        return v
+
+
+class ScoreSection(ScoreOptions):
+    input: str = Field(description="SFT data: .jsonl, .json, .parquet or a datasets save_to_disk folder; `demo` for the built-in demo data.")
+
+
+class ScoreConfig(ScoreSection):
+    out: str = Field(description="Folder for the scores (part-NNNNN.parquet + _manifest.json).")
+
+
+# ---------------------------------------------------------------- prune
+
+
+def parse_group_ratios(v: Any) -> Any:
+    """`source=math:0.2,chat:0.1` (CLI) or {math: 0.2, chat: 0.1} (YAML) -> {"math": 0.2, "chat": 0.1}."""
+    if not isinstance(v, str):
+        return v
+    spec = v.split("=", 1)[1] if "=" in v.split(":", 1)[0] else v
+    out = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, value = part.rpartition(":")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise ValueError(f"cannot read {part!r}; expected GROUP:RATIO, e.g. math:0.2,chat:0.1") from None
+        if not sep or not name:
+            raise ValueError(f"cannot read {part!r}; expected GROUP:RATIO, e.g. math:0.2,chat:0.1")
+    return out
+
+
+class PruneOptions(Options):
+    ratio: Ratio = Field(0.125, description="Fraction of samples to keep, in (0, 1]: exactly max(1, round(ratio*N)).")
+    token_ratio: Ratio = Field(0.5, description="Fraction of trainable tokens kept in Q2 (misconception) samples, in (0, 1].")
+    lam: float = Field(0.5, ge=0, le=1, description="Context weight of the token score: (1-lam)*ppl_i + lam*(ppl_i-1 + ppl_i+1).")
+    scope: Literal["global", "batch"] = Field(
+        "global", description="global: quantiles over the whole dataset; batch: per shuffled batch (the paper's in-training setting)."
+    )
+    batch_size: PosInt = Field(8, description="Batch size for --scope batch.")
+    seed: int = Field(0, description="Seed for batch shuffling and the random strategies.")
+    entropy_positions: Literal["response", "all"] = Field(
+        "response", description="Mean entropy over response tokens (paper) or over all positions (official code)."
+    )
+    token_order: Literal["drop-high", "drop-low"] = Field(
+        "drop-high", description="drop-high: remove the highest-scoring tokens (paper); drop-low: the reversed ablation."
+    )
+    strategy: Literal["qtuning", "random", "ppl-high", "ppl-low", "entropy-high", "entropy-low"] = Field(
+        "qtuning", description="Sample strategy: Q-Tuning or a baseline."
+    )
+    token_strategy: Literal["qtuning", "random", "ppl", "none"] = Field(
+        "qtuning", description="Token strategy: Q-Tuning, random, ppl (drop highest token PPL), or none."
+    )
+    fill: Literal["rank", "minmax"] = Field(
+        "rank", description="How the budget is filled after the quadrants: percentile ranks, or min-max values as the official code."
+    )
+    group_by: Optional[str] = Field(
+        None, description="A column carried from the input (score --keep-fields): triage and exact budget within each group."
+    )
+    group_ratios: dict[str, Ratio] = Field(
+        default_factory=dict, description="Ratios per group with --group-by, e.g. source=math:0.2,chat:0.1 (others: --ratio)."
+    )
+    workers: PosInt = Field(1, description="Processes writing the masks (pass 2) in parallel; the output is identical.")
+
+    @field_validator("group_ratios", mode="before")
+    @classmethod
+    def _parse_group_ratios(cls, v: Any) -> Any:
+        return parse_group_ratios(v)
+
+    @model_validator(mode="after")
+    def _ratios_need_groups(self):
+        if self.group_ratios and not self.group_by:
+            raise ValueError("group_ratios needs group_by")
+        return self
+
+
+class PruneConfig(PruneOptions):
+    scores: str = Field(description="Scores folder written by `curate score`.")
+    out: str = Field(description="Folder for the pruned dataset (data/train-*.parquet, samples.parquet, stats.json).")
+
+
+# ---------------------------------------------------------------- train
+
+Scheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                    "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"]
+
+
+class TrainOptions(Options):
+    model: Optional[str] = Field(
+        None, description="Model to fine-tune: local folder or hub id; it must share the tokenizer the data was made with "
+        "(default: the scoring model)."
+    )
+    epochs: float = Field(3.0, gt=0, description="Passes over the data (paper: 3).")
+    max_steps: Optional[PosInt] = Field(None, description="Stop after this many optimizer steps (overrides --epochs).")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate (paper: 1e-4 with LoRA).")
+    batch_size: PosInt = Field(8, description="Samples per device batch.")
+    grad_accum: PosInt = Field(1, description="Gradient accumulation steps (paper: 8 x 4).")
+    lora_rank: int = Field(8, ge=0, description="LoRA rank (paper: 8); 0 = full fine-tuning.")
+    lora_alpha: PosInt = Field(16, description="LoRA alpha.")
+    warmup: float = Field(0.03, ge=0, description="Warm-up: a fraction of the steps (< 1) or a number of steps.")
+    scheduler: Scheduler = Field("cosine", description="Learning-rate schedule.")
+    seed: int = Field(0, description="Seed for shuffling and initialisation.")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto (CUDA when present), cpu or cuda.")
+
+
+class TrainConfig(TrainOptions):
+    data: str = Field(description="Pruned data: a `curate prune` folder, or one Parquet file with input_ids and labels.")
+    out: str = Field(description="Folder for the trained model (a plain transformers folder; LoRA is merged).")
+
+
+# ---------------------------------------------------------------- refresh, report, export, inspect, verify
+
+
+class RefreshOptions(Options):
+    rounds: PosInt = Field(2, description="Rounds of score -> prune -> train; each scores the FULL input with the latest model.")
+    train_cmd: Optional[str] = Field(
+        None, description="Your own training command instead of the built-in trainer; {data} (pruned folder), {model} "
+        "(current model) and {out} (where to save the merged model) are filled in."
+    )
 
     @field_validator("train_cmd")
     @classmethod
@@ -79,12 +239,45 @@ class RefreshSection(_Strict):
         return cmd
 
 
-class Pipeline(_Strict):
+class RefreshConfig(RefreshOptions):
+    input: str = Field(description="SFT data (as for `curate score`).")
+    out: str = Field(description="Run folder: round-NN/{scores,pruned,model}/ and _manifest.json with the summary.")
+    score: ScoreOptions = Field(default_factory=ScoreOptions)
+    prune: PruneOptions = Field(default_factory=PruneOptions)
+    train: TrainOptions = Field(default_factory=TrainOptions)
+
+
+class ReportConfig(Options):
+    run: str = Field(description="A run folder (scores/ + pruned/), a `curate prune` folder, or a `curate refresh` folder.")
+    out: Optional[str] = Field(None, description="Where to write the report (default: RUN/report).")
+    examples: int = Field(3, ge=0, description="Example samples shown per quadrant, token by token.")
+
+
+class ExportConfig(Options):
+    pruned: str = Field(description="A `curate prune` output folder.")
+    format: Literal["llamafactory", "axolotl", "trl", "jsonl"] = Field(
+        description="llamafactory (save_to_disk for tokenized_path), axolotl (pre-tokenised JSONL), trl (Parquet with "
+        "labels), jsonl (every column)."
+    )
+    out: str = Field(description="Folder for the exported data and its config snippet.")
+
+
+class RetokenizeConfig(Options):
+    pruned: str = Field(description="A `curate prune` output folder.")
+    model: str = Field(description="The target model (local folder or hub id) whose tokenizer and chat template to use.")
+    out: str = Field(description="Folder for the re-tokenised pruned dataset (same layout as `curate prune`).")
+    max_length: Optional[PosInt] = Field(None, description="Truncate longer target sequences (default: no limit).")
+
+
+# ---------------------------------------------------------------- pipelines
+
+
+class Pipeline(Options):
     run_dir: str
     score: ScoreSection
-    prune: Optional[PruneSection] = None
-    train: Optional[TrainSection] = None  # without refresh: train once on the pruned data into RUN_DIR/model
-    refresh: Optional[RefreshSection] = None  # the loop: RUN_DIR/round-NN/{scores,pruned,model}
+    prune: Optional[PruneOptions] = None
+    train: Optional[TrainOptions] = None  # without refresh: train once on the pruned data into RUN_DIR/model
+    refresh: Optional[RefreshOptions] = None  # the loop: RUN_DIR/round-NN/{scores,pruned,model}
 
     @model_validator(mode="after")
     def _stages_fit_together(self):
@@ -103,26 +296,65 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def load_pipeline(path: Path, overrides: list[str] | None = None) -> Pipeline:
+def read_yaml(path: Path) -> Any:
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise CurateError(f"{path}: no such pipeline file") from None
+        raise CurateError(f"{path}: no such file") from None
+    except OSError as e:
+        raise CurateError(f"{path}: cannot read ({e.strerror})") from None
     except yaml.YAMLError as e:
         raise CurateError(f"{path}: invalid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise CurateError(f"{path}: a pipeline is a mapping with run_dir, score and prune sections")
-    for item in overrides or []:
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise CurateError(f"--set {item!r}: expected key.path=value, e.g. prune.ratio=0.25")
-        _set_path(raw, key.strip(), yaml.safe_load(value))
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise CurateError(f"--set {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
+        _set_path(raw, key.strip(), parsed)
+    return raw
+
+
+def load_model(model: type[BaseModel], path: Path, overrides: list[str] | None = None, what: str = "config"):
+    """A YAML file validated as `model`, with `--set key.path=value` overrides; every error at once."""
+    raw = read_yaml(path) or {}
+    if not isinstance(raw, dict):
+        raise CurateError(f"{path}: a {what} is a mapping of sections")
+    raw = apply_overrides(raw, overrides or [])
     try:
-        return Pipeline.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as e:
-        raise CurateError(config_errors(f"{path}: pipeline config", e)) from None
+        raise CurateError(config_errors(f"{path}: {what}", e)) from None
 
 
-def config_errors(where: str, e: ValidationError) -> str:
-    lines = [f"  {'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors()]
+def load_pipeline(path: Path, overrides: list[str] | None = None) -> Pipeline:
+    return load_model(Pipeline, path, overrides, "pipeline config")
+
+
+def config_errors(where: str, e: ValidationError, option_names: bool = False) -> str:
+    """One line per problem with its key path (`prune.ratio`) or, for the CLI, its option (`--ratio`)."""
+
+    def place(loc) -> str:
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        names = [p for p in loc if isinstance(p, str)]
+        if option_names and names:  # the option, and for a sectioned command the key it sets
+            option = "--" + names[-1].replace("_", "-")
+            return option if len(loc) == 1 else f"{option} ({path})"
+        return path
+
+    lines = [f"  {place(err['loc'])}: {_message(err)}" for err in e.errors()]
     return f"{where}: {len(lines)} problem(s):\n" + "\n".join(lines)
+
+
+def _message(err: dict) -> str:
+    msg = err["msg"]
+    if err["type"] == "literal_error":
+        msg = "must be one of " + re.sub(r"^Input should be ", "", msg).replace("'", "")
+    elif err["type"] == "missing":
+        msg = "is required"
+    return msg.removeprefix("Value error, ")

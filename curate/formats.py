@@ -1,21 +1,23 @@
-"""Input readers: files of SFT rows in common shapes -> canonical conversations.
+"""Input rows in common shapes -> canonical conversations.
 
 A canonical conversation is a list of {"role", "content"} with roles system / user / assistant / tool.
 Assistant output (including ShareGPT `function_call`) is what the model is trained on; tool results
-(`observation`) are context.
+(`observation`) are context. Anything wrong with one row makes that row a `Skip` with a reason and a field.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .errors import CurateError, RowError
 
 FORMATS = ("auto", "openai", "sharegpt", "alpaca", "prompt-completion", "pairs")
+DETECT_ROWS = 100  # the format is decided by majority over this many first rows
 
 # Prompt/response field pairs recognised without --fields, in order of preference.
 AUTO_PAIRS = [
@@ -49,6 +51,8 @@ class Sample:
     id: str
     row: int
     messages: list[dict[str, str]]
+    content_hash: str
+    extra: dict[str, Any] = field(default_factory=dict)  # fields carried from the input (--keep-fields)
 
 
 @dataclass(frozen=True)
@@ -80,99 +84,12 @@ def parse_fields(spec: str | None) -> dict[str, str]:
     return out
 
 
-# ---------------------------------------------------------------- raw rows
-
-
-def count_rows(path: Path) -> int | None:
-    """Number of rows, cheaply, for progress bars (None when unknown)."""
-    if path.is_dir():
-        try:
-            return len(_load_dataset_dir(path))
-        except CurateError:
-            return None
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        with open(path, "rb") as f:
-            return sum(1 for line in f if line.strip())
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.ParquetFile(path).metadata.num_rows
-    return None
-
-
-def _load_dataset_dir(path: Path):
-    try:
-        import datasets
-    except ImportError as e:  # pragma: no cover - datasets is part of the hf extra
-        raise CurateError("reading a save_to_disk folder needs datasets: pip install 'q-curate[hf]'") from e
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except Exception as e:
-        raise CurateError(f"{path}: not a `datasets` save_to_disk folder ({e})") from e
-    if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            raise CurateError(f"{path}: DatasetDict without a 'train' split (splits: {list(ds)})")
-        ds = ds["train"]
-    return ds
-
-
-def read_records(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yield (row number, record) for every row; a row that is not valid JSON yields a RowError.
-
-    Row numbers are 1-based line numbers for JSONL and 0-based indices for arrays, Parquet and datasets.
-    """
-    if not path.exists():
-        raise CurateError(f"{path}: no such file or folder")
-    if path.is_dir():
-        yield from enumerate(_load_dataset_dir(path))
-        return
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        row = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            for rec in batch.to_pylist():
-                yield row, rec
-                row += 1
-        return
-    if suffix in (".jsonl", ".ndjson"):
-        yield from _read_jsonl(path)
-        return
-    if suffix == ".json":
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        stripped = text.lstrip()
-        if stripped.startswith("["):
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise CurateError(f"{path}: invalid JSON array at line {e.lineno}: {e.msg}") from e
-            yield from enumerate(data)
-            return
-        yield from _read_jsonl(path)  # a .json file holding JSON lines
-        return
-    raise CurateError(f"{path}: unsupported input type {suffix!r}; use .jsonl, .json, .parquet or a save_to_disk folder")
-
-
-def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield lineno, RowError("invalid_json", f"invalid JSON: {e.msg} (column {e.colno})")
-
-
 # ---------------------------------------------------------------- format detection
 
 
-def detect_format(record: dict, fields: dict[str, str]) -> str:
-    if fields:
-        return "pairs"
+def detect_one(record: Any) -> str | None:
+    if not isinstance(record, dict):
+        return None
     keys = set(record)
     if "messages" in keys:
         return "openai"
@@ -182,13 +99,23 @@ def detect_format(record: dict, fields: dict[str, str]) -> str:
         return "alpaca"
     if "prompt" in keys and "completion" in keys:
         return "prompt-completion"
-    for p, r in AUTO_PAIRS:
-        if p in keys and r in keys:
-            return "pairs"
-    raise CurateError(
-        f"cannot recognise the format from the fields {sorted(keys)}; use --format "
-        f"({', '.join(FORMATS[1:])}) or --fields prompt=FIELD,response=FIELD"
-    )
+    if any(p in keys and r in keys for p, r in AUTO_PAIRS):
+        return "pairs"
+    return None
+
+
+def detect_format(path: Path, records: list[Any], fields: dict[str, str]) -> str:
+    """The format most of the first rows have; rows of another shape are later skipped one by one."""
+    if fields:
+        return "pairs"
+    votes = Counter(f for f in map(detect_one, records) if f)
+    if not votes:
+        seen = sorted({k for r in records[:5] if isinstance(r, dict) for k in r})
+        raise CurateError(
+            f"{path}: cannot recognise the format from the first {len(records)} rows (fields {seen}); use --format "
+            f"({', '.join(FORMATS[1:])}) or --fields prompt=FIELD,response=FIELD"
+        )
+    return votes.most_common(1)[0][0]
 
 
 def auto_pair_fields(record: dict) -> dict[str, str]:
@@ -206,6 +133,11 @@ def _text(value: Any, field: str, allow_empty: bool = False) -> str:
         raise RowError("missing_field", f"field {field!r} is missing", field=field)
     if not isinstance(value, str):
         raise RowError("non_string_content", f"field {field!r} is {type(value).__name__}, not a string", field=field)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate: from a "\ud800" escape or a byte that was not UTF-8
+        raise RowError("invalid_unicode", f"field {field!r} holds text that is not valid Unicode at character "
+                       f"{e.start} ({value[e.start]!r})", field=field) from None
     if not allow_empty and not value.strip():
         raise RowError("empty_content", f"field {field!r} is empty", field=field)
     return value
@@ -218,25 +150,23 @@ def _get(record: dict, field: str) -> Any:
 
 
 def _from_openai(record: dict, fields: dict[str, str]) -> list[dict[str, str]]:
-    msgs = _get(record, "messages")
-    return _role_list(msgs, "messages", "role", "content", OPENAI_ROLES)
+    return _role_list(_get(record, "messages"), "messages", "role", "content", OPENAI_ROLES)
 
 
 def _from_sharegpt(record: dict, fields: dict[str, str]) -> list[dict[str, str]]:
-    turns = _get(record, "conversations")
-    messages = _role_list(turns, "conversations", "from", "value", SHAREGPT_ROLES)
+    messages = _role_list(_get(record, "conversations"), "conversations", "from", "value", SHAREGPT_ROLES)
     tools = record.get("tools")
     if tools:
         # Tool schemas are part of the prompt the assistant saw; keep them as (untrained) system context.
         tool_text = tools if isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)
-        note = f"You can call these tools:\n{tool_text}"
+        note = _text(f"You can call these tools:\n{tool_text}", "tools")
         if messages and messages[0]["role"] == "system":
             messages[0] = {"role": "system", "content": messages[0]["content"] + "\n\n" + note}
         else:
             messages.insert(0, {"role": "system", "content": note})
     system = record.get("system")
     if isinstance(system, str) and system.strip() and not (messages and messages[0]["role"] == "system"):
-        messages.insert(0, {"role": "system", "content": system})
+        messages.insert(0, {"role": "system", "content": _text(system, "system")})
     return messages
 
 
@@ -249,7 +179,7 @@ def _role_list(turns: Any, field: str, role_key: str, content_key: str, roles: d
         if not isinstance(turn, dict):
             raise RowError("not_an_object", f"{where} is not an object", field=where)
         role = turn.get(role_key)
-        if role not in roles:
+        if not isinstance(role, str) or role not in roles:
             raise RowError("unknown_role", f"{where}.{role_key} = {role!r} is not a known role "
                            f"({', '.join(sorted(roles))})", field=f"{where}.{role_key}")
         content = turn.get(content_key)
@@ -265,13 +195,12 @@ def _role_list(turns: Any, field: str, role_key: str, content_key: str, roles: d
 def _from_alpaca(record: dict, fields: dict[str, str]) -> list[dict[str, str]]:
     instruction = _text(_get(record, "instruction"), "instruction")
     extra = record.get("input") or ""
-    if not isinstance(extra, str):
-        raise RowError("non_string_content", "field 'input' is not a string", field="input")
+    extra = _text(extra, "input", allow_empty=True)
     prompt = instruction + ("\n\n" + extra if extra.strip() else "")
     messages = []
     system = record.get("system")
     if isinstance(system, str) and system.strip():
-        messages.append({"role": "system", "content": system})
+        messages.append({"role": "system", "content": _text(system, "system")})
     messages.append({"role": "user", "content": prompt})
     messages.append({"role": "assistant", "content": _text(_get(record, "output"), "output", True)})
     return messages
@@ -308,51 +237,60 @@ CONVERTERS: dict[str, Callable[[dict, dict[str, str]], list[dict[str, str]]]] = 
 
 
 def validate_conversation(messages: list[dict[str, str]]) -> None:
-    assistants = [m for m in messages if m["role"] == "assistant"]
-    if not assistants:
+    if not any(m["role"] == "assistant" for m in messages):
         raise RowError("no_assistant_turn", "the conversation has no assistant turn to train on")
     for i, m in enumerate(messages):
         if m["role"] == "assistant" and not m["content"].strip():
             raise RowError("empty_assistant_turn", f"assistant turn {i} is empty", field=f"messages[{i}].content")
 
 
-def sample_id(record: dict, row: int, messages: list[dict[str, str]], id_field: str) -> str:
+def content_hash(messages: list[dict[str, str]]) -> str:
+    return hashlib.sha1(json.dumps(messages, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
+
+
+def sample_id(record: dict, row: int, digest: str, id_field: str) -> str:
     own = record.get(id_field)
     if isinstance(own, (str, int)) and not isinstance(own, bool) and str(own).strip():
-        return str(own)
-    digest = hashlib.sha1(json.dumps(messages, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:12]
-    return f"{digest}-{row}"
+        return _text(str(own), id_field)
+    return f"{digest[:12]}-{row}"
+
+
+def _carried(record: dict, keep: list[str]) -> dict[str, str | None]:
+    """Fields carried into the scores as strings (JSON for anything that is not a string); None when absent."""
+    out = {}
+    for name in keep:
+        value = record.get(name)
+        out[name] = value if value is None or isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return out
+
+
+def to_sample(row: int, record: Any, fmt: str, fields: dict[str, str], keep: list[str] | None = None) -> Sample | Skip:
+    """One input row as a Sample, or as a Skip with its reason. Never raises for a bad row."""
+    if isinstance(record, RowError):
+        return Skip(row, record.reason, record.field, str(record))
+    if not isinstance(record, dict):
+        return Skip(row, "not_an_object", None, f"row is {type(record).__name__}, not an object")
+    try:
+        messages = CONVERTERS[fmt](record, fields)
+        validate_conversation(messages)
+        digest = content_hash(messages)
+        sid = sample_id(record, row, digest, fields.get("id", "id"))
+        return Sample(sid, row, messages, digest[:16], _carried(record, keep or []))
+    except RowError as e:
+        return Skip(row, e.reason, e.field, str(e))
+    except (RecursionError, TypeError, ValueError, AttributeError) as e:  # a shape no converter foresaw
+        return Skip(row, "malformed_row", None, f"cannot read this row as {fmt}: {type(e).__name__}: {e}")
 
 
 def read_samples(path: Path, fmt: str = "auto", fields: dict[str, str] | None = None) -> Iterator[Sample | Skip]:
-    """Every row of `path` as a Sample, or as a Skip with its reason. Raises CurateError for file-level errors."""
-    if fmt not in FORMATS:
-        raise CurateError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    """Every row of a file as a Sample or a Skip, in order (the whole file in one pass: for tests and tools;
+    `curate score` reads shard by shard)."""
+    from . import readers
+
     fields = fields or {}
-    id_field = fields.get("id", "id")
-    resolved = None if fmt == "auto" else fmt
-    seen: set[str] = set()
-    for row, record in read_records(path):
-        if isinstance(record, RowError):
-            yield Skip(row, record.reason, record.field, str(record))
-            continue
-        if not isinstance(record, dict):
-            yield Skip(row, "not_an_object", None, f"row is {type(record).__name__}, not an object")
-            continue
-        if resolved is None:
-            try:
-                resolved = detect_format(record, fields)
-            except CurateError as e:
-                raise CurateError(f"{path}, row {row}: {e}") from None
-        try:
-            messages = CONVERTERS[resolved](record, fields)
-            validate_conversation(messages)
-        except RowError as e:
-            yield Skip(row, e.reason, e.field, str(e))
-            continue
-        sid = sample_id(record, row, messages, id_field)
-        if sid in seen:
-            yield Skip(row, "duplicate_id", id_field, f"id {sid!r} already used by an earlier row")
-            continue
-        seen.add(sid)
-        yield Sample(sid, row, messages)
+    whole = readers.plan(path, 2**62)
+    if fmt == "auto":
+        fmt = detect_format(path, readers.head(path, DETECT_ROWS), fields)
+    for rows in whole:
+        for row, record in readers.read_range(path, rows):
+            yield to_sample(row, record, fmt, fields)

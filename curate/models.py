@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CurateError
+from .extras import require
 
 BUILTIN_NAMES = {"", "default", "builtin", "smollm2-135m", "SmolLM2-135M-Instruct"}
 BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -64,6 +65,7 @@ def ensure_builtin(log=lambda msg: print(msg, file=sys.stderr)) -> Path:
     target = cache_dir() / "models" / f"SmolLM2-135M-Instruct-{gguf.stat().st_size}"
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
+    require("torch", "transformers", "gguf", purpose="converting the built-in model")
     log(f"First use of the built-in model: converting {gguf.name} to an HF folder in {target} (about 20 s, once).")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -85,9 +87,9 @@ def ensure_builtin(log=lambda msg: print(msg, file=sys.stderr)) -> Path:
     return target
 
 
-def resolve_model(spec: str | None) -> ResolvedModel:
+def resolve_model(spec: str | None, log=lambda msg: print(msg, file=sys.stderr)) -> ResolvedModel:
     if spec is None or spec in BUILTIN_NAMES:
-        folder = ensure_builtin()
+        folder = ensure_builtin(log)
         return ResolvedModel(str(folder), BUILTIN_LABEL, _folder_hash(folder))
     local = Path(spec).expanduser()
     if local.is_dir():
@@ -100,12 +102,18 @@ def resolve_model(spec: str | None) -> ResolvedModel:
 
 
 def load_tokenizer(model: ResolvedModel):
+    return load_tokenizer_from(model.path, model.name)
+
+
+def load_tokenizer_from(path: str, name: str):
+    """The fast tokenizer of a model folder or hub id (its offsets locate the assistant turns)."""
+    require("transformers", purpose="tokenising")
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model.path)
-    except OSError as e:
-        raise CurateError(f"cannot load the tokenizer of {model.name!r}: {e}") from None
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise CurateError(f"cannot load the tokenizer of {name!r}: {e}") from None
     if not getattr(tokenizer, "is_fast", False):
-        raise CurateError(f"{model.name!r} has no fast tokenizer (tokenizer.json); q-curate needs its offsets")
+        raise CurateError(f"{name!r} has no fast tokenizer (tokenizer.json); q-curate needs its offsets")
     return tokenizer

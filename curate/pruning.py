@@ -1,6 +1,6 @@
 """The Q-Tuning maths, pure: EU-plane coordinates, sample triage to an exact budget, token masks.
 
-Numpy/Polars in, numpy/Polars out, no I/O. DESIGN.md section 2 is the specification; comments name the
+Numpy/Polars in, numpy/Polars out, no I/O. docs/algorithm.md is the specification; comments name the
 places where we deliberately differ from the paper's code.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import polars as pl
@@ -26,41 +27,73 @@ def budget(ratio: float, n: int) -> int:
 # ---------------------------------------------------------------- EU plane
 
 
-def sample_coordinates(scores: pl.DataFrame, entropy_positions: str = "response") -> pl.DataFrame:
-    """Per sample: `ppl` = exp(mean -logprob over trainable tokens), `ent` = mean entropy.
+LOGPROB_SLACK = 1e-3  # float rounding can put log p(token) a hair above 0
+ENTROPY_SLACK = 1e-3
 
-    `scores` has the list columns id, trainable, logprob, entropy. With entropy_positions="all" the entropy
-    mean runs over every scored position, prompt included (the official code's choice).
-    Returns id, ppl, ent, n_trainable, nan_positions (trainable tokens whose scores are NaN).
+
+def sample_coordinates(
+    scores: pl.DataFrame, entropy_positions: str = "response", vocab_size: int | None = None
+) -> pl.DataFrame:
+    """Per sample: `ppl` = exp(mean -logprob over trainable tokens), `ent` = mean entropy, and `problem`.
+
+    `scores` has the columns id, n_tokens and the lists trainable, logprob, entropy. With
+    entropy_positions="all" the entropy mean runs over every scored position, prompt included (the official
+    code's choice). `problem` names what is impossible about a sample's scores (null when nothing is):
+    ragged or null lists, non-finite values, log-probs above 0, entropies outside [0, log vocab_size].
+    Position 0 is NaN by definition and is not checked. Returns id, ppl, ent, n_trainable, problem.
     """
+    lens = [pl.col(c).list.len() for c in ("trainable", "logprob", "entropy")]
+    ragged = pl.any_horizontal([n.is_null() | (n != pl.col("n_tokens")) for n in lens]) | pl.col("id").is_null()
+    checked = scores.select("id", "n_tokens", "trainable", "logprob", "entropy").with_columns(ragged=ragged)
+    broken = checked.filter(pl.col("ragged")).select(
+        "id",
+        ppl=pl.lit(None, pl.Float64),
+        ent=pl.lit(None, pl.Float64),
+        n_trainable=pl.lit(0, pl.Int64),
+        problem=pl.lit("has null or ragged lists (lengths differ from n_tokens)"),
+    )
     tokens = (
-        scores.select("id", "trainable", "logprob", "entropy")
+        checked.filter(~pl.col("ragged"))
         .with_columns(pos=pl.int_ranges(0, pl.col("trainable").list.len()))
         .explode("trainable", "logprob", "entropy", "pos")
     )
     train = pl.col("trainable") == 1
     scored = pl.col("pos") > 0  # position 0 has no prediction
     ent_mask = train if entropy_positions == "response" else scored
-    lp = pl.col("logprob").cast(pl.Float64)
-    return (
+    lp, en = pl.col("logprob").cast(pl.Float64), pl.col("entropy").cast(pl.Float64)
+    top = math.log(vocab_size) + ENTROPY_SLACK if vocab_size else math.inf
+    not_finite = scored & (~lp.is_finite() | ~en.is_finite()).fill_null(True)
+    coords = (
         tokens.group_by("id", maintain_order=True)
         .agg(
             nll=(-lp).filter(train).mean(),
-            ent=pl.col("entropy").cast(pl.Float64).filter(ent_mask).mean(),
+            ent=en.filter(ent_mask).mean(),
             n_trainable=train.sum().cast(pl.Int64),
-            nan_positions=(train & (lp.is_nan() | pl.col("entropy").is_nan())).sum(),
+            not_finite=not_finite.sum(),
+            above_zero=(scored & (lp > LOGPROB_SLACK)).sum(),
+            bad_entropy=(scored & ((en < -ENTROPY_SLACK) | (en > top))).sum(),
+            bad_mask=(~pl.col("trainable").is_in([0, 1])).fill_null(True).sum(),
         )
-        .with_columns(ppl=pl.col("nll").exp())
-        .select("id", "ppl", "ent", "n_trainable", "nan_positions")
+        .with_columns(
+            ppl=pl.col("nll").exp(),
+            problem=pl.when(pl.col("not_finite") > 0)
+            .then(pl.lit("has NaN scores (or other non-finite values)"))
+            .when(pl.col("above_zero") > 0)
+            .then(pl.lit("has log-probs above 0"))
+            .when(pl.col("bad_entropy") > 0)
+            .then(pl.lit(f"has entropies outside [0, log V = {top:.3f}]"))
+            .when(pl.col("bad_mask") > 0)
+            .then(pl.lit("has a trainable mask that is not 0/1"))
+            .when(pl.col("n_trainable") == 0)
+            .then(pl.lit("has no trainable token")),
+        )
+        .select("id", "ppl", "ent", "n_trainable", "problem")
     )
+    return pl.concat([coords, broken], how="vertical_relaxed") if broken.height else coords
 
 
 def linear_quantile(sorted_x: np.ndarray, q: float) -> float:
-    """The q-quantile with linear interpolation (numpy's and polars' default definition).
-
-    Written out rather than calling np.quantile: the bisection converges onto points where a sample sits
-    exactly on a threshold, and there one ulp decides membership, so the formula must be this one, always.
-    """
+    """The q-quantile with linear interpolation (numpy's and polars' default definition), for display."""
     h = (len(sorted_x) - 1) * q
     lo = math.floor(h)
     if lo + 1 >= len(sorted_x):
@@ -90,32 +123,77 @@ class Triage:
 
 
 def _thresholds(sorted_ppl, sorted_ent, alpha) -> dict[str, float]:
-    return {"alpha": alpha, "ppl_high": linear_quantile(sorted_ppl, 1 - alpha), "ent_low": linear_quantile(sorted_ent, alpha),
-            "ppl_low": linear_quantile(sorted_ppl, alpha), "ent_high": linear_quantile(sorted_ent, 1 - alpha)}
+    return {
+        "alpha": alpha,
+        "ppl_high": linear_quantile(sorted_ppl, 1 - alpha),
+        "ent_low": linear_quantile(sorted_ent, alpha),
+        "ppl_low": linear_quantile(sorted_ppl, alpha),
+        "ent_high": linear_quantile(sorted_ent, 1 - alpha),
+    }
 
 
-def _regions(ppl, ent, th):
-    q2 = (ppl > th["ppl_high"]) & (ent <= th["ent_low"])
-    q4 = (ppl <= th["ppl_low"]) & (ent > th["ent_high"])
+def order_index(n: int, q: Fraction) -> int:
+    """floor((n - 1) * q), in exact arithmetic.
+
+    For a sample value x and the linearly interpolated quantile t = x_(i) + f (x_(i+1) - x_(i)), i = floor(h),
+    h = (n - 1) q: no sample value lies strictly between x_(i) and x_(i+1), so x > t exactly when x > x_(i),
+    and x <= t exactly when x <= x_(i). Membership then depends on ranks alone: the triage is invariant to any
+    monotone rescaling, and no float rounding of t at the bisection limit decides a sample's fate.
+    """
+    return math.floor((n - 1) * q)
+
+
+def _regions(ppl, ent, sorted_ppl, sorted_ent, alpha: float):
+    """Q2(alpha) = ppl > q_ppl(1 - alpha) and ent <= q_ent(alpha); Q4(alpha) = ppl <= q_ppl(alpha) and
+    ent > q_ent(1 - alpha), decided exactly (see order_index)."""
+    a, n = Fraction(alpha), len(ppl)
+    hi, lo = order_index(n, 1 - a), order_index(n, a)
+    q2 = (ppl > sorted_ppl[hi]) & (ent <= sorted_ent[lo])
+    q4 = (ppl <= sorted_ppl[lo]) & (ent > sorted_ent[hi])
     return q2, q4
 
 
-def _minmax(x: np.ndarray) -> np.ndarray:
+def minmax(x: np.ndarray) -> np.ndarray:
+    """(x - min) / (max - min), 0 everywhere when all values are equal (the official code's normalisation)."""
     span = x.max() - x.min()
-    return np.zeros_like(x) if span == 0 else (x - x.min()) / span
+    return np.zeros_like(x, dtype=np.float64) if span == 0 else (x - x.min()) / span
 
 
-def qtuning_triage(ids: np.ndarray, ppl: np.ndarray, ent: np.ndarray, k: int) -> Triage:
+def percentile_ranks(x: np.ndarray) -> np.ndarray:
+    """Average rank among ties, counted from 0, divided by N - 1 (0 when N = 1): values in [0, 1].
+
+    Invariant to any monotone rescaling of x, and one outlier moves no other sample's value.
+    """
+    n = len(x)
+    if n <= 1:
+        return np.zeros(n)
+    order = np.argsort(x, kind="stable")
+    sorted_x = x[order]
+    first = np.concatenate([[True], sorted_x[1:] != sorted_x[:-1]])
+    starts = np.flatnonzero(first)
+    ends = np.append(starts[1:], n)  # exclusive
+    ranks = np.empty(n)
+    ranks[order] = ((starts + ends - 1) / 2.0)[np.cumsum(first) - 1]
+    return ranks / (n - 1)
+
+
+FILL_SCALES = {"rank": percentile_ranks, "minmax": minmax}
+
+
+def qtuning_triage(ids: np.ndarray, ppl: np.ndarray, ent: np.ndarray, k: int, fill: str = "rank") -> Triage:
     """Exactly k samples: the largest alpha whose Q2 u Q4 fits in k, then a deterministic fill.
 
     The official code bisects alpha and beta together and returns its last iterate, which can overshoot
-    the budget; we keep the largest feasible alpha and fill the rest, so the count is exact.
+    the budget; we keep the largest feasible alpha and fill the rest, so the count is exact. The fill ranks
+    the free samples by |ppl_r - ent_r| on percentile ranks (`fill="rank"`, default) or on min-max values
+    (`fill="minmax"`, the official code's `wise_score`, where one heavy-tailed ppl outlier squeezes every
+    other sample's ppl towards 0 and then looks like calibration data).
     """
     n = len(ids)
     sp, se = np.sort(ppl), np.sort(ent)
 
     def kept(alpha):
-        a, b = _regions(ppl, ent, _thresholds(sp, se, alpha))
+        a, b = _regions(ppl, ent, sp, se, alpha)
         return int(a.sum() + b.sum())
 
     lo, hi = 0.0, 0.5
@@ -129,13 +207,14 @@ def qtuning_triage(ids: np.ndarray, ppl: np.ndarray, ent: np.ndarray, k: int) ->
             else:
                 hi = mid
     thresholds = _thresholds(sp, se, lo)
-    q2, q4 = _regions(ppl, ent, thresholds)
+    q2, q4 = _regions(ppl, ent, sp, se, lo)
     selection = np.full(n, None, dtype=object)
     selection[q2] = "Q2"
     selection[q4] = "Q4"
     remaining = k - int(q2.sum() + q4.sum())
     if remaining > 0:
-        ppl_n, ent_n = _minmax(ppl), _minmax(ent)
+        scale = FILL_SCALES[fill]
+        ppl_n, ent_n = scale(ppl), scale(ent)
         gap = np.abs(ppl_n - ent_n)
         free = np.flatnonzero(selection == None)  # noqa: E711 (elementwise on an object array)
         # largest gap first, ties by id (lexsort: last key is primary)
@@ -156,10 +235,25 @@ def baseline_triage(strategy: str, ids: np.ndarray, ppl: np.ndarray, ent: np.nda
     return Triage(selection, None, {})
 
 
-def triage(strategy: str, ids, ppl, ent, k: int, seed: int) -> Triage:
+def triage(strategy: str, ids, ppl, ent, k: int, seed: int, fill: str = "rank") -> Triage:
     if strategy == "qtuning":
-        return qtuning_triage(ids, ppl, ent, k)
+        return qtuning_triage(ids, ppl, ent, k, fill)
     return baseline_triage(strategy, ids, ppl, ent, k, seed)
+
+
+def prunes_tokens(selection: str) -> bool:
+    """Token pruning applies to Q2 and fill-Q2 samples, and to every sample a baseline strategy keeps."""
+    return selection in ("Q2", "fill-Q2") or selection in SAMPLE_STRATEGIES
+
+
+def unique_in_order(values: np.ndarray) -> list:
+    return list(dict.fromkeys(values.tolist()))
+
+
+def codes(values: np.ndarray) -> np.ndarray:
+    """An int64 code per value, numbered in order of first appearance."""
+    index = {v: i for i, v in enumerate(unique_in_order(values))}
+    return np.fromiter((index[v] for v in values.tolist()), dtype=np.int64, count=len(values))
 
 
 def batch_assignment(n: int, batch_size: int, seed: int) -> np.ndarray:
@@ -198,8 +292,17 @@ def context_scores(logprob: np.ndarray, trainable: np.ndarray, lam: float) -> np
     return np.where(t, (1 - lam) * tok_ppl + lam * (left + right), 0.0)
 
 
-def token_keep_mask(logprob: np.ndarray, trainable: np.ndarray, *, truncated: bool = False, token_ratio: float,
-                    lam: float, order: str = "drop-high", strategy: str = "qtuning", seed: int = 0) -> np.ndarray:
+def token_keep_mask(
+    logprob: np.ndarray,
+    trainable: np.ndarray,
+    *,
+    truncated: bool = False,
+    token_ratio: float,
+    lam: float,
+    order: str = "drop-high",
+    strategy: str = "qtuning",
+    seed: int = 0,
+) -> np.ndarray:
     """int8 mask over positions: 1 where the token stays in the loss. Keeps k = max(1, round(ratio*|T|))
     trainable tokens, end-of-turn tokens always among them (they count towards k)."""
     t = trainable.astype(bool)

@@ -1,4 +1,4 @@
-"""Column names and Arrow schemas: the single source of truth for every file we write.
+"""Names shared by every stage: Arrow schemas, file names and globs, and the quadrants of the EU plane.
 
 List columns are `pa.list_` (32-bit offsets), never `large_list`: `datasets` refuses to concatenate the two.
 """
@@ -19,6 +19,7 @@ SCORES = pa.schema(
         ("n_tokens", pa.int32()),
         ("n_trainable", pa.int32()),
         ("truncated", pa.bool_()),
+        ("content_hash", pa.string()),  # hash of the canonical conversation: finds exact duplicates
     ]
 )
 
@@ -32,11 +33,45 @@ PRUNED = pa.schema(
         ("loss_mask", pa.list_(pa.int8())),
         ("assistant_masks", pa.list_(pa.int8())),  # == loss_mask; TRL honours it with packing
         ("quadrant", pa.string()),  # Q1..Q4, median split
-        ("selection", pa.string()),  # Q2 / Q4 / fill-Q2 / fill-Q4
+        ("selection", pa.string()),  # Q2 / Q4 / fill-Q2 / fill-Q4, or a baseline strategy's name
         ("ppl", pa.float64()),
         ("ent", pa.float64()),
     ]
 )
 
 IGNORE_INDEX = -100
+
+# Files and folders. A stage's outputs are listed, with sizes and checksums, in its OUT/_manifest.json.
+MANIFEST = "_manifest.json"
+LOCK = ".curate.lock"
 SCORES_GLOB = "part-*.parquet"
+PRUNED_DATA = "data"
+PRUNED_GLOB = "train-*.parquet"
+SAMPLES = "samples.parquet"
+STATS = "stats.json"
+
+
+def scores_shard(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def pruned_shard(index: int, count: int) -> str:
+    return f"{PRUNED_DATA}/train-{index:05d}-of-{count:05d}.parquet"
+
+
+# The EU plane: perplexity (error) horizontal, mean entropy (uncertainty) vertical.
+QUADRANTS = ("Q1", "Q2", "Q3", "Q4")
+QUADRANT_NAMES = {
+    "Q1": "harmful noise",
+    "Q2": "valuable misconception",
+    "Q3": "redundant knowledge",
+    "Q4": "calibration data",
+}
+QUADRANT_AXES = {
+    "Q1": "high PPL, high entropy",
+    "Q2": "high PPL, low entropy",
+    "Q3": "low PPL, low entropy",
+    "Q4": "low PPL, high entropy",
+}
+# Kept samples by selection, in the pictures.
+SELECTION_COLOURS = {"Q2": "#d62728", "fill-Q2": "#ff9896", "Q4": "#1f77b4", "fill-Q4": "#aec7e8"}

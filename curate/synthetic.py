@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from . import io, schema
+
+VOCAB = 49152  # as SmolLM2's; entropies are clipped to log(VOCAB), the largest possible
 
 
 def synthetic_scores(out: Path, n_samples: int, mean_tokens: int = 200, shard_size: int = 2048, seed: int = 0) -> int:
@@ -27,19 +30,21 @@ def synthetic_scores(out: Path, n_samples: int, mean_tokens: int = 200, shard_si
             trainable[prompt:] = 1
             # per-sample difficulty and spread, so samples spread over the EU plane
             logprob = (-rng.gamma(1.5, rng.uniform(0.2, 2.0), size=n)).astype(np.float32)
-            entropy = rng.gamma(2.0, rng.uniform(0.2, 1.5), size=n).astype(np.float32)
+            entropy = np.minimum(rng.gamma(2.0, rng.uniform(0.2, 1.5), size=n), np.log(VOCAB)).astype(np.float32)
             logprob[0] = entropy[0] = np.nan
             sid = f"s{start + i:08d}"
             for name, value in (("id", sid), ("messages", [{"role": "user", "content": "q"},
                                                            {"role": "assistant", "content": "a"}]),
-                                ("input_ids", rng.integers(3, 1000, size=n).astype(np.int32)),
+                                ("input_ids", rng.integers(3, VOCAB, size=n).astype(np.int32)),
                                 ("trainable", trainable), ("logprob", logprob), ("entropy", entropy),
-                                ("n_tokens", n), ("n_trainable", int(trainable.sum())), ("truncated", False)):
+                                ("n_tokens", n), ("n_trainable", int(trainable.sum())), ("truncated", False),
+                                ("content_hash", sid)):
                 cols[name].append(value)
             total += n
-        path = out / io.shard_name("part", s)
-        io.write_parquet_atomic(pa.Table.from_pydict(cols, schema=schema.SCORES), path, {"backend": "synthetic"})
-        shards.append(path.name)
-    io.write_json_atomic(out / io.MANIFEST, {"stage": "score", "fingerprint": f"synthetic-{n_samples}-{seed}",
-                                             "shards": shards, "counts": {"samples": n_samples, "tokens": total}})
+        name = schema.scores_shard(s)
+        io.write_parquet_atomic(pa.Table.from_pydict(cols, schema=schema.SCORES), out / name, {"backend": "synthetic"})
+        shards.append(io.file_entry(out, name, rows=rows))
+    io.write_manifest(out, "score", f"synthetic-{n_samples}-{seed}", time.time(), files=shards,
+                      counts={"samples": n_samples, "tokens": total}, vocab_size=VOCAB,
+                      model={"name": "synthetic", "path": "synthetic", "hash": "synthetic"})
     return total

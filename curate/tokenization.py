@@ -1,8 +1,13 @@
-"""Chat template -> input_ids and the `trainable` mask, for any number of turns.
+"""Chat template -> input_ids and the `trainable` mask, for any number of turns and any template.
 
-Assistant spans are found by rendering prefixes of the conversation as text (the template decides where a
-turn starts and ends, we never guess special tokens) and mapping those character spans onto the tokens of
-the full rendering with the fast tokenizer's offsets.
+We never guess special tokens or turn headers. Each assistant turn is located in the template's own rendering
+of the whole conversation: the conversation is rendered twice more with that turn's content replaced by two
+different one-character placeholders, and the text the two renderings share before and after the placeholder
+is what the template writes around the content (headers, an injected default system prompt, the other turns).
+What the model must learn is the content and the end-of-turn marker right after it (`<|im_end|>`, `<|eot_id|>`,
+`</s>`, ...): the marker is looked up in the rendering, and for a last turn after which the template writes
+none, it is taken from how the template ends a turn that another turn follows, and appended. Character spans
+become token spans through the fast tokenizer's offsets. See docs/algorithm.md ("Which tokens are trained").
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import CurateError, RowError
+from .errors import RowError
 
 # ChatML, used (with a warning) when the tokenizer has no chat template of its own.
 FALLBACK_CHAT_TEMPLATE = (
@@ -22,6 +27,10 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# End-of-turn markers of common templates; a tokenizer's own EOS token is always one too.
+END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|eom_id|>", "<|END_OF_TURN_TOKEN|>",
+               "<|endoftext|>", "<|end_of_text|>", "</s>")
+PLACEHOLDERS = ("\ue000", "\ue001")  # private-use characters: no template or tokenizer gives them meaning
 
 
 @dataclass(frozen=True)
@@ -29,6 +38,15 @@ class Encoded:
     input_ids: np.ndarray  # int32, [n_tokens]
     trainable: np.ndarray  # int8, [n_tokens]; 1 on assistant tokens and each assistant end-of-turn token
     truncated: bool
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A conversation as the template writes it, with each assistant turn's [start, end) character spans."""
+
+    text: str
+    contents: list[tuple[int, int]]  # the turn's content
+    spans: list[tuple[int, int]]  # the content and its end-of-turn marker: what is trained
 
 
 def ensure_chat_template(tokenizer) -> bool:
@@ -48,48 +66,104 @@ def chat_template_hash(tokenizer) -> str:
     return hashlib.sha256(str(tokenizer.chat_template).encode()).hexdigest()[:16]
 
 
-def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
-def assistant_char_spans(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-    """The full rendered text and, for every assistant turn, its [start, end) character span.
+class ChatEncoder:
+    """Renders and tokenises conversations with one tokenizer's chat template."""
 
-    A span runs from the end of the generation prompt to the end of that turn's rendering, trailing
-    whitespace removed (the newline after `<|im_end|>` is layout, not something the model says).
-    """
-    full = _render(tokenizer, messages, False)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before = _render(tokenizer, messages[:i], True) if i else ""
-        through = _render(tokenizer, messages[: i + 1], False)
-        if not full.startswith(before) or not full.startswith(through) or not through.startswith(before):
-            raise CurateError(
-                "the chat template is not prefix-stable (rendering the first turns is not a prefix of "
-                "rendering the whole conversation), so assistant tokens cannot be located reliably"
-            )
-        end = len(through.rstrip())
-        spans.append((len(before), end))
-    return full, spans
+    def __init__(self, tokenizer, max_length: int | None = None):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        known = set(tokenizer.get_added_vocab())
+        markers = [m for m in END_MARKERS if m in known]
+        if tokenizer.eos_token and tokenizer.eos_token not in markers:
+            markers.append(tokenizer.eos_token)
+        self.markers = tuple(sorted(markers, key=len, reverse=True))
+
+    def _render(self, messages: list[dict[str, str]]) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        except Exception as e:  # jinja raises for conversations a template refuses (e.g. no system role)
+            raise RowError("template_error", f"the chat template refuses this conversation: {e}") from None
+
+    def _marker_at(self, text: str, pos: int) -> str:
+        """The end-of-turn marker that starts at `pos` (after spaces and newlines), with what precedes it."""
+        stripped = text[pos:].lstrip(" \n\t")
+        for marker in self.markers:
+            if stripped.startswith(marker):
+                return text[pos: len(text) - len(stripped) + len(marker)]
+        return ""
+
+    def render(self, messages: list[dict[str, str]]) -> Rendered:
+        full = self._render(messages)
+        contents, spans = [], []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            a, b = (self._render([*messages[:i], {**m, "content": p}, *messages[i + 1:]]) for p in PLACEHOLDERS)
+            head = _common_prefix(a, b)
+            tail = _common_prefix(a[::-1], b[::-1])
+            before, after = a[:head], a[len(a) - tail:]
+            if not (full.startswith(before) and full.endswith(after) and head + tail <= len(full)):
+                raise RowError("template_unstable", f"the chat template writes the text around assistant turn {i} "
+                               "differently depending on its content, so its tokens cannot be located",
+                               field=f"messages[{i}].content")
+            start, content_end = head, len(full) - tail
+            marker = self._marker_at(full, content_end)
+            if not marker and i == len(messages) - 1:
+                # Some templates end a turn only when another follows: learn the marker they would write.
+                probe = self._render([*messages, {"role": "user", "content": PLACEHOLDERS[0]}])
+                marker = self._marker_at(probe, content_end) if probe.startswith(full[:content_end]) else ""
+                if marker:
+                    full = full[:content_end] + marker + full[content_end:]
+            contents.append((start, content_end))
+            spans.append((start, content_end + len(marker)))
+        return Rendered(full, contents, spans)
+
+    def tokenize(self, text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, token start offsets, token end offsets). add_special_tokens=False: templates write BOS themselves."""
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        return np.asarray(enc["input_ids"], dtype=np.int32), offsets[:, 0], offsets[:, 1]
+
+    def encode(self, messages: list[dict[str, str]]) -> Encoded:
+        """Tokenise one conversation. Raises RowError for a row that cannot be used."""
+        rendered = self.render(messages)
+        try:
+            ids, starts, ends = self.tokenize(rendered.text)
+        except Exception as e:  # a tokenizer failing on one text must not stop the file
+            raise RowError("tokenizer_error", f"the tokenizer failed on this conversation: {e}") from None
+        trainable = np.zeros(len(ids), dtype=np.int8)
+        for lo, hi in rendered.spans:
+            trainable[in_span(rendered.text, starts, ends, lo, hi)] = 1
+        if len(ids):
+            trainable[0] = 0  # nothing predicts the first token, so it cannot be scored or trained on
+        truncated = self.max_length is not None and len(ids) > self.max_length
+        if truncated:
+            ids, trainable = ids[: self.max_length], trainable[: self.max_length]
+        if not trainable.any():
+            why = "after truncation to --max-length" if truncated else "after tokenisation"
+            raise RowError("no_trainable_tokens", f"no assistant token left {why}")
+        return Encoded(ids, trainable, truncated)
+
+
+def in_span(text: str, starts: np.ndarray, ends: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Tokens that belong to the character span [lo, hi): those starting inside it, and one that starts just
+    before it with only whitespace there (a SentencePiece `▁word` whose space the template wrote)."""
+    inside = (starts >= lo) & (starts < hi)
+    straddle = (starts < lo) & (ends > lo)
+    if straddle.any():
+        i = int(np.flatnonzero(straddle)[0])
+        inside[i] = text[starts[i]:lo].isspace()
+    return inside
 
 
 def encode(tokenizer, messages: list[dict[str, str]], max_length: int | None = None) -> Encoded:
-    """Tokenise one conversation. Raises RowError('no_trainable_tokens') when nothing is left to train on."""
-    text, spans = assistant_char_spans(tokenizer, messages)
-    # add_special_tokens=False: templates write BOS themselves, as apply_chat_template(tokenize=True) does.
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = np.asarray(enc["input_ids"], dtype=np.int32)
-    starts = np.asarray([s for s, _ in enc["offset_mapping"]], dtype=np.int64)
-    trainable = np.zeros(len(ids), dtype=np.int8)
-    for lo, hi in spans:
-        trainable[(starts >= lo) & (starts < hi)] = 1
-    trainable[0] = 0  # nothing predicts the first token, so it cannot be scored or trained on
-    truncated = max_length is not None and len(ids) > max_length
-    if truncated:
-        ids, trainable = ids[:max_length], trainable[:max_length]
-    if not trainable.any():
-        why = "after truncation to --max-length" if truncated else "after tokenisation"
-        raise RowError("no_trainable_tokens", f"no assistant token left {why}")
-    return Encoded(ids, trainable, truncated)
+    """One conversation with a one-off encoder (a scoring run keeps one ChatEncoder for all rows)."""
+    return ChatEncoder(tokenizer, max_length).encode(messages)

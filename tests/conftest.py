@@ -90,6 +90,39 @@ def reference_scores(model_dir: Path, ids):
     return lp.numpy(), ent.numpy()
 
 
+class Recorder:
+    """A Reporter that keeps the log lines and calls `on_advance(done, tokens)` (to interrupt a run, say)."""
+
+    def __init__(self, on_advance=None):
+        self.logs: list[str] = []
+        self.on_advance = on_advance
+
+    def log(self, message):
+        self.logs.append(message)
+
+    def start(self, label, total, unit="rows"):
+        pass
+
+    def advance(self, done, tokens=0):
+        if self.on_advance:
+            self.on_advance(done, tokens)
+
+    def finish(self):
+        pass
+
+
+def restamp(folder: Path) -> None:
+    """Record the current bytes of a stage's files in its manifest, as if the stage had written them: tests that
+    plant impossible values must get past the checksums to reach the value checks."""
+    from curate import io
+
+    manifest = io.read_json(folder / "_manifest.json")
+    manifest["files"] = [io.file_entry(folder, f["name"], **{k: v for k, v in f.items()
+                                                              if k not in ("name", "bytes", "blake2b")})
+                         for f in manifest["files"]]
+    io.write_json_atomic(folder / "_manifest.json", manifest)
+
+
 def write_jsonl(path: Path, rows) -> Path:
     with open(path, "w") as f:
         for r in rows:
@@ -100,10 +133,14 @@ def write_jsonl(path: Path, rows) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
     """A run folder (scores/ + pruned/) of 40 demo rows scored by the tiny model, half of them kept."""
+    from curate.config import PruneConfig, ScoreConfig
     from curate.stages import prune, score
 
     run = tmp_path_factory.mktemp("tiny-run")
-    score.run(score.ScoreConfig(input=str(DEMO), out=str(run / "scores"), model=str(tiny_model_dir), limit=40,
-                                shard_size=16))
-    prune.run(prune.PruneConfig(scores=str(run / "scores"), out=str(run / "pruned"), ratio=0.5, token_ratio=0.5))
+    score.run(ScoreConfig(input=str(DEMO), out=str(run / "scores"), model=str(tiny_model_dir), limit=40, shard_size=16))
+    prune.run(PruneConfig(scores=str(run / "scores"), out=str(run / "pruned"), ratio=0.5, token_ratio=0.5))
     return run
+
+
+def data_files(pruned: Path) -> list[Path]:
+    return sorted((pruned / "data").glob("train-*.parquet"))

@@ -6,7 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.errors import CurateError
-from curate.formats import Sample, Skip, count_rows, parse_fields, read_samples
+from curate.formats import Sample, Skip, parse_fields, read_samples
+from curate.readers import count_rows
 
 from .conftest import ALPACA, GLAIVE, GSM8K_TEST, needs_shared, write_jsonl
 
@@ -83,7 +84,7 @@ def test_bad_rows_are_skipped_with_reasons(tmp_path):
 
 
 def test_unrecognised_format_and_bad_fields_are_clear_errors(tmp_path):
-    with pytest.raises(CurateError, match=r"row 1: cannot recognise the format.*--fields"):
+    with pytest.raises(CurateError, match=r"x.jsonl: cannot recognise the format from the first 1 rows.*--fields"):
         list(read_samples(write_jsonl(tmp_path / "x.jsonl", [{"foo": 1, "bar": 2}])))
     with pytest.raises(CurateError, match="--fields"):
         parse_fields("prompt=question")

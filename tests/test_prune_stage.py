@@ -8,11 +8,12 @@ from typer.testing import CliRunner
 
 from curate import pruning, schema
 from curate.cli import app
+from curate.config import PruneConfig
 from curate.errors import CurateError
-from curate.stages.prune import PruneConfig, run
+from curate.stages.prune import run
 from curate.synthetic import synthetic_scores
 
-from .conftest import GSM8K_TEST, needs_shared
+from .conftest import GSM8K_TEST, Recorder, needs_shared, restamp
 from .test_pruning import bf_token_mask, bf_triage
 
 
@@ -72,7 +73,7 @@ def test_prune_output_contract_and_invariants(tmp_path, scores, scope):
     if scope == "global":
         assert set(stats["thresholds"]) == {"alpha", "ppl_high", "ent_low", "ppl_low", "ent_high"}
     # deterministic: a second run elsewhere writes identical data
-    run(PruneConfig(**{**cfg.__dict__, "out": str(tmp_path / "q")}))
+    run(cfg.model_copy(update={"out": str(tmp_path / "q")}))
     again = pq.read_table(sorted((tmp_path / "q" / "data").glob("train-*.parquet"))).to_pylist()
     assert again == rows
 
@@ -83,9 +84,9 @@ def test_baseline_strategies_and_rerun_noop(tmp_path, scores):
                           token_strategy=token_strategy)
         run(cfg)
         check_pruned(scores, tmp_path / strategy, cfg)
-    logs = []
-    run(cfg, log=logs.append)
-    assert any("nothing to do" in m for m in logs)
+    rec = Recorder()
+    run(cfg, rec)
+    assert any("nothing to do" in m for m in rec.logs)
 
 
 def test_datasets_loads_and_concatenates_shards(tmp_path, scores):
@@ -102,9 +103,10 @@ def test_datasets_loads_and_concatenates_shards(tmp_path, scores):
 
 
 def test_bad_inputs_are_clear_errors(tmp_path, scores):
-    with pytest.raises(CurateError, match=r"--ratio must be in \(0, 1\].*--lam must be"):
-        run(PruneConfig(scores=str(scores), out=str(tmp_path / "x"), ratio=1.5, lam=2))
-    with pytest.raises(CurateError, match="no such scores folder"):
+    res = CliRunner().invoke(app, ["prune", str(scores), "--out", str(tmp_path / "x"), "--ratio", "1.5", "--lam", "2"])
+    assert res.exit_code == 2 and "--ratio: Input should be less than or equal to 1" in res.output
+    assert "--lam: Input should be less than or equal to 1" in res.output
+    with pytest.raises(CurateError, match="no such folder"):
         run(PruneConfig(scores=str(tmp_path / "missing"), out=str(tmp_path / "x")))
     bad = tmp_path / "nan"
     synthetic_scores(bad, 5, mean_tokens=10, shard_size=5)
@@ -112,6 +114,7 @@ def test_bad_inputs_are_clear_errors(tmp_path, scores):
     t = pq.read_table(shard).to_pylist()
     t[2]["logprob"] = [float("nan")] * len(t[2]["logprob"])
     pq.write_table(pa.Table.from_pylist(t, schema=schema.SCORES), shard)
+    restamp(bad)
     with pytest.raises(CurateError, match=r"sample 's00000002' has NaN scores"):
         run(PruneConfig(scores=str(bad), out=str(tmp_path / "y")))
 
@@ -124,6 +127,7 @@ def test_one_trainable_token_samples(tmp_path):
         r["trainable"] = [0] * (len(r["trainable"]) - 1) + [1]
         r["n_trainable"] = 1
     pq.write_table(pa.Table.from_pylist(t, schema=schema.SCORES), d / "part-00000.parquet")
+    restamp(d)
     cfg = PruneConfig(scores=str(d), out=str(tmp_path / "p"), ratio=0.5)
     run(cfg)
     rows = check_pruned(d, tmp_path / "p", cfg)

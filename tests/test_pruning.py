@@ -1,6 +1,7 @@
-"""The prune maths against a brute-force reading of DESIGN.md section 2, plus invariants (hypothesis)."""
+"""The prune maths against a brute-force reading of docs/algorithm.md, plus invariants (hypothesis)."""
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import polars as pl
@@ -11,25 +12,39 @@ from hypothesis import strategies as st
 from curate import pruning
 from curate.stages.prune import PruneConfig, select
 
-
 # ---------------------------------------------------------------- brute force, plain Python
 
 
 def bf_quantile(values, q):
-    xs = sorted(values)
+    """The linearly interpolated quantile, in exact rational arithmetic."""
+    xs = [Fraction(v) for v in sorted(values)]
     h = (len(xs) - 1) * q
     lo = math.floor(h)
     return xs[lo] if lo + 1 >= len(xs) else xs[lo] + (h - lo) * (xs[lo + 1] - xs[lo])
 
 
 def bf_regions(ppl, ent, a):
+    a = Fraction(a)
     p_hi, e_lo, p_lo, e_hi = bf_quantile(ppl, 1 - a), bf_quantile(ent, a), bf_quantile(ppl, a), bf_quantile(ent, 1 - a)
     q2 = {i for i in range(len(ppl)) if ppl[i] > p_hi and ent[i] <= e_lo}
     q4 = {i for i in range(len(ppl)) if ppl[i] <= p_lo and ent[i] > e_hi}
     return q2, q4
 
 
-def bf_triage(ids, ppl, ent, ratio):
+def bf_rank(xs):
+    """Percentile rank: (number of smaller values + (number of equal values - 1) / 2) / (N - 1); 0 when N = 1."""
+    n = len(xs)
+    if n == 1:
+        return [0.0]
+    return [(sum(y < x for y in xs) + (sum(y == x for y in xs) - 1) / 2) / (n - 1) for x in xs]
+
+
+def bf_minmax(xs):
+    lo_, hi_ = min(xs), max(xs)
+    return [0.0 if hi_ == lo_ else (x - lo_) / (hi_ - lo_) for x in xs]
+
+
+def bf_triage(ids, ppl, ent, ratio, fill="rank"):
     n = len(ids)
     k = min(n, max(1, int(math.floor(ratio * n + 0.5))))
     lo, hi = 0.0, 0.5
@@ -45,10 +60,7 @@ def bf_triage(ids, ppl, ent, ratio):
     q2, q4 = bf_regions(ppl, ent, lo)
     out = {ids[i]: "Q2" for i in q2} | {ids[i]: "Q4" for i in q4}
 
-    def norm(xs):
-        lo_, hi_ = min(xs), max(xs)
-        return [0.0 if hi_ == lo_ else (x - lo_) / (hi_ - lo_) for x in xs]
-
+    norm = bf_rank if fill == "rank" else bf_minmax
     pn, en = norm(ppl), norm(ent)
     free = sorted((i for i in range(n) if ids[i] not in out), key=lambda i: (-abs(pn[i] - en[i]), ids[i]))
     for i in free[: k - len(out)]:
@@ -69,20 +81,53 @@ values = st.lists(st.floats(0.5, 50, allow_nan=False), min_size=1, max_size=60)
 
 
 @settings(max_examples=150, deadline=None)
-@given(data=st.data(), ratio=st.floats(0.01, 1.0), discrete=st.booleans())
-def test_global_triage_matches_brute_force(data, ratio, discrete):
+@given(data=st.data(), ratio=st.floats(0.01, 1.0), discrete=st.booleans(), fill=st.sampled_from(["rank", "minmax"]))
+def test_global_triage_matches_brute_force(data, ratio, discrete, fill):
     n = data.draw(st.integers(1, 60))
     elems = st.sampled_from([1.0, 2.0, 3.0, 5.0]) if discrete else st.floats(0.5, 50, allow_nan=False)
     ppl = data.draw(st.lists(elems, min_size=n, max_size=n))
     ent = data.draw(st.lists(elems, min_size=n, max_size=n))
-    df, _ = select(coords_frame(ppl, ent), PruneConfig(scores="", out="", ratio=ratio))
+    df, _ = select(coords_frame(ppl, ent), PruneConfig(scores="", out="", ratio=ratio, fill=fill))
     got = chosen(df)
-    assert got == bf_triage(df["id"].to_list(), ppl, ent, ratio)
+    assert got == bf_triage(df["id"].to_list(), ppl, ent, ratio, fill)
     assert len(got) == pruning.budget(ratio, n)
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    ppl=st.lists(st.integers(50, 5000), min_size=2, max_size=40, unique=True),
+    ent=st.lists(st.integers(100, 5000), min_size=2, max_size=40),
+    ratio=st.floats(0.05, 1.0),
+)
+def test_rank_triage_is_invariant_to_monotone_rescaling(ppl, ent, ratio):
+    n = min(len(ppl), len(ent))
+    ppl, ent = [p / 100 for p in ppl[:n]], [e / 1000 for e in ent[:n]]  # apart enough for the warps to keep order
+    base, _ = select(coords_frame(ppl, ent), PruneConfig(scores="", out="", ratio=ratio))
+    warped = [math.exp(p / 5) + p**3 for p in ppl]  # strictly increasing in ppl
+    again, _ = select(coords_frame(warped, [math.sqrt(e) for e in ent]), PruneConfig(scores="", out="", ratio=ratio))
+    assert chosen(base) == chosen(again)
+
+
+def test_a_ppl_outlier_is_not_filled_in_as_calibration_data():
+    """A garbled answer (ppl 224, the highest entropy) among ordinary samples and one heavier ppl outlier: min-max
+    squeezes the garbled answer's ppl towards 0, so it looks like low-ppl, high-entropy calibration data; with
+    percentile ranks it is what it is, high on both axes (Q1 noise), and stays out."""
+    rng = np.random.default_rng(0)
+    ppl = list(rng.uniform(2.0, 6.0, 38)) + [2000.0, 224.0]
+    ent = list(rng.uniform(0.5, 2.5, 38)) + [1.5, 4.6]
+    frame = coords_frame(ppl, ent)
+    outlier = frame["id"][-1]
+    minmax, _ = select(frame, PruneConfig(scores="", out="", ratio=0.25, fill="minmax"))
+    ranked, _ = select(frame, PruneConfig(scores="", out="", ratio=0.25))
+    assert chosen(minmax).get(outlier) == "fill-Q4"  # the official code's normalisation keeps it
+    assert outlier not in chosen(ranked)
+    assert len(chosen(minmax)) == len(chosen(ranked)) == 10
+
+
 @settings(max_examples=60, deadline=None)
-@given(ppl=values, ent_seed=st.integers(0, 1000), ratio=st.floats(0.05, 1.0), bs=st.integers(1, 12), seed=st.integers(0, 5))
+@given(
+    ppl=values, ent_seed=st.integers(0, 1000), ratio=st.floats(0.05, 1.0), bs=st.integers(1, 12), seed=st.integers(0, 5)
+)
 def test_batch_triage_matches_brute_force_per_batch(ppl, ent_seed, ratio, bs, seed):
     ent = list(np.random.default_rng(ent_seed).uniform(0, 5, len(ppl)))
     cfg = PruneConfig(scores="", out="", ratio=ratio, scope="batch", batch_size=bs, seed=seed)
@@ -96,8 +141,9 @@ def test_batch_triage_matches_brute_force_per_batch(ppl, ent_seed, ratio, bs, se
 
 
 def test_median_quadrants_and_edge_cases():
-    df, summary = select(coords_frame([1.0, 9.0, 1.0, 9.0], [1.0, 1.0, 9.0, 9.0]),
-                         PruneConfig(scores="", out="", ratio=0.5))
+    df, summary = select(
+        coords_frame([1.0, 9.0, 1.0, 9.0], [1.0, 1.0, 9.0, 9.0]), PruneConfig(scores="", out="", ratio=0.5)
+    )
     assert df["quadrant"].to_list() == ["Q3", "Q2", "Q4", "Q1"]
     assert chosen(df) == {"id0001": "Q2", "id0002": "Q4"} and summary["alpha"] == 0.5
     # N = 1 keeps that sample; all-equal coordinates fall back to the deterministic fill
@@ -111,8 +157,12 @@ def test_median_quadrants_and_edge_cases():
 
 def test_baselines_pick_extremes():
     ppl, ent = [5.0, 1.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]
-    for strategy, want in (("ppl-high", {"id0000", "id0003"}), ("ppl-low", {"id0001", "id0002"}),
-                           ("entropy-high", {"id0002", "id0003"}), ("entropy-low", {"id0000", "id0001"})):
+    for strategy, want in (
+        ("ppl-high", {"id0000", "id0003"}),
+        ("ppl-low", {"id0001", "id0002"}),
+        ("entropy-high", {"id0002", "id0003"}),
+        ("entropy-low", {"id0000", "id0001"}),
+    ):
         df, _ = select(coords_frame(ppl, ent), PruneConfig(scores="", out="", ratio=0.5, strategy=strategy))
         assert set(chosen(df)) == want
     r1, _ = select(coords_frame(ppl, ent), PruneConfig(scores="", out="", ratio=0.5, strategy="random", seed=3))
@@ -139,8 +189,12 @@ masks = st.lists(st.tuples(st.integers(0, 1), st.floats(-12, 0, allow_nan=False)
 
 
 @settings(max_examples=300, deadline=None)
-@given(tokens=masks, ratio=st.floats(0.01, 1.0), lam=st.sampled_from([0.0, 0.25, 0.5, 1.0]),
-       order=st.sampled_from(["drop-high", "drop-low"]))
+@given(
+    tokens=masks,
+    ratio=st.floats(0.01, 1.0),
+    lam=st.sampled_from([0.0, 0.25, 0.5, 1.0]),
+    order=st.sampled_from(["drop-high", "drop-low"]),
+)
 def test_token_mask_matches_brute_force_and_invariants(tokens, ratio, lam, order):
     trainable = np.array([t for t, _ in tokens], dtype=np.int8)
     trainable[0] = 0

@@ -8,9 +8,10 @@ from typer.testing import CliRunner
 from curate import io, schema
 from curate.cli import app
 from curate.errors import CurateError
-from curate.stages.score import Progress, ScoreConfig, run
+from curate.config import ScoreConfig
+from curate.stages.score import run
 
-from .conftest import GSM8K_TEST, needs_shared, reference_scores, write_jsonl
+from .conftest import GSM8K_TEST, Recorder, needs_shared, reference_scores, write_jsonl
 
 ROWS = [{"messages": [{"role": "user", "content": f"the fox {i}"}, {"role": "assistant", "content": "jumps " * (i + 1)}]}
         for i in range(7)]
@@ -51,9 +52,9 @@ def test_rerun_is_noop_and_interrupted_run_resumes_identically(tmp_path, tiny_mo
     run(cfg)
     full = read_all(tmp_path / "full")
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "full").iterdir()}
-    logs = []
-    run(cfg, Progress(log=logs.append))
-    assert any("nothing to do" in m for m in logs)
+    rec = Recorder()
+    run(cfg, rec)
+    assert any("nothing to do" in m for m in rec.logs)
     assert before == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "full").iterdir()}
 
     class Interrupt(Exception):
@@ -63,16 +64,16 @@ def test_rerun_is_noop_and_interrupted_run_resumes_identically(tmp_path, tiny_mo
         if rows > 2:  # inside the second shard, after the first was written
             raise Interrupt
 
-    part = ScoreConfig(**{**cfg.__dict__, "out": str(tmp_path / "part")})
+    part = cfg.model_copy(update={"out": str(tmp_path / "part")})
     with pytest.raises(Interrupt):
-        run(part, Progress(advance=stop_after_first_shard))
+        run(part, Recorder(stop_after_first_shard))
     assert [p.name for p in (tmp_path / "part").glob("part-*")] == ["part-00000.parquet"]
     assert not (tmp_path / "part" / "_manifest.json").exists()
     manifest = run(part)
     assert manifest["scoring"]["tokens_scored_this_run"] < manifest["counts"]["tokens"]  # shard 0 reused
     assert json.dumps(read_all(tmp_path / "part")) == json.dumps(full)  # NaN-safe equality
 
-    changed = ScoreConfig(**{**part.__dict__, "max_length": 64})
+    changed = part.model_copy(update={"max_length": 64})
     with pytest.raises(CurateError, match="--force"):
         run(changed)
     run(changed, force=True)

@@ -11,8 +11,10 @@ import pytest
 import torch
 from datasets import load_dataset
 
-from curate.io import pruned_data_files as data_files
-from curate.stages.train import TrainConfig, build_trainer, load_training_table
+from curate.config import TrainConfig
+from curate.stages.train import build_trainer, load_training_table
+
+from .conftest import data_files
 
 
 def masked_ce(model, rows, mask_column="loss_mask"):

@@ -10,14 +10,13 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from ..errors import CurateError
-
-BACKENDS = ("auto", "hf", "vllm")
-
+from ..config import ScoreOptions
+from ..extras import installed, require
 
 class Scorer(Protocol):
     name: str
     dtype: str
+    vocab_size: int  # entropies lie in [0, log vocab_size]
     entropy_method: str
     entropy_max_error: float | None  # largest possible entropy error (nats) of the last score() call; None: exact
 
@@ -27,17 +26,15 @@ class Scorer(Protocol):
 
 
 def choose_backend(requested: str, device: str = "auto") -> tuple[str, str]:
-    """(backend, why). `auto` picks vLLM only with a CUDA GPU: on CPUs transformers is faster (DESIGN.md 5)."""
-    import importlib.util
-
-    if requested not in BACKENDS:
-        raise CurateError(f"--backend {requested!r} is not one of {', '.join(BACKENDS)}")
+    """(backend, why). `auto` picks vLLM only with a CUDA GPU: on CPUs transformers is faster (BENCHMARKS.md)."""
     if requested != "auto":
         return requested, "requested"
     if device == "cpu":
         return "hf", "auto: --device cpu, where transformers is faster than vLLM"
-    if importlib.util.find_spec("vllm") is None:
+    if not installed("vllm"):
         return "hf", "auto: vllm is not installed"
+    if not installed("torch"):
+        return "hf", "auto: torch is not installed"
     import torch
 
     if not torch.cuda.is_available():
@@ -45,16 +42,19 @@ def choose_backend(requested: str, device: str = "auto") -> tuple[str, str]:
     return "vllm", f"auto: CUDA GPU ({torch.cuda.get_device_name(0)}) and vLLM available"
 
 
-def make_scorer(backend: str, model_path: str, *, dtype: str, device: str, batch_tokens: int, max_length: int = 2048,
-                engine=None, log=lambda msg: None) -> Scorer:
-    if backend == "hf":
-        try:
-            from .hf import HFScorer
-        except ImportError as e:
-            raise CurateError(f"backend 'hf' needs torch and transformers: pip install 'q-curate[hf]' ({e})") from None
-        return HFScorer(model_path, dtype=dtype, device=device, batch_tokens=batch_tokens)
+def require_backend(backend: str) -> None:
+    require("torch", "transformers", purpose="scoring")
+    if backend == "vllm":
+        require("vllm", purpose="--backend vllm")
+
+
+def make_scorer(backend: str, model_path: str, cfg: ScoreOptions, log=lambda msg: None) -> Scorer:
+    """The scorer for `backend` ("hf" or "vllm") with the options of `cfg`."""
+    require_backend(backend)
     if backend == "vllm":
         from .vllm import VLLMScorer
 
-        return VLLMScorer(model_path, dtype=dtype, max_length=max_length, options=engine, log=log)
-    raise CurateError(f"unknown backend {backend!r}")
+        return VLLMScorer(model_path, cfg, log=log)
+    from .hf import HFScorer
+
+    return HFScorer(model_path, dtype=cfg.dtype, device=cfg.device, batch_tokens=cfg.batch_tokens)

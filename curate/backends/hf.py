@@ -27,13 +27,10 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """`dtype` is one of the config's canonical names: auto, float32, bfloat16, float16."""
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in table:
-        raise CurateError(f"--dtype {dtype!r} is not one of auto, float32, bfloat16, float16")
-    return table[dtype]
+    return getattr(torch, dtype)
 
 
 def logprob_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,7 +96,7 @@ class HFScorer:
         self.model.to(self.device).eval()
         self.batch_tokens = batch_tokens
         self.head = self.model.get_output_embeddings()
-        vocab = self.head.weight.shape[0]
+        self.vocab_size = vocab = self.head.weight.shape[0]
         self.chunk = max(16, LOGITS_CHUNK_BYTES // (vocab * 4))
         cfg = self.model.config
         softcap = getattr(cfg, "final_logit_softcapping", None)

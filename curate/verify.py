@@ -1,0 +1,27 @@
+"""`curate verify PATH`: every finished stage under PATH, checked against its manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import io
+from .errors import CurateError
+from .schema import MANIFEST
+
+
+def verify_tree(path: Path) -> tuple[list[tuple[Path, str, int, list]], bool]:
+    """(folder, stage, number of files, problems) for every manifest under `path`, and whether any failed."""
+    if not path.is_dir():
+        raise CurateError(f"{path}: no such folder")
+    rows = []
+    for manifest_path in sorted(path.rglob(MANIFEST)):
+        folder = manifest_path.parent
+        try:
+            manifest = io.read_manifest(folder)
+        except CurateError as e:
+            rows.append((folder, "?", 0, [(MANIFEST, str(e))]))
+            continue
+        rows.append((folder, manifest["stage"], len(manifest.get("files", [])), io.file_problems(folder, manifest)))
+    if not rows:
+        raise CurateError(f"{path}: no {MANIFEST} anywhere below; nothing q-curate finished is there")
+    return rows, any(problems for *_, problems in rows)

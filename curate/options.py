@@ -12,7 +12,8 @@ import functools
 import inspect
 import types
 import typing
-from typing import Any, Callable, Literal, Optional, Union
+from collections.abc import Callable
+from typing import Any, Literal, Union
 
 import typer
 from pydantic import BaseModel, ValidationError
@@ -30,24 +31,29 @@ def _cli_type(annotation: Any) -> Any:
         return _cli_type(typing.get_args(annotation)[0])
     if origin in (Union, types.UnionType):
         inner = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(inner) == 1:
-            return Optional[_cli_type(inner[0])]
-        return Optional[str]
+        return _cli_type(inner[0]) | None if len(inner) == 1 else str | None
     if origin is Literal or annotation in SIMPLE:
         return annotation
-    return Optional[str]
+    return str | None
 
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def model_params(model: type[BaseModel], arguments: tuple[str, ...] = (), only: tuple[str, ...] | None = None,
-                 first: tuple[str, ...] = ()) -> list[inspect.Parameter]:
+def model_params(
+    model: type[BaseModel],
+    arguments: tuple[str, ...] = (),
+    only: tuple[str, ...] | None = None,
+    first: tuple[str, ...] = (),
+) -> list[inspect.Parameter]:
     """Typer parameters for the fields of `model`: `arguments` are positional, `first` are listed first."""
     names = [n for n in model.model_fields if only is None or n in only]
-    names = [n for n in arguments if n in names] + [n for n in first if n in names] + \
-        [n for n in names if n not in arguments and n not in first]
+    names = (
+        [n for n in arguments if n in names]
+        + [n for n in first if n in names]
+        + [n for n in names if n not in arguments and n not in first]
+    )
     params = []
     for name in names:
         field = model.model_fields[name]
@@ -99,14 +105,20 @@ def command(model: type[BaseModel], arguments: tuple[str, ...] = (), first: tupl
     return decorate
 
 
-def sectioned_command(model: type[BaseModel], parts: list[tuple[str | None, type[BaseModel], tuple[str, ...] | None]],
-                      arguments: tuple[str, ...] = ()) -> Callable:
+def sectioned_command(
+    model: type[BaseModel],
+    parts: list[tuple[str | None, type[BaseModel], tuple[str, ...] | None]],
+    arguments: tuple[str, ...] = (),
+) -> Callable:
     """Like `command`, for a model with sections: `parts` lists (section, section model, fields exposed), a
     section of None meaning the top level. Each option still comes from the one field that defines it."""
 
     def decorate(f: Callable) -> Callable:
-        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
-               for name, p in inspect.signature(f).parameters.items() if name != "cfg"]
+        own = [
+            p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+            for name, p in inspect.signature(f).parameters.items()
+            if name != "cfg"
+        ]
         section_of: dict[str, str | None] = {}
         fields: list[inspect.Parameter] = []
         for section, sub, only in parts:

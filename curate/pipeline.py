@@ -13,6 +13,7 @@ import yaml
 
 from . import io
 from .config import Pipeline, PruneConfig, RefreshConfig, ScoreConfig, TrainConfig, TrainOptions
+from .extras import require_stages
 from .progress import Reporter
 
 
@@ -32,15 +33,33 @@ def stage_configs(p: Pipeline) -> tuple[ScoreConfig, PruneConfig | None, TrainCo
         prune = PruneConfig(**p.prune.model_dump(), scores=str(run_dir / "scores"), out=str(run_dir / "pruned"))
     if p.train is not None or p.refresh is not None:
         options = (p.train or TrainOptions()).model_dump()
-        train = TrainConfig(**{**options, "model": options["model"] or p.score.model}, data=str(run_dir / "pruned"),
-                            out=str(run_dir / "model"))
+        train = TrainConfig(
+            **{**options, "model": options["model"] or p.score.model},
+            data=str(run_dir / "pruned"),
+            out=str(run_dir / "model"),
+        )
     return score, prune, train
 
 
 def refresh_config(p: Pipeline) -> RefreshConfig:
     score = p.score.model_dump(exclude={"input"})
-    return RefreshConfig(**p.refresh.model_dump(), input=resolve_input(p.score.input), out=p.run_dir, score=score,
-                         prune=p.prune.model_dump(), train=(p.train or TrainOptions()).model_dump())
+    return RefreshConfig(
+        **p.refresh.model_dump(),
+        input=resolve_input(p.score.input),
+        out=p.run_dir,
+        score=score,
+        prune=p.prune.model_dump(),
+        train=(p.train or TrainOptions()).model_dump(),
+    )
+
+
+def pipeline_stages(p: Pipeline) -> list[tuple[str, object]]:
+    """(stage, config) of every stage the pipeline runs, for checking what they need before any work."""
+    score_cfg, prune_cfg, train_cfg = stage_configs(p)
+    stages = [("score", score_cfg)] + ([("prune", prune_cfg)] if prune_cfg else [])
+    if train_cfg and not (p.refresh and p.refresh.train_cmd):
+        stages.append(("train", train_cfg))
+    return stages
 
 
 def run_pipeline(p: Pipeline, reporter: Reporter | None = None, force: bool = False) -> dict[str, dict]:
@@ -49,6 +68,7 @@ def run_pipeline(p: Pipeline, reporter: Reporter | None = None, force: bool = Fa
 
     reporter = reporter or Reporter()
     run_dir = Path(p.run_dir)
+    require_stages(*pipeline_stages(p))
     with io.locked(run_dir, reporter.log):
         io.write_bytes_atomic(run_dir / "config.yaml", yaml.safe_dump(p.model_dump(), sort_keys=False).encode())
         if p.refresh is not None:

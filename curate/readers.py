@@ -9,9 +9,10 @@ bad row never stops a file.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import CurateError, RowError
 
@@ -44,7 +45,9 @@ def kind(path: Path) -> str:
         with open(path, "rb") as f:
             head = f.read(4096).removeprefix(BOM).lstrip()
         return "json-array" if head.startswith(b"[") else "jsonl"
-    raise CurateError(f"{path}: unsupported input type {suffix!r}; use .jsonl, .json, .parquet or a save_to_disk folder")
+    raise CurateError(
+        f"{path}: unsupported input type {suffix!r}; use .jsonl, .json, .parquet or a save_to_disk folder"
+    )
 
 
 # ---------------------------------------------------------------- planning
@@ -73,8 +76,9 @@ def _plan_jsonl(path: Path, shard_rows: int, limit: int | None) -> list[RowRange
                     starts.append((offset, lineno))
                 rows += 1
             offset += len(line)
-    return [RowRange(i, i * shard_rows, min((i + 1) * shard_rows, rows), off, line)
-            for i, (off, line) in enumerate(starts)]
+    return [
+        RowRange(i, i * shard_rows, min((i + 1) * shard_rows, rows), off, line) for i, (off, line) in enumerate(starts)
+    ]
 
 
 def count_rows(path: Path) -> int:
@@ -140,7 +144,10 @@ def _read_jsonl(path: Path, rows: RowRange) -> Iterator[tuple[int, Any]]:
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError as e:
-                yield lineno, RowError("invalid_utf8", f"byte {line[e.start]:#04x} at column {e.start + 1} is not UTF-8")
+                yield (
+                    lineno,
+                    RowError("invalid_utf8", f"byte {line[e.start]:#04x} at column {e.start + 1} is not UTF-8"),
+                )
                 continue
             yield lineno, parse_json(text)
 
@@ -225,8 +232,7 @@ def _read_parquet(path: Path, rows: RowRange) -> Iterator[tuple[int, Any]]:
         lo, hi = max(rows.start, first), min(rows.stop, first + n)
         if lo < hi:
             table = pf.read_row_group(g).slice(lo - first, hi - lo)
-            for i, rec in enumerate(table.to_pylist(), start=lo):
-                yield i, rec
+            yield from enumerate(table.to_pylist(), start=lo)
         first += n
         if first >= rows.stop:
             return

@@ -30,8 +30,11 @@ class Run:
         return [self.scores / f["name"] for f in self.scores_manifest["files"]]
 
     def pruned_files(self) -> list[Path]:
-        return [self.pruned / f["name"] for f in self.pruned_manifest["files"]
-                if f["name"].startswith(schema.PRUNED_DATA + "/")]
+        return [
+            self.pruned / f["name"]
+            for f in self.pruned_manifest["files"]
+            if f["name"].startswith(schema.PRUNED_DATA + "/")
+        ]
 
 
 def locate(path: Path) -> Run:
@@ -46,8 +49,10 @@ def locate(path: Path) -> Run:
     elif manifest is None:
         pruned = path / "pruned"
     else:
-        raise CurateError(f"{path} holds the output of `curate {manifest['stage']}`; point at a run folder, a "
-                          "`curate prune` folder or a `curate refresh` folder")
+        raise CurateError(
+            f"{path} holds the output of `curate {manifest['stage']}`; point at a run folder, a "
+            "`curate prune` folder or a `curate refresh` folder"
+        )
     pruned_manifest = io.verified(pruned, ("prune", "retokenize"), HINT)
     source = pruned_manifest["inputs"][0]
     scores = Path(source["path"])
@@ -59,8 +64,11 @@ def locate(path: Path) -> Run:
 
 def rows_by_id(paths: list[Path], ids: list[str], columns: list[str] | None = None) -> dict[str, dict]:
     """The rows of these Parquet files whose id is in `ids` (pushed down to the reader as a filter)."""
-    return {r["id"]: r for path in paths
-            for r in pq.read_table(path, columns=columns, filters=[("id", "in", ids)]).to_pylist()}
+    return {
+        r["id"]: r
+        for path in paths
+        for r in pq.read_table(path, columns=columns, filters=[("id", "in", ids)]).to_pylist()
+    }
 
 
 def scoring_tokenizer(run: Run):

@@ -33,18 +33,31 @@ def synthetic_scores(out: Path, n_samples: int, mean_tokens: int = 200, shard_si
             entropy = np.minimum(rng.gamma(2.0, rng.uniform(0.2, 1.5), size=n), np.log(VOCAB)).astype(np.float32)
             logprob[0] = entropy[0] = np.nan
             sid = f"s{start + i:08d}"
-            for name, value in (("id", sid), ("messages", [{"role": "user", "content": "q"},
-                                                           {"role": "assistant", "content": "a"}]),
-                                ("input_ids", rng.integers(3, VOCAB, size=n).astype(np.int32)),
-                                ("trainable", trainable), ("logprob", logprob), ("entropy", entropy),
-                                ("n_tokens", n), ("n_trainable", int(trainable.sum())), ("truncated", False),
-                                ("content_hash", sid)):
+            for name, value in (
+                ("id", sid),
+                ("messages", [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]),
+                ("input_ids", rng.integers(3, VOCAB, size=n).astype(np.int32)),
+                ("trainable", trainable),
+                ("logprob", logprob),
+                ("entropy", entropy),
+                ("n_tokens", n),
+                ("n_trainable", int(trainable.sum())),
+                ("truncated", False),
+                ("content_hash", sid),
+            ):
                 cols[name].append(value)
             total += n
         name = schema.scores_shard(s)
         io.write_parquet_atomic(pa.Table.from_pydict(cols, schema=schema.SCORES), out / name, {"backend": "synthetic"})
         shards.append(io.file_entry(out, name, rows=rows))
-    io.write_manifest(out, "score", f"synthetic-{n_samples}-{seed}", time.time(), files=shards,
-                      counts={"samples": n_samples, "tokens": total}, vocab_size=VOCAB,
-                      model={"name": "synthetic", "path": "synthetic", "hash": "synthetic"})
+    io.write_manifest(
+        out,
+        "score",
+        f"synthetic-{n_samples}-{seed}",
+        time.time(),
+        files=shards,
+        counts={"samples": n_samples, "tokens": total},
+        vocab_size=VOCAB,
+        model={"name": "synthetic", "path": "synthetic", "hash": "synthetic"},
+    )
     return total

@@ -28,8 +28,17 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 # End-of-turn markers of common templates; a tokenizer's own EOS token is always one too.
-END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|eom_id|>", "<|END_OF_TURN_TOKEN|>",
-               "<|endoftext|>", "<|end_of_text|>", "</s>")
+END_MARKERS = (
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|eom_id|>",
+    "<|END_OF_TURN_TOKEN|>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "</s>",
+)
 PLACEHOLDERS = ("\ue000", "\ue001")  # private-use characters: no template or tokenizer gives them meaning
 
 
@@ -97,7 +106,7 @@ class ChatEncoder:
         stripped = text[pos:].lstrip(" \n\t")
         for marker in self.markers:
             if stripped.startswith(marker):
-                return text[pos: len(text) - len(stripped) + len(marker)]
+                return text[pos : len(text) - len(stripped) + len(marker)]
         return ""
 
     def render(self, messages: list[dict[str, str]]) -> Rendered:
@@ -106,14 +115,17 @@ class ChatEncoder:
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            a, b = (self._render([*messages[:i], {**m, "content": p}, *messages[i + 1:]]) for p in PLACEHOLDERS)
+            a, b = (self._render([*messages[:i], {**m, "content": p}, *messages[i + 1 :]]) for p in PLACEHOLDERS)
             head = _common_prefix(a, b)
             tail = _common_prefix(a[::-1], b[::-1])
-            before, after = a[:head], a[len(a) - tail:]
+            before, after = a[:head], a[len(a) - tail :]
             if not (full.startswith(before) and full.endswith(after) and head + tail <= len(full)):
-                raise RowError("template_unstable", f"the chat template writes the text around assistant turn {i} "
-                               "differently depending on its content, so its tokens cannot be located",
-                               field=f"messages[{i}].content")
+                raise RowError(
+                    "template_unstable",
+                    f"the chat template writes the text around assistant turn {i} "
+                    "differently depending on its content, so its tokens cannot be located",
+                    field=f"messages[{i}].content",
+                )
             start, content_end = head, len(full) - tail
             marker = self._marker_at(full, content_end)
             if not marker and i == len(messages) - 1:
@@ -160,7 +172,7 @@ def in_span(text: str, starts: np.ndarray, ends: np.ndarray, lo: int, hi: int) -
     straddle = (starts < lo) & (ends > lo)
     if straddle.any():
         i = int(np.flatnonzero(straddle)[0])
-        inside[i] = text[starts[i]:lo].isspace()
+        inside[i] = text[starts[i] : lo].isspace()
     return inside
 
 

@@ -27,8 +27,9 @@ def gsm8k_sequences(n_rows: int):
 
     model = resolve_model(None)
     tok = load_tokenizer(model)
-    samples = [s for s in read_samples(GSM8K, fields=parse_fields("prompt=question,response=answer"))
-               if isinstance(s, Sample)][:n_rows]
+    samples = [
+        s for s in read_samples(GSM8K, fields=parse_fields("prompt=question,response=answer")) if isinstance(s, Sample)
+    ][:n_rows]
     return model, [encode(tok, s.messages).input_ids for s in samples]
 
 
@@ -66,9 +67,14 @@ def scorer_vs_forward(n_rows: int = 64, batch_tokens: int = 4096) -> dict:
             fn()
             best = min(best, time.perf_counter() - t0)
         timings[name] = best
-    return {"rows": n_rows, "tokens": n_tokens, "batch_tokens": batch_tokens,
-            "raw_forward_tok_s": n_tokens / timings["raw_forward"], "scorer_tok_s": n_tokens / timings["scorer"],
-            "ratio": timings["raw_forward"] / timings["scorer"]}
+    return {
+        "rows": n_rows,
+        "tokens": n_tokens,
+        "batch_tokens": batch_tokens,
+        "raw_forward_tok_s": n_tokens / timings["raw_forward"],
+        "scorer_tok_s": n_tokens / timings["scorer"],
+        "ratio": timings["raw_forward"] / timings["scorer"],
+    }
 
 
 def backends(n_rows: int = 64, device: str = "cpu") -> dict:
@@ -77,15 +83,17 @@ def backends(n_rows: int = 64, device: str = "cpu") -> dict:
     import numpy as np
 
     from curate.backends.hf import HFScorer
-    from curate.backends.vllm import EngineOptions, VLLMScorer
+    from curate.backends.vllm import VLLMScorer
+    from curate.config import ScoreOptions
 
     model, seqs = gsm8k_sequences(n_rows)
     n_tokens = sum(len(s) for s in seqs)
     makers = {
         "hf": lambda: HFScorer(model.path, dtype="float32", device=device, batch_tokens=4096),
-        "vllm (exact, plugin)": lambda: VLLMScorer(model.path, dtype="float32", max_length=1024),
-        "vllm (top-20, approximate)": lambda: VLLMScorer(model.path, dtype="float32", max_length=1024,
-                                                         options=EngineOptions(entropy="topk", topk=20)),
+        "vllm (exact, plugin)": lambda: VLLMScorer(model.path, ScoreOptions(dtype="float32", max_length=1024)),
+        "vllm (top-20, approximate)": lambda: VLLMScorer(
+            model.path, ScoreOptions(dtype="float32", max_length=1024, vllm_entropy="topk")
+        ),
     }
     rows, reference = [], None
     for name, make in makers.items():
@@ -98,24 +106,38 @@ def backends(n_rows: int = 64, device: str = "cpu") -> dict:
         seconds = time.perf_counter() - t0
         scorer.close()
         reference = reference or out
-        diff = lambda k: max(float(np.nanmax(np.abs(a[k][1:].astype(np.float64) - b[k][1:]))) for a, b in zip(reference, out))
-        rows.append({"backend": name, "start_s": start, "tok_s": n_tokens / seconds, "max_lp_diff": diff(0),
-                     "max_ent_diff": diff(1)})
+        diff = lambda k: max(
+            float(np.nanmax(np.abs(a[k][1:].astype(np.float64) - b[k][1:]))) for a, b in zip(reference, out)
+        )
+        rows.append(
+            {
+                "backend": name,
+                "start_s": start,
+                "tok_s": n_tokens / seconds,
+                "max_lp_diff": diff(0),
+                "max_ent_diff": diff(1),
+            }
+        )
     return {"rows": n_rows, "tokens": n_tokens, "device": device, "results": rows}
 
 
 def backends_table(b: dict) -> list[str]:
     base = b["results"][0]["tok_s"]
-    lines = ["| backend | engine start (s) | tokens/s | vs hf | max abs diff log-prob | max abs diff entropy |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| backend | engine start (s) | tokens/s | vs hf | max abs diff log-prob | max abs diff entropy |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in b["results"]:
-        lines.append(f"| {r['backend']} | {r['start_s']:.1f} | {r['tok_s']:,.0f} | {r['tok_s'] / base:.2f}x | "
-                     f"{r['max_lp_diff']:.1e} | {r['max_ent_diff']:.1e} |")
+        lines.append(
+            f"| {r['backend']} | {r['start_s']:.1f} | {r['tok_s']:,.0f} | {r['tok_s'] / base:.2f}x | "
+            f"{r['max_lp_diff']:.1e} | {r['max_ent_diff']:.1e} |"
+        )
     return lines
 
 
 def prune_throughput(n_samples: int, mean_tokens: int = 200) -> dict:
-    from curate.stages.prune import PruneConfig, run
+    from curate.config import PruneConfig
+    from curate.stages.prune import run
     from curate.synthetic import synthetic_scores
 
     with tempfile.TemporaryDirectory() as d:
@@ -126,8 +148,15 @@ def prune_throughput(n_samples: int, mean_tokens: int = 200) -> dict:
         manifest = run(PruneConfig(scores=str(scores), out=str(Path(d) / "pruned")))
         seconds = time.perf_counter() - t0
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"samples": n_samples, "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds,
-            "peak_rss_mib": peak / 1024, "rss_before_prune_mib": base_rss / 1024, "kept": manifest["counts"]["samples_out"]}
+    return {
+        "samples": n_samples,
+        "tokens": tokens,
+        "seconds": seconds,
+        "tok_s": tokens / seconds,
+        "peak_rss_mib": peak / 1024,
+        "rss_before_prune_mib": base_rss / 1024,
+        "kept": manifest["counts"]["samples_out"],
+    }
 
 
 def child(kind: str, arg: str) -> None:
@@ -141,7 +170,9 @@ def child(kind: str, arg: str) -> None:
 
 
 def run_child(kind: str, arg) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", kind, str(arg)], check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", kind, str(arg)], check=True, capture_output=True, text=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -160,31 +191,50 @@ def main() -> None:
         print(f"prune on {n:,} synthetic samples ...", flush=True)
         prunes.append(run_child("prune", n))
     lines = [
-        "# Benchmarks", "",
-        f"Command: `make bench` (scripts/bench.py). Machine: {machine}. Date: {time.strftime('%Y-%m-%d')}.", "",
-        "## Scorer (transformers backend) vs a raw forward pass", "",
+        "# Benchmarks",
+        "",
+        f"Command: `make bench` (scripts/bench.py). Machine: {machine}. Date: {time.strftime('%Y-%m-%d')}.",
+        "",
+        "## Scorer (transformers backend) vs a raw forward pass",
+        "",
         "Built-in SmolLM2-135M-Instruct, fp32, CPU; the first 64 GSM8K test rows, chat-templated; the same",
         f"length-sorted batches ({sc['batch_tokens']} padded tokens) for both. The raw pass is `model(input_ids, attention_mask)`",
-        "returning logits only; the scorer additionally computes exact log-probs and full-vocabulary entropies.", "",
-        "| what | tokens | tokens/s |", "|---|---:|---:|",
+        "returning logits only; the scorer additionally computes exact log-probs and full-vocabulary entropies.",
+        "",
+        "| what | tokens | tokens/s |",
+        "|---|---:|---:|",
         f"| raw forward (baseline) | {sc['tokens']:,} | {sc['raw_forward_tok_s']:,.0f} |",
-        f"| `HFScorer.score` | {sc['tokens']:,} | {sc['scorer_tok_s']:,.0f} |", "",
-        f"Ratio scorer / raw forward: **{sc['ratio']:.2f}x** (best of 2 runs each).", "",
-        "## Scoring backends: transformers vs vLLM", "",
+        f"| `HFScorer.score` | {sc['tokens']:,} | {sc['scorer_tok_s']:,.0f} |",
+        "",
+        f"Ratio scorer / raw forward: **{sc['ratio']:.2f}x** (best of 2 runs each).",
+        "",
+        "## Scoring backends: transformers vs vLLM",
+        "",
         f"The same {be['tokens']:,} tokens (64 GSM8K test rows, built-in model, fp32, CPU), vLLM with its default engine",
         "settings (eager, 1 GiB KV cache on CPU); engine start-up is timed apart from scoring. Differences are",
         "against the transformers numbers. On 2 CPU cores vLLM is slower than transformers, which is why",
-        "`--backend auto` picks vLLM only with a CUDA GPU; `scripts/gpu_check.sh` measures the same table on a GPU.", "",
-        *backends_table(be), "",
-        "## Prune stage on synthetic scores", "",
+        "`--backend auto` picks vLLM only with a CUDA GPU; `scripts/gpu_check.sh` measures the same table on a GPU.",
+        "",
+        *backends_table(be),
+        "",
+        "## Prune stage on synthetic scores",
+        "",
         "Synthetic score shards with the real schema (`curate.synthetic`, 4,096 samples a shard), `--ratio 0.125",
-        "--token-ratio 0.5`, global scope. Peak RSS of the whole process (it also generated the scores).", "",
-        "| samples | tokens | seconds | tokens/s | kept | peak RSS (MiB) |", "|---:|---:|---:|---:|---:|---:|",
+        "--token-ratio 0.5`, global scope. Peak RSS of the whole process (it also generated the scores).",
+        "",
+        "| samples | tokens | seconds | tokens/s | kept | peak RSS (MiB) |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
     for p in prunes:
-        lines.append(f"| {p['samples']:,} | {p['tokens']:,} | {p['seconds']:.1f} | {p['tok_s']:,.0f} | {p['kept']:,} | {p['peak_rss_mib']:,.0f} |")
-    lines += ["", f"Memory ratio 10M / 1M tokens: {prunes[1]['peak_rss_mib'] / prunes[0]['peak_rss_mib']:.2f}x "
-              "(pass 1 keeps only per-sample statistics; pass 2 holds one shard at a time).", ""]
+        lines.append(
+            f"| {p['samples']:,} | {p['tokens']:,} | {p['seconds']:.1f} | {p['tok_s']:,.0f} | {p['kept']:,} | {p['peak_rss_mib']:,.0f} |"
+        )
+    lines += [
+        "",
+        f"Memory ratio 10M / 1M tokens: {prunes[1]['peak_rss_mib'] / prunes[0]['peak_rss_mib']:.2f}x "
+        "(pass 1 keeps only per-sample statistics; pass 2 holds one shard at a time).",
+        "",
+    ]
     (ROOT / "BENCHMARKS.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

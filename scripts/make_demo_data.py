@@ -11,12 +11,30 @@ from pathlib import Path
 
 rng = random.Random(20260928)
 NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana", "Ivan", "Jun", "Kofi", "Lena"]
-ITEMS = [("apples", "baskets"), ("pencils", "boxes"), ("stickers", "sheets"), ("cookies", "trays"),
-         ("marbles", "bags"), ("books", "shelves"), ("eggs", "cartons"), ("cards", "decks")]
+ITEMS = [
+    ("apples", "baskets"),
+    ("pencils", "boxes"),
+    ("stickers", "sheets"),
+    ("cookies", "trays"),
+    ("marbles", "bags"),
+    ("books", "shelves"),
+    ("eggs", "cartons"),
+    ("cards", "decks"),
+]
 COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white"]
 ANIMALS = ["cat", "dog", "owl", "fox", "horse", "rabbit", "whale", "eagle"]
-TOPICS = ["the ocean", "a rainy city", "autumn leaves", "a lighthouse", "an old library", "the first snow",
-          "a busy market", "a mountain trail", "a quiet train station", "a garden at night"]
+TOPICS = [
+    "the ocean",
+    "a rainy city",
+    "autumn leaves",
+    "a lighthouse",
+    "an old library",
+    "the first snow",
+    "a busy market",
+    "a mountain trail",
+    "a quiet train station",
+    "a garden at night",
+]
 WORDS = ["river", "window", "planet", "garden", "silver", "candle", "forest", "bridge", "cloud", "engine"]
 
 
@@ -57,31 +75,40 @@ def writing():
     lines = {
         "a haiku": f"Over {topic} falls\nsoft light the color of {rng.choice(COLORS)}\na {rng.choice(ANIMALS)} listens",
         "two sentences": f"The air around {topic} felt heavy with {rng.choice(['salt', 'memory', 'smoke', 'rain'])}. "
-                         f"Somewhere a {rng.choice(ANIMALS)} waited for the day to turn {rng.choice(COLORS)}.",
+        f"Somewhere a {rng.choice(ANIMALS)} waited for the day to turn {rng.choice(COLORS)}.",
         "a short poem": f"I walked to {topic} alone,\nthe {rng.choice(COLORS)} sky my only guide;\n"
-                        f"a {rng.choice(ANIMALS)} sang in undertone\nand time stood still on either side.",
+        f"a {rng.choice(ANIMALS)} sang in undertone\nand time stood still on either side.",
         "a one-paragraph story": f"Nobody expected the {rng.choice(ANIMALS)} to come back to {topic}. "
-                                 f"It had been gone for {rng.randint(2, 40)} years, and the {rng.choice(COLORS)} "
-                                 f"ribbon around its neck had faded. {rng.choice(NAMES)} saw it first and said nothing.",
+        f"It had been gone for {rng.randint(2, 40)} years, and the {rng.choice(COLORS)} "
+        f"ribbon around its neck had faded. {rng.choice(NAMES)} saw it first and said nothing.",
     }
     return msgs(f"Write {style} about {topic}.", lines[style])
 
 
 def garbled():
-    q = rng.choice([f"What is the capital of {c}?" for c in ["France", "Japan", "Kenya", "Peru", "Canada"]] +
-                   [f"Name a {rng.choice(COLORS)} fruit.", "Explain what photosynthesis is in one sentence."])
-    junk = " ".join("".join(rng.choice("qxzkvjwpbfgh") for _ in range(rng.randint(2, 8))) for _ in range(rng.randint(6, 14)))
+    q = rng.choice(
+        [f"What is the capital of {c}?" for c in ["France", "Japan", "Kenya", "Peru", "Canada"]]
+        + [f"Name a {rng.choice(COLORS)} fruit.", "Explain what photosynthesis is in one sentence."]
+    )
+    junk = " ".join(
+        "".join(rng.choice("qxzkvjwpbfgh") for _ in range(rng.randint(2, 8))) for _ in range(rng.randint(6, 14))
+    )
     return msgs(q, junk)
 
 
 def facts():
-    pairs = [("What is the capital of France?", "The capital of France is Paris."),
-             ("What is the capital of Japan?", "The capital of Japan is Tokyo."),
-             ("What color is the sky on a clear day?", "On a clear day the sky is blue."),
-             ("How many days are in a week?", "There are seven days in a week."),
-             ("What do bees make?", "Bees make honey."),
-             ("What is the boiling point of water at sea level in Celsius?", "Water boils at 100 degrees Celsius at sea level."),
-             ("Which planet is known as the Red Planet?", "Mars is known as the Red Planet.")]
+    pairs = [
+        ("What is the capital of France?", "The capital of France is Paris."),
+        ("What is the capital of Japan?", "The capital of Japan is Tokyo."),
+        ("What color is the sky on a clear day?", "On a clear day the sky is blue."),
+        ("How many days are in a week?", "There are seven days in a week."),
+        ("What do bees make?", "Bees make honey."),
+        (
+            "What is the boiling point of water at sea level in Celsius?",
+            "Water boils at 100 degrees Celsius at sea level.",
+        ),
+        ("Which planet is known as the Red Planet?", "Mars is known as the Red Planet."),
+    ]
     q, a = rng.choice(pairs)
     return msgs(q, a, system=rng.choice([None, "You are a concise assistant."]))
 
@@ -89,10 +116,15 @@ def facts():
 def multiturn():
     name, (item, _) = rng.choice(NAMES), rng.choice(ITEMS)
     a, b = rng.randint(5, 40), rng.randint(2, 9)
-    return msgs(f"{name} buys {a} {item}.", f"Okay, {name} has {a} {item}.",
-                f"Then {name} gives away {b} of them. How many are left?",
-                f"{name} had {a} and gave away {b}, so {a} - {b} = {a - b} {item} are left.",
-                "Thanks!", "You're welcome!", system="You help with small counting problems.")
+    return msgs(
+        f"{name} buys {a} {item}.",
+        f"Okay, {name} has {a} {item}.",
+        f"Then {name} gives away {b} of them. How many are left?",
+        f"{name} had {a} and gave away {b}, so {a} - {b} = {a - b} {item} are left.",
+        "Thanks!",
+        "You're welcome!",
+        system="You help with small counting problems.",
+    )
 
 
 def unit():
@@ -100,8 +132,17 @@ def unit():
     return msgs(f"Convert {km} kilometres to metres.", f"1 kilometre is 1000 metres, so {km} km = {km * 1000} metres.")
 
 
-KINDS = [(arithmetic, 70), (lambda: arithmetic(True), 25), (echo, 35), (counting, 20), (writing, 50),
-         (garbled, 25), (facts, 30), (multiturn, 25), (unit, 20)]
+KINDS = [
+    (arithmetic, 70),
+    (lambda: arithmetic(True), 25),
+    (echo, 35),
+    (counting, 20),
+    (writing, 50),
+    (garbled, 25),
+    (facts, 30),
+    (multiturn, 25),
+    (unit, 20),
+]
 
 
 def main() -> None:

@@ -11,8 +11,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # The shared datasets sit beside the checkout (../shared/data); CURATE_SHARED_DATA points elsewhere.
 SHARED = Path(os.environ.get("CURATE_SHARED_DATA", ROOT.parent / "shared" / "data"))
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared datasets not found at {SHARED} "
-                                  "(set CURATE_SHARED_DATA to the folder holding gsm8k/, alpaca_demo/, glaive_toolcall/)")
+needs_shared = pytest.mark.skipif(
+    not SHARED.is_dir(),
+    reason=f"shared datasets not found at {SHARED} "
+    "(set CURATE_SHARED_DATA to the folder holding gsm8k/, alpaca_demo/, glaive_toolcall/)",
+)
 DEMO = ROOT / "curate" / "data" / "demo.jsonl"
 GSM8K_TEST = SHARED / "gsm8k" / "test.jsonl"
 ALPACA = SHARED / "alpaca_demo" / "alpaca_en_demo.json"
@@ -34,13 +37,17 @@ def build_tiny_tokenizer(chat_template: str | None = CHATML):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    corpus = open(DEMO).read().splitlines() + [
-        "the quick brown fox jumps over the lazy dog 0123456789 + - * / = ?"]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    corpus = open(DEMO).read().splitlines() + ["the quick brown fox jumps over the lazy dog 0123456789 + - * / = ?"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   bos_token="<|im_start|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token="<|im_start|>"
+    )
     fast.chat_template = chat_template
     return fast
 
@@ -52,10 +59,19 @@ def build_tiny_model_dir(path: Path, chat_template: str | None = CHATML) -> Path
     tokenizer = build_tiny_tokenizer(chat_template)
     torch.manual_seed(0)
     # head_dim 32 (64 / 2 heads) so vLLM can load the same fixture.
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config)
     with torch.no_grad():  # larger logits than the default init, so entropies vary between positions
         model.lm_head.weight.mul_(40)
@@ -117,9 +133,10 @@ def restamp(folder: Path) -> None:
     from curate import io
 
     manifest = io.read_json(folder / "_manifest.json")
-    manifest["files"] = [io.file_entry(folder, f["name"], **{k: v for k, v in f.items()
-                                                              if k not in ("name", "bytes", "blake2b")})
-                         for f in manifest["files"]]
+    manifest["files"] = [
+        io.file_entry(folder, f["name"], **{k: v for k, v in f.items() if k not in ("name", "bytes", "blake2b")})
+        for f in manifest["files"]
+    ]
     io.write_json_atomic(folder / "_manifest.json", manifest)
 
 

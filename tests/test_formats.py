@@ -23,8 +23,10 @@ def test_gsm8k_with_fields_and_auto_detected_pair():
     auto = samples(GSM8K_TEST)
     assert len(with_fields) == len(auto) == 1319
     first = json.loads(open(GSM8K_TEST).readline())
-    assert with_fields[0].messages == [{"role": "user", "content": first["question"]},
-                                       {"role": "assistant", "content": first["answer"]}]
+    assert with_fields[0].messages == [
+        {"role": "user", "content": first["question"]},
+        {"role": "assistant", "content": first["answer"]},
+    ]
     assert [s.id for s in with_fields] == [s.id for s in auto]
     assert len({s.id for s in auto}) == 1319
 
@@ -46,10 +48,23 @@ def test_alpaca_and_sharegpt_tool_calls():
 
 
 def test_openai_prompt_completion_parquet_and_datasets_folder(tmp_path):
-    rows = [{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
-                          {"role": "assistant", "content": "hello"}], "id": "a"},
-            {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]},
-                          {"role": "assistant", "content": "y"}], "id": 7}]
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"},
+            ],
+            "id": "a",
+        },
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "x"}]},
+                {"role": "assistant", "content": "y"},
+            ],
+            "id": 7,
+        },
+    ]
     got = samples(write_jsonl(tmp_path / "a.jsonl", rows))
     assert [s.id for s in got] == ["a", "7"] and got[1].messages[0]["content"] == "x"
 
@@ -57,29 +72,47 @@ def test_openai_prompt_completion_parquet_and_datasets_folder(tmp_path):
     (tmp_path / "pc.json").write_text(json.dumps(pc))
     assert samples(tmp_path / "pc.json")[0].messages[1] == {"role": "assistant", "content": "4"}
 
-    pq.write_table(pa.Table.from_pylist([{"question": "q1", "answer": "a1"}, {"question": "q2", "answer": "a2"}]),
-                   tmp_path / "p.parquet")
+    pq.write_table(
+        pa.Table.from_pylist([{"question": "q1", "answer": "a1"}, {"question": "q2", "answer": "a2"}]),
+        tmp_path / "p.parquet",
+    )
     assert len(samples(tmp_path / "p.parquet")) == 2 and count_rows(tmp_path / "p.parquet") == 2
 
     import datasets
 
-    datasets.Dataset.from_list([{"instruction": "say a", "input": "", "output": "a"}]).save_to_disk(str(tmp_path / "ds"))
-    assert samples(tmp_path / "ds")[0].messages == [{"role": "user", "content": "say a"},
-                                                    {"role": "assistant", "content": "a"}]
+    datasets.Dataset.from_list([{"instruction": "say a", "input": "", "output": "a"}]).save_to_disk(
+        str(tmp_path / "ds")
+    )
+    assert samples(tmp_path / "ds")[0].messages == [
+        {"role": "user", "content": "say a"},
+        {"role": "assistant", "content": "a"},
+    ]
 
 
 def test_bad_rows_are_skipped_with_reasons(tmp_path):
     good = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
-    rows = [good, "{not json", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": " "}]},
-            {"messages": [{"role": "wizard", "content": "a"}, {"role": "assistant", "content": "b"}]},
-            {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "b"}]},
-            {"text": "no messages"}, {"messages": [{"role": "user", "content": "only a question"}]}, [1, 2]]
+    rows = [
+        good,
+        "{not json",
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": " "}]},
+        {"messages": [{"role": "wizard", "content": "a"}, {"role": "assistant", "content": "b"}]},
+        {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "b"}]},
+        {"text": "no messages"},
+        {"messages": [{"role": "user", "content": "only a question"}]},
+        [1, 2],
+    ]
     out = list(read_samples(write_jsonl(tmp_path / "bad.jsonl", rows)))
     skips = {s.row: s for s in out if isinstance(s, Skip)}
     assert len([s for s in out if isinstance(s, Sample)]) == 1
     assert {row: s.reason for row, s in skips.items()} == {
-        2: "invalid_json", 3: "empty_assistant_turn", 4: "unknown_role", 5: "non_string_content",
-        6: "missing_field", 7: "no_assistant_turn", 8: "not_an_object"}
+        2: "invalid_json",
+        3: "empty_assistant_turn",
+        4: "unknown_role",
+        5: "non_string_content",
+        6: "missing_field",
+        7: "no_assistant_turn",
+        8: "not_an_object",
+    }
     assert skips[4].field == "messages[0].role"
 
 

@@ -1,4 +1,3 @@
-
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -25,8 +24,16 @@ def test_every_shipped_pipeline_validates_and_documents_its_command(path):
 
 def test_all_config_errors_reported_at_once_with_key_paths(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"run_dir": "r", "score": {"input": "x", "colour": "red", "max_length": 1},
-                                   "prune": {"ratio": 2, "scope": "everywhere"}, "extra": 1}))
+    bad.write_text(
+        yaml.safe_dump(
+            {
+                "run_dir": "r",
+                "score": {"input": "x", "colour": "red", "max_length": 1},
+                "prune": {"ratio": 2, "scope": "everywhere"},
+                "extra": 1,
+            }
+        )
+    )
     with pytest.raises(CurateError) as e:
         load_pipeline(bad)
     msg = str(e.value)
@@ -38,12 +45,26 @@ def test_all_config_errors_reported_at_once_with_key_paths(tmp_path):
 
 
 def test_run_pipeline_end_to_end_then_noop(tmp_path, tiny_model_dir):
-    rows = [{"messages": [{"role": "user", "content": f"the fox {i}"},
-                          {"role": "assistant", "content": "jumps over " * (1 + i % 5) + str(i)}]} for i in range(24)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"the fox {i}"},
+                {"role": "assistant", "content": "jumps over " * (1 + i % 5) + str(i)},
+            ]
+        }
+        for i in range(24)
+    ]
     data = write_jsonl(tmp_path / "in.jsonl", rows)
     cfg = tmp_path / "p.yaml"
-    cfg.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "score": {"input": str(data), "model": str(tiny_model_dir)},
-                                   "prune": {"ratio": 0.25}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "run_dir": str(tmp_path / "run"),
+                "score": {"input": str(data), "model": str(tiny_model_dir)},
+                "prune": {"ratio": 0.25},
+            }
+        )
+    )
     runner = CliRunner()
     res = runner.invoke(app, ["run", str(cfg), "--set", "prune.token_ratio=0.5"])
     assert res.exit_code == 0, res.output

@@ -51,10 +51,13 @@ def check_pruned(scores_dir, out, cfg):
             assert (mask == trainable).all()
         else:
             n_t = int(trainable.sum())
-            assert mask.sum() == max(pruning.budget(cfg.token_ratio, n_t), int(pruning.protected_positions(trainable, False).sum()))
+            assert mask.sum() == max(
+                pruning.budget(cfg.token_ratio, n_t), int(pruning.protected_positions(trainable, False).sum())
+            )
             if cfg.token_strategy == "qtuning":
-                assert mask.tolist() == bf_token_mask(np.array(s["logprob"], dtype=np.float64), trainable,
-                                                      cfg.token_ratio, cfg.lam, cfg.token_order)
+                assert mask.tolist() == bf_token_mask(
+                    np.array(s["logprob"], dtype=np.float64), trainable, cfg.token_ratio, cfg.lam, cfg.token_order
+                )
     return rows
 
 
@@ -80,8 +83,13 @@ def test_prune_output_contract_and_invariants(tmp_path, scores, scope):
 
 def test_baseline_strategies_and_rerun_noop(tmp_path, scores):
     for strategy, token_strategy in (("random", "random"), ("ppl-high", "ppl"), ("entropy-low", "none")):
-        cfg = PruneConfig(scores=str(scores), out=str(tmp_path / strategy), ratio=0.1, strategy=strategy,
-                          token_strategy=token_strategy)
+        cfg = PruneConfig(
+            scores=str(scores),
+            out=str(tmp_path / strategy),
+            ratio=0.1,
+            strategy=strategy,
+            token_strategy=token_strategy,
+        )
         run(cfg)
         check_pruned(scores, tmp_path / strategy, cfg)
     rec = Recorder()
@@ -140,8 +148,19 @@ def test_gsm8k_64_rows_builtin_model_prune_quarter(tmp_path, smollm2_dir):
     """The issue's acceptance run: 64 GSM8K rows, default model, --ratio 0.25 --token-ratio 0.5."""
     scores_dir, out = tmp_path / "scores", tmp_path / "pruned"
     runner = CliRunner()
-    res = runner.invoke(app, ["score", str(GSM8K_TEST), "--fields", "prompt=question,response=answer",
-                              "--limit", "64", "--out", str(scores_dir)])
+    res = runner.invoke(
+        app,
+        [
+            "score",
+            str(GSM8K_TEST),
+            "--fields",
+            "prompt=question,response=answer",
+            "--limit",
+            "64",
+            "--out",
+            str(scores_dir),
+        ],
+    )
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["prune", str(scores_dir), "--out", str(out), "--ratio", "0.25", "--token-ratio", "0.5"])
     assert res.exit_code == 0, res.output

@@ -14,9 +14,15 @@ from .conftest import ROOT, write_jsonl
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory, tiny_model_dir):
     d = tmp_path_factory.mktemp("run")
-    rows = [{"messages": [{"role": "user", "content": f"the fox {i}"},
-                          {"role": "assistant", "content": "jumps over the lazy dog " * (1 + i % 4) + str(i)}]}
-            for i in range(40)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"the fox {i}"},
+                {"role": "assistant", "content": "jumps over the lazy dog " * (1 + i % 4) + str(i)},
+            ]
+        }
+        for i in range(40)
+    ]
     data = write_jsonl(d / "in.jsonl", rows)
     cfg = d / "p.yaml"
     cfg.write_text(f"run_dir: {d / 'run'}\nscore:\n  input: {data}\n  model: {tiny_model_dir}\nprune:\n  ratio: 0.25\n")
@@ -46,8 +52,9 @@ def test_report_pictures_and_html(small_run):
 
 
 def test_prune_report_flag_on_a_pruned_folder_elsewhere(small_run, tmp_path):
-    res = CliRunner().invoke(app, ["prune", str(small_run / "scores"), "--out", str(tmp_path / "p"), "--ratio", "0.5",
-                                   "--report"])
+    res = CliRunner().invoke(
+        app, ["prune", str(small_run / "scores"), "--out", str(tmp_path / "p"), "--ratio", "0.5", "--report"]
+    )
     assert res.exit_code == 0, res.output
     assert (tmp_path / "p" / "report" / "report.html").exists() and png_size(tmp_path / "p" / "report" / "eu_plane.png")
 
@@ -64,16 +71,58 @@ def test_inspect_shows_tokens(small_run):
     assert bad.exit_code == 2 and "no sample with id" in bad.output
 
 
-def test_report_opens_in_headless_chromium(small_run):
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+def test_report_in_a_real_browser(small_run):
+    """report.html in Debian's Chromium, offline: the plane renders, every quadrant shown has prompt and response
+    tokens in their own colours, hovering a token shows its scores; a screenshot is kept beside the report."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if not chromium:
-        pytest.skip("Chromium not installed (Debian package `chromium`); the HTML checks above still ran")
-    CliRunner().invoke(app, ["report", str(small_run)])
-    page = small_run / "report" / "report.html"
-    res = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                          "--disable-background-networking", "--dump-dom", page.as_uri()],
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0 and "q-curate report" in res.stdout
+        pytest.skip("Chromium not installed (`make test` installs Debian's chromium when run as root)")
+    from playwright.sync_api import sync_playwright
+
+    res = CliRunner().invoke(app, ["report", str(small_run)])
+    assert res.exit_code == 0, res.output
+    report = small_run / "report"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        requests = []
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto((report / "report.html").as_uri())
+        plane = page.locator('img[alt="eu_plane.png"]')
+        assert plane.evaluate("i => i.complete && i.naturalWidth > 0 && i.naturalHeight > 0")
+        box = plane.bounding_box()
+        assert box["width"] > 300 and box["height"] > 200
+
+        def colour(locator):
+            return locator.evaluate("e => getComputedStyle(e).backgroundColor")
+
+        colours = {}
+        shown = page.locator(".sample").evaluate_all("cards => cards.map(c => c.dataset.quadrant)")
+        assert set(shown) == {"Q1", "Q2", "Q3", "Q4"}
+        for q in sorted(set(shown)):
+            cards = page.locator(f'.sample[data-quadrant="{q}"]')
+            kinds = set(cards.locator("span[class]").evaluate_all("s => s.map(e => e.className)"))
+            assert "prompt" in kinds and kinds & {"kept", "pruned", "dropped"}, (q, kinds)
+            for kind in kinds:
+                colours.setdefault(kind, set()).add(colour(cards.locator(f"span.{kind}").first))
+        assert {"prompt", "kept", "pruned", "dropped"} <= set(colours), colours
+        assert all(len(c) == 1 for c in colours.values())  # one colour per kind, everywhere
+        assert len({c for cs in colours.values() for c in cs}) == len(colours)  # and no two kinds share one
+
+        token = page.locator(".sample span.pruned").first
+        token.hover()
+        tip = page.locator("#tip")
+        assert tip.is_visible()
+        text = tip.inner_text()
+        assert "pruned" in text and "logprob" in text and "entropy" in text and "score" in text
+        page.screenshot(path=str(report / "report.png"), full_page=True)
+        browser.close()
+    assert png_size(report / "report.png")[0] >= 1280
+    assert requests and all(u.startswith(("file:", "data:")) for u in requests), requests  # no network
 
 
 def test_notebook_executes(small_run, tmp_path, monkeypatch):

@@ -7,14 +7,16 @@ from typer.testing import CliRunner
 
 from curate import io, schema
 from curate.cli import app
-from curate.errors import CurateError
 from curate.config import ScoreConfig
+from curate.errors import CurateError
 from curate.stages.score import run
 
 from .conftest import GSM8K_TEST, Recorder, needs_shared, reference_scores, write_jsonl
 
-ROWS = [{"messages": [{"role": "user", "content": f"the fox {i}"}, {"role": "assistant", "content": "jumps " * (i + 1)}]}
-        for i in range(7)]
+ROWS = [
+    {"messages": [{"role": "user", "content": f"the fox {i}"}, {"role": "assistant", "content": "jumps " * (i + 1)}]}
+    for i in range(7)
+]
 
 
 def read_all(out):
@@ -30,8 +32,17 @@ def test_score_writes_the_contract(tmp_path, tiny_model_dir):
     table = pq.read_table(files[0])
     assert table.schema.remove_metadata().equals(schema.SCORES)
     meta = io.parquet_metadata(files[0])
-    for key in ("model", "model_hash", "tokenizer", "chat_template_hash", "backend", "dtype", "max_length",
-                "curate_version", "entropy_method"):
+    for key in (
+        "model",
+        "model_hash",
+        "tokenizer",
+        "chat_template_hash",
+        "backend",
+        "dtype",
+        "max_length",
+        "curate_version",
+        "entropy_method",
+    ):
         assert meta[key], key
     assert meta["backend"] == "hf" and meta["dtype"] == "float32" and meta["entropy_method"] == "exact"
     rows = read_all(out)
@@ -90,8 +101,10 @@ def test_fail_mode_names_file_row_and_field(tmp_path, tiny_model_dir):
 @pytest.mark.slow
 def test_cli_scores_gsm8k_with_builtin_model(tmp_path, smollm2_dir):
     out = tmp_path / "gsm8k" / "scores"
-    res = CliRunner().invoke(app, ["score", str(GSM8K_TEST), "--fields", "prompt=question,response=answer",
-                                   "--limit", "16", "--out", str(out)])
+    res = CliRunner().invoke(
+        app,
+        ["score", str(GSM8K_TEST), "--fields", "prompt=question,response=answer", "--limit", "16", "--out", str(out)],
+    )
     assert res.exit_code == 0, res.output
     assert "samples scored" in res.output
     rows = read_all(out)

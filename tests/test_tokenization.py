@@ -46,7 +46,7 @@ def test_fallback_template_warns_and_masks_assistant():
         assert ensure_chat_template(tok) is True
     msgs = [{"role": "user", "content": "the fox"}, {"role": "assistant", "content": "jumps over"}]
     enc = encode(tok, msgs)
-    (a, b), = spans(enc.trainable)
+    ((a, b),) = spans(enc.trainable)
     assert tok.decode(enc.input_ids[a:b]) == "jumps over<|im_end|>"
 
 
@@ -55,8 +55,11 @@ def test_truncation_flags_and_rejects_rows_without_trainable_tokens():
     msgs = [{"role": "user", "content": "the quick brown fox " * 10}, {"role": "assistant", "content": "dog"}]
     full = encode(tok, msgs)
     assert not full.truncated and full.trainable.sum() > 0
-    cut = encode(tok, msgs + [{"role": "user", "content": "more"}, {"role": "assistant", "content": "lazy dog"}],
-                 max_length=len(full.input_ids))
+    cut = encode(
+        tok,
+        msgs + [{"role": "user", "content": "more"}, {"role": "assistant", "content": "lazy dog"}],
+        max_length=len(full.input_ids),
+    )
     assert cut.truncated and len(cut.input_ids) == len(full.input_ids)
     with pytest.raises(RowError) as e:
         encode(tok, msgs, max_length=10)

@@ -1,6 +1,5 @@
 """curate train, curate export and curate refresh, end to end on the tiny model."""
 
-import json
 import sys
 
 import polars as pl
@@ -12,8 +11,8 @@ from typer.testing import CliRunner
 
 from curate import io
 from curate.cli import app
-from curate.stages.export import JSONL_COLUMNS, TOKENIZED
 from curate.schema import QUADRANTS
+from curate.stages.export import JSONL_COLUMNS, TOKENIZED
 from curate.stages.refresh import transition_table
 
 from .conftest import DEMO, Recorder, data_files
@@ -43,8 +42,24 @@ def _weights(path):
 
 def test_train_lora_merges_into_a_plain_model_then_noop(tiny_run, tiny_model_dir, tmp_path):
     out = tmp_path / "model"
-    args = ["train", str(tiny_run / "pruned"), "--model", str(tiny_model_dir), "--out", str(out), "--max-steps", "3",
-            "--lora-rank", "4", "--lr", "1e-2", "--batch-size", "4", "--device", "cpu"]
+    args = [
+        "train",
+        str(tiny_run / "pruned"),
+        "--model",
+        str(tiny_model_dir),
+        "--out",
+        str(out),
+        "--max-steps",
+        "3",
+        "--lora-rank",
+        "4",
+        "--lr",
+        "1e-2",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+    ]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     manifest = io.read_json(out / io.MANIFEST)
@@ -61,9 +76,8 @@ def test_train_lora_merges_into_a_plain_model_then_noop(tiny_run, tiny_model_dir
 def test_interrupted_training_resumes_from_its_last_epoch_checkpoint(tiny_run, tiny_model_dir, tmp_path, monkeypatch):
     from transformers import TrainerCallback
 
-    from curate.stages import train
-
     from curate.config import TrainConfig
+    from curate.stages import train
 
     original = train._loss_history_callback
 
@@ -73,8 +87,15 @@ def test_interrupted_training_resumes_from_its_last_epoch_checkpoint(tiny_run, t
                 raise KeyboardInterrupt
 
     monkeypatch.setattr(train, "_loss_history_callback", lambda history, log: Interrupt())
-    cfg = TrainConfig(data=str(tiny_run / "pruned"), out=str(tmp_path / "m"), model=str(tiny_model_dir),
-                            epochs=2, batch_size=10, lora_rank=0, device="cpu")
+    cfg = TrainConfig(
+        data=str(tiny_run / "pruned"),
+        out=str(tmp_path / "m"),
+        model=str(tiny_model_dir),
+        epochs=2,
+        batch_size=10,
+        lora_rank=0,
+        device="cpu",
+    )
     with pytest.raises(KeyboardInterrupt):
         train.run(cfg)
     assert (tmp_path / "m" / "checkpoints" / "checkpoint-2").is_dir() and not (tmp_path / "m" / io.MANIFEST).exists()
@@ -110,8 +131,10 @@ def test_export_loads_in_the_shape_each_framework_expects(tiny_run, tmp_path, fm
         ds, config = dd["train"], yaml.safe_load((out / "llamafactory_sft.yaml").read_text())
         assert config["tokenized_path"] == str((out / "tokenized").resolve()) and config["stage"] == "sft"
     elif fmt == "axolotl":  # pre-tokenised rows, exactly three columns, and no `type:` in the config
-        ds, config = load_dataset("json", data_files=str(out / "data.jsonl"), split="train"), \
-            yaml.safe_load((out / "axolotl.yaml").read_text())
+        ds, config = (
+            load_dataset("json", data_files=str(out / "data.jsonl"), split="train"),
+            yaml.safe_load((out / "axolotl.yaml").read_text()),
+        )
         assert config["datasets"][0]["type"] is None and config["datasets"][0]["ds_type"] == "json"
     elif fmt == "trl":
         ds = load_dataset("parquet", data_files=str(out / "data" / "*.parquet"), split="train")
@@ -139,10 +162,23 @@ def test_export_trl_trains_in_sft_trainer(tiny_run, tiny_model_dir, tmp_path):
     out = tmp_path / "trl"
     assert runner.invoke(app, ["export", str(tiny_run / "pruned"), "--format", "trl", "--out", str(out)]).exit_code == 0
     ds = load_dataset("parquet", data_files=str(out / "data" / "*.parquet"), split="train")
-    args = SFTConfig(output_dir=str(tmp_path / "o"), max_steps=1, per_device_train_batch_size=4, max_length=4096,
-                     report_to="none", use_cpu=True, bf16=False, save_strategy="no", disable_tqdm=True)
-    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args, train_dataset=ds,
-                         processing_class=AutoTokenizer.from_pretrained(tiny_model_dir))
+    args = SFTConfig(
+        output_dir=str(tmp_path / "o"),
+        max_steps=1,
+        per_device_train_batch_size=4,
+        max_length=4096,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        args=args,
+        train_dataset=ds,
+        processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+    )
     assert trainer.train().global_step == 1
 
 
@@ -160,8 +196,9 @@ def test_transition_table_matches_brute_force():
     rng = random.Random(0)
     a = {f"s{i}": (rng.choice(QUADRANTS), rng.random() < 0.3) for i in range(200)}
     b = {f"s{i}": (rng.choice(QUADRANTS), rng.random() < 0.3) for i in range(20, 230)}
-    frame = lambda d: pl.DataFrame({"id": list(d), "quadrant": [v[0] for v in d.values()],
-                                    "kept": [v[1] for v in d.values()]})
+    frame = lambda d: pl.DataFrame(
+        {"id": list(d), "quadrant": [v[0] for v in d.values()], "kept": [v[1] for v in d.values()]}
+    )
     got = transition_table(frame(a), frame(b))
     counts, both = brute_transitions(a, b)
     assert got["counts"] == counts and got["kept_both"] == both and got["samples"] == 180
@@ -169,8 +206,28 @@ def test_transition_table_matches_brute_force():
 
 
 def _refresh_args(out, tiny_model_dir, rounds):
-    return ["refresh", str(DEMO), "--out", str(out), "--model", str(tiny_model_dir), "--limit", "40", "--rounds",
-            str(rounds), "--ratio", "0.5", "--max-steps", "3", "--lora-rank", "0", "--lr", "1e-2", "--batch-size", "8"]
+    return [
+        "refresh",
+        str(DEMO),
+        "--out",
+        str(out),
+        "--model",
+        str(tiny_model_dir),
+        "--limit",
+        "40",
+        "--rounds",
+        str(rounds),
+        "--ratio",
+        "0.5",
+        "--max-steps",
+        "3",
+        "--lora-rank",
+        "0",
+        "--lr",
+        "1e-2",
+        "--batch-size",
+        "8",
+    ]
 
 
 def test_refresh_two_rounds_end_to_end_and_resume(tmp_path, tiny_model_dir):
@@ -188,8 +245,12 @@ def test_refresh_two_rounds_end_to_end_and_resume(tmp_path, tiny_model_dir):
     score2 = io.read_json(out / "round-02" / "scores" / io.MANIFEST)
     assert score2["model"]["path"] == str((out / "round-01" / "model").resolve())
     assert score2["counts"]["samples"] == 40  # the FULL input is rescored, not only the kept samples
-    lp = [pq.read_table(sorted((out / r / "scores").glob("part-*.parquet")), columns=["logprob"])
-          .column("logprob").to_pylist() for r in ("round-01", "round-02")]
+    lp = [
+        pq.read_table(sorted((out / r / "scores").glob("part-*.parquet")), columns=["logprob"])
+        .column("logprob")
+        .to_pylist()
+        for r in ("round-01", "round-02")
+    ]
     assert lp[0] != lp[1]  # the new checkpoint scores differently
     summary = io.read_json(out / io.MANIFEST)["summary"]
     assert [r["round"] for r in summary["rounds"]] == [1, 2] and all(r["K"] == 20 for r in summary["rounds"])
@@ -206,12 +267,17 @@ def test_refresh_two_rounds_end_to_end_and_resume(tmp_path, tiny_model_dir):
 
 def test_refresh_with_a_user_training_command(tmp_path, tiny_model_dir):
     out = tmp_path / "refresh"
-    cmd = (f"{sys.executable} -m curate.cli train {{data}} --model {{model}} --out {{out}} --max-steps 2 "
-           "--lora-rank 0 --device cpu")
+    cmd = (
+        f"{sys.executable} -m curate.cli train {{data}} --model {{model}} --out {{out}} --max-steps 2 "
+        "--lora-rank 0 --device cpu"
+    )
     res = runner.invoke(app, _refresh_args(out, tiny_model_dir, 1) + ["--train-cmd", cmd])
     assert res.exit_code == 0, res.output
     assert (out / "round-01" / "model" / "config.json").exists()
-    assert "training:" in text(res) and str(tiny_model_dir) in io.read_json(out / "round-01" / "model" / io.MANIFEST)["command"]
+    assert (
+        "training:" in text(res)
+        and str(tiny_model_dir) in io.read_json(out / "round-01" / "model" / io.MANIFEST)["command"]
+    )
     res = runner.invoke(app, _refresh_args(out, tiny_model_dir, 1) + ["--train-cmd", "echo {data}"])
     assert res.exit_code == 2 and "{out}" in text(res)
     res = runner.invoke(app, _refresh_args(tmp_path / "r2", tiny_model_dir, 1) + ["--train-cmd", "true {data} {out}"])

@@ -34,8 +34,12 @@ def pruned_rows(tiny_run):
     """The pruned rows as `datasets` loads them, each with `full_mask`: its trainable mask before token pruning."""
     import pyarrow.parquet as pq
 
-    trainable = {r["id"]: r["trainable"] for r in pq.read_table(
-        sorted((tiny_run / "scores").glob("part-*.parquet")), columns=["id", "trainable"]).to_pylist()}
+    trainable = {
+        r["id"]: r["trainable"]
+        for r in pq.read_table(
+            sorted((tiny_run / "scores").glob("part-*.parquet")), columns=["id", "trainable"]
+        ).to_pylist()
+    }
     rows = load_dataset("parquet", data_files=[str(f) for f in data_files(tiny_run / "pruned")], split="train")
     rows = [{**r, "full_mask": trainable[r["id"]]} for r in rows.to_list()]
     # Without pruned tokens these tests could not tell a masked loss from a full one.
@@ -84,8 +88,17 @@ def test_transformers_trainer_honours_the_loss_mask(tiny_run, tiny_model_dir, pr
     dataset = load_training_table(data_files(tiny_run / "pruned"))
     before = copy.deepcopy(model)
     log = LossLog()
-    cfg = TrainConfig(data="", out="", max_steps=4, lr=3e-3, batch_size=len(dataset), lora_rank=0, warmup=0,
-                      scheduler="constant", device="cpu")
+    cfg = TrainConfig(
+        data="",
+        out="",
+        max_steps=4,
+        lr=3e-3,
+        batch_size=len(dataset),
+        lora_rank=0,
+        warmup=0,
+        scheduler="constant",
+        device="cpu",
+    )
     trainer = build_trainer(cfg, model, tokenizer, dataset, tiny_run / "hf-work", [log.callback])
     _assert_trains_on_masked_loss(trainer, before, pruned_rows, log.losses)
 
@@ -119,11 +132,24 @@ def test_trl_sft_trainer_honours_the_loss_mask(tiny_run, tiny_model_dir, pruned_
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     # The pruned folder as it is written, loaded the way the README shows.
     dataset = load_dataset("parquet", data_files=[str(f) for f in data_files(tiny_run / "pruned")], split="train")
-    args = SFTConfig(output_dir=str(tiny_run / f"trl-{packing}"), max_steps=4, learning_rate=3e-3,
-                     per_device_train_batch_size=len(dataset), packing=packing, max_length=4096,
-                     lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none",
-                     use_cpu=True, bf16=False, disable_tqdm=True, seed=0)  # fp32: exact comparison
+    args = SFTConfig(
+        output_dir=str(tiny_run / f"trl-{packing}"),
+        max_steps=4,
+        learning_rate=3e-3,
+        per_device_train_batch_size=len(dataset),
+        packing=packing,
+        max_length=4096,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        disable_tqdm=True,
+        seed=0,
+    )  # fp32: exact comparison
     log = LossLog()
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[log.callback])
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[log.callback]
+    )
     _assert_trains_on_masked_loss(trainer, before, pruned_rows, log.losses)

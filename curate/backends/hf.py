@@ -7,7 +7,7 @@ at a time, so memory stays bounded for 2048-token rows and 150k vocabularies.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -41,15 +41,16 @@ def logprob_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.
     return target_lp, entropy
 
 
-def chunked_logprob_entropy(hidden: torch.Tensor, head, targets: torch.Tensor, chunk: int,
-                            transform=None) -> tuple[torch.Tensor, torch.Tensor]:
+def chunked_logprob_entropy(
+    hidden: torch.Tensor, head, targets: torch.Tensor, chunk: int, transform=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`logprob_entropy(head(hidden), targets)` computed `chunk` positions at a time."""
     lps, ents = [], []
     for start in range(0, hidden.shape[0], chunk):
-        logits = head(hidden[start:start + chunk])
+        logits = head(hidden[start : start + chunk])
         if transform is not None:
             logits = transform(logits)
-        lp, ent = logprob_entropy(logits, targets[start:start + chunk])
+        lp, ent = logprob_entropy(logits, targets[start : start + chunk])
         lps.append(lp)
         ents.append(ent)
     return torch.cat(lps), torch.cat(ents)
@@ -120,7 +121,7 @@ class HFScorer:
         hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
         # Position t predicts token t+1: gather the hidden states of every real position but the last.
         hs = torch.cat([hidden[row, : len(s) - 1] for row, s in enumerate(seqs)])
-        targets = torch.cat([ids[row, 1: len(s)] for row, s in enumerate(seqs)])
+        targets = torch.cat([ids[row, 1 : len(s)] for row, s in enumerate(seqs)])
         lp, ent = chunked_logprob_entropy(hs, self.head, targets, self.chunk, self.transform)
         lp, ent = lp.cpu().numpy(), ent.cpu().numpy()
         out, offset = [], 0
@@ -128,7 +129,7 @@ class HFScorer:
             n = len(s) - 1
             row_lp = np.full(len(s), np.nan, dtype=np.float32)
             row_ent = np.full(len(s), np.nan, dtype=np.float32)
-            row_lp[1:], row_ent[1:] = lp[offset: offset + n], ent[offset: offset + n]
+            row_lp[1:], row_ent[1:] = lp[offset : offset + n], ent[offset : offset + n]
             out.append((row_lp, row_ent))
             offset += n
         return out

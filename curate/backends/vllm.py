@@ -14,7 +14,7 @@ from __future__ import annotations
 import gc
 import math
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -99,10 +99,15 @@ class VLLMScorer:
         self.entropy_method = "exact" if self.exact else "topk-approx"
         if not self.exact:
             log(f"warning: vLLM entropies will be approximate (top-{TOPK} with tail bounds): {self.why_fallback}")
-        kwargs = dict(model=model_path, dtype=self.dtype, tensor_parallel_size=cfg.tensor_parallel_size,
-                      max_model_len=cfg.max_model_len or cfg.max_length,
-                      enforce_eager=(not on_gpu) if cfg.enforce_eager is None else cfg.enforce_eager,
-                      enable_prefix_caching=False, seed=0)
+        kwargs = dict(
+            model=model_path,
+            dtype=self.dtype,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            max_model_len=cfg.max_model_len or cfg.max_length,
+            enforce_eager=(not on_gpu) if cfg.enforce_eager is None else cfg.enforce_eager,
+            enable_prefix_caching=False,
+            seed=0,
+        )
         if cfg.gpu_memory_utilization or on_gpu:
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization or 0.9
         else:
@@ -123,8 +128,10 @@ class VLLMScorer:
 
     def _exact(self, prompts) -> list[tuple[np.ndarray, np.ndarray]]:
         outs = self.llm.encode(prompts, pooling_task="token_embed", use_tqdm=False)
-        return [(o.outputs.data[:, 0].numpy().astype(np.float32), o.outputs.data[:, 1].numpy().astype(np.float32))
-                for o in outs]
+        return [
+            (o.outputs.data[:, 0].numpy().astype(np.float32), o.outputs.data[:, 1].numpy().astype(np.float32))
+            for o in outs
+        ]
 
     def _topk(self, prompts) -> list[tuple[np.ndarray, np.ndarray]]:
         from vllm import SamplingParams
@@ -152,8 +159,10 @@ class VLLMScorer:
 
         too_long = [len(s) for s in sequences if len(s) > self.max_model_len]
         if too_long:
-            raise CurateError(f"a sequence of {max(too_long)} tokens exceeds the engine's max_model_len "
-                              f"{self.max_model_len}; raise --max-model-len or lower --max-length")
+            raise CurateError(
+                f"a sequence of {max(too_long)} tokens exceeds the engine's max_model_len "
+                f"{self.max_model_len}; raise --max-model-len or lower --max-length"
+            )
         self.entropy_max_error = None if self.exact else 0.0
         results: list[tuple[np.ndarray, np.ndarray]] = []
         start = 0

@@ -41,7 +41,7 @@ def register() -> None:
 
 def __getattr__(name: str):
     """Module attributes QCurateScorer<Arch> are built on first access (vLLM imports them by name)."""
-    arch = name[len(PREFIX):] if name.startswith(PREFIX) else None
+    arch = name[len(PREFIX) :] if name.startswith(PREFIX) else None
     if arch not in BASES:
         raise AttributeError(name)
     cls = _scorer_class(arch)
@@ -63,8 +63,8 @@ def _score_positions(logits_fn, hidden, token_ids, chunk: int = CHUNK_POSITIONS)
         logits = logits_fn(hidden[start:stop])
         if logits is None:  # tensor parallelism: only the first rank receives the gathered logits
             return None
-        lp, ent = logprob_entropy(logits, targets[start + 1:stop + 1])
-        out[start + 1:stop + 1, 0], out[start + 1:stop + 1, 1] = lp, ent
+        lp, ent = logprob_entropy(logits, targets[start + 1 : stop + 1])
+        out[start + 1 : stop + 1, 0], out[start + 1 : stop + 1, 1] = lp, ent
     return out
 
 
@@ -91,8 +91,9 @@ def _scorer_class(arch: str):
         def forward(self, hidden_states, pooling_metadata):
             pooled = self.pooling(hidden_states, pooling_metadata)
             token_ids = pooling_metadata.get_prompt_token_ids_cpu()
-            return [None if h is None else _score_positions(self.logits_fn, h, ids)
-                    for h, ids in zip(pooled, token_ids)]
+            return [
+                None if h is None else _score_positions(self.logits_fn, h, ids) for h, ids in zip(pooled, token_ids)
+            ]
 
     class Scorer(base, VllmModelForPooling):
         is_pooling_model = True

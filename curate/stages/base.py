@@ -34,13 +34,24 @@ def clear(out: Path, outputs: tuple[str, ...]) -> None:
         io.remove_temporaries(out)
 
 
-def begin(out: Path, stage: str, fingerprint: str, *, outputs: tuple[str, ...], reporter: Reporter, force: bool,
-          resumable: bool = False, expensive: bool = False) -> dict | None:
+def begin(
+    out: Path,
+    stage: str,
+    fingerprint: str,
+    *,
+    outputs: tuple[str, ...],
+    reporter: Reporter,
+    force: bool,
+    resumable: bool = False,
+    expensive: bool = False,
+) -> dict | None:
     """The finished manifest if OUT holds exactly this result, intact; else None after preparing OUT."""
     manifest = io.read_manifest(out) if out.is_dir() else None
     if manifest is not None and manifest["stage"] != stage and not force:
-        raise CurateError(f"{out} is not a `curate {stage}` folder: it holds the output of `curate "
-                          f"{manifest['stage']}`; choose another --out (or --force to replace it)")
+        raise CurateError(
+            f"{out} is not a `curate {stage}` folder: it holds the output of `curate "
+            f"{manifest['stage']}`; choose another --out (or --force to replace it)"
+        )
     if force:
         clear(out, outputs)
     elif manifest is not None and manifest["fingerprint"] == fingerprint:
@@ -60,12 +71,16 @@ def begin(out: Path, stage: str, fingerprint: str, *, outputs: tuple[str, ...], 
         if manifest is None and stamp is None:
             strangers = [p for pattern in outputs for p in out.glob(pattern)] if out.is_dir() else []
             if strangers:
-                raise CurateError(f"{out} holds {strangers[0].name}, which q-curate did not write there; choose "
-                                  "another --out, or use --force to replace it")
+                raise CurateError(
+                    f"{out} holds {strangers[0].name}, which q-curate did not write there; choose "
+                    "another --out, or use --force to replace it"
+                )
         elif manifest is not None or stamp.get("fingerprint") != fingerprint:
             if expensive:
-                raise CurateError(f"{out} holds {stage} output from other inputs or settings; use --force to "
-                                  "replace it or choose another --out")
+                raise CurateError(
+                    f"{out} holds {stage} output from other inputs or settings; use --force to "
+                    "replace it or choose another --out"
+                )
             clear(out, outputs)
         elif not resumable:
             clear(out, outputs)

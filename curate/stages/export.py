@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from .. import io, schema
 from ..config import ExportConfig
 from ..errors import CurateError
-from ..extras import require
+from ..extras import require_stages
 from ..progress import Reporter
 from . import base
 
@@ -45,8 +45,10 @@ def _llamafactory(table: pa.Table, out: Path, model: str, max_len: int) -> tuple
     from datasets import Dataset, DatasetDict
 
     DatasetDict({"train": Dataset(table)}).save_to_disk(str(out / "tokenized"))
-    return "llamafactory_sft.yaml", f"""\
-# llamafactory-cli train {out / 'llamafactory_sft.yaml'}
+    return (
+        "llamafactory_sft.yaml",
+        f"""\
+# llamafactory-cli train {out / "llamafactory_sft.yaml"}
 # The data is already tokenised and masked by q-curate: LLaMA-Factory loads it from tokenized_path and
 # skips its own preprocessing (dataset/template settings are then ignored for the data).
 model_name_or_path: {model}
@@ -55,7 +57,7 @@ do_train: true
 finetuning_type: lora
 lora_rank: 8
 lora_target: all
-tokenized_path: {out / 'tokenized'}
+tokenized_path: {out / "tokenized"}
 template: empty
 cutoff_len: {max_len}
 per_device_train_batch_size: 8
@@ -64,17 +66,20 @@ learning_rate: 1.0e-4
 num_train_epochs: 3.0
 lr_scheduler_type: cosine
 output_dir: saves/q-curate-lora
-"""
+""",
+    )
 
 
 def _axolotl(table: pa.Table, out: Path, model: str, max_len: int) -> tuple[str, str]:
     _write_jsonl(table, out / "data.jsonl")
-    return "axolotl.yaml", f"""\
-# axolotl train {out / 'axolotl.yaml'}
+    return (
+        "axolotl.yaml",
+        f"""\
+# axolotl train {out / "axolotl.yaml"}
 # Pre-tokenised rows (input_ids, attention_mask, labels with -100 on masked tokens): no `type:` on purpose.
 base_model: {model}
 datasets:
-  - path: {out / 'data.jsonl'}
+  - path: {out / "data.jsonl"}
     ds_type: json
     type:
 sequence_len: {max_len}
@@ -88,54 +93,66 @@ learning_rate: 1.0e-4
 num_epochs: 3
 lr_scheduler: cosine
 output_dir: ./outputs/q-curate-lora
-"""
+""",
+    )
 
 
 def _trl(table: pa.Table, out: Path, model: str, max_len: int) -> tuple[str, str]:
     io.write_parquet_atomic(table, out / schema.pruned_shard(0, 1))
-    return "train_trl.py", f'''\
-# python {out / 'train_trl.py'}
+    return (
+        "train_trl.py",
+        f'''\
+# python {out / "train_trl.py"}
 # TRL uses the `labels` column as is (-100 = not in the loss), with or without packing.
 from datasets import load_dataset
 from trl import SFTConfig, SFTTrainer
 
-dataset = load_dataset("parquet", data_files="{out / 'data'}/*.parquet", split="train")
+dataset = load_dataset("parquet", data_files="{out / "data"}/*.parquet", split="train")
 args = SFTConfig(output_dir="q-curate-sft", max_length={max_len}, packing=True, learning_rate=1e-4,
                  num_train_epochs=3, per_device_train_batch_size=8, gradient_accumulation_steps=4,
                  lr_scheduler_type="cosine")
 SFTTrainer(model="{model}", args=args, train_dataset=dataset).train()
-'''
+''',
+    )
 
 
 def _jsonl(table: pa.Table, out: Path, model: str, max_len: int) -> tuple[str, str]:
     _write_jsonl(table, out / "data.jsonl")
-    return "load.py", f'''\
-# python {out / 'load.py'}
+    return (
+        "load.py",
+        f'''\
+# python {out / "load.py"}
 # One JSON object per sample: id, messages, input_ids, labels (-100 = not in the loss), loss_mask, quadrant,
 # selection. Tokens come from {model}.
 from datasets import load_dataset
 
-dataset = load_dataset("json", data_files="{out / 'data.jsonl'}", split="train")
+dataset = load_dataset("json", data_files="{out / "data.jsonl"}", split="train")
 print(dataset)
-'''
+''',
+    )
 
 
-WRITERS = {"llamafactory": (_llamafactory, TOKENIZED), "axolotl": (_axolotl, TOKENIZED),
-           "trl": (_trl, ["input_ids", "labels"]), "jsonl": (_jsonl, JSONL_COLUMNS)}
+WRITERS = {
+    "llamafactory": (_llamafactory, TOKENIZED),
+    "axolotl": (_axolotl, TOKENIZED),
+    "trl": (_trl, ["input_ids", "labels"]),
+    "jsonl": (_jsonl, JSONL_COLUMNS),
+}
 OUTPUTS = ("tokenized", "data", "data.jsonl", "llamafactory_sft.yaml", "axolotl.yaml", "train_trl.py", "load.py")
 
 
 def run(cfg: ExportConfig, reporter: Reporter | None = None, force: bool = False) -> dict:
     """Export `cfg.pruned` into `cfg.out`; the manifest names the config snippet (`config_file`)."""
     reporter = reporter or Reporter()
-    if cfg.format == "llamafactory":
-        require("datasets", purpose="--format llamafactory")
+    require_stages(("export", cfg))
     started = time.time()
     pruned, out = Path(cfg.pruned), Path(cfg.out)
     base.check_not_input(out, pruned)
     source = io.verified(pruned, ("prune", "retokenize"), "export the output of `curate prune`")
     files = [pruned / f["name"] for f in source["files"] if f["name"].startswith(schema.PRUNED_DATA + "/")]
-    fingerprint = io.fingerprint_config({"pruned": source["fingerprint"], "format": cfg.format, "out": str(out.resolve())})
+    fingerprint = io.fingerprint_config(
+        {"pruned": source["fingerprint"], "format": cfg.format, "out": str(out.resolve())}
+    )
     with io.locked(out, reporter.log):
         done = base.begin(out, "export", fingerprint, outputs=OUTPUTS, reporter=reporter, force=force)
         if done:
@@ -145,7 +162,18 @@ def run(cfg: ExportConfig, reporter: Reporter | None = None, force: bool = False
         max_len = pc.max(pc.list_value_length(table.column("input_ids"))).as_py() or 0
         name, snippet = writer(table, out.resolve(), source.get("model", {}).get("path", UNKNOWN_MODEL), max_len)
         io.write_bytes_atomic(out / name, snippet.encode())
-        written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and not p.name.startswith((".", "_")))
-        return io.write_manifest(out, "export", fingerprint, started, files=[io.file_entry(out, n) for n in written],
-                                 inputs=[{"path": str(pruned), "stage": source["stage"]}], format=cfg.format,
-                                 rows=table.num_rows, columns=columns, config_file=str(out / name))
+        written = sorted(
+            str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and not p.name.startswith((".", "_"))
+        )
+        return io.write_manifest(
+            out,
+            "export",
+            fingerprint,
+            started,
+            files=[io.file_entry(out, n) for n in written],
+            inputs=[{"path": str(pruned), "stage": source["stage"]}],
+            format=cfg.format,
+            rows=table.num_rows,
+            columns=columns,
+            config_file=str(out / name),
+        )

@@ -1,4 +1,4 @@
-"""`curate inspect RUN --id ID`: one sample, token by token, in the terminal (a view, not a stage: it writes nothing)."""
+"""`curate inspect RUN --id ID`: one sample, token by token, in the terminal (a view: it writes nothing)."""
 
 from __future__ import annotations
 
@@ -28,14 +28,23 @@ def sample_table(run_dir: Path, sample_id: str) -> Table:
     trainable = np.asarray(row["trainable"], dtype=np.int8)
     lam = io.read_json(found.pruned / STATS)["config"]["lam"]
     s = pruning.context_scores(np.nan_to_num(np.asarray(row["logprob"], dtype=np.float32)), trainable, lam)
-    title = (f"{sample_id}: {info['quadrant']}, {info['selection'] or 'dropped'}, "
-             f"ppl {info['ppl']:.3f}, ent {info['ent']:.3f}")
+    title = (
+        f"{sample_id}: {info['quadrant']}, {info['selection'] or 'dropped'}, "
+        f"ppl {info['ppl']:.3f}, ent {info['ent']:.3f}"
+    )
     t = Table(title=title)
     for col in ("pos", "token", "role", "in loss", "logprob", "entropy", "score"):
         t.add_column(col, justify="right" if col not in ("token", "role") else "left")
     for i, tid in enumerate(row["input_ids"]):
         keep = mask[i] if mask is not None else trainable[i]
         role = "[dim]prompt[/]" if not trainable[i] else ("[green]kept[/]" if keep else "[red]pruned[/]")
-        t.add_row(str(i), repr(tok.decode([tid])), role, "1" if (mask is not None and keep and trainable[i]) else "0",
-                  f"{row['logprob'][i]:.3f}", f"{row['entropy'][i]:.3f}", f"{s[i]:.3g}" if trainable[i] else "")
+        t.add_row(
+            str(i),
+            repr(tok.decode([tid])),
+            role,
+            "1" if (mask is not None and keep and trainable[i]) else "0",
+            f"{row['logprob'][i]:.3f}",
+            f"{row['entropy'][i]:.3f}",
+            f"{s[i]:.3g}" if trainable[i] else "",
+        )
     return t

@@ -48,8 +48,10 @@ def collect_coordinates(shards: list[Path], cfg: PruneConfig, vocab_size: int | 
         bad = coords.filter(pl.col("problem").is_not_null())
         if bad.height:
             row = bad.row(0, named=True)
-            raise CurateError(f"{path}: sample {row['id']!r} {row['problem']} ({bad.height} such samples in this "
-                              "shard); the scores are damaged: rescore with `curate score --force`")
+            raise CurateError(
+                f"{path}: sample {row['id']!r} {row['problem']} ({bad.height} such samples in this "
+                "shard); the scores are damaged: rescore with `curate score --force`"
+            )
         coords = coords.drop("problem").with_columns(shard=pl.lit(i, pl.Int32))
         if extra:
             coords = coords.with_columns(group=df[cfg.group_by].fill_null("(none)"))
@@ -99,13 +101,19 @@ def select(coords: pl.DataFrame, cfg: PruneConfig) -> tuple[pl.DataFrame, dict]:
             alphas.append(result.alpha)
         thresholds = result.thresholds
     one_triage = cfg.scope == "global" and groups is None
-    out = coords.with_columns(pl.Series("quadrant", quadrant), pl.Series("batch", part),
-                              pl.Series("selection", list(selection), dtype=pl.String))
+    out = coords.with_columns(
+        pl.Series("quadrant", quadrant),
+        pl.Series("batch", part),
+        pl.Series("selection", list(selection), dtype=pl.String),
+    )
     summary = {
         "alpha": thresholds["alpha"] if one_triage and thresholds else None,
         "thresholds": thresholds if one_triage else None,
-        "alpha_per_batch": ({"min": min(alphas), "mean": float(np.mean(alphas)), "max": max(alphas)}
-                            if alphas and not one_triage else None),
+        "alpha_per_batch": (
+            {"min": min(alphas), "mean": float(np.mean(alphas)), "max": max(alphas)}
+            if alphas and not one_triage
+            else None
+        ),
         "medians": median,
     }
     return out, summary
@@ -127,17 +135,32 @@ def prune_rows(rows: pa.Table, fate: dict[str, tuple], cfg: PruneConfig) -> tupl
         trainable = np.asarray(data["trainable"][i], dtype=np.int8)
         if pruning.prunes_tokens(selection):
             mask = pruning.token_keep_mask(
-                np.asarray(data["logprob"][i], dtype=np.float32), trainable, truncated=data["truncated"][i],
-                token_ratio=cfg.token_ratio, lam=cfg.lam, order=cfg.token_order, strategy=cfg.token_strategy,
-                seed=pruning.sample_seed(cfg.seed, sid))
+                np.asarray(data["logprob"][i], dtype=np.float32),
+                trainable,
+                truncated=data["truncated"][i],
+                token_ratio=cfg.token_ratio,
+                lam=cfg.lam,
+                order=cfg.token_order,
+                strategy=cfg.token_strategy,
+                seed=pruning.sample_seed(cfg.seed, sid),
+            )
         else:
             mask = trainable.copy()
         labels = np.where(mask == 1, ids, schema.IGNORE_INDEX).astype(np.int32)
         loss_tokens += int(mask.sum())
-        for name, value in (("id", sid), ("messages", data["messages"][i]), ("input_ids", ids),
-                            ("attention_mask", np.ones(len(ids), dtype=np.int8)), ("labels", labels),
-                            ("loss_mask", mask), ("assistant_masks", mask), ("quadrant", quadrant),
-                            ("selection", selection), ("ppl", ppl), ("ent", ent)):
+        for name, value in (
+            ("id", sid),
+            ("messages", data["messages"][i]),
+            ("input_ids", ids),
+            ("attention_mask", np.ones(len(ids), dtype=np.int8)),
+            ("labels", labels),
+            ("loss_mask", mask),
+            ("assistant_masks", mask),
+            ("quadrant", quadrant),
+            ("selection", selection),
+            ("ppl", ppl),
+            ("ent", ent),
+        ):
             cols[name].append(value)
     return pa.Table.from_pydict(cols, schema=schema.PRUNED), loss_tokens
 
@@ -169,11 +192,14 @@ def run(cfg: PruneConfig, reporter: Reporter | None = None, force: bool = False)
     base.check_not_input(out, scores_dir)
     scores_manifest = io.verified(scores_dir, "score", SCORES_HINT)
     if cfg.group_by and cfg.group_by not in scores_manifest.get("keep_fields", []):
-        raise CurateError(f"--group-by {cfg.group_by}: the scores in {scores_dir} do not carry that field; score with "
-                          f"--keep-fields {cfg.group_by}")
+        raise CurateError(
+            f"--group-by {cfg.group_by}: the scores in {scores_dir} do not carry that field; score with "
+            f"--keep-fields {cfg.group_by}"
+        )
     settings = cfg.model_dump(exclude={"scores", "out", "workers"})
-    fingerprint = io.fingerprint_config({"config": settings, "scores": scores_manifest["fingerprint"],
-                                         "version": __version__})
+    fingerprint = io.fingerprint_config(
+        {"config": settings, "scores": scores_manifest["fingerprint"], "version": __version__}
+    )
     with io.locked(out, reporter.log):
         done = base.begin(out, "prune", fingerprint, outputs=OUTPUTS, reporter=reporter, force=force)
         if done:
@@ -198,9 +224,14 @@ def run(cfg: PruneConfig, reporter: Reporter | None = None, force: bool = False)
         io.write_json_atomic(out / schema.STATS, stats)
         files = [io.file_entry(out, n) for n in (*names, schema.SAMPLES, schema.STATS)]
         return io.write_manifest(
-            out, "prune", fingerprint, started, files=files,
+            out,
+            "prune",
+            fingerprint,
+            started,
+            files=files,
             inputs=[{"path": str(scores_dir), "stage": "score", "fingerprint": scores_manifest["fingerprint"]}],
-            config=cfg.model_dump(), model=scores_manifest["model"],
+            config=cfg.model_dump(),
+            model=scores_manifest["model"],
             counts={"samples_in": samples.height, "samples_out": stats["K"], "dropped": samples.height - stats["K"]},
             stats=stats,
         )
@@ -227,6 +258,7 @@ def build_stats(cfg: PruneConfig, samples: pl.DataFrame, summary: dict, loss_tok
     }
     if "group" in samples.columns:
         per = samples.group_by("group").agg(N=pl.len(), K=pl.col("kept").sum()).sort("group")
-        stats["groups"] = {g: {"N": n, "K": k, "ratio": cfg.group_ratios.get(g, cfg.ratio)}
-                           for g, n, k in per.iter_rows()}
+        stats["groups"] = {
+            g: {"N": n, "K": k, "ratio": cfg.group_ratios.get(g, cfg.ratio)} for g, n, k in per.iter_rows()
+        }
     return stats

@@ -18,14 +18,18 @@ import polars as pl
 
 from .. import __version__, io, pruning, runs
 from ..config import ReportConfig
-from ..extras import require
+from ..extras import require_stages
 from ..progress import Reporter
 from ..schema import QUADRANT_NAMES, QUADRANTS, SAMPLES, SELECTION_COLOURS, STATS
 from . import base
 
 OUTPUTS = ("eu_plane.png", "histograms.png", "report.html")
-CORNERS = {"Q1": (0.98, 0.98, "right", "top"), "Q2": (0.98, 0.02, "right", "bottom"),
-           "Q3": (0.02, 0.02, "left", "bottom"), "Q4": (0.02, 0.98, "left", "top")}
+CORNERS = {
+    "Q1": (0.98, 0.98, "right", "top"),
+    "Q2": (0.98, 0.02, "right", "bottom"),
+    "Q3": (0.02, 0.02, "left", "bottom"),
+    "Q4": (0.02, 0.98, "left", "top"),
+}
 
 
 def _pyplot():
@@ -56,7 +60,9 @@ def plot_eu_plane(samples: pl.DataFrame, stats: dict, path: Path) -> None:
     for name, color in SELECTION_COLOURS.items():
         m = np.array([s == name for s in sel])
         if m.any():
-            ax.scatter(x[m], y[m], s=22, c=color, edgecolors="black", linewidths=0.3, label=f"kept {name} ({m.sum():,})")
+            ax.scatter(
+                x[m], y[m], s=22, c=color, edgecolors="black", linewidths=0.3, label=f"kept {name} ({m.sum():,})"
+            )
     med = stats["medians"]
     ax.axvline(np.log(med["ppl"]), color="black", ls="--", lw=1, label="medians")
     ax.axhline(med["ent"], color="black", ls="--", lw=1)
@@ -68,8 +74,16 @@ def plot_eu_plane(samples: pl.DataFrame, stats: dict, path: Path) -> None:
             ax.axhline(v, color="#2ca02c", ls=":", lw=1.2)
         ax.plot([], [], color="#2ca02c", ls=":", label=f"alpha = {th['alpha']:.3f} thresholds")
     for q, (cx, cy, ha, va) in CORNERS.items():
-        ax.text(cx, cy, f"{q} {QUADRANT_NAMES[q]}\n{stats['quadrants'][q]:,} samples", transform=ax.transAxes, ha=ha,
-                va=va, fontsize=10, bbox=dict(boxstyle="round", fc="white", ec="#cccccc", alpha=0.9))
+        ax.text(
+            cx,
+            cy,
+            f"{q} {QUADRANT_NAMES[q]}\n{stats['quadrants'][q]:,} samples",
+            transform=ax.transAxes,
+            ha=ha,
+            va=va,
+            fontsize=10,
+            bbox=dict(boxstyle="round", fc="white", ec="#cccccc", alpha=0.9),
+        )
     ax.set_xlabel("log perplexity of the response (error)")
     ax.set_ylabel("mean predictive entropy, nats (uncertainty)")
     ax.set_title(f"EU plane: kept {stats['K']:,} of {stats['N']:,} samples ({stats['sample_ratio']:.1%})")
@@ -83,8 +97,14 @@ def plot_histograms(samples: pl.DataFrame, path: Path) -> None:
     plt = _pyplot()
     kept = samples.filter(pl.col("kept"))
     fig, axes = plt.subplots(1, 3, figsize=(14, 4), dpi=100)
-    for ax, (col, label, transform) in zip(axes, (("ppl", "log perplexity", np.log), ("ent", "mean entropy (nats)", None),
-                                                  ("n_trainable", "trainable tokens per sample", None))):
+    for ax, (col, label, transform) in zip(
+        axes,
+        (
+            ("ppl", "log perplexity", np.log),
+            ("ent", "mean entropy (nats)", None),
+            ("n_trainable", "trainable tokens per sample", None),
+        ),
+    ):
         before = samples[col].to_numpy().astype(float)
         after = kept[col].to_numpy().astype(float)
         if transform is not None:
@@ -101,19 +121,27 @@ def plot_histograms(samples: pl.DataFrame, path: Path) -> None:
 
 
 def token_view(tokenizer, score_row: dict, pruned_row: dict | None, lam: float) -> str:
-    """One sample as HTML spans: prompt, kept loss tokens and pruned tokens, with scores on hover (data-tip)."""
+    """One sample as HTML spans: prompt, kept loss tokens, pruned tokens, or the response of a dropped sample,
+    with scores on hover (data-tip). `pruned_row` is None for a dropped sample."""
     ids, trainable = score_row["input_ids"], np.asarray(score_row["trainable"], dtype=np.int8)
     lp = np.asarray(score_row["logprob"], dtype=np.float32)
     ent = np.asarray(score_row["entropy"], dtype=np.float32)
     s = pruning.context_scores(np.nan_to_num(lp), trainable, lam)
-    mask = np.asarray(pruned_row["loss_mask"]) if pruned_row else trainable
+    mask = np.asarray(pruned_row["loss_mask"]) if pruned_row else None
     parts = []
     for i, tid in enumerate(ids):
-        kind = "prompt" if not trainable[i] else ("kept" if mask[i] else "pruned")
+        if not trainable[i]:
+            kind = "prompt"
+        elif mask is None:
+            kind = "dropped"
+        else:
+            kind = "kept" if mask[i] else "pruned"
         tip = f"token {i} (id {tid}, {kind}) | logprob {lp[i]:.3f} | entropy {ent[i]:.3f}"
         if trainable[i]:
             tip += f" | score {s[i]:.3g}"
-        parts.append(f'<span class="{kind}" data-tip="{html.escape(tip)}">{html.escape(tokenizer.decode([tid]))}</span>')
+        parts.append(
+            f'<span class="{kind}" data-tip="{html.escape(tip)}">{html.escape(tokenizer.decode([tid]))}</span>'
+        )
     return "".join(parts)
 
 
@@ -132,15 +160,23 @@ def refresh_html(summary: dict) -> str:
     rounds = "".join(
         f"<tr><td>{r['round']}</td><td>{html.escape(r['model'])}</td>"
         + "".join(f"<td>{r['quadrants'][q]:,} ({r['kept_by_quadrant'][q]:,})</td>" for q in QUADRANTS)
-        + f"<td>{r['K']:,} / {r['N']:,}</td><td>{r['loss_token_ratio']:.1%}</td></tr>" for r in summary["rounds"])
+        + f"<td>{r['K']:,} / {r['N']:,}</td><td>{r['loss_token_ratio']:.1%}</td></tr>"
+        for r in summary["rounds"]
+    )
     parts = [f"<table><tr><th>round</th><th>scored by</th>{head}<th>kept</th><th>loss tokens</th></tr>{rounds}</table>"]
     for t in summary["transitions"]:
         cols = "".join(f"<th>{q} in round {t['to']}</th>" for q in QUADRANTS)
-        body = "".join(f"<tr><th>{q} in round {t['from']}</th>" + "".join(f"<td>{t['counts'][q][p]:,}</td>" for p in QUADRANTS)
-                       + "</tr>" for q in QUADRANTS)
-        parts.append(f'<h3>Round {t["from"]} &rarr; {t["to"]}</h3><table class="transitions"><tr><th></th>{cols}</tr>'
-                     f"{body}</table><p>{t['stayed']:,} of {t['samples']:,} samples stayed in their quadrant; "
-                     f"{t['kept_both']:,} were kept in both rounds.</p>")
+        body = "".join(
+            f"<tr><th>{q} in round {t['from']}</th>"
+            + "".join(f"<td>{t['counts'][q][p]:,}</td>" for p in QUADRANTS)
+            + "</tr>"
+            for q in QUADRANTS
+        )
+        parts.append(
+            f'<h3>Round {t["from"]} &rarr; {t["to"]}</h3><table class="transitions"><tr><th></th>{cols}</tr>'
+            f"{body}</table><p>{t['stayed']:,} of {t['samples']:,} samples stayed in their quadrant; "
+            f"{t['kept_both']:,} were kept in both rounds.</p>"
+        )
     return '<h2 id="refresh">Refresh rounds</h2>' + "".join(parts)
 
 
@@ -149,8 +185,10 @@ def duplicates_html(duplicates: dict | None) -> str:
         return ""
     fate = "dropped (--dedup)" if duplicates["dropped"] else "kept (score with --dedup to drop them)"
     ids = ", ".join(html.escape(i) for i in duplicates["first_ids"])
-    return (f'<h2 id="duplicates">Duplicates</h2><p>{duplicates["later_copies"]:,} later copies of '
-            f'{duplicates["groups"]:,} identical conversations, {fate}. First copies: {ids}.</p>')
+    return (
+        f'<h2 id="duplicates">Duplicates</h2><p>{duplicates["later_copies"]:,} later copies of '
+        f"{duplicates['groups']:,} identical conversations, {fate}. First copies: {ids}.</p>"
+    )
 
 
 # Hovering a token shows its scores in one tooltip element (a `title` would not show in screenshots or tests).
@@ -168,54 +206,83 @@ document.addEventListener('mouseover', e => {
 </script>"""
 
 
-def build_html(stats: dict, images: dict[str, bytes], sample_html: list[tuple[dict, str]],
-               refresh: dict | None = None, duplicates: dict | None = None) -> str:
-    rows = "".join(f"<tr><td>{q}</td><td>{QUADRANT_NAMES[q]}</td><td>{stats['quadrants'][q]:,}</td>"
-                   f"<td>{stats['kept_by_quadrant'][q]:,}</td></tr>" for q in QUADRANTS)
+def build_html(
+    stats: dict,
+    images: dict[str, bytes],
+    sample_html: list[tuple[dict, str]],
+    refresh: dict | None = None,
+    duplicates: dict | None = None,
+) -> str:
+    rows = "".join(
+        f"<tr><td>{q}</td><td>{QUADRANT_NAMES[q]}</td><td>{stats['quadrants'][q]:,}</td>"
+        f"<td>{stats['kept_by_quadrant'][q]:,}</td></tr>"
+        for q in QUADRANTS
+    )
     tok = stats["trainable_tokens"]
-    summary = (f"<p>Kept <b>{stats['K']:,}</b> of {stats['N']:,} samples ({stats['sample_ratio']:.1%}); "
-               f"selection {html.escape(json.dumps(stats['selection']))}. Loss tokens {tok['after']:,} of "
-               f"{tok['all_samples']:,} trainable ({stats['loss_token_ratio']:.1%}).</p>")
+    summary = (
+        f"<p>Kept <b>{stats['K']:,}</b> of {stats['N']:,} samples ({stats['sample_ratio']:.1%}); "
+        f"selection {html.escape(json.dumps(stats['selection']))}. Loss tokens {tok['after']:,} of "
+        f"{tok['all_samples']:,} trainable ({stats['loss_token_ratio']:.1%}).</p>"
+    )
     groups = ""
     if stats.get("groups"):
-        groups = "<table><tr><th>group</th><th>samples</th><th>kept</th><th>ratio</th></tr>" + "".join(
-            f"<tr><td>{html.escape(g)}</td><td>{v['N']:,}</td><td>{v['K']:,}</td><td>{v['ratio']}</td></tr>"
-            for g, v in stats["groups"].items()) + "</table>"
-    imgs = "".join(f'<figure><img alt="{name}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
-                   f"<figcaption>{name}</figcaption></figure>" for name, data in images.items())
+        groups = (
+            "<table><tr><th>group</th><th>samples</th><th>kept</th><th>ratio</th></tr>"
+            + "".join(
+                f"<tr><td>{html.escape(g)}</td><td>{v['N']:,}</td><td>{v['K']:,}</td><td>{v['ratio']}</td></tr>"
+                for g, v in stats["groups"].items()
+            )
+            + "</table>"
+        )
+    imgs = "".join(
+        f'<figure><img alt="{name}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+        f"<figcaption>{name}</figcaption></figure>"
+        for name, data in images.items()
+    )
     cards = "".join(
         f'<div class="sample" data-quadrant="{s["quadrant"]}"><h3>{html.escape(str(s["id"]))} &middot; '
-        f'{s["quadrant"]} &middot; {s["selection"] or "dropped"} &middot; ppl {s["ppl"]:.2f}, ent {s["ent"]:.3f}</h3>'
-        f"<pre>{body}</pre></div>" for s, body in sample_html)
+        f"{s['quadrant']} &middot; {s['selection'] or 'dropped'} &middot; ppl {s['ppl']:.2f}, ent {s['ent']:.3f}</h3>"
+        f"<pre>{body}</pre></div>"
+        for s, body in sample_html
+    )
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>q-curate report</title><style>
 body{{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px}} img{{max-width:100%}} pre{{white-space:pre-wrap;font-size:13px}}
-.prompt{{color:#666;background:#eeeeee}} .kept{{background:#c7f0c2}} .pruned{{background:#f7b6b6;text-decoration:line-through}}
+.prompt{{color:#666;background:#eeeeee}} .kept{{background:#c7f0c2}}
+.pruned{{background:#f7b6b6;text-decoration:line-through}} .dropped{{color:#555;background:#dfe6f5}}
 .sample{{border:1px solid #ddd;border-radius:6px;padding:0 1em;margin:1em 0}}
-#tip{{display:none;position:absolute;z-index:10;background:#222;color:#fff;padding:4px 8px;border-radius:4px;font-size:12px}}
+#tip{{display:none;position:absolute;z-index:10;background:#222;color:#fff;padding:4px 8px;border-radius:4px;
+font-size:12px}}
 </style></head><body>
 <h1>q-curate report</h1>{refresh_html(refresh) if refresh else ""}
 <h2 id="summary">Summary{" of the last round" if refresh else ""}</h2>{summary}
 <table><tr><th>quadrant</th><th>meaning</th><th>samples</th><th>kept</th></tr>{rows}</table>{groups}
-<p>alpha {stats.get('alpha')}, thresholds {html.escape(json.dumps(stats.get('thresholds')))}</p>
+<p>alpha {stats.get("alpha")}, thresholds {html.escape(json.dumps(stats.get("thresholds")))}</p>
 {duplicates_html(duplicates)}
 <h2 id="pictures">Pictures</h2>{imgs}
 <h2 id="examples">Examples</h2>
 <p>Legend: <span class="prompt">prompt (context)</span> <span class="kept">kept loss token</span>
-<span class="pruned">pruned token</span>. Hover a token for its log-prob, entropy and pruning score.</p>
+<span class="pruned">pruned token</span> <span class="dropped">response of a dropped sample</span>. Hover a token
+for its log-prob, entropy and pruning score.</p>
 {cards}{TOOLTIP_JS}</body></html>"""
 
 
 def run(cfg: ReportConfig, reporter: Reporter | None = None, force: bool = False) -> dict:
     """Write the report of `cfg.run`; returns the manifest (`report` is the page's path)."""
     reporter = reporter or Reporter()
-    require("matplotlib", purpose="curate report")
+    require_stages(("report", cfg))
     started = time.time()
     source = Path(cfg.run)
     found = runs.locate(source)
     out = Path(cfg.out) if cfg.out else source / "report"
-    fingerprint = io.fingerprint_config({"pruned": found.pruned_manifest["fingerprint"], "examples": cfg.examples,
-                                         "refresh": found.refresh, "version": __version__})
+    fingerprint = io.fingerprint_config(
+        {
+            "pruned": found.pruned_manifest["fingerprint"],
+            "examples": cfg.examples,
+            "refresh": found.refresh,
+            "version": __version__,
+        }
+    )
     with io.locked(out, reporter.log):
         done = base.begin(out, "report", fingerprint, outputs=OUTPUTS, reporter=reporter, force=force)
         if done:
@@ -229,11 +296,19 @@ def run(cfg: ReportConfig, reporter: Reporter | None = None, force: bool = False
         wanted = [p["id"] for p in picks]
         score_rows = runs.rows_by_id(found.score_files(), wanted)
         pruned_rows = runs.rows_by_id(found.pruned_files(), wanted, ["id", "loss_mask"])
-        bodies = [(p, token_view(tokenizer, score_rows[p["id"]], pruned_rows.get(p["id"]), stats["config"]["lam"]))
-                  for p in picks]
+        bodies = [
+            (p, token_view(tokenizer, score_rows[p["id"]], pruned_rows.get(p["id"]), stats["config"]["lam"]))
+            for p in picks
+        ]
         images = {name: (out / name).read_bytes() for name in ("eu_plane.png", "histograms.png")}
         page = build_html(stats, images, bodies, found.refresh, found.scores_manifest.get("duplicates"))
         io.write_bytes_atomic(out / "report.html", page.encode())
-        return io.write_manifest(out, "report", fingerprint, started, files=[io.file_entry(out, n) for n in OUTPUTS],
-                                 inputs=[{"path": str(found.pruned), "stage": "prune"}],
-                                 report=str(out / "report.html"))
+        return io.write_manifest(
+            out,
+            "report",
+            fingerprint,
+            started,
+            files=[io.file_entry(out, n) for n in OUTPUTS],
+            inputs=[{"path": str(found.pruned), "stage": "prune"}],
+            report=str(out / "report.html"),
+        )

@@ -22,6 +22,7 @@ import pyarrow as pa
 from .. import __version__, io, readers, schema
 from ..config import ScoreConfig
 from ..errors import CurateError, RowError
+from ..extras import require_stages
 from ..formats import DETECT_ROWS, Sample, Skip, detect_format, parse_fields, to_sample
 from ..progress import Reporter
 from . import base
@@ -53,7 +54,9 @@ class ShardCounts:
     def skip(self, path: str, s: Skip) -> None:
         self.skipped[s.reason] += 1
         if len(self.examples) < MAX_SKIP_EXAMPLES:
-            self.examples.append({"file": path, "row": s.row, "field": s.field, "reason": s.reason, "message": s.message})
+            self.examples.append(
+                {"file": path, "row": s.row, "field": s.field, "reason": s.reason, "message": s.message}
+            )
 
     def as_dict(self) -> dict:
         return {"rows_read": self.rows_read, "skipped": dict(self.skipped), "examples": self.examples}
@@ -117,8 +120,10 @@ class ShardWorker:
                     item = Skip(row, e.reason, e.field, str(e))
             if cfg.on_bad_row == "fail":
                 where = f", field {item.field!r}" if item.field else ""
-                raise CurateError(f"{path}, row {item.row}{where}: {item.message} [{item.reason}] "
-                                  "(use --on-bad-row skip to count and skip such rows)")
+                raise CurateError(
+                    f"{path}, row {item.row}{where}: {item.message} [{item.reason}] "
+                    "(use --on-bad-row skip to count and skip such rows)"
+                )
             counts.skip(str(path), item)
         return items, counts
 
@@ -132,26 +137,43 @@ class ShardWorker:
         for (sample, enc), (lp, ent) in zip(items, scores):
             problem = score_problem(lp, ent, len(enc.input_ids), self.scorer.vocab_size)
             if problem:  # a numerical failure of the model on this row, not a reason to stop the run
-                counts.skip(self.job.cfg.input, Skip(sample.row, "invalid_scores", None, f"sample {sample.id}: {problem}"))
+                counts.skip(
+                    self.job.cfg.input, Skip(sample.row, "invalid_scores", None, f"sample {sample.id}: {problem}")
+                )
                 continue
             kept_items.append((sample, enc))
             kept_scores.append((lp, ent))
         table = shard_table(kept_items, kept_scores, self.job.cfg.keep_fields)
         tokens = sum(len(enc.input_ids) for _, enc in items)
-        io.write_parquet_atomic(table, Path(self.job.cfg.out) / schema.scores_shard(rows.index), self.metadata(rows, counts))
-        return {"index": rows.index, "rows": counts.rows_read, "samples": table.num_rows, "tokens": tokens,
-                "seconds": time.time() - started}
+        io.write_parquet_atomic(
+            table, Path(self.job.cfg.out) / schema.scores_shard(rows.index), self.metadata(rows, counts)
+        )
+        return {
+            "index": rows.index,
+            "rows": counts.rows_read,
+            "samples": table.num_rows,
+            "tokens": tokens,
+            "seconds": time.time() - started,
+        }
 
     def metadata(self, rows: readers.RowRange, counts: ShardCounts) -> dict:
         job, scorer = self.job, self.scorer
         from ..tokenization import chat_template_hash
 
         meta = {
-            "run_fingerprint": job.fingerprint, "model": job.model_name, "model_hash": job.model_hash,
-            "tokenizer": job.model_name, "chat_template_hash": chat_template_hash(self.tokenizer),
-            "backend": job.backend, "dtype": scorer.dtype, "entropy_method": scorer.entropy_method,
-            "vocab_size": str(scorer.vocab_size), "max_length": str(job.cfg.max_length), "curate_version": __version__,
-            "input_rows": json.dumps([rows.start, rows.stop]), "counts": json.dumps(counts.as_dict()),
+            "run_fingerprint": job.fingerprint,
+            "model": job.model_name,
+            "model_hash": job.model_hash,
+            "tokenizer": job.model_name,
+            "chat_template_hash": chat_template_hash(self.tokenizer),
+            "backend": job.backend,
+            "dtype": scorer.dtype,
+            "entropy_method": scorer.entropy_method,
+            "vocab_size": str(scorer.vocab_size),
+            "max_length": str(job.cfg.max_length),
+            "curate_version": __version__,
+            "input_rows": json.dumps([rows.start, rows.stop]),
+            "counts": json.dumps(counts.as_dict()),
         }
         if scorer.entropy_max_error is not None:  # approximate entropies carry their error bound
             meta["entropy_max_error"] = str(scorer.entropy_max_error)
@@ -184,31 +206,39 @@ def shard_table(items: list, scores: list, keep_fields: list[str]) -> pa.Table:
 
 def prepare(cfg: ScoreConfig, reporter: Reporter) -> tuple[ScoreJob, list[readers.RowRange], dict]:
     """Resolve the model, backend and format; plan the shards; fingerprint the run. No model is loaded."""
-    from ..backends import choose_backend, require_backend
+    from ..backends import choose_backend
     from ..models import resolve_model
 
     in_path = Path(cfg.input)
     readers.kind(in_path)  # exists and is a supported type
     base.check_not_input(Path(cfg.out), in_path)
+    require_stages(("score", cfg))
     backend, why = choose_backend(cfg.backend, cfg.device)
-    require_backend(backend)
-    if cfg.engine == "ray":
-        from ..extras import require
-
-        require("ray", purpose="--engine ray")
     model = resolve_model(cfg.model, log=reporter.log)
-    fmt = cfg.format if cfg.format != "auto" else detect_format(in_path, readers.head(in_path, DETECT_ROWS),
-                                                                parse_fields(cfg.fields))
+    fmt = (
+        cfg.format
+        if cfg.format != "auto"
+        else detect_format(in_path, readers.head(in_path, DETECT_ROWS), parse_fields(cfg.fields))
+    )
     # Settings that change the numbers; engine and worker counts do not, so either engine can resume a run.
     ignore = {"out", "engine", "address", "num_workers", "gpus_per_worker", "cpus_per_worker"}
     identity = {k: v for k, v in cfg.model_dump().items() if k not in ignore}
     input_fingerprint = io.fingerprint_path(in_path)
-    fingerprint = io.fingerprint_config({"config": {**identity, "model": model.name, "backend": backend,
-                                                    "format": fmt}, "input": input_fingerprint,
-                                         "model": model.hash, "version": __version__})
+    fingerprint = io.fingerprint_config(
+        {
+            "config": {**identity, "model": model.name, "backend": backend, "format": fmt},
+            "input": input_fingerprint,
+            "model": model.hash,
+            "version": __version__,
+        }
+    )
     job = ScoreJob(cfg, model.path, model.name, model.hash, backend, fmt, fingerprint)
-    info = {"backend_choice": why, "input_fingerprint": input_fingerprint, "format": fmt,
-            "model": {"name": model.name, "path": model.path, "hash": model.hash}}
+    info = {
+        "backend_choice": why,
+        "input_fingerprint": input_fingerprint,
+        "format": fmt,
+        "model": {"name": model.name, "path": model.path, "hash": model.hash},
+    }
     return job, readers.plan(in_path, cfg.shard_size, cfg.limit), info
 
 
@@ -229,8 +259,10 @@ def refuse_mixed_methods(out: Path, done: list[int], method: str) -> None:
         path = out / schema.scores_shard(i)
         earlier = io.parquet_metadata(path).get("entropy_method")
         if earlier != method:
-            raise CurateError(f"{path} holds entropies computed as {earlier!r} but this run computes {method!r}; "
-                              "a run never mixes methods: fix the cause or rerun with --force")
+            raise CurateError(
+                f"{path} holds entropies computed as {earlier!r} but this run computes {method!r}; "
+                "a run never mixes methods: fix the cause or rerun with --force"
+            )
 
 
 def run(cfg: ScoreConfig, reporter: Reporter | None = None, force: bool = False) -> dict:
@@ -240,8 +272,16 @@ def run(cfg: ScoreConfig, reporter: Reporter | None = None, force: bool = False)
     out = Path(cfg.out)
     job, ranges, info = prepare(cfg, reporter)
     with io.locked(out, reporter.log):
-        done_manifest = base.begin(out, "score", job.fingerprint, outputs=OUTPUTS, reporter=reporter, force=force,
-                                   resumable=True, expensive=True)
+        done_manifest = base.begin(
+            out,
+            "score",
+            job.fingerprint,
+            outputs=OUTPUTS,
+            reporter=reporter,
+            force=force,
+            resumable=True,
+            expensive=True,
+        )
         if done_manifest:
             return done_manifest
         done = [r.index for r in ranges if finished_shard(out, r.index, job.fingerprint)]
@@ -249,8 +289,10 @@ def run(cfg: ScoreConfig, reporter: Reporter | None = None, force: bool = False)
         for stray in sorted(out.glob(schema.SCORES_GLOB)):  # e.g. left by an earlier, longer --limit of this run
             if int(stray.stem.split("-")[1]) >= len(ranges):
                 stray.unlink()
-        reporter.log(f"backend: {job.backend} ({info['backend_choice']}); model: {job.model_name}; "
-                     f"format: {job.format}; engine: {cfg.engine}")
+        reporter.log(
+            f"backend: {job.backend} ({info['backend_choice']}); model: {job.model_name}; "
+            f"format: {job.format}; engine: {cfg.engine}"
+        )
         if done:
             reporter.log(f"resuming: {len(done)} of {len(ranges)} shards are already scored")
         if cfg.engine == "ray":
@@ -260,6 +302,18 @@ def run(cfg: ScoreConfig, reporter: Reporter | None = None, force: bool = False)
         else:
             engine_info = score_locally(job, todo, done, ranges, reporter)
         return finalize(job, ranges, info, engine_info, started)
+
+
+def batch_progress(reporter: Reporter, rows: int, tokens: int):
+    """An on_batch callback that advances the bar from where this shard started (scored rows and tokens)."""
+    done = [rows, tokens]
+
+    def on_batch(batch_rows: int, batch_tokens: int) -> None:
+        done[0] += batch_rows
+        done[1] += batch_tokens
+        reporter.advance(*done)
+
+    return on_batch
 
 
 def score_locally(job: ScoreJob, todo, done, ranges, reporter: Reporter) -> dict:
@@ -273,15 +327,7 @@ def score_locally(job: ScoreJob, todo, done, ranges, reporter: Reporter) -> dict
         if worker:
             refuse_mixed_methods(Path(job.cfg.out), done, worker.open())
         for r in todo:
-            base_rows, base_tokens = rows_done, tokens
-            progressed = [0, 0]
-
-            def on_batch(rows, toks):
-                progressed[0] += rows
-                progressed[1] += toks
-                reporter.advance(base_rows + progressed[0], base_tokens + progressed[1])
-
-            result = worker.run(r, on_batch)
+            result = worker.run(r, batch_progress(reporter, rows_done, tokens))
             rows_done += r.stop - r.start
             tokens += result["tokens"]
             seconds += result["seconds"]
@@ -291,8 +337,14 @@ def score_locally(job: ScoreJob, todo, done, ranges, reporter: Reporter) -> dict
             worker.close()
         reporter.finish()
     rate = round(tokens / seconds, 1) if seconds else None
-    return {"engine": "local", "workers": 1, "tokens_scored_this_run": tokens, "seconds": round(seconds, 3),
-            "tokens_per_s": rate, "worker_tokens_per_s": [rate] if rate else []}
+    return {
+        "engine": "local",
+        "workers": 1,
+        "tokens_scored_this_run": tokens,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": rate,
+        "worker_tokens_per_s": [rate] if rate else [],
+    }
 
 
 # ---------------------------------------------------------------- finishing: duplicates and the manifest
@@ -325,7 +377,9 @@ def deduplicate(out: Path, ranges, dedup: bool) -> dict:
     drops: dict[int, dict[int, str]] = {}
     for r in ranges:
         table = pq.read_table(out / schema.scores_shard(r.index), columns=["id", "content_hash"])
-        for pos, (sid, digest) in enumerate(zip(table.column("id").to_pylist(), table.column("content_hash").to_pylist())):
+        for pos, (sid, digest) in enumerate(
+            zip(table.column("id").to_pylist(), table.column("content_hash").to_pylist())
+        ):
             if sid in seen_ids:
                 drops.setdefault(r.index, {})[pos] = "duplicate_id"
                 continue
@@ -339,9 +393,15 @@ def deduplicate(out: Path, ranges, dedup: bool) -> dict:
     examples: list = []
     for index, drop in sorted(drops.items()):
         drop_rows(out / schema.scores_shard(index), drop, examples)
-    return {"duplicate_content": {"groups": len(groups), "later_copies": sum(groups.values()),
-                                  "dropped": dedup, "first_ids": sorted(groups)[:MAX_SKIP_EXAMPLES]},
-            "examples": examples}
+    return {
+        "duplicate_content": {
+            "groups": len(groups),
+            "later_copies": sum(groups.values()),
+            "dropped": dedup,
+            "first_ids": sorted(groups)[:MAX_SKIP_EXAMPLES],
+        },
+        "examples": examples,
+    }
 
 
 def finalize(job: ScoreJob, ranges, info: dict, engine_info: dict, started: float) -> dict:
@@ -368,15 +428,28 @@ def finalize(job: ScoreJob, ranges, info: dict, engine_info: dict, started: floa
         entropy["topk_max_error_nats"] = round(max(errors), 6)  # half-width of the widest tail-mass bound
     files = [io.file_entry(out, n, rows=pq.read_metadata(out / n).num_rows) for n in names]
     return io.write_manifest(
-        out, "score", job.fingerprint, started, files=files,
+        out,
+        "score",
+        job.fingerprint,
+        started,
+        files=files,
         inputs=[{"path": cfg.input, "fingerprint": info["input_fingerprint"]}],
         config={**cfg.model_dump(), "model": job.model_name, "backend": job.backend, "format": job.format},
-        backend_choice=info["backend_choice"], entropy=entropy, model=info["model"],
-        vocab_size=int(metas[0]["vocab_size"]), keep_fields=cfg.keep_fields,
-        counts={"rows_read": rows_read, "samples": samples, "skipped": sum(skipped.values()),
-                "truncated": int(pc.sum(table.column("truncated")).as_py() or 0),
-                "tokens": int(pc.sum(table.column("n_tokens")).as_py()),
-                "trainable_tokens": int(pc.sum(table.column("n_trainable")).as_py())},
-        skipped_by_reason=dict(skipped), skipped_examples=examples + duplicates["examples"],
-        duplicates=duplicates["duplicate_content"], scoring=engine_info,
+        backend_choice=info["backend_choice"],
+        entropy=entropy,
+        model=info["model"],
+        vocab_size=int(metas[0]["vocab_size"]),
+        keep_fields=cfg.keep_fields,
+        counts={
+            "rows_read": rows_read,
+            "samples": samples,
+            "skipped": sum(skipped.values()),
+            "truncated": int(pc.sum(table.column("truncated")).as_py() or 0),
+            "tokens": int(pc.sum(table.column("n_tokens")).as_py()),
+            "trainable_tokens": int(pc.sum(table.column("n_trainable")).as_py()),
+        },
+        skipped_by_reason=dict(skipped),
+        skipped_examples=examples + duplicates["examples"],
+        duplicates=duplicates["duplicate_content"],
+        scoring=engine_info,
     )

@@ -15,7 +15,7 @@ from pathlib import Path
 from .. import __version__, io, schema
 from ..config import TrainConfig
 from ..errors import CurateError
-from ..extras import require
+from ..extras import require_stages
 from ..progress import Reporter
 from . import base
 
@@ -27,8 +27,10 @@ def training_files(data: Path) -> tuple[list[Path], str]:
     """The Parquet files to train on and a fingerprint of them: a finished, intact `curate prune` (or
     `curate retokenize`) folder, or one Parquet file given explicitly."""
     if not data.exists():
-        raise CurateError(f"{data}: no such file or folder, so no Parquet files to train on (give a `curate prune` "
-                          "folder or one .parquet file with input_ids and labels)")
+        raise CurateError(
+            f"{data}: no such file or folder, so no Parquet files to train on (give a `curate prune` "
+            "folder or one .parquet file with input_ids and labels)"
+        )
     if data.is_file():
         if data.suffix != ".parquet":
             raise CurateError(f"{data}: expected a .parquet file or a `curate prune` folder")
@@ -51,8 +53,10 @@ def load_training_table(files: list[Path]):
         raise CurateError(f"{files[0].parent}: cannot read the Parquet files: {e}") from None
     missing = {"input_ids", "labels"} - set(ds.column_names)
     if missing:
-        raise CurateError(f"{files[0]}: column(s) {sorted(missing)} missing; train on the output of `curate prune` "
-                          "(or `curate export --format trl`)")
+        raise CurateError(
+            f"{files[0]}: column(s) {sorted(missing)} missing; train on the output of `curate prune` "
+            "(or `curate export --format trl`)"
+        )
     if "attention_mask" not in ds.column_names:
         ds = ds.map(lambda r: {"attention_mask": [1] * len(r["input_ids"])})
     return ds.select_columns(["input_ids", "attention_mask", "labels"])
@@ -77,15 +81,33 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, dataset, work_dir: Path, c
 
     on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     args = TrainingArguments(
-        output_dir=str(work_dir), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
-        learning_rate=cfg.lr, per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-        lr_scheduler_type=cfg.scheduler, warmup_steps=cfg.warmup, seed=cfg.seed, use_cpu=on_cpu,
-        bf16=not on_cpu and torch.cuda.is_bf16_supported(), logging_steps=1, save_strategy="epoch",
-        save_total_limit=1, report_to="none", disable_tqdm=True, remove_unused_columns=False,
+        output_dir=str(work_dir),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,
+        learning_rate=cfg.lr,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        lr_scheduler_type=cfg.scheduler,
+        warmup_steps=cfg.warmup,
+        seed=cfg.seed,
+        use_cpu=on_cpu,
+        bf16=not on_cpu and torch.cuda.is_bf16_supported(),
+        logging_steps=1,
+        save_strategy="epoch",
+        save_total_limit=1,
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
     )
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                      processing_class=tokenizer, callbacks=list(callbacks))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+    )
     trainer.remove_callback(PrinterCallback)  # raw log dicts on stdout; progress goes through `log` instead
     return trainer
 
@@ -96,21 +118,21 @@ def run(cfg: TrainConfig, reporter: Reporter | None = None, force: bool = False)
 
     reporter = reporter or Reporter()
     log = reporter.log
-    require("torch", "transformers", "datasets", purpose="training")
-    if cfg.lora_rank:
-        require("peft", purpose="LoRA training (--lora-rank > 0)")
+    require_stages(("train", cfg))
     started = time.time()
     out, data = Path(cfg.out), Path(cfg.data)
     base.check_not_input(out, data)
     files, data_fingerprint = training_files(data)
     model_ref = resolve_model(cfg.model, log=log)
     identity = cfg.model_dump(exclude={"data", "out", "model", "device"})
-    fingerprint = io.fingerprint_config({"config": identity, "data": data_fingerprint, "model": model_ref.hash,
-                                         "version": __version__})
+    fingerprint = io.fingerprint_config(
+        {"config": identity, "data": data_fingerprint, "model": model_ref.hash, "version": __version__}
+    )
     with io.locked(out, log):
         # Checkpoints of an interrupted run with this fingerprint are resumed; any others are removed.
-        done = base.begin(out, "train", fingerprint, outputs=(CHECKPOINTS,), reporter=reporter, force=force,
-                          resumable=True)
+        done = base.begin(
+            out, "train", fingerprint, outputs=(CHECKPOINTS,), reporter=reporter, force=force, resumable=True
+        )
         if done:
             return done
         return _train(cfg, files, model_ref, fingerprint, data_fingerprint, started, log)
@@ -136,17 +158,29 @@ def _train(cfg: TrainConfig, files, model_ref, fingerprint: str, data_fingerprin
     top = pc.max(pc.list_flatten(columns["input_ids"])).as_py()
     n_loss = pc.sum(pc.not_equal(pc.list_flatten(columns["labels"]), -100)).as_py()
     if top >= vocab:
-        raise CurateError(f"{files[0].parent}: token id {top} is outside the vocabulary of {model_ref.name!r} "
-                          f"({vocab}); the data was tokenised for another model: score and prune with --model "
-                          f"{model_ref.name}")
+        raise CurateError(
+            f"{files[0].parent}: token id {top} is outside the vocabulary of {model_ref.name!r} "
+            f"({vocab}); the data was tokenised for another model: score and prune with --model "
+            f"{model_ref.name}"
+        )
     if cfg.lora_rank:
         from peft import LoraConfig, get_peft_model
 
         # Every linear layer but the output head: the attention and MLP projections of any decoder.
-        model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
-    log(f"training {model_ref.name} on {len(dataset):,} samples ({n_loss:,} loss tokens), "
-        f"{'LoRA rank ' + str(cfg.lora_rank) if cfg.lora_rank else 'full fine-tuning'}")
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg.lora_rank,
+                lora_alpha=cfg.lora_alpha,
+                lora_dropout=0.0,
+                target_modules="all-linear",
+                task_type="CAUSAL_LM",
+            ),
+        )
+    log(
+        f"training {model_ref.name} on {len(dataset):,} samples ({n_loss:,} loss tokens), "
+        f"{'LoRA rank ' + str(cfg.lora_rank) if cfg.lora_rank else 'full fine-tuning'}"
+    )
 
     work = out / CHECKPOINTS  # Trainer checkpoints, so an interrupted run resumes; removed when done
     history: list = []
@@ -161,13 +195,22 @@ def _train(cfg: TrainConfig, files, model_ref, fingerprint: str, data_fingerprin
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     shutil.rmtree(work, ignore_errors=True)
-    files = [io.file_entry(out, p.name) for p in sorted(out.iterdir()) if p.is_file() and not p.name.startswith((".", "_"))]
+    files = [
+        io.file_entry(out, p.name) for p in sorted(out.iterdir()) if p.is_file() and not p.name.startswith((".", "_"))
+    ]
     return io.write_manifest(
-        out, "train", fingerprint, started, files=files,
-        inputs=[{"path": str(cfg.data), "fingerprint": data_fingerprint},
-                {"model": model_ref.name, "path": model_ref.path, "hash": model_ref.hash}],
+        out,
+        "train",
+        fingerprint,
+        started,
+        files=files,
+        inputs=[
+            {"path": str(cfg.data), "fingerprint": data_fingerprint},
+            {"model": model_ref.name, "path": model_ref.path, "hash": model_ref.hash},
+        ],
         config={**cfg.model_dump(), "model": model_ref.name},
         model={"name": str(out), "path": str(out.resolve()), "base": model_ref.name},
         counts={"samples": len(dataset), "loss_tokens": n_loss, "steps": result.global_step},
-        train_loss=round(float(result.training_loss), 5), loss_history=history,
+        train_loss=round(float(result.training_loss), 5),
+        loss_history=history,
     )

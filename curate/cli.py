@@ -389,6 +389,28 @@ def run_cmd(
         out.print(f"run folder: {p.run_dir} (resolved config: {Path(p.run_dir) / 'config.yaml'})")
 
 
+@app.command("experiment")
+def experiment_cmd(
+    config: Path = typer.Argument(..., help="Experiment YAML (see pipelines/experiments/)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config value, e.g. --set eval.limit=50 (repeatable)."),
+    force: bool = typer.Option(False, "--force", help="Recompute every stage of every arm."),
+):
+    """Does the pruning pay off? Score once, prune every arm from the same scores, train each identically, evaluate.
+
+    Writes RUN/results.json, results.md (the tables) and results.png; finished arms are not retrained."""
+    from . import experiment
+    from .config import ExperimentConfig, load_model
+
+    with user_errors():
+        cfg = load_model(ExperimentConfig, config, set_, "experiment config")
+        manifest = quiet(experiment.run, cfg, reporter(), force)
+        out.print((Path(cfg.run_dir) / "results.md").read_text(), markup=False, highlight=False)
+        out.print(
+            f"results: {cfg.run_dir}/results.json, results.md, results.png "
+            f"({manifest['results']['wall_time_s'] / 60:.1f} min)"
+        )
+
+
 @app.command("report")
 @command(ReportConfig, arguments=("run",))
 def report_cmd(

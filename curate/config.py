@@ -18,6 +18,7 @@ from .errors import CurateError
 
 PosInt = Annotated[int, Field(ge=1)]
 Ratio = Annotated[float, Field(gt=0, le=1)]
+Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")]
 
 
 class Options(BaseModel):
@@ -76,7 +77,7 @@ class ScoreOptions(Options):
     batch_tokens: int = Field(4096, ge=2, description="Padded tokens per forward batch (rows are length-sorted).")
     shard_size: PosInt = Field(512, description="Input rows per output shard: the unit of resume and of parallel work.")
     dtype: Dtype = Field("auto", description="Model dtype: auto is float32 on CPU and bfloat16 on CUDA.")
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N.")
+    device: Device = Field("auto", description="auto, cpu, cuda or cuda:N.")
     on_bad_row: Literal["skip", "fail"] = Field(
         "skip",
         description="skip: count unusable rows with their reason; fail: stop at the first, naming file, row and field.",
@@ -246,9 +247,7 @@ class TrainOptions(Options):
     warmup: float = Field(0.03, ge=0, description="Warm-up: a fraction of the steps (< 1) or a number of steps.")
     scheduler: Scheduler = Field("cosine", description="Learning-rate schedule.")
     seed: int = Field(0, description="Seed for shuffling and initialisation.")
-    device: str = Field(
-        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto (CUDA when present), cpu or cuda."
-    )
+    device: Device = Field("auto", description="auto (CUDA when present), cpu or cuda.")
 
 
 class TrainConfig(TrainOptions):
@@ -313,6 +312,69 @@ class RetokenizeConfig(Options):
     )
     out: str = Field(description="Folder for the re-tokenised pruned dataset (same layout as `curate prune`).")
     max_length: PosInt | None = Field(None, description="Truncate longer target sequences (default: no limit).")
+
+
+# ---------------------------------------------------------------- experiments
+
+Arm = Literal["full", "random", "qtuning", "qtuning-samples", "ppl-high", "ppl-low", "entropy-high", "entropy-low"]
+ALL_ARMS = ["full", "random", "qtuning", "qtuning-samples", "ppl-high", "ppl-low", "entropy-high", "entropy-low"]
+
+
+class Budget(Options):
+    ratio: Ratio = Field(description="Fraction of samples kept.")
+    token_ratio: Ratio = Field(description="Fraction of tokens kept in the samples whose tokens are pruned.")
+    arms: list[Arm] = Field(default_factory=lambda: list(ALL_ARMS), description="Arms trained at this budget.")
+
+
+class EvalOptions(Options):
+    data: str = Field(description="Held-out question/answer rows (e.g. GSM8K test.jsonl).")
+    fields: str | None = Field(None, description="prompt=FIELD,response=FIELD when not auto-detected.")
+    limit: PosInt | None = Field(None, description="Rows for the answer NLL (default: all).")
+    em_limit: int | None = Field(None, ge=0, description="Rows for GSM8K exact match (default: limit; 0: none).")
+    max_new_tokens: PosInt = Field(320, description="Longest generated answer.")
+    batch_size: PosInt = Field(16, description="Rows per generation batch.")
+    device: Device = Field("auto", description="auto, cpu, cuda or cuda:N.")
+
+
+class RobustnessOptions(Options):
+    fraction: float = Field(
+        0.2, gt=0, lt=1, description="Share of training rows corrupted (given another row's answer)."
+    )
+    seed: int = Field(1234, description="Which rows are corrupted, and with whose answers.")
+    ratio: Ratio = Field(0.25, description="Sample budget of the robustness arms.")
+    token_ratio: Ratio = Field(0.5, description="Token budget of the robustness arms.")
+    train_arms: list[Arm] = Field(
+        default_factory=lambda: ["full", "random", "qtuning"],
+        description="Arms also trained and evaluated on the corrupted set.",
+    )
+
+
+class ExperimentConfig(Options):
+    run_dir: str = Field(description="Folder of the experiment: scores, one folder per arm, results.")
+    train_data: str = Field(description="The training set (any input format).")
+    score: ScoreOptions = Field(default_factory=ScoreOptions, description="Scoring (model, fields, limit, ...).")
+    prune: PruneOptions = Field(
+        default_factory=PruneOptions,
+        description="Prune settings shared by every arm (each arm sets its own strategy and budget).",
+    )
+    train: TrainOptions = Field(default_factory=TrainOptions, description="Identical training settings for every arm.")
+    budgets: list[Budget] = Field(
+        default_factory=lambda: [Budget(ratio=0.25, token_ratio=0.5), Budget(ratio=0.125, token_ratio=0.5)]
+    )
+    equal: Literal["epochs", "steps"] = Field(
+        "epochs",
+        description="epochs: every arm trains train.epochs passes over its own data; steps: every arm "
+        "trains train.max_steps optimizer steps.",
+    )
+    seeds: list[int] = Field(default_factory=lambda: [0], description="One training (and random pruning) per seed.")
+    robustness: RobustnessOptions | None = None
+    eval: EvalOptions
+
+    @model_validator(mode="after")
+    def _steps_need_max_steps(self):
+        if self.equal == "steps" and not self.train.max_steps:
+            raise ValueError("equal: steps needs train.max_steps (the steps every arm trains)")
+        return self
 
 
 # ---------------------------------------------------------------- pipelines

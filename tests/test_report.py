@@ -1,6 +1,5 @@
 import shutil
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -71,8 +70,15 @@ def test_inspect_shows_tokens(small_run):
     assert bad.exit_code == 2 and "no sample with id" in bad.output
 
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 
 
 def test_report_in_a_real_browser(small_run):

@@ -1,0 +1,424 @@
+"""`curate experiment CONFIG.yaml`: does the pruning pay off? The paper's comparison on a user's own data.
+
+One base model, one training set, one evaluation set. The training set is scored once; every arm (full data,
+random samples x random tokens, Q-Tuning, Q-Tuning samples only, and the sample baselines) is pruned from the same
+scores, trained with identical settings and seeds, and evaluated on the same held-out rows (answer NLL and GSM8K
+exact match). The robustness part corrupts a share of the training rows (each gets another row's answer) and
+reports, per strategy, how many corrupted rows each one keeps, and how the trained arms fare. Every step is a
+stage with its own manifest, so an interrupted experiment resumes where it stopped and a finished arm is not
+retrained.
+
+Layout: RUN/scores, RUN/arms/ARM/seed-S/{pruned,model,eval}, RUN/base/eval, RUN/corrupted/{train.jsonl,scores},
+RUN/robustness/..., RUN/results.{json,md,png} and RUN/_manifest.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from . import __version__, io
+from .config import Budget, ExperimentConfig, PruneConfig, ScoreConfig, TrainConfig
+from .extras import require_stages
+from .progress import Reporter
+from .stages import base, prune, score, train
+
+# arm -> (sample strategy, token strategy); `full` keeps every sample whole.
+ARM_STRATEGIES = {
+    "full": ("random", "none"),
+    "random": ("random", "random"),
+    "qtuning": ("qtuning", "qtuning"),
+    "qtuning-samples": ("qtuning", "none"),
+    "ppl-high": ("ppl-high", "none"),
+    "ppl-low": ("ppl-low", "none"),
+    "entropy-high": ("entropy-high", "none"),
+    "entropy-low": ("entropy-low", "none"),
+}
+ROBUSTNESS_STRATEGIES = ("qtuning", "random", "ppl-high", "ppl-low", "entropy-high", "entropy-low")
+
+
+def arm_name(arm: str, budget: Budget | None) -> str:
+    if arm == "full" or budget is None:
+        return arm
+    return f"{arm}-{budget.ratio:g}x{budget.token_ratio:g}"
+
+
+def planned_arms(cfg: ExperimentConfig) -> list[tuple[str, str, Budget | None]]:
+    """(name, arm, budget) of every arm, each once (`full` does not depend on the budget)."""
+    arms, seen = [], set()
+    for budget in cfg.budgets:
+        for arm in budget.arms:
+            name = arm_name(arm, budget)
+            if name not in seen:
+                seen.add(name)
+                arms.append((name, arm, None if arm == "full" else budget))
+    return arms
+
+
+def prune_config(
+    cfg: ExperimentConfig, arm: str, budget: Budget | None, seed: int, scores: Path, out: Path
+) -> PruneConfig:
+    strategy, token_strategy = ARM_STRATEGIES[arm]
+    ratio, token_ratio = (1.0, 1.0) if budget is None else (budget.ratio, budget.token_ratio)
+    return PruneConfig(
+        **{
+            **cfg.prune.model_dump(),
+            "ratio": ratio,
+            "token_ratio": token_ratio,
+            "strategy": strategy,
+            "token_strategy": token_strategy,
+            "seed": seed,
+        },
+        scores=str(scores),
+        out=str(out),
+    )
+
+
+def train_config(cfg: ExperimentConfig, seed: int, data: Path, out: Path) -> TrainConfig:
+    options = {**cfg.train.model_dump(), "seed": seed, "model": cfg.train.model or cfg.score.model}
+    if cfg.equal == "epochs":
+        options["max_steps"] = None
+    return TrainConfig(**options, data=str(data), out=str(out))
+
+
+# ---------------------------------------------------------------- evaluation, as a resumable stage
+
+
+def rows_fingerprint(rows: list[dict]) -> str:
+    return hashlib.sha256(json.dumps([r["id"] for r in rows]).encode()).hexdigest()[:16]
+
+
+def evaluate(
+    model: dict,
+    cfg: ExperimentConfig,
+    nll_rows: list[dict],
+    em_rows: list[dict],
+    out: Path,
+    reporter: Reporter,
+    force: bool,
+) -> dict:
+    """Answer NLL and exact match of one model (`model`: a train manifest's or a score manifest's model entry)."""
+    from . import evaluate as ev
+
+    started = time.time()
+    fingerprint = io.fingerprint_config(
+        {
+            "model": model.get("hash") or model["path"],
+            "eval": cfg.eval.model_dump(),
+            "rows": [rows_fingerprint(nll_rows), rows_fingerprint(em_rows)],
+            "version": __version__,
+        }
+    )
+    with io.locked(out, reporter.log):
+        done = base.begin(out, "evaluate", fingerprint, outputs=("eval.json",), reporter=reporter, force=force)
+        if done:
+            return done
+        reporter.log(f"evaluating {model['path']} on {len(nll_rows)} rows (NLL) and {len(em_rows)} rows (EM)")
+        result = {
+            "nll": ev.answer_nll(model["path"], nll_rows, device=cfg.eval.device),
+            "nll_rows": rows_fingerprint(nll_rows),
+            "em_rows": rows_fingerprint(em_rows),
+        }
+        if em_rows:
+            result["em"] = ev.gsm8k_em(
+                model["path"], em_rows, cfg.eval.max_new_tokens, cfg.eval.batch_size, cfg.eval.device
+            )
+        io.write_json_atomic(out / "eval.json", result)
+        return io.write_manifest(
+            out, "evaluate", fingerprint, started, files=[io.file_entry(out, "eval.json")], model=model, result=result
+        )
+
+
+# ---------------------------------------------------------------- the corrupted training set
+
+
+def corrupt(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[str]]:
+    """A copy of `rows` in which round(fraction * n) rows get the last assistant turn of another chosen row
+    (a cyclic shift over a random choice, so no row keeps its own answer). Returns the rows and the corrupted ids."""
+    rng = np.random.default_rng(seed)
+    n = len(rows)
+    chosen = sorted(rng.choice(n, size=max(2, round(fraction * n)), replace=False).tolist())
+    out = [dict(r, messages=[dict(m) for m in r["messages"]]) for r in rows]
+    for src, dst in zip(chosen, chosen[1:] + chosen[:1]):
+        out[dst]["messages"][-1]["content"] = rows[src]["messages"][-1]["content"]
+    return out, [rows[i]["id"] for i in chosen]
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    io.write_bytes_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+
+
+# ---------------------------------------------------------------- the experiment
+
+
+def run_arm(
+    cfg: ExperimentConfig,
+    arm: str,
+    budget: Budget | None,
+    seed: int,
+    scores: Path,
+    folder: Path,
+    nll_rows,
+    em_rows,
+    reporter: Reporter,
+    force: bool,
+) -> dict:
+    pruned = prune.run(prune_config(cfg, arm, budget, seed, scores, folder / "pruned"), reporter, force)
+    trained = train.run(train_config(cfg, seed, folder / "pruned", folder / "model"), reporter, force)
+    evaluated = evaluate(
+        trained["model"] | {"hash": trained["fingerprint"]}, cfg, nll_rows, em_rows, folder / "eval", reporter, force
+    )
+    st = pruned["stats"]
+    return {
+        "seed": seed,
+        "samples": st["K"],
+        "loss_tokens": st["trainable_tokens"]["after"],
+        "trained_samples": trained["counts"]["samples"],
+        "trained_loss_tokens": trained["counts"]["loss_tokens"],
+        "steps": trained["counts"]["steps"],
+        "train_seconds": trained["wall_time_s"],
+        "nll": evaluated["result"]["nll"]["nll"],
+        "em": evaluated["result"].get("em", {}).get("em"),
+        "nll_rows": evaluated["result"]["nll_rows"],
+        "em_rows": evaluated["result"]["em_rows"],
+        "selection": st["selection"],
+        "folder": str(folder),
+    }
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Mean and standard deviation over seeds of NLL and EM (sd 0 for one seed)."""
+    out = {}
+    for key in ("nll", "em"):
+        values = [r[key] for r in runs if r[key] is not None]
+        if values:
+            out[key] = {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+    return out
+
+
+def robustness(
+    cfg: ExperimentConfig, clean_rows: list[dict], nll_rows, em_rows, reporter: Reporter, force: bool
+) -> dict:
+    rc, folder = cfg.robustness, Path(cfg.run_dir) / "robustness"
+    rows, bad_ids = corrupt(clean_rows, rc.fraction, rc.seed)
+    data = folder / "train-corrupted.jsonl"
+    if not data.exists() or force:
+        write_rows(data, rows)
+    scored = score.run(
+        ScoreConfig(
+            **{**cfg.score.model_dump(), "fields": None, "limit": None, "format": "openai"},
+            input=str(data),
+            out=str(folder / "scores"),
+        ),
+        reporter,
+        force,
+    )
+    budget = Budget(ratio=rc.ratio, token_ratio=rc.token_ratio)
+    bad = set(bad_ids)
+    kept_share = {}
+    for strategy in ROBUSTNESS_STRATEGIES:
+        d = folder / "strategies" / strategy
+        prune.run(prune_config(cfg, strategy, budget, cfg.seeds[0], folder / "scores", d), reporter, force)
+        kept = pl.read_parquet(d / "samples.parquet", columns=["id", "kept"]).filter(pl.col("kept"))["id"].to_list()
+        kept_share[strategy] = {
+            "kept": len(kept),
+            "corrupted": sum(i in bad for i in kept),
+            "share": sum(i in bad for i in kept) / len(kept),
+        }
+    trained = {}
+    for arm in rc.train_arms:
+        name = arm_name(arm, None if arm == "full" else budget)
+        trained[name] = [
+            run_arm(
+                cfg,
+                arm,
+                None if arm == "full" else budget,
+                seed,
+                folder / "scores",
+                folder / "arms" / name / f"seed-{seed}",
+                nll_rows,
+                em_rows,
+                reporter,
+                force,
+            )
+            for seed in cfg.seeds
+        ]
+    return {
+        "fraction": rc.fraction,
+        "corrupted_rows": len(bad_ids),
+        "rows": scored["counts"]["samples"],
+        "budget": budget.model_dump(),
+        "kept": kept_share,
+        "trained": {name: {"runs": runs, **summarise(runs)} for name, runs in trained.items()},
+    }
+
+
+def run(cfg: ExperimentConfig, reporter: Reporter | None = None, force: bool = False) -> dict:
+    from . import evaluate as ev
+    from .models import resolve_model
+
+    reporter = reporter or Reporter()
+    started = time.time()
+    folder = Path(cfg.run_dir)
+    score_cfg = ScoreConfig(**cfg.score.model_dump(), input=cfg.train_data, out=str(folder / "scores"))
+    require_stages(("score", score_cfg), ("prune", None), ("train", cfg.train), ("report", None))
+    with io.locked(folder, reporter.log):
+        scored = score.run(score_cfg, reporter, force)
+        limit = cfg.eval.limit
+        nll_rows = ev.eval_rows(Path(cfg.eval.data), cfg.eval.fields, limit)
+        em_limit = limit if cfg.eval.em_limit is None else cfg.eval.em_limit
+        em_rows = nll_rows[:em_limit] if em_limit is not None else nll_rows
+        base_model = resolve_model(cfg.train.model or cfg.score.model, log=reporter.log)
+        baseline = evaluate(
+            {"path": base_model.path, "name": base_model.name, "hash": base_model.hash},
+            cfg,
+            nll_rows,
+            em_rows,
+            folder / "base" / "eval",
+            reporter,
+            force,
+        )["result"]
+        arms = {}
+        for name, arm, budget in planned_arms(cfg):
+            runs = [
+                run_arm(
+                    cfg,
+                    arm,
+                    budget,
+                    seed,
+                    folder / "scores",
+                    folder / "arms" / name / f"seed-{seed}",
+                    nll_rows,
+                    em_rows,
+                    reporter,
+                    force,
+                )
+                for seed in cfg.seeds
+            ]
+            arms[name] = {
+                "arm": arm,
+                "budget": budget.model_dump(exclude={"arms"}) if budget else None,
+                "runs": runs,
+                **summarise(runs),
+            }
+        results = {
+            "base": {"nll": baseline["nll"]["nll"], "em": baseline.get("em", {}).get("em")},
+            "arms": arms,
+            "train_rows": scored["counts"]["samples"],
+            "eval_rows": {"nll": len(nll_rows), "em": len(em_rows)},
+            "seeds": cfg.seeds,
+            "equal": cfg.equal,
+        }
+        if cfg.robustness:
+            clean = [{"id": r["id"], "messages": r["messages"]} for r in training_rows(folder / "scores", scored)]
+            results["robustness"] = robustness(cfg, clean, nll_rows, em_rows, reporter, force)
+        results["wall_time_s"] = round(time.time() - started, 1)
+        io.write_json_atomic(folder / "results.json", results)
+        io.write_bytes_atomic(folder / "results.md", results_markdown(cfg, results).encode())
+        plot_results(results, folder / "results.png")
+        files = [io.file_entry(folder, n) for n in ("results.json", "results.md", "results.png")]
+        return io.write_manifest(
+            folder,
+            "experiment",
+            io.fingerprint_config(cfg.model_dump()),
+            started,
+            files=files,
+            config=cfg.model_dump(),
+            results=results,
+        )
+
+
+def training_rows(scores: Path, manifest: dict) -> list[dict]:
+    """The scored training rows (id and conversation), in order: the set the robustness part corrupts."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table([scores / f["name"] for f in manifest["files"]], columns=["id", "messages"]).to_pylist()
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def _fmt(stat: dict | None, key: str, scale: float = 1.0, digits: int = 3) -> str:
+    if not stat or key not in stat:
+        return "n/a"
+    mean, sd = stat[key]["mean"] * scale, stat[key]["sd"] * scale
+    return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd else "")
+
+
+def results_markdown(cfg: ExperimentConfig, results: dict) -> str:
+    n_seeds = len(results["seeds"])
+    lines = [
+        f"Training rows: {results['train_rows']:,}; evaluation rows: {results['eval_rows']['nll']:,} (NLL), "
+        f"{results['eval_rows']['em']:,} (exact match); seeds: {results['seeds']}; equal {results['equal']}"
+        + (" (mean ± sd over seeds)" if n_seeds > 1 else "")
+        + ".",
+        "",
+        "| arm | samples | loss tokens | steps | answer NLL (nats/token, lower is better) | GSM8K EM % |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| base model (no training) | | | | {results['base']['nll']:.3f} | "
+        + (f"{100 * results['base']['em']:.1f} |" if results["base"]["em"] is not None else "n/a |"),
+    ]
+    for name, a in results["arms"].items():
+        r0 = a["runs"][0]
+        lines.append(
+            f"| {name} | {r0['samples']:,} | {r0['loss_tokens']:,} | {r0['steps']:,} | {_fmt(a, 'nll')} | "
+            f"{_fmt(a, 'em', 100, 1)} |"
+        )
+    rb = results.get("robustness")
+    if rb:
+        lines += [
+            "",
+            f"Robustness: {rb['corrupted_rows']:,} of {rb['rows']:,} training rows corrupted (each given "
+            f"another row's answer); budget {rb['budget']['ratio']:g} of samples x {rb['budget']['token_ratio']:g} "
+            "of tokens.",
+            "",
+            "| strategy | kept | corrupted among kept | share |",
+            "|---|---:|---:|---:|",
+        ]
+        for s, k in rb["kept"].items():
+            lines.append(f"| {s} | {k['kept']:,} | {k['corrupted']:,} | {100 * k['share']:.1f}% |")
+        expected = 100 * rb["corrupted_rows"] / rb["rows"]
+        lines += [
+            "",
+            f"(A strategy blind to the scores keeps about {expected:.0f}% corrupted rows.)",
+            "",
+            "| trained on the corrupted set | answer NLL | GSM8K EM % |",
+            "|---|---:|---:|",
+        ]
+        for name, t in rb["trained"].items():
+            lines.append(f"| {name} | {_fmt(t, 'nll')} | {_fmt(t, 'em', 100, 1)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(results: dict, path: Path) -> None:
+    from .stages.report import _pyplot
+
+    plt = _pyplot()
+    names = ["base"] + list(results["arms"])
+    stats = [
+        {"nll": {"mean": results["base"]["nll"], "sd": 0.0}, "em": {"mean": results["base"]["em"] or 0.0, "sd": 0.0}}
+    ] + list(results["arms"].values())
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), dpi=100)
+    for ax, key, label, scale in (
+        (axes[0], "nll", "answer NLL (nats/token), lower is better", 1.0),
+        (axes[1], "em", "GSM8K exact match (%)", 100.0),
+    ):
+        means = [scale * (s.get(key) or {"mean": math.nan})["mean"] for s in stats]
+        sds = [scale * (s.get(key) or {"sd": 0.0})["sd"] for s in stats]
+        colours = ["#999999"] + ["#d62728" if n.startswith("qtuning") else "#1f77b4" for n in names[1:]]
+        ax.bar(range(len(names)), means, yerr=sds, color=colours, capsize=3)
+        ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+        ax.set_ylabel(label)
+        if key == "nll":
+            finite = [m for m in means if math.isfinite(m)]
+            ax.set_ylim(min(finite) * 0.97, max(finite) * 1.02)
+    fig.suptitle("q-curate experiment: one arm per bar (error bars: sd over seeds)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

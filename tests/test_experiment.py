@@ -1,0 +1,135 @@
+"""`curate experiment` end to end on a tiny model (the smoke configuration), and the GSM8K answer parser."""
+
+import json
+from fractions import Fraction
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from curate import io
+from curate.cli import app
+from curate.evaluate import exact_match, parse_number
+
+from .conftest import GSM8K_TEST, data_files, needs_shared, write_jsonl
+
+
+def arithmetic_rows(n: int, offset: int = 0) -> list[dict]:
+    rows = []
+    for i in range(offset, offset + n):
+        a, b = 3 + i % 7, 5 + i % 11
+        rows.append(
+            {
+                "question": f"the fox has {a} and {b} more. how many?",
+                "answer": f"the fox has {a} + {b} = <<{a}+{b}={a + b}>>{a + b}\n#### {a + b}",
+            }
+        )
+    return rows
+
+
+def smoke_config(tmp_path, model) -> dict:
+    return {
+        "run_dir": str(tmp_path / "exp"),
+        "train_data": str(write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(16))),
+        "score": {"model": str(model), "max_length": 256},
+        "train": {"epochs": 1, "batch_size": 4, "lora_rank": 0, "lr": 1.0e-3, "device": "cpu"},
+        "budgets": [{"ratio": 0.5, "token_ratio": 0.5, "arms": ["full", "qtuning"]}],
+        "robustness": {"fraction": 0.25, "ratio": 0.5, "token_ratio": 0.5, "train_arms": ["random"]},
+        "eval": {
+            "data": str(write_jsonl(tmp_path / "test.jsonl", arithmetic_rows(8, offset=100))),
+            "limit": 8,
+            "em_limit": 4,
+            "max_new_tokens": 6,
+            "batch_size": 4,
+            "device": "cpu",
+        },
+    }
+
+
+def test_smoke_experiment_trains_every_arm_on_exactly_its_data_and_resumes(tmp_path, tiny_model_dir):
+    config = tmp_path / "smoke.yaml"
+    config.write_text(yaml.safe_dump(smoke_config(tmp_path, tiny_model_dir)))
+    res = CliRunner().invoke(app, ["experiment", str(config)])
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "exp"
+    results = json.loads((run / "results.json").read_text())
+    assert set(results["arms"]) == {"full", "qtuning-0.5x0.5"}
+    trained = list(results["arms"].values()) + list(results["robustness"]["trained"].values())
+    fingerprints = set()
+    for arm in trained:
+        (r,) = arm["runs"]
+        files = data_files(io.Path(r["folder"]) / "pruned")
+        table = pq.read_table(files, columns=["loss_mask"])
+        loss_tokens = pc.sum(pc.list_flatten(table.column("loss_mask"))).as_py()
+        assert r["trained_samples"] == r["samples"] == table.num_rows  # trained on exactly its pruned rows
+        assert r["trained_loss_tokens"] == r["loss_tokens"] == loss_tokens  # and exactly its loss tokens
+        fingerprints.add((r["nll_rows"], r["em_rows"]))
+        assert r["nll"] > 0 and 0 <= r["em"] <= 1
+    assert len(fingerprints) == 1  # every arm evaluated on the same rows
+    assert results["arms"]["full"]["runs"][0]["samples"] == 16
+    assert results["arms"]["qtuning-0.5x0.5"]["runs"][0]["samples"] == 8
+    assert (
+        results["arms"]["qtuning-0.5x0.5"]["runs"][0]["loss_tokens"] < results["arms"]["full"]["runs"][0]["loss_tokens"]
+    )
+    kept = results["robustness"]["kept"]
+    assert set(kept) >= {"qtuning", "random", "ppl-high", "entropy-low"}
+    assert all(k["kept"] == 8 and 0 <= k["corrupted"] <= 4 for k in kept.values())
+    assert results["robustness"]["corrupted_rows"] == 4
+    md = (run / "results.md").read_text()
+    assert "| full | 16 |" in md and "qtuning-0.5x0.5" in md and "corrupted among kept" in md
+    assert (run / "results.png").stat().st_size > 10_000
+    # A rerun trains nothing again: every stage finds its result done.
+    models = {p: p.stat().st_mtime_ns for p in run.rglob("model.safetensors")}
+    res = CliRunner().invoke(app, ["experiment", str(config)])
+    assert res.exit_code == 0, res.output
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("model.safetensors")} == models
+
+
+def test_bad_experiment_configs_are_reported_at_once(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "run_dir": "x",
+                "train_data": "y",
+                "equal": "steps",
+                "budgets": [{"ratio": 2, "token_ratio": 0.5, "arms": ["everything"]}],
+                "eval": {"data": "z"},
+            }
+        )
+    )
+    res = CliRunner().invoke(app, ["experiment", str(config)])
+    assert res.exit_code == 2
+    for key in ("budgets.0.ratio", "budgets.0.arms.0"):
+        assert key in res.output, res.output
+    res = CliRunner().invoke(app, ["experiment", str(config), "--set", "budgets=[]"])
+    assert res.exit_code == 2 and "equal: steps needs train.max_steps" in res.output
+
+
+@pytest.mark.parametrize(
+    "text,number",
+    [
+        ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72", 72),
+        ("#### 1,000", 1000),
+        ("It costs $18 in total.\n#### $18", 18),
+        ("So the answer is 0.5", Fraction(1, 2)),
+        ("The temperature drops to -3 degrees. The answer is -3.", -3),
+        ("First 3 apples, then 4 more, so 7 apples.", 7),
+        ("#### 42 is the answer, not 41", 42),
+        ("no number here", None),
+    ],
+)
+def test_answer_parser(text, number):
+    assert parse_number(text) == number
+
+
+@needs_shared
+def test_answer_parser_reads_every_real_gsm8k_answer():
+    rows = [json.loads(line) for line in open(GSM8K_TEST)]
+    for r in rows:
+        gold = r["answer"].rsplit("####", 1)[1].strip().replace(",", "")
+        assert parse_number(r["answer"]) == Fraction(gold), r["answer"]
+        assert exact_match(f"Let me think. {r['answer'].split('####')[0]} The answer is {gold}.", r["answer"])
+    assert not exact_match("The answer is 3.", "#### 4")

@@ -34,6 +34,54 @@ def clear(out: Path, outputs: tuple[str, ...]) -> None:
         io.remove_temporaries(out)
 
 
+def _reuse_or_clear(
+    out: Path,
+    stage: str,
+    fingerprint: str,
+    outputs: tuple[str, ...],
+    reporter: Reporter,
+    resumable: bool,
+    expensive: bool,
+) -> dict | None:
+    manifest = io.read_manifest(out) if out.is_dir() else None
+    if manifest is not None and manifest["stage"] != stage:
+        raise CurateError(
+            f"{out} is not a `curate {stage}` folder: it holds the output of `curate "
+            f"{manifest['stage']}`; choose another --out (or --force to replace it)"
+        )
+    if manifest is not None and manifest["fingerprint"] == fingerprint:
+        problems = io.file_problems(out, manifest)
+        if not problems:
+            reporter.log(f"{out}: already done with these inputs and settings; nothing to do (--force redoes it)")
+            return manifest
+        for name, what in problems:
+            reporter.log(f"warning: {out / name}: {what}; recomputing it")
+            if resumable:
+                (out / name).unlink(missing_ok=True)
+        (out / MANIFEST).unlink()
+        if not resumable:
+            clear(out, outputs)
+        return None
+    stamp = io.read_json(out / RUN_STAMP) if (out / RUN_STAMP).exists() else None
+    if manifest is None and stamp is None:
+        strangers = [p for pattern in outputs for p in out.glob(pattern)] if out.is_dir() else []
+        if strangers:
+            raise CurateError(
+                f"{out} holds {strangers[0].name}, which q-curate did not write there; choose another "
+                "--out, or use --force to replace it"
+            )
+    elif manifest is not None or stamp.get("fingerprint") != fingerprint:
+        if expensive:
+            raise CurateError(
+                f"{out} holds {stage} output from other inputs or settings; use --force to replace it "
+                "or choose another --out"
+            )
+        clear(out, outputs)
+    elif not resumable:
+        clear(out, outputs)
+    return None
+
+
 def begin(
     out: Path,
     stage: str,
@@ -46,44 +94,10 @@ def begin(
     expensive: bool = False,
 ) -> dict | None:
     """The finished manifest if OUT holds exactly this result, intact; else None after preparing OUT."""
-    manifest = io.read_manifest(out) if out.is_dir() else None
-    if manifest is not None and manifest["stage"] != stage and not force:
-        raise CurateError(
-            f"{out} is not a `curate {stage}` folder: it holds the output of `curate "
-            f"{manifest['stage']}`; choose another --out (or --force to replace it)"
-        )
-    if force:
+    if force:  # whatever is there, even a damaged manifest, is replaced
         clear(out, outputs)
-    elif manifest is not None and manifest["fingerprint"] == fingerprint:
-        problems = io.file_problems(out, manifest)
-        if not problems:
-            reporter.log(f"{out}: already done with these inputs and settings; nothing to do (--force redoes it)")
-            return manifest
-        for name, what in problems:
-            reporter.log(f"warning: {out / name}: {what}; recomputing it")
-            if resumable:
-                (out / name).unlink(missing_ok=True)
-        (out / MANIFEST).unlink()
-        if not resumable:
-            clear(out, outputs)
-    else:
-        stamp = io.read_json(out / RUN_STAMP) if (out / RUN_STAMP).exists() else None
-        if manifest is None and stamp is None:
-            strangers = [p for pattern in outputs for p in out.glob(pattern)] if out.is_dir() else []
-            if strangers:
-                raise CurateError(
-                    f"{out} holds {strangers[0].name}, which q-curate did not write there; choose "
-                    "another --out, or use --force to replace it"
-                )
-        elif manifest is not None or stamp.get("fingerprint") != fingerprint:
-            if expensive:
-                raise CurateError(
-                    f"{out} holds {stage} output from other inputs or settings; use --force to "
-                    "replace it or choose another --out"
-                )
-            clear(out, outputs)
-        elif not resumable:
-            clear(out, outputs)
+    elif (done := _reuse_or_clear(out, stage, fingerprint, outputs, reporter, resumable, expensive)) is not None:
+        return done
     out.mkdir(parents=True, exist_ok=True)
     io.remove_temporaries(out)
     io.write_json_atomic(out / RUN_STAMP, {"stage": stage, "fingerprint": fingerprint})

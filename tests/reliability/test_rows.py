@@ -44,7 +44,7 @@ def strict_model(tmp_path_factory):
 
 def hostile_file(path, bom=False):
     lines = [HOSTILE["missing_field"]]  # an unrecognisable FIRST row: the majority decides the format
-    for i, (reason, bad) in enumerate(HOSTILE.items()):
+    for i, bad in enumerate(HOSTILE.values()):
         lines += [line(good(i)), bad if bad.endswith(b"\n") else bad + b"\n"]
     path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + b"".join(lines))
     return path

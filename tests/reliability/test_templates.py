@@ -16,7 +16,8 @@ DEFAULT_SYSTEM = (  # SmolLM2-style: a default system prompt when the conversati
 )
 EOS_AT_END = (  # ChatML that also appends an end-of-text token after a finished conversation
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% else %}{{ '<|endoftext|>' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% else %}{{ '<|endoftext|>' }}{% endif %}"
 )
 END_ONLY_BETWEEN = (  # writes the end-of-turn marker only when another turn follows
     "{% for message in messages %}{{ message['role'] + ': ' + message['content'] }}"

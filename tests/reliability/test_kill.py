@@ -1,0 +1,105 @@
+"""kill -9 at several points of score, prune and a refresh round: a rerun of the same command finishes the job,
+with no duplicate and no missing row, and equals an undisturbed run."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from curate import io
+from curate.synthetic import synthetic_scores
+
+from ..conftest import DEMO
+
+
+def curate(*args) -> list[str]:
+    return [sys.executable, "-m", "curate.cli", *map(str, args)]
+
+
+def kill_when(cmd: list[str], ready, timeout: float = 300) -> None:
+    """Start `cmd`, SIGKILL it as soon as `ready()` holds (it must not have finished by then)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    try:
+        while not ready():
+            assert proc.poll() is None, "the command finished before the point where it was to be killed"
+            assert time.time() < deadline, "the kill point was never reached"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+
+
+def rows(folder, pattern="part-*.parquet"):
+    return json.dumps(pq.read_table(sorted(folder.glob(pattern))).to_pylist())  # NaN-safe comparison
+
+
+@pytest.mark.parametrize("after_shards", [1, 3])
+def test_score_killed_after_some_shards_resumes_to_the_same_result(tmp_path, tiny_model_dir, after_shards):
+    args = [DEMO, "--model", tiny_model_dir, "--limit", "60", "--shard-size", "10"]
+    subprocess.run(curate("score", *args, "--out", tmp_path / "undisturbed"), check=True, capture_output=True)
+    out = tmp_path / "killed"
+    kill_when(curate("score", *args, "--out", out), lambda: len(list(out.glob("part-*.parquet"))) >= after_shards)
+    assert not (out / io.MANIFEST).exists()
+    done = subprocess.run(curate("score", *args, "--out", out), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "resuming" in done.stderr and "taking over" in done.stderr  # the dead run's lock is taken over
+    assert rows(out) == rows(tmp_path / "undisturbed")
+    ids = pq.read_table(sorted(out.glob("part-*.parquet")), columns=["id"]).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 60
+    assert not list(out.glob(".*.tmp-*")) and not (out / ".curate.lock").exists()
+
+
+def test_prune_killed_while_writing_masks_is_redone_whole(tmp_path):
+    scores = tmp_path / "scores"
+    synthetic_scores(scores, 60_000, mean_tokens=60, shard_size=4_000)
+    subprocess.run(
+        curate("prune", scores, "--out", tmp_path / "undisturbed", "--ratio", "0.5"), check=True, capture_output=True
+    )
+    out = tmp_path / "killed"
+    kill_when(curate("prune", scores, "--out", out, "--ratio", "0.5"), lambda: any((out / "data").glob("train-*")))
+    assert not (out / io.MANIFEST).exists()
+    done = subprocess.run(curate("prune", scores, "--out", out, "--ratio", "0.5"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert rows(out, "data/train-*.parquet") == rows(tmp_path / "undisturbed", "data/train-*.parquet")
+    stats = [
+        {k: v for k, v in io.read_json(d / "stats.json").items() if k != "config"}
+        for d in (out, tmp_path / "undisturbed")
+    ]
+    assert stats[0] == stats[1]
+
+
+def test_a_refresh_round_killed_in_training_resumes_there(tmp_path, tiny_model_dir):
+    out = tmp_path / "refresh"
+    args = curate(
+        "refresh",
+        DEMO,
+        "--out",
+        out,
+        "--model",
+        tiny_model_dir,
+        "--limit",
+        "40",
+        "--rounds",
+        "1",
+        "--ratio",
+        "0.5",
+        "--max-steps",
+        "40",
+        "--lora-rank",
+        "0",
+        "--batch-size",
+        "2",
+    )
+    model = out / "round-01" / "model"
+    kill_when(args, lambda: (model / ".run.json").exists())
+    scores = {p.name: p.stat().st_mtime_ns for p in (out / "round-01" / "scores").iterdir()}
+    done = subprocess.run(args, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "round-01" / "scores").iterdir()} == scores  # not redone
+    assert io.read_json(model / io.MANIFEST)["counts"]["steps"] == 40
+    assert io.read_json(out / io.MANIFEST)["summary"]["rounds"][0]["K"] == 20

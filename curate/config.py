@@ -198,6 +198,10 @@ class PruneOptions(Options):
         description="Ratios per group with --group-by, e.g. source=math:0.2,chat:0.1 (others: --ratio).",
     )
     workers: PosInt = Field(1, description="Processes writing the masks (pass 2) in parallel; the output is identical.")
+    engine: Literal["local", "ray"] = Field(
+        "local", description="Where the --workers run: local processes, or tasks on a Ray cluster (see --address)."
+    )
+    address: str | None = Field(None, description="Ray: the cluster to join (auto, or ray://HOST:10001).")
 
     @field_validator("group_ratios", mode="before")
     @classmethod

@@ -41,7 +41,8 @@ def stage_needs(stage: str, cfg: Any = None) -> list[str]:
     modules = list(STAGE_NEEDS[stage])
     if stage == "score" and cfg is not None:
         modules += ["vllm"] if cfg.backend == "vllm" else []
-        modules += ["ray"] if cfg.engine == "ray" else []
+    if stage in ("score", "prune") and cfg is not None and cfg.engine == "ray":
+        modules.append("ray")
     if stage == "train" and cfg is not None and cfg.lora_rank:
         modules.append("peft")
     if stage == "export" and cfg is not None and cfg.format == "llamafactory":

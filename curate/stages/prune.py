@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from .. import __version__, io, pruning, schema
 from ..config import PruneConfig
 from ..errors import CurateError
+from ..extras import require_stages
 from ..progress import Reporter
 from . import base
 
@@ -174,14 +175,19 @@ def write_pruned_shard(task: tuple) -> int:
     return n_loss
 
 
-def write_masks(tasks: list[tuple], workers: int) -> list[int]:
-    if workers <= 1 or len(tasks) <= 1:
+def write_masks(tasks: list[tuple], cfg: PruneConfig, reporter: Reporter) -> list[int]:
+    """Pass 2 over the kept shards: in this process, in `workers` local processes, or as Ray tasks."""
+    if cfg.engine == "ray":
+        from ..ray_engine import run_tasks
+
+        return run_tasks(write_pruned_shard, tasks, cfg.address, reporter)
+    if cfg.workers <= 1 or len(tasks) <= 1:
         return [write_pruned_shard(t) for t in tasks]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     # spawn, not fork: forking a process that has polars' thread pool running can deadlock.
-    with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(min(cfg.workers, len(tasks)), mp_context=multiprocessing.get_context("spawn")) as pool:
         return list(pool.map(write_pruned_shard, tasks))
 
 
@@ -190,13 +196,14 @@ def run(cfg: PruneConfig, reporter: Reporter | None = None, force: bool = False)
     started = time.time()
     scores_dir, out = Path(cfg.scores), Path(cfg.out)
     base.check_not_input(out, scores_dir)
+    require_stages(("prune", cfg))
     scores_manifest = io.verified(scores_dir, "score", SCORES_HINT)
     if cfg.group_by and cfg.group_by not in scores_manifest.get("keep_fields", []):
         raise CurateError(
             f"--group-by {cfg.group_by}: the scores in {scores_dir} do not carry that field; score with "
             f"--keep-fields {cfg.group_by}"
         )
-    settings = cfg.model_dump(exclude={"scores", "out", "workers"})
+    settings = cfg.model_dump(exclude={"scores", "out", "workers", "engine", "address"})
     fingerprint = io.fingerprint_config(
         {"config": settings, "scores": scores_manifest["fingerprint"], "version": __version__}
     )
@@ -216,7 +223,7 @@ def run(cfg: PruneConfig, reporter: Reporter | None = None, force: bool = False)
             part = kept.filter(pl.col("shard") == shard).select("id", "quadrant", "selection", "ppl", "ent")
             fate = {r[0]: r[1:] for r in part.iter_rows()}
             tasks.append((shards[shard], out / name, fate, cfg, fingerprint))
-        loss_tokens = sum(write_masks(tasks, cfg.workers))
+        loss_tokens = sum(write_masks(tasks, cfg, reporter))
 
         samples = chosen.with_columns(kept=pl.col("selection").is_not_null())
         samples.write_parquet(out / schema.SAMPLES)

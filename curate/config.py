@@ -197,6 +197,11 @@ class PruneOptions(Options):
         default_factory=dict,
         description="Ratios per group with --group-by, e.g. source=math:0.2,chat:0.1 (others: --ratio).",
     )
+    target_model: str | None = Field(
+        None,
+        description="Also carry the kept samples over to this model's tokenizer and chat template (into "
+        "OUT/target, as `curate retokenize`), to train a model of another family than the scorer.",
+    )
     workers: PosInt = Field(1, description="Processes writing the masks (pass 2) in parallel; the output is identical.")
     engine: Literal["local", "ray"] = Field(
         "local", description="Where the --workers run: local processes, or tasks on a Ray cluster (see --address)."

@@ -15,6 +15,7 @@ from . import io
 from .config import Pipeline, PruneConfig, RefreshConfig, ScoreConfig, TrainConfig, TrainOptions
 from .extras import require_stages
 from .progress import Reporter
+from .stages.prune import TARGET
 
 
 def resolve_input(value: str) -> str:
@@ -33,11 +34,10 @@ def stage_configs(p: Pipeline) -> tuple[ScoreConfig, PruneConfig | None, TrainCo
         prune = PruneConfig(**p.prune.model_dump(), scores=str(run_dir / "scores"), out=str(run_dir / "pruned"))
     if p.train is not None or p.refresh is not None:
         options = (p.train or TrainOptions()).model_dump()
-        train = TrainConfig(
-            **{**options, "model": options["model"] or p.score.model},
-            data=str(run_dir / "pruned"),
-            out=str(run_dir / "model"),
-        )
+        target = p.prune.target_model if p.prune else None  # then the target model trains on its own tokens
+        data = run_dir / "pruned" / TARGET if target else run_dir / "pruned"
+        model = options["model"] or target or p.score.model
+        train = TrainConfig(**{**options, "model": model}, data=str(data), out=str(run_dir / "model"))
     return score, prune, train
 
 

@@ -2,7 +2,9 @@
 
 It mixes kinds of rows on purpose so the EU plane has all four quadrants: clean step-by-step arithmetic,
 trivially predictable echo/copy tasks, open-ended writing prompts, deliberately wrong or garbled answers
-(noise), and multi-turn chats. Run: python scripts/make_demo_data.py
+(noise), and multi-turn chats. Every conversation is different, and each row says where it comes from
+(`source`: math, copying, writing, qa), so `curate prune --group-by source` has a mixture to keep.
+Run: python scripts/make_demo_data.py
 """
 
 import json
@@ -54,7 +56,10 @@ def arithmetic(wrong=False):
         bad = total + rng.choice([-7, -3, 5, 11, 17])
         ans = f"{a} {box} times {b} is {a + b}. Adding {c} gives {bad}. The answer is {bad * 2}."
     else:
-        ans = f"{a} {box} with {b} {item} each make {a} x {b} = {a * b} {item}. Adding the {c} loose ones gives {a * b} + {c} = {total}. The answer is {total}."
+        ans = (
+            f"{a} {box} with {b} {item} each make {a} x {b} = {a * b} {item}. "
+            f"Adding the {c} loose ones gives {a * b} + {c} = {total}. The answer is {total}."
+        )
     return msgs(q, ans)
 
 
@@ -108,6 +113,16 @@ def facts():
             "Water boils at 100 degrees Celsius at sea level.",
         ),
         ("Which planet is known as the Red Planet?", "Mars is known as the Red Planet."),
+        ("What is the largest ocean on Earth?", "The Pacific is the largest ocean on Earth."),
+        ("How many legs does a spider have?", "A spider has eight legs."),
+        ("What gas do plants take in from the air?", "Plants take in carbon dioxide from the air."),
+        ("What is the freezing point of water in Celsius?", "Water freezes at 0 degrees Celsius."),
+        ("How many continents are there?", "There are seven continents."),
+        ("What is the capital of Kenya?", "The capital of Kenya is Nairobi."),
+        ("What is the capital of Canada?", "The capital of Canada is Ottawa."),
+        ("Which animal is known as the king of the jungle?", "The lion is known as the king of the jungle."),
+        ("How many hours are in a day?", "There are 24 hours in a day."),
+        ("What is the chemical symbol for gold?", "The chemical symbol for gold is Au."),
     ]
     q, a = rng.choice(pairs)
     return msgs(q, a, system=rng.choice([None, "You are a concise assistant."]))
@@ -132,21 +147,34 @@ def unit():
     return msgs(f"Convert {km} kilometres to metres.", f"1 kilometre is 1000 metres, so {km} km = {km * 1000} metres.")
 
 
-KINDS = [
-    (arithmetic, 70),
-    (lambda: arithmetic(True), 25),
-    (echo, 35),
-    (counting, 20),
-    (writing, 50),
-    (garbled, 25),
-    (facts, 30),
-    (multiturn, 25),
-    (unit, 20),
+KINDS = [  # (make one row, how many, source)
+    (arithmetic, 70, "math"),
+    (lambda: arithmetic(True), 25, "math"),
+    (echo, 35, "copying"),
+    (counting, 10, "copying"),
+    (writing, 50, "writing"),
+    (garbled, 25, "qa"),
+    (facts, 30, "qa"),
+    (multiturn, 25, "math"),
+    (unit, 30, "math"),
 ]
 
 
+def unique_rows(make, n: int, seen: set) -> list[dict]:
+    """n rows whose conversations appear nowhere else in the set (a generator draws again on a repeat)."""
+    rows = []
+    while len(rows) < n:
+        row = make()
+        key = json.dumps(row["messages"], sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            rows.append(row)
+    return rows
+
+
 def main() -> None:
-    rows = [fn() for fn, n in KINDS for _ in range(n)]
+    seen: set = set()
+    rows = [{**row, "source": source} for make, n, source in KINDS for row in unique_rows(make, n, seen)]
     rng.shuffle(rows)
     for i, row in enumerate(rows):
         row["id"] = f"demo-{i:04d}"

@@ -29,34 +29,37 @@ CHATML = (
 )
 
 
-def build_tiny_tokenizer(chat_template: str | None = CHATML):
-    """A byte-level BPE tokenizer trained on a few sentences, with ChatML special tokens."""
+def build_tiny_tokenizer(
+    chat_template: str | None = CHATML, vocab_size: int = 400, eos: str = "<|im_end|>", words: bool = True
+):
+    """A byte-level BPE tokenizer trained on the demo data, with ChatML special tokens. `words=False` lets its
+    tokens run across spaces, so its boundaries cross those of a word-level one."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=words)
     tok.decoder = decoders.ByteLevel()
     corpus = open(DEMO).read().splitlines() + ["the quick brown fox jumps over the lazy dog 0123456789 + - * / = ?"]
     trainer = trainers.BpeTrainer(
-        vocab_size=400,
+        vocab_size=vocab_size,
         special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token="<|im_start|>"
+        tokenizer_object=tok, eos_token=eos, pad_token="<|endoftext|>", bos_token="<|im_start|>"
     )
     fast.chat_template = chat_template
     return fast
 
 
-def build_tiny_model_dir(path: Path, chat_template: str | None = CHATML) -> Path:
+def build_tiny_model_dir(path: Path, chat_template: str | None = CHATML, tokenizer=None) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = build_tiny_tokenizer(chat_template)
+    tokenizer = tokenizer or build_tiny_tokenizer(chat_template)
     torch.manual_seed(0)
     # head_dim 32 (64 / 2 heads) so vLLM can load the same fixture.
     config = LlamaConfig(

@@ -77,3 +77,53 @@ def test_run_pipeline_end_to_end_then_noop(tmp_path, tiny_model_dir):
     assert res.exit_code == 0 and res.output.count("nothing to do") == 2, res.output
     res = runner.invoke(app, ["run", str(cfg), "--set", "prune.nope=1"])
     assert res.exit_code == 2 and "prune.nope" in res.output
+
+
+def test_group_by_keeps_each_sources_share(tmp_path, tiny_model_dir):
+    from curate import pruning
+    from curate.schema import SAMPLES
+
+    from .conftest import DEMO
+
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "run_dir": str(tmp_path / "run"),
+                "score": {"input": str(DEMO), "model": str(tiny_model_dir), "limit": 80, "keep_fields": ["source"]},
+                "prune": {"ratio": 0.25, "group_by": "source", "group_ratios": {"math": 0.1}},
+            }
+        )
+    )
+    res = CliRunner().invoke(app, ["run", str(cfg)])
+    assert res.exit_code == 0, res.output
+    import polars as pl
+
+    samples = pl.read_parquet(tmp_path / "run" / "pruned" / SAMPLES)
+    stats = yaml.safe_load((tmp_path / "run" / "pruned" / "stats.json").read_text())
+    assert set(stats["groups"]) == {"math", "copying", "writing", "qa"}
+    for group, g in stats["groups"].items():
+        n = samples.filter(pl.col("group") == group).height
+        assert g["N"] == n and g["K"] == pruning.budget(0.1 if group == "math" else 0.25, n)
+    assert "group math: kept" in res.output
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "run")])
+    assert res.exit_code == 0 and "<td>math</td>" in (tmp_path / "run" / "report" / "report.html").read_text()
+    res = CliRunner().invoke(
+        app, ["prune", str(tmp_path / "run" / "scores"), "--out", str(tmp_path / "p2"), "--group-by", "category"]
+    )
+    assert res.exit_code == 2 and "--keep-fields category" in res.output
+    res = CliRunner().invoke(
+        app,
+        [
+            "prune",
+            str(tmp_path / "run" / "scores"),
+            "--out",
+            str(tmp_path / "p3"),
+            "--group-by",
+            "source",
+            "--group-ratios",
+            "source=math:0.5,qa:0.2",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert yaml.safe_load((tmp_path / "p3" / "stats.json").read_text())["groups"]["qa"]["ratio"] == 0.2

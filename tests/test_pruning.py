@@ -220,3 +220,31 @@ def test_context_score_uses_float64_and_zero_for_non_trainable_neighbours():
     s = pruning.context_scores(lp, t, 0.5)
     assert np.isfinite(s).all() and s[1] == pytest.approx(0.5 * math.exp(100) + 0.5 * math.e)
     assert s[2] == pytest.approx(0.5 * math.e + 0.5 * math.exp(100)) and s[0] == s[3] == 0
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    data=st.data(),
+    ratio=st.floats(0.05, 1.0),
+    scope=st.sampled_from(["global", "batch"]),
+    math_ratio=st.floats(0.05, 1.0),
+)
+def test_group_budgets_are_exact_and_groups_do_not_influence_each_other(data, ratio, scope, math_ratio):
+    n = data.draw(st.integers(2, 60))
+    ppl = data.draw(st.lists(st.floats(0.5, 50, allow_nan=False), min_size=n, max_size=n))
+    ent = data.draw(st.lists(st.floats(0.1, 5, allow_nan=False), min_size=n, max_size=n))
+    groups = data.draw(st.lists(st.sampled_from(["math", "chat", "code"]), min_size=n, max_size=n))
+    frame = coords_frame(ppl, ent).with_columns(group=pl.Series(groups))
+    cfg = PruneConfig(scores="", out="", ratio=ratio, scope=scope, group_by="source", group_ratios={"math": math_ratio})
+    df, _ = select(frame, cfg)
+    for g in set(groups):
+        part = df.filter(pl.col("group") == g)
+        r = math_ratio if g == "math" else ratio
+        if scope == "global":
+            assert part["selection"].drop_nulls().len() == pruning.budget(r, part.height)
+            alone, _ = select(frame.filter(pl.col("group") == g), PruneConfig(scores="", out="", ratio=r, scope=scope))
+            assert chosen(part) == chosen(alone)  # the same as triaging that group by itself
+        else:
+            for b in set(part["batch"].to_list()):
+                batch = part.filter(pl.col("batch") == b)
+                assert batch["selection"].drop_nulls().len() == pruning.budget(r, batch.height)

@@ -120,3 +120,22 @@ def test_cli_scores_gsm8k_with_builtin_model(tmp_path, smollm2_dir):
 def test_cli_reports_bad_input_without_traceback(tmp_path):
     res = CliRunner().invoke(app, ["score", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "no such file" in res.output and "Traceback" not in res.output
+
+
+def test_duplicates_are_counted_and_dropped_with_dedup(tmp_path, tiny_model_dir):
+    twin = {"messages": ROWS[1]["messages"], "id": "twin"}  # the same conversation as row 2, under another id
+    again = {**ROWS[3], "id": "r3"}
+    rows = [ROWS[0], ROWS[1], {**ROWS[2], "id": "r3"}, twin, again, ROWS[4], ROWS[1]]
+    data = write_jsonl(tmp_path / "in.jsonl", rows)
+    kept = run(ScoreConfig(input=str(data), out=str(tmp_path / "a"), model=str(tiny_model_dir), shard_size=2))
+    assert kept["duplicates"]["groups"] == 1 and kept["duplicates"]["later_copies"] == 2
+    assert kept["skipped_by_reason"] == {"duplicate_id": 1}  # "r3" twice: the later row is dropped
+    assert kept["counts"]["samples"] == 6
+    dropped = run(
+        ScoreConfig(input=str(data), out=str(tmp_path / "b"), model=str(tiny_model_dir), shard_size=2, dedup=True)
+    )
+    assert dropped["skipped_by_reason"] == {"duplicate_id": 1, "duplicate_content": 2}
+    ids = [r["id"] for r in read_all(tmp_path / "b")]
+    assert len(ids) == 4 and "twin" not in ids and len(set(ids)) == 4
+    res = CliRunner().invoke(app, ["verify", str(tmp_path / "b")])  # the rewritten shards are the ones listed
+    assert res.exit_code == 0, res.output

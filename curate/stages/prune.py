@@ -26,6 +26,7 @@ from ..progress import Reporter
 from . import base
 
 OUTPUTS = (schema.PRUNED_DATA, schema.SAMPLES, schema.STATS)
+TARGET = "target"  # with --target-model: the kept samples in the target model's tokens
 SCORES_HINT = "run `curate score` into it first"
 
 
@@ -203,45 +204,59 @@ def run(cfg: PruneConfig, reporter: Reporter | None = None, force: bool = False)
             f"--group-by {cfg.group_by}: the scores in {scores_dir} do not carry that field; score with "
             f"--keep-fields {cfg.group_by}"
         )
-    settings = cfg.model_dump(exclude={"scores", "out", "workers", "engine", "address"})
+    # settings that change the pruned data (target_model only adds OUT/target, a stage of its own)
+    settings = cfg.model_dump(exclude={"scores", "out", "workers", "engine", "address", "target_model"})
     fingerprint = io.fingerprint_config(
         {"config": settings, "scores": scores_manifest["fingerprint"], "version": __version__}
     )
     with io.locked(out, reporter.log):
-        done = base.begin(out, "prune", fingerprint, outputs=OUTPUTS, reporter=reporter, force=force)
-        if done:
-            return done
-        shards = score_files(scores_dir, scores_manifest)
-        coords = collect_coordinates(shards, cfg, scores_manifest.get("vocab_size"))
-        chosen, summary = select(coords, cfg)
-        kept = chosen.filter(pl.col("selection").is_not_null())
-        kept_shards = sorted(set(kept["shard"].to_list()))
-        reporter.log(f"EU plane: {coords.height:,} samples, keeping {kept.height:,}")
-        names = [schema.pruned_shard(j, len(kept_shards)) for j in range(len(kept_shards))]
-        tasks = []
-        for name, shard in zip(names, kept_shards):
-            part = kept.filter(pl.col("shard") == shard).select("id", "quadrant", "selection", "ppl", "ent")
-            fate = {r[0]: r[1:] for r in part.iter_rows()}
-            tasks.append((shards[shard], out / name, fate, cfg, fingerprint))
-        loss_tokens = sum(write_masks(tasks, cfg, reporter))
+        manifest = base.begin(out, "prune", fingerprint, outputs=OUTPUTS, reporter=reporter, force=force)
+        manifest = manifest or write_pruned(cfg, scores_dir, scores_manifest, fingerprint, started, reporter)
+    if cfg.target_model:
+        from ..config import RetokenizeConfig
+        from . import retokenize
 
-        samples = chosen.with_columns(kept=pl.col("selection").is_not_null())
-        samples.write_parquet(out / schema.SAMPLES)
-        stats = build_stats(cfg, samples, summary, loss_tokens)
-        io.write_json_atomic(out / schema.STATS, stats)
-        files = [io.file_entry(out, n) for n in (*names, schema.SAMPLES, schema.STATS)]
-        return io.write_manifest(
-            out,
-            "prune",
-            fingerprint,
-            started,
-            files=files,
-            inputs=[{"path": str(scores_dir), "stage": "score", "fingerprint": scores_manifest["fingerprint"]}],
-            config=cfg.model_dump(),
-            model=scores_manifest["model"],
-            counts={"samples_in": samples.height, "samples_out": stats["K"], "dropped": samples.height - stats["K"]},
-            stats=stats,
+        retokenize.run(
+            RetokenizeConfig(pruned=str(out), model=cfg.target_model, out=str(out / TARGET)), reporter, force
         )
+    return manifest
+
+
+def write_pruned(
+    cfg: PruneConfig, scores_dir: Path, scores_manifest: dict, fingerprint: str, started: float, reporter: Reporter
+) -> dict:
+    out = Path(cfg.out)
+    shards = score_files(scores_dir, scores_manifest)
+    coords = collect_coordinates(shards, cfg, scores_manifest.get("vocab_size"))
+    chosen, summary = select(coords, cfg)
+    kept = chosen.filter(pl.col("selection").is_not_null())
+    kept_shards = sorted(set(kept["shard"].to_list()))
+    reporter.log(f"EU plane: {coords.height:,} samples, keeping {kept.height:,}")
+    names = [schema.pruned_shard(j, len(kept_shards)) for j in range(len(kept_shards))]
+    tasks = []
+    for name, shard in zip(names, kept_shards):
+        part = kept.filter(pl.col("shard") == shard).select("id", "quadrant", "selection", "ppl", "ent")
+        fate = {r[0]: r[1:] for r in part.iter_rows()}
+        tasks.append((shards[shard], out / name, fate, cfg, fingerprint))
+    loss_tokens = sum(write_masks(tasks, cfg, reporter))
+
+    samples = chosen.with_columns(kept=pl.col("selection").is_not_null())
+    samples.write_parquet(out / schema.SAMPLES)
+    stats = build_stats(cfg, samples, summary, loss_tokens)
+    io.write_json_atomic(out / schema.STATS, stats)
+    files = [io.file_entry(out, n) for n in (*names, schema.SAMPLES, schema.STATS)]
+    return io.write_manifest(
+        out,
+        "prune",
+        fingerprint,
+        started,
+        files=files,
+        inputs=[{"path": str(scores_dir), "stage": "score", "fingerprint": scores_manifest["fingerprint"]}],
+        config=cfg.model_dump(),
+        model=scores_manifest["model"],
+        counts={"samples_in": samples.height, "samples_out": stats["K"], "dropped": samples.height - stats["K"]},
+        stats=stats,
+    )
 
 
 def build_stats(cfg: PruneConfig, samples: pl.DataFrame, summary: dict, loss_tokens: int) -> dict:

@@ -108,13 +108,11 @@ def run(cfg: RefreshConfig, reporter: Reporter | None = None, force: bool = Fals
             if cfg.train_cmd:
                 run_train_cmd(cfg.train_cmd, d / "pruned", scored["model"], d / "model", reporter, force)
             else:
-                train.run(
-                    TrainConfig(
-                        **{**cfg.train.model_dump(), "model": model}, data=str(d / "pruned"), out=str(d / "model")
-                    ),
-                    reporter,
-                    force,
-                )
+                # with prune.target_model the first round trains that model, on its own tokens
+                target = cfg.prune.target_model
+                options = {**cfg.train.model_dump(), "model": target if target and r == 1 else model}
+                data = d / "pruned" / prune.TARGET if target else d / "pruned"
+                train.run(TrainConfig(**options, data=str(data), out=str(d / "model")), reporter, force)
             samples = pl.read_parquet(d / "pruned" / schema.SAMPLES, columns=["id", "quadrant", "kept"])
             st = pruned["stats"]
             summary["rounds"].append(

@@ -47,22 +47,32 @@ def plot_eu_plane(samples: pl.DataFrame, stats: dict, path: Path) -> None:
     y = samples["ent"].to_numpy()
     sel = samples["selection"].to_list()
     fig, ax = plt.subplots(figsize=(9, 7), dpi=110)
-    if len(x) > 3000:
-        ax.hexbin(x, y, gridsize=60, cmap="Greys", bins="log", mincnt=1)
-    elif "group" in samples.columns:  # each group in its own marker, so a mixture's shape shows
-        dropped = np.array([s is None for s in sel])
-        for g, marker in zip(pruning.unique_in_order(samples["group"].to_numpy()), "os^vDP*Xph"):
-            m = dropped & (samples["group"].to_numpy() == g)
-            ax.scatter(x[m], y[m], s=12, c="#999999", marker=marker, alpha=0.6, label=f"dropped {g} ({m.sum():,})")
-    else:
-        dropped = np.array([s is None for s in sel])
-        ax.scatter(x[dropped], y[dropped], s=10, c="#999999", alpha=0.6, label=f"dropped ({dropped.sum():,})")
-    for name, color in SELECTION_COLOURS.items():
-        m = np.array([s == name for s in sel])
-        if m.any():
+    kept = np.array([s is not None for s in sel])
+    if "group" in samples.columns:  # a mixture: one colour per group; kept samples large, with a black edge
+        groups = samples["group"].to_numpy()
+        for g, colour in zip(pruning.unique_in_order(groups), plt.get_cmap("tab10").colors):
+            m = groups == g
+            ax.scatter(x[m & ~kept], y[m & ~kept], s=8, color=colour, alpha=0.35)
             ax.scatter(
-                x[m], y[m], s=22, c=color, edgecolors="black", linewidths=0.3, label=f"kept {name} ({m.sum():,})"
+                x[m & kept],
+                y[m & kept],
+                s=26,
+                color=colour,
+                edgecolors="black",
+                linewidths=0.5,
+                label=f"{g}: kept {(m & kept).sum():,} of {m.sum():,}",
             )
+    else:
+        if len(x) > 3000:
+            ax.hexbin(x, y, gridsize=60, cmap="Greys", bins="log", mincnt=1)
+        else:
+            ax.scatter(x[~kept], y[~kept], s=10, c="#999999", alpha=0.6, label=f"dropped ({(~kept).sum():,})")
+        for name, color in SELECTION_COLOURS.items():
+            m = np.array([s == name for s in sel])
+            if m.any():
+                ax.scatter(
+                    x[m], y[m], s=22, c=color, edgecolors="black", linewidths=0.3, label=f"kept {name} ({m.sum():,})"
+                )
     med = stats["medians"]
     ax.axvline(np.log(med["ppl"]), color="black", ls="--", lw=1, label="medians")
     ax.axhline(med["ent"], color="black", ls="--", lw=1)

@@ -1,0 +1,203 @@
+"""`curate retokenize PRUNED --model TARGET --out DIR`: score with a small model, train any model.
+
+Sample selection does not depend on the tokenizer; token masks do. Each kept conversation is rendered with the
+TARGET tokenizer's own chat template and its assistant turns located as the scorer locates them
+(`tokenization.ChatEncoder`). Within each assistant turn, the source loss mask becomes a set of kept characters
+of the turn's content (relative to the content, so templates may differ around it); a target token stays in the
+loss only if every content character it covers was kept (a token straddling kept and pruned text is pruned).
+End-of-turn markers stay in the loss; prompts stay out. Output: the pruned layout in the target's token ids,
+with per-sample `loss_tokens_source` / `loss_tokens_target`, and in stats.json how closely the token budget
+carried over (kept loss characters after / before).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .. import __version__, io, schema
+from ..config import RetokenizeConfig
+from ..errors import CurateError, RowError
+from ..extras import require_stages
+from ..progress import Reporter
+from ..tokenization import ChatEncoder, Rendered, in_span
+from . import base
+
+SCHEMA = pa.schema(list(schema.PRUNED) + [("loss_tokens_source", pa.int32()), ("loss_tokens_target", pa.int32())])
+OUTPUTS = (schema.PRUNED_DATA, schema.STATS)
+
+
+def kept_characters(rendered: Rendered, starts, ends, loss_mask: np.ndarray) -> list[np.ndarray]:
+    """Per assistant turn, a boolean per content character: covered by a token that is in the loss."""
+    kept = []
+    for lo, hi in rendered.contents:
+        chars = np.zeros(hi - lo, dtype=bool)
+        for s, e in zip(starts[loss_mask == 1], ends[loss_mask == 1]):
+            a, b = max(s, lo), min(e, hi)
+            if a < b:
+                chars[a - lo : b - lo] = True
+        kept.append(chars)
+    return kept
+
+
+def content_offset(source: str, target: str) -> int:
+    """Where the target's rendering of a turn's content sits in the source's (templates may trim it)."""
+    if source == target:
+        return 0
+    at = source.find(target)
+    if at < 0 or not target.strip():
+        raise RowError("content_mismatch", "the two chat templates render this turn's content differently")
+    return at
+
+
+def project(src: Rendered, src_kept: list[np.ndarray], tgt: Rendered, starts, ends) -> np.ndarray:
+    """The target loss mask: assistant tokens whose content characters were all kept, and every end-of-turn
+    marker; nothing else."""
+    mask = np.zeros(len(starts), dtype=np.int8)
+    for (lo, hi), (c_lo, c_hi), (s_lo, s_hi), kept in zip(tgt.spans, tgt.contents, src.contents, src_kept):
+        shift = content_offset(src.text[s_lo:s_hi], tgt.text[c_lo:c_hi])
+        for t in np.flatnonzero(in_span(tgt.text, starts, ends, lo, hi)):
+            a, b = max(starts[t], c_lo), min(ends[t], c_hi)
+            if a >= b:  # no content character: the end-of-turn marker (or layout around it)
+                mask[t] = int(starts[t] >= c_hi)
+            else:
+                mask[t] = int(kept[a - c_lo + shift : b - c_lo + shift].all())
+    mask[0] = 0
+    return mask
+
+
+def retokenize_row(row: dict, source: ChatEncoder, target: ChatEncoder) -> dict:
+    src = source.render(row["messages"])
+    src_ids, src_starts, src_ends = source.tokenize(src.text)
+    n = len(row["input_ids"])
+    if not np.array_equal(src_ids[:n], np.asarray(row["input_ids"])):
+        raise RowError("source_mismatch", "the pruned row's tokens are not the scoring tokenizer's rendering")
+    loss = np.zeros(len(src_ids), dtype=np.int8)
+    loss[:n] = row["loss_mask"]  # tokens cut by truncation were never in the loss
+    kept = kept_characters(src, src_starts, src_ends, loss)
+    tgt = target.render(row["messages"])
+    ids, starts, ends = target.tokenize(tgt.text)
+    mask = project(src, kept, tgt, starts, ends)
+    if target.max_length is not None and len(ids) > target.max_length:
+        ids, mask, starts, ends = (
+            ids[: target.max_length],
+            mask[: target.max_length],
+            starts[: target.max_length],
+            ends[: target.max_length],
+        )
+    if not mask.any():
+        raise RowError("no_trainable_tokens", "no loss token left in the target's tokens")
+    kept_src = int(sum(k.sum() for k in kept))
+    kept_tgt = 0
+    for c_lo, c_hi in tgt.contents:
+        covered = np.zeros(c_hi - c_lo, dtype=bool)
+        for s, e in zip(starts[mask == 1], ends[mask == 1]):
+            a, b = max(s, c_lo), min(e, c_hi)
+            if a < b:
+                covered[a - c_lo : b - c_lo] = True
+        kept_tgt += int(covered.sum())
+    labels = np.where(mask == 1, ids, schema.IGNORE_INDEX).astype(np.int32)
+    return {
+        "id": row["id"],
+        "messages": row["messages"],
+        "input_ids": ids,
+        "attention_mask": np.ones(len(ids), np.int8),
+        "labels": labels,
+        "loss_mask": mask,
+        "assistant_masks": mask,
+        "quadrant": row["quadrant"],
+        "selection": row["selection"],
+        "ppl": row["ppl"],
+        "ent": row["ent"],
+        "loss_tokens_source": int(np.asarray(row["loss_mask"]).sum()),
+        "loss_tokens_target": int(mask.sum()),
+        "_chars": (kept_src, kept_tgt),
+    }
+
+
+def run(cfg: RetokenizeConfig, reporter: Reporter | None = None, force: bool = False) -> dict:
+    from ..models import load_tokenizer_from, resolve_model
+    from ..tokenization import ensure_chat_template
+
+    reporter = reporter or Reporter()
+    require_stages(("retokenize", cfg))
+    started = time.time()
+    pruned, out = Path(cfg.pruned), Path(cfg.out)
+    base.check_not_input(out, pruned)
+    source_manifest = io.verified(pruned, "prune", "retokenize the output of `curate prune`")
+    target = resolve_model(cfg.model, log=reporter.log)
+    fingerprint = io.fingerprint_config(
+        {
+            "pruned": source_manifest["fingerprint"],
+            "target": target.hash,
+            "max_length": cfg.max_length,
+            "version": __version__,
+        }
+    )
+    with io.locked(out, reporter.log):
+        done = base.begin(out, "retokenize", fingerprint, outputs=OUTPUTS, reporter=reporter, force=force)
+        if done:
+            return done
+        src_model = source_manifest["model"]
+        source_tok = load_tokenizer_from(src_model["path"], src_model["name"])
+        target_tok = load_tokenizer_from(target.path, target.name)
+        for tok in (source_tok, target_tok):
+            ensure_chat_template(tok)
+        source, tgt = ChatEncoder(source_tok), ChatEncoder(target_tok, cfg.max_length)
+        files = [f["name"] for f in source_manifest["files"] if f["name"].startswith(schema.PRUNED_DATA + "/")]
+        totals = {
+            "samples": 0,
+            "loss_tokens_source": 0,
+            "loss_tokens_target": 0,
+            "kept_chars_source": 0,
+            "kept_chars_target": 0,
+        }
+        skipped: dict[str, int] = {}
+        reporter.start("retokenize", len(files), unit="shards")
+        for i, name in enumerate(files):
+            rows = []
+            for row in pq.read_table(pruned / name).to_pylist():
+                try:
+                    r = retokenize_row(row, source, tgt)
+                except RowError as e:
+                    skipped[e.reason] = skipped.get(e.reason, 0) + 1
+                    reporter.log(f"warning: sample {row['id']!r} is left out: {e}")
+                    continue
+                a, b = r.pop("_chars")
+                totals["kept_chars_source"] += a
+                totals["kept_chars_target"] += b
+                for key in ("loss_tokens_source", "loss_tokens_target"):
+                    totals[key] += r[key]
+                rows.append(r)
+            totals["samples"] += len(rows)
+            table = pa.Table.from_pylist(rows, schema=SCHEMA)
+            io.write_parquet_atomic(table, out / name, {"curate_version": __version__, "run_fingerprint": fingerprint})
+            reporter.advance(i + 1)
+        reporter.finish()
+        if not totals["samples"]:
+            raise CurateError(f"{pruned}: no sample could be carried over to {cfg.model} ({skipped})")
+        stats = {
+            **totals,
+            "skipped": skipped,
+            "source_samples": source_manifest["stats"]["K"],
+            "kept_chars_ratio": totals["kept_chars_target"] / max(totals["kept_chars_source"], 1),
+            "loss_token_ratio": totals["loss_tokens_target"] / max(totals["loss_tokens_source"], 1),
+            "source_model": src_model["name"],
+            "target_model": target.name,
+        }
+        io.write_json_atomic(out / schema.STATS, stats)
+        return io.write_manifest(
+            out,
+            "retokenize",
+            fingerprint,
+            started,
+            files=[io.file_entry(out, n) for n in (*files, schema.STATS)],
+            inputs=[{"path": str(pruned), "stage": "prune", "fingerprint": source_manifest["fingerprint"]}],
+            config=cfg.model_dump(),
+            model={"name": target.name, "path": target.path, "hash": target.hash},
+            stats=stats,
+        )

@@ -44,6 +44,11 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix curate tests scripts
 	$(BIN)/ruff format curate tests scripts
 
+# LLaMA-Factory and axolotl in their own venvs (built once under ~/.cache/q-curate/clients), each training on our
+# export with its own CLI. LLaMA-Factory also runs in `make test`; axolotl (a 4 GB install) only here.
+clients: $(STAMP)
+	$(BIN)/python -m pytest -q tests/clients -m "llamafactory or axolotl"
+
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py
 

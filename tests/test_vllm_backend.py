@@ -98,10 +98,41 @@ def _score(tmp_path, name, model, backend, **kw):
     return run(cfg)
 
 
+def test_score_positions_in_chunks_of_three_equals_one_log_softmax():
+    import torch
+
+    from curate.backends.vllm_glue import _score_positions
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=False)
+    hidden, ids = torch.randn(11, 8), torch.randint(0, 50, (11,))
+    with torch.no_grad():
+        out = _score_positions(head, hidden, ids, chunk=3)
+        logp = torch.log_softmax(head(hidden).double(), -1)
+    assert torch.isnan(out[0]).all()
+    ref_lp = logp[:-1].gather(-1, ids[1:, None])[:, 0]
+    ref_ent = -(logp.exp() * logp).sum(-1)[:-1]
+    assert torch.allclose(out[1:, 0].double(), ref_lp, atol=1e-5) and torch.allclose(
+        out[1:, 1].double(), ref_ent, atol=1e-5
+    )
+    with pytest.raises(RuntimeError, match="request #2 .* has 11 pooled hidden states for 12 prompt tokens"):
+        _score_positions(head, hidden, torch.randint(0, 50, (12,)), 3, "#2 of this step (12 tokens)")
+    with pytest.raises(RuntimeError, match="tensor-parallel rank received no gathered logits"):  # never a hang
+        _score_positions(lambda h: None, hidden, ids, 3)
+
+
+def tiny_chunk_bytes(model_dir) -> str:
+    """A logits budget of 7 positions for the tiny model, so rows go through many chunks."""
+    from transformers import AutoConfig
+
+    return str(7 * AutoConfig.from_pretrained(model_dir).vocab_size * 4 * 2)
+
+
 @needs_vllm
-def test_vllm_equals_transformers_on_the_tiny_model(tmp_path, tiny_model_dir):
+def test_vllm_equals_transformers_on_the_tiny_model(tmp_path, tiny_model_dir, monkeypatch):
     import psutil
 
+    monkeypatch.setenv("CURATE_LOGITS_BYTES", tiny_chunk_bytes(tiny_model_dir))  # the engine core inherits it
     _score(tmp_path, "hf", tiny_model_dir, "hf")
     # 64-token engine steps: most demo rows are longer, so they are prefilled in several chunks.
     manifest = _score(tmp_path, "vllm", tiny_model_dir, "vllm", max_num_batched_tokens=64, enforce_eager=True)
@@ -119,6 +150,21 @@ def test_vllm_equals_transformers_on_the_tiny_model(tmp_path, tiny_model_dir):
         except (psutil.ZombieProcess, psutil.NoSuchProcess):  # exited, not yet reaped: gone all the same
             pass
     assert not [c for c in left if "resource_tracker" not in c], left
+
+
+@needs_vllm
+def test_compiled_mode_and_a_tiny_kv_cache_keep_parity(tmp_path, tiny_model_dir, monkeypatch):
+    """The paths a GPU takes by default (torch.compile, no eager) once, and a KV cache so small that requests wait
+    for each other, with chunked prefill; the preemption counter says whether vLLM recomputed any request."""
+    import curate.backends.vllm as cv
+
+    _score(tmp_path, "hf", tiny_model_dir, "hf")
+    _score(tmp_path, "compiled", tiny_model_dir, "vllm", enforce_eager=False)
+    assert_parity(tmp_path / "hf", tmp_path / "compiled", 1e-4)
+    monkeypatch.setattr(cv, "CPU_KV_CACHE_BYTES", 420_000)  # about one 512-token sequence
+    monkeypatch.setitem(cv.ENGINE_OVERRIDES, "long_prefill_token_threshold", 32)
+    _score(tmp_path, "small-kv", tiny_model_dir, "vllm", enforce_eager=True, max_num_batched_tokens=128)
+    assert_parity(tmp_path / "hf", tmp_path / "small-kv", 1e-4)
 
 
 @needs_vllm

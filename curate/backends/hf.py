@@ -7,6 +7,7 @@ at a time, so memory stays bounded for 2048-token rows and 150k vocabularies.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -14,8 +15,15 @@ import torch
 
 from ..errors import CurateError
 
-# Bytes we allow for one chunk of float32 logits; log_softmax and exp need about two more of the same size.
-LOGITS_CHUNK_BYTES = 256 * 1024 * 1024
+# Bytes allowed for the logits of one chunk of positions at the reduction's peak (the logits and one buffer of the
+# same size). CURATE_LOGITS_BYTES overrides it (a smaller value for a tight GPU; the tests use it to force chunks).
+LOGITS_CHUNK_BYTES = 512 * 1024 * 1024
+
+
+def chunk_positions(vocab_size: int) -> int:
+    """Positions whose fp32 logits and reduction buffer fit the byte budget (at least 1)."""
+    budget = int(os.environ.get("CURATE_LOGITS_BYTES", LOGITS_CHUNK_BYTES))
+    return max(1, budget // (vocab_size * 4 * 2))
 
 
 def resolve_device(device: str) -> str:
@@ -34,10 +42,16 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
 
 def logprob_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of `logits` [n, V]: log p(target) and the entropy -sum p log p, both in nats, float32."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    target_lp = logp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp.exp() * logp).sum(-1)
+    """Per row of `logits` [n, V]: log p(target) and the entropy -sum p log p, both in nats, float32.
+
+    In place, to keep the peak at two [n, V] buffers: fp32 `logits` are overwritten with log p (callers hand
+    over a chunk they own). log p = z - logsumexp(z); H = -sum exp(log p) log p.
+    """
+    logp = logits.float()
+    lse = torch.logsumexp(logp, dim=-1, keepdim=True)
+    target_lp = logp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1) - lse.squeeze(-1)
+    logp.sub_(lse)
+    entropy = -torch.exp(logp).mul_(logp).sum(-1)
     return target_lp, entropy
 
 
@@ -98,7 +112,7 @@ class HFScorer:
         self.batch_tokens = batch_tokens
         self.head = self.model.get_output_embeddings()
         self.vocab_size = vocab = self.head.weight.shape[0]
-        self.chunk = max(16, LOGITS_CHUNK_BYTES // (vocab * 4))
+        self.chunk = chunk_positions(vocab)
         cfg = self.model.config
         softcap = getattr(cfg, "final_logit_softcapping", None)
         scale = getattr(cfg, "logit_scale", None)

@@ -28,6 +28,8 @@ CPU_KV_CACHE_BYTES = 1 << 30
 
 
 TOPK = 20  # prompt log-probs per position in the approximate fallback
+# Extra vLLM engine arguments, merged last: scripts/gpu_check.sh and the tests set some (e.g. statistics).
+ENGINE_OVERRIDES: dict = {}
 
 
 def plugin_installed() -> bool:
@@ -118,6 +120,7 @@ class VLLMScorer:
             kwargs.update(runner="pooling", hf_overrides={"architectures": [scorer_architecture(arch)]})
         else:
             kwargs.update(max_logprobs=TOPK)
+        kwargs.update(ENGINE_OVERRIDES)
         try:
             self.llm = LLM(**kwargs)
         except Exception as e:  # vLLM raises many types at start-up; the message names the cause
@@ -177,6 +180,10 @@ class VLLMScorer:
                 on_batch(stop - start, tokens)
             start = stop
         return results
+
+    def preemptions(self) -> int:
+        """Requests the engine preempted (and recomputed) so far; needs ENGINE_OVERRIDES disable_log_stats=False."""
+        return int(sum(m.value for m in self.llm.get_metrics() if m.name == "vllm:num_preemptions"))
 
     def close(self) -> None:
         """Stop the engine processes and free the memory, so a later engine can start in this process."""

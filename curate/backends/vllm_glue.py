@@ -23,7 +23,6 @@ BASES = {
     "Qwen3ForCausalLM": "vllm.model_executor.models.qwen3",
 }
 PREFIX = "QCurateScorer"
-CHUNK_POSITIONS = 1024  # logits of at most this many positions exist at once: 1024 x vocab x 4 bytes
 
 
 def scorer_architecture(arch: str) -> str | None:
@@ -49,20 +48,33 @@ def __getattr__(name: str):
     return cls
 
 
-def _score_positions(logits_fn, hidden, token_ids, chunk: int = CHUNK_POSITIONS):
-    """(n, 2) float32: [:, 0] = log p(token_i | <i), [:, 1] = entropy of that distribution; NaN at position 0."""
+def _score_positions(logits_fn, hidden, token_ids, chunk: int, request: str = ""):
+    """(n, 2) float32: [:, 0] = log p(token_i | <i), [:, 1] = entropy of that distribution; NaN at position 0.
+
+    `hidden` must hold one row per prompt token: a request whose chunked prefill (or a preemption and
+    recomputation) left it with another count would silently shift every score, so that is an error."""
     import torch
 
     from .hf import logprob_entropy  # the same reduction as the transformers scorer
 
     n = hidden.shape[0]
+    if n != len(token_ids):
+        raise RuntimeError(
+            f"q-curate scorer: request {request} has {n} pooled hidden states for {len(token_ids)} "
+            "prompt tokens; its scores would be misaligned"
+        )
     out = torch.full((n, 2), float("nan"), dtype=torch.float32, device=hidden.device)
     targets = token_ids.to(hidden.device, dtype=torch.long)
     for start in range(0, n - 1, chunk):
         stop = min(start + chunk, n - 1)  # hidden state i predicts token i + 1
         logits = logits_fn(hidden[start:stop])
-        if logits is None:  # tensor parallelism: only the first rank receives the gathered logits
-            return None
+        if logits is None:
+            # In gather mode every tensor-parallel rank receives the logits; a rank without them would skip the
+            # collectives of the next chunks and leave the others waiting forever: stop instead.
+            raise RuntimeError(
+                "q-curate scorer: this tensor-parallel rank received no gathered logits; vLLM must "
+                "all-gather the logits on every rank (logits_processor use_all_gather)"
+            )
         lp, ent = logprob_entropy(logits, targets[start + 1 : stop + 1])
         out[start + 1 : stop + 1, 0], out[start + 1 : stop + 1, 1] = lp, ent
     return out
@@ -74,11 +86,14 @@ def _scorer_class(arch: str):
     from vllm.model_executor.layers.pooler.tokwise.methods import AllPool
     from vllm.model_executor.models.interfaces_base import VllmModelForPooling
 
+    from .hf import chunk_positions
+
     base = getattr(importlib.import_module(BASES[arch]), arch)
 
     class LogprobEntropyPooler(Pooler):
-        def __init__(self, logits_fn):
+        def __init__(self, logits_fn, vocab_size: int):
             super().__init__()
+            self.chunk = chunk_positions(vocab_size)  # positions per chunk, from the logits byte budget
             self.pooling = AllPool()  # collects the hidden states of chunked prefills until a prompt is complete
             self.logits_fn = logits_fn  # a plain function, so the model is not registered as a submodule twice
 
@@ -91,8 +106,12 @@ def _scorer_class(arch: str):
         def forward(self, hidden_states, pooling_metadata):
             pooled = self.pooling(hidden_states, pooling_metadata)
             token_ids = pooling_metadata.get_prompt_token_ids_cpu()
+            lens = pooling_metadata.prompt_lens.tolist()
             return [
-                None if h is None else _score_positions(self.logits_fn, h, ids) for h, ids in zip(pooled, token_ids)
+                None
+                if h is None  # a chunked prefill in progress: its hidden states are still being collected
+                else _score_positions(self.logits_fn, h, ids, self.chunk, f"#{i} of this step ({lens[i]} tokens)")
+                for i, (h, ids) in enumerate(zip(pooled, token_ids))
             ]
 
     class Scorer(base, VllmModelForPooling):
@@ -100,7 +119,8 @@ def _scorer_class(arch: str):
 
         def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
             super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
-            self.pooler = LogprobEntropyPooler(lambda h: self.logits_processor(self.lm_head, h))
+            vocab = vllm_config.model_config.get_vocab_size()
+            self.pooler = LogprobEntropyPooler(lambda h: self.logits_processor(self.lm_head, h), vocab)
 
     Scorer.__name__ = Scorer.__qualname__ = PREFIX + arch
     return Scorer

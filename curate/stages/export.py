@@ -49,14 +49,16 @@ def _llamafactory(table: pa.Table, out: Path, model: str, max_len: int) -> tuple
         "llamafactory_sft.yaml",
         f"""\
 # llamafactory-cli train {out / "llamafactory_sft.yaml"}
-# The data is already tokenised and masked by q-curate: LLaMA-Factory loads it from tokenized_path and
-# skips its own preprocessing (dataset/template settings are then ignored for the data).
+# The data is already tokenised and masked by q-curate: LLaMA-Factory loads it from tokenized_path and skips
+# its own preprocessing. Its argument parser still wants a `dataset` name for training; with tokenized_path
+# holding the data the name is never looked up.
 model_name_or_path: {model}
 stage: sft
 do_train: true
 finetuning_type: lora
 lora_rank: 8
 lora_target: all
+dataset: q_curate_pruned
 tokenized_path: {out / "tokenized"}
 template: empty
 cutoff_len: {max_len}

@@ -17,8 +17,8 @@ from pathlib import Path
 # LLaMA-Factory 0.9.5 imports torchaudio at start-up, although text SFT never uses it, and PyPI has no torchaudio
 # for the CPU torch 2.13 (the newest, 2.11, fails to load against it); torchvision is optional for text. A
 # stand-in torchaudio keeps the import working and fails loudly if audio is ever used.
-TORCHAUDIO_STANDIN = '''"""A stand-in for torchaudio (q-curate tests/clients): no torchaudio build matches this CPU torch, and
-LLaMA-Factory imports it at start-up although text SFT never uses it. Any use of audio fails here, loudly."""
+TORCHAUDIO_STANDIN = '''"""A stand-in for torchaudio (q-curate tests/clients): no torchaudio build matches this CPU
+torch, and LLaMA-Factory imports it at start-up although text SFT never uses it. Any use of audio fails here."""
 
 
 def __getattr__(name):

@@ -71,6 +71,11 @@ class ScoreOptions(Options):
         description="Drop later copies of an identical conversation (reason duplicate_content); always counted.",
     )
     limit: PosInt | None = Field(None, description="Read only the first N rows of the input.")
+    positions: Literal["all", "trainable"] = Field(
+        "all",
+        description="Which tokens get scores: all (the prompt too: for prune --entropy-positions all and the "
+        "report) or trainable (faster: the LM head and the reduction skip the prompt; NaN there).",
+    )
     max_length: int = Field(
         2048, ge=2, description="Truncate longer sequences to this many tokens (flagged `truncated`)."
     )

@@ -32,7 +32,10 @@ ENTROPY_SLACK = 1e-3
 
 
 def sample_coordinates(
-    scores: pl.DataFrame, entropy_positions: str = "response", vocab_size: int | None = None
+    scores: pl.DataFrame,
+    entropy_positions: str = "response",
+    vocab_size: int | None = None,
+    scored_positions: str = "all",
 ) -> pl.DataFrame:
     """Per sample: `ppl` = exp(mean -logprob over trainable tokens), `ent` = mean entropy, and `problem`.
 
@@ -40,7 +43,8 @@ def sample_coordinates(
     entropy_positions="all" the entropy mean runs over every scored position, prompt included (the official
     code's choice). `problem` names what is impossible about a sample's scores (null when nothing is):
     ragged or null lists, non-finite values, log-probs above 0, entropies outside [0, log vocab_size].
-    Position 0 is NaN by definition and is not checked. Returns id, ppl, ent, n_trainable, problem.
+    Position 0 is NaN by definition and is not checked, nor are the prompt's positions when the scores cover only
+    the trainable ones (`scored_positions="trainable"`). Returns id, ppl, ent, n_trainable, problem.
     """
     lens = [pl.col(c).list.len() for c in ("trainable", "logprob", "entropy")]
     ragged = pl.any_horizontal([n.is_null() | (n != pl.col("n_tokens")) for n in lens]) | pl.col("id").is_null()
@@ -58,7 +62,7 @@ def sample_coordinates(
         .explode("trainable", "logprob", "entropy", "pos")
     )
     train = pl.col("trainable") == 1
-    scored = pl.col("pos") > 0  # position 0 has no prediction
+    scored = (pl.col("pos") > 0) & (train if scored_positions == "trainable" else True)  # 0 has no prediction
     ent_mask = train if entropy_positions == "response" else scored
     lp, en = pl.col("logprob").cast(pl.Float64), pl.col("entropy").cast(pl.Float64)
     top = math.log(vocab_size) + ENTROPY_SLACK if vocab_size else math.inf

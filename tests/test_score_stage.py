@@ -139,3 +139,26 @@ def test_duplicates_are_counted_and_dropped_with_dedup(tmp_path, tiny_model_dir)
     assert len(ids) == 4 and "twin" not in ids and len(set(ids)) == 4
     res = CliRunner().invoke(app, ["verify", str(tmp_path / "b")])  # the rewritten shards are the ones listed
     assert res.exit_code == 0, res.output
+
+
+def test_trainable_only_scores_give_the_same_selection(tmp_path, tiny_model_dir):
+    import polars as pl
+
+    from curate.config import PruneConfig
+    from curate.stages import prune
+
+    data = write_jsonl(tmp_path / "in.jsonl", ROWS)
+    for positions in ("all", "trainable"):
+        run(ScoreConfig(input=str(data), out=str(tmp_path / positions), model=str(tiny_model_dir), positions=positions))
+        prune.run(PruneConfig(scores=str(tmp_path / positions), out=str(tmp_path / f"p-{positions}"), ratio=0.5))
+    full, part = read_all(tmp_path / "all"), read_all(tmp_path / "trainable")
+    for a, b in zip(full, part):
+        t = np.array(a["trainable"], bool)
+        assert np.allclose(np.array(a["logprob"])[t], np.array(b["logprob"])[t], atol=1e-5)
+        assert np.isnan(np.array(b["entropy"])[~t]).all()  # the prompt is not scored
+    cols = ["id", "ppl", "ent", "selection"]
+    a, b = (pl.read_parquet(tmp_path / f"p-{p}" / "samples.parquet", columns=cols) for p in ("all", "trainable"))
+    assert a["id"].to_list() == b["id"].to_list() and a["selection"].to_list() == b["selection"].to_list()
+    assert np.allclose(a["ppl"].to_numpy(), b["ppl"].to_numpy(), rtol=1e-5)
+    with pytest.raises(CurateError, match="--positions all"):
+        prune.run(PruneConfig(scores=str(tmp_path / "trainable"), out=str(tmp_path / "x"), entropy_positions="all"))

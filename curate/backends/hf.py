@@ -8,6 +8,7 @@ at a time, so memory stays bounded for 2048-token rows and 150k vocabularies.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -113,6 +114,7 @@ class HFScorer:
         self.head = self.model.get_output_embeddings()
         self.vocab_size = vocab = self.head.weight.shape[0]
         self.chunk = chunk_positions(vocab)
+        self.timings = {"forward": 0.0, "reduction": 0.0}  # seconds, for `make bench`
         cfg = self.model.config
         softcap = getattr(cfg, "final_logit_softcapping", None)
         scale = getattr(cfg, "logit_scale", None)
@@ -124,7 +126,10 @@ class HFScorer:
             self.transform = lambda z: z * scale
 
     @torch.inference_mode()
-    def _score_batch(self, seqs: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _score_batch(
+        self, seqs: list[np.ndarray], needed: list[np.ndarray] | None
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        t0 = time.perf_counter()
         longest = max(len(s) for s in seqs)
         ids = torch.zeros((len(seqs), longest), dtype=torch.long)
         mask = torch.zeros((len(seqs), longest), dtype=torch.long)
@@ -133,26 +138,39 @@ class HFScorer:
             mask[row, : len(s)] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-        # Position t predicts token t+1: gather the hidden states of every real position but the last.
-        hs = torch.cat([hidden[row, : len(s) - 1] for row, s in enumerate(seqs)])
-        targets = torch.cat([ids[row, 1 : len(s)] for row, s in enumerate(seqs)])
-        lp, ent = chunked_logprob_entropy(hs, self.head, targets, self.chunk, self.transform)
+        t1 = time.perf_counter()
+        # Position t predicts token t+1. Score the targets that are needed (all but the first, by default): the LM
+        # head and the reduction then skip the rest (with trainable-only scores, the whole prompt).
+        targets = [
+            np.flatnonzero(n[1:]) + 1 if n is not None else np.arange(1, len(s))
+            for s, n in zip(seqs, needed or [None] * len(seqs))
+        ]
+        rows = torch.cat([torch.full((len(t),), r, dtype=torch.long) for r, t in enumerate(targets)]).to(self.device)
+        cols = torch.from_numpy(np.concatenate(targets)).to(self.device)
+        lp, ent = chunked_logprob_entropy(
+            hidden[rows, cols - 1], self.head, ids[rows, cols], self.chunk, self.transform
+        )
         lp, ent = lp.cpu().numpy(), ent.cpu().numpy()
         out, offset = [], 0
-        for s in seqs:
-            n = len(s) - 1
+        for s, t in zip(seqs, targets):
             row_lp = np.full(len(s), np.nan, dtype=np.float32)
             row_ent = np.full(len(s), np.nan, dtype=np.float32)
-            row_lp[1:], row_ent[1:] = lp[offset : offset + n], ent[offset : offset + n]
+            row_lp[t], row_ent[t] = lp[offset : offset + len(t)], ent[offset : offset + len(t)]
             out.append((row_lp, row_ent))
-            offset += n
+            offset += len(t)
+        self.timings["forward"] += t1 - t0
+        self.timings["reduction"] += time.perf_counter() - t1
         return out
 
-    def score(self, sequences: Sequence[np.ndarray], on_batch=None) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Scores in input order. `on_batch(rows, tokens)` is called after each forward batch."""
+    def score(
+        self, sequences: Sequence[np.ndarray], on_batch=None, needed: Sequence[np.ndarray] | None = None
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Scores in input order (NaN where not `needed`, a boolean mask per sequence; default: every position
+        but the first). `on_batch(rows, tokens)` is called after each forward batch."""
         results: list = [None] * len(sequences)
         for batch in token_budget_batches([len(s) for s in sequences], self.batch_tokens):
-            for i, r in zip(batch, self._score_batch([sequences[i] for i in batch])):
+            part = [needed[i] for i in batch] if needed is not None else None
+            for i, r in zip(batch, self._score_batch([sequences[i] for i in batch], part)):
                 results[i] = r
             if on_batch is not None:
                 on_batch(len(batch), sum(len(sequences[i]) for i in batch))

@@ -157,7 +157,10 @@ class VLLMScorer:
             results.append((lp, ent))
         return results
 
-    def score(self, sequences: Sequence[np.ndarray], on_batch=None) -> list[tuple[np.ndarray, np.ndarray]]:
+    def score(
+        self, sequences: Sequence[np.ndarray], on_batch=None, needed: Sequence[np.ndarray] | None = None
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Scores in input order; NaN where not `needed` (the engine scores every position regardless)."""
         from vllm.inputs import TokensPrompt
 
         too_long = [len(s) for s in sequences if len(s) > self.max_model_len]
@@ -179,6 +182,8 @@ class VLLMScorer:
             if on_batch:
                 on_batch(stop - start, tokens)
             start = stop
+        for (lp, ent), keep in zip(results, needed or []):
+            lp[~keep], ent[~keep] = np.nan, np.nan
         return results
 
     def preemptions(self) -> int:

@@ -37,7 +37,9 @@ def score_files(scores_dir: Path, manifest: dict) -> list[Path]:
 # ---------------------------------------------------------------- pass 1: the plane and the triage
 
 
-def collect_coordinates(shards: list[Path], cfg: PruneConfig, vocab_size: int | None) -> pl.DataFrame:
+def collect_coordinates(
+    shards: list[Path], cfg: PruneConfig, vocab_size: int | None, positions: str = "all"
+) -> pl.DataFrame:
     """id, ppl, ent, n_trainable, shard (and group) of every sample; every score checked on the way."""
     frames = []
     extra = [cfg.group_by] if cfg.group_by else []
@@ -46,7 +48,7 @@ def collect_coordinates(shards: list[Path], cfg: PruneConfig, vocab_size: int | 
             df = pl.read_parquet(path, columns=["id", "n_tokens", "trainable", "logprob", "entropy", *extra])
         except Exception as e:  # polars raises many types for a damaged file; name it
             raise CurateError(f"{path}: cannot read the scores ({e})") from None
-        coords = pruning.sample_coordinates(df, cfg.entropy_positions, vocab_size)
+        coords = pruning.sample_coordinates(df, cfg.entropy_positions, vocab_size, positions)
         bad = coords.filter(pl.col("problem").is_not_null())
         if bad.height:
             row = bad.row(0, named=True)
@@ -226,8 +228,14 @@ def write_pruned(
     cfg: PruneConfig, scores_dir: Path, scores_manifest: dict, fingerprint: str, started: float, reporter: Reporter
 ) -> dict:
     out = Path(cfg.out)
+    positions = scores_manifest.get("score_positions", "all")
+    if positions == "trainable" and cfg.entropy_positions == "all":
+        raise CurateError(
+            f"{scores_dir} holds scores of the trainable tokens only; --entropy-positions all needs the "
+            "prompt's too: rescore with --positions all"
+        )
     shards = score_files(scores_dir, scores_manifest)
-    coords = collect_coordinates(shards, cfg, scores_manifest.get("vocab_size"))
+    coords = collect_coordinates(shards, cfg, scores_manifest.get("vocab_size"), positions)
     chosen, summary = select(coords, cfg)
     kept = chosen.filter(pl.col("selection").is_not_null())
     kept_shards = sorted(set(kept["shard"].to_list()))

@@ -62,12 +62,15 @@ class ShardCounts:
         return {"rows_read": self.rows_read, "skipped": dict(self.skipped), "examples": self.examples}
 
 
-def score_problem(lp: np.ndarray, ent: np.ndarray, n: int, vocab_size: int) -> str | None:
+def score_problem(
+    lp: np.ndarray, ent: np.ndarray, n: int, vocab_size: int, needed: np.ndarray | None = None
+) -> str | None:
     """Why these scores are impossible (None when they are fine): lengths, finiteness, log p <= 0,
-    0 <= entropy <= log V. Position 0 is NaN by definition."""
+    0 <= entropy <= log V, at the `needed` positions (default: all but position 0, NaN by definition)."""
     if len(lp) != n or len(ent) != n:
         return f"{len(lp)} log-probs and {len(ent)} entropies for {n} tokens"
-    lp, ent = lp[1:].astype(np.float64), ent[1:].astype(np.float64)
+    keep = needed.astype(bool) if needed is not None else np.arange(n) > 0
+    lp, ent = lp[keep].astype(np.float64), ent[keep].astype(np.float64)
     if not (np.isfinite(lp).all() and np.isfinite(ent).all()):
         return "non-finite log-prob or entropy"
     if (lp > LOGPROB_SLACK).any():
@@ -132,10 +135,12 @@ class ShardWorker:
         started = time.time()
         items, counts = self.tokenise(rows)
         self.open()
-        scores = self.scorer.score([enc.input_ids for _, enc in items], on_batch=on_batch) if items else []
+        needed = [enc.trainable.astype(bool) for _, enc in items] if self.job.cfg.positions == "trainable" else None
+        seqs = [enc.input_ids for _, enc in items]
+        scores = self.scorer.score(seqs, on_batch=on_batch, needed=needed) if items else []
         kept_items, kept_scores = [], []
-        for (sample, enc), (lp, ent) in zip(items, scores):
-            problem = score_problem(lp, ent, len(enc.input_ids), self.scorer.vocab_size)
+        for i, ((sample, enc), (lp, ent)) in enumerate(zip(items, scores)):
+            problem = score_problem(lp, ent, len(enc.input_ids), self.scorer.vocab_size, needed and needed[i])
             if problem:  # a numerical failure of the model on this row, not a reason to stop the run
                 counts.skip(
                     self.job.cfg.input, Skip(sample.row, "invalid_scores", None, f"sample {sample.id}: {problem}")
@@ -172,6 +177,7 @@ class ShardWorker:
             "vocab_size": str(scorer.vocab_size),
             "max_length": str(job.cfg.max_length),
             "curate_version": __version__,
+            "score_positions": job.cfg.positions,
             "input_rows": json.dumps([rows.start, rows.stop]),
             "counts": json.dumps(counts.as_dict()),
         }
@@ -440,6 +446,7 @@ def finalize(job: ScoreJob, ranges, info: dict, engine_info: dict, started: floa
         model=info["model"],
         vocab_size=int(metas[0]["vocab_size"]),
         keep_fields=cfg.keep_fields,
+        score_positions=cfg.positions,
         counts={
             "rows_read": rows_read,
             "samples": samples,

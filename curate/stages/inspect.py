@@ -8,14 +8,12 @@ import numpy as np
 import polars as pl
 from rich.table import Table
 
-from .. import pruning, runs
+from .. import io, pruning, runs
 from ..errors import CurateError
 from ..schema import SAMPLES, STATS
 
 
 def sample_table(run_dir: Path, sample_id: str) -> Table:
-    from .. import io
-
     found = runs.locate(run_dir)
     info = pl.read_parquet(found.pruned / SAMPLES).filter(pl.col("id") == sample_id)
     if info.height == 0:

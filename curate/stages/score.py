@@ -94,14 +94,22 @@ class ShardWorker:
         self.encoder = ChatEncoder(self.tokenizer, job.cfg.max_length)
         self.fields = parse_fields(job.cfg.fields)
         self.scorer = None
+        self.timings = {"load": 0.0, "tokenise": 0.0, "write": 0.0}  # seconds: where a run's time goes
 
     def open(self):
         """Build the scorer (slow: loads the model); returns its entropy method."""
         if self.scorer is None:
             from ..backends import make_scorer
 
+            t0 = time.time()
             self.scorer = make_scorer(self.job.backend, self.job.model_path, self.job.cfg, log=self.log)
+            self.timings["load"] = time.time() - t0
         return self.scorer.entropy_method
+
+    def time_spent(self) -> dict:
+        """Seconds in model loading, tokenisation, the forward pass, the log-prob/entropy reduction and writing."""
+        spent = {**self.timings, **getattr(self.scorer, "timings", {})}
+        return {k: round(v, 3) for k, v in spent.items()}
 
     def close(self) -> None:
         if self.scorer is not None:
@@ -134,6 +142,7 @@ class ShardWorker:
         """Produce shard `rows.index` (atomically); returns its summary."""
         started = time.time()
         items, counts = self.tokenise(rows)
+        self.timings["tokenise"] += time.time() - started
         self.open()
         needed = [enc.trainable.astype(bool) for _, enc in items] if self.job.cfg.positions == "trainable" else None
         seqs = [enc.input_ids for _, enc in items]
@@ -148,11 +157,13 @@ class ShardWorker:
                 continue
             kept_items.append((sample, enc))
             kept_scores.append((lp, ent))
+        t0 = time.time()
         table = shard_table(kept_items, kept_scores, self.job.cfg.keep_fields)
         tokens = sum(len(enc.input_ids) for _, enc in items)
         io.write_parquet_atomic(
             table, Path(self.job.cfg.out) / schema.scores_shard(rows.index), self.metadata(rows, counts)
         )
+        self.timings["write"] += time.time() - t0
         return {
             "index": rows.index,
             "rows": counts.rows_read,
@@ -328,7 +339,7 @@ def score_locally(job: ScoreJob, todo, done, ranges, reporter: Reporter) -> dict
     reporter.start("score", total_rows)
     reporter.advance(rows_done, 0)
     worker = ShardWorker(job, log=reporter.log) if todo else None
-    tokens, seconds = 0, 0.0
+    tokens, seconds, timings = 0, 0.0, {}
     try:
         if worker:
             refuse_mixed_methods(Path(job.cfg.out), done, worker.open())
@@ -338,6 +349,8 @@ def score_locally(job: ScoreJob, todo, done, ranges, reporter: Reporter) -> dict
             tokens += result["tokens"]
             seconds += result["seconds"]
             reporter.advance(rows_done, tokens)
+        if worker:
+            timings = worker.time_spent()
     finally:
         if worker:
             worker.close()
@@ -350,6 +363,7 @@ def score_locally(job: ScoreJob, todo, done, ranges, reporter: Reporter) -> dict
         "seconds": round(seconds, 3),
         "tokens_per_s": rate,
         "worker_tokens_per_s": [rate] if rate else [],
+        "time_spent_s": timings,
     }
 
 

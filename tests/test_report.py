@@ -125,6 +125,7 @@ def test_report_in_a_real_browser(small_run):
         assert tip.is_visible()
         text = tip.inner_text()
         assert "pruned" in text and "logprob" in text and "entropy" in text and "score" in text
+        page.screenshot(path=str(report / "report-hover.png"))  # the tooltip over a pruned token
         page.screenshot(path=str(report / "report.png"), full_page=True)
         browser.close()
     assert png_size(report / "report.png")[0] >= 1280

@@ -63,6 +63,8 @@ def run_trainer(venv, args, cwd, timeout=900) -> str:
         "WANDB_MODE": "disabled",
         "HF_HUB_OFFLINE": "1",
         "DISABLE_VERSION_CHECK": "1",
+        "AXOLOTL_DO_NOT_TRACK": "1",  # its telemetry thread keeps the process alive when the network is closed
+        "DO_NOT_TRACK": "1",
     }
     res = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]

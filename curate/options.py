@@ -83,35 +83,17 @@ def build(model: type[BaseModel], values: dict) -> BaseModel:
 
 def command(model: type[BaseModel], arguments: tuple[str, ...] = (), first: tuple[str, ...] = ()) -> Callable:
     """Decorate `f(cfg, **extras)`: the Typer signature is the model's fields plus f's own keyword parameters."""
-
-    def decorate(f: Callable) -> Callable:
-        own = [p for name, p in inspect.signature(f).parameters.items() if name != "cfg"]
-        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
-        fields = model_params(model, arguments, first=first)
-        own_names = {p.name for p in own}
-
-        @functools.wraps(f)
-        def wrapper(**kwargs):
-            extras = {k: kwargs.pop(k) for k in list(kwargs) if k in own_names}
-            values = {k: v for k, v in kwargs.items() if v is not None}  # unset: the model's default applies
-            return f(build(model, values), **extras)
-
-        params = fields + own
-        wrapper.__signature__ = inspect.Signature(params)
-        wrapper.__annotations__ = {p.name: p.annotation for p in params}
-        del wrapper.__wrapped__  # Typer must read our signature, not f's
-        return wrapper
-
-    return decorate
+    return sectioned_command(model, [(None, model, None)], arguments, first)
 
 
 def sectioned_command(
     model: type[BaseModel],
     parts: list[tuple[str | None, type[BaseModel], tuple[str, ...] | None]],
     arguments: tuple[str, ...] = (),
+    first: tuple[str, ...] = (),
 ) -> Callable:
-    """Like `command`, for a model with sections: `parts` lists (section, section model, fields exposed), a
-    section of None meaning the top level. Each option still comes from the one field that defines it."""
+    """`command` for a model with sections: `parts` lists (section, section model, fields exposed; None for all),
+    a section of None meaning the top level. Each option still comes from the one field that defines it."""
 
     def decorate(f: Callable) -> Callable:
         own = [
@@ -122,7 +104,7 @@ def sectioned_command(
         section_of: dict[str, str | None] = {}
         fields: list[inspect.Parameter] = []
         for section, sub, only in parts:
-            for p in model_params(sub, arguments, only=only):
+            for p in model_params(sub, arguments, only=only, first=first):
                 if p.name in section_of:
                     raise TypeError(f"option --{p.name} is exposed twice")
                 section_of[p.name] = section
@@ -133,7 +115,7 @@ def sectioned_command(
             extras = {p.name: kwargs.pop(p.name) for p in own}
             values: dict = {}
             for name, value in kwargs.items():
-                if value is not None:
+                if value is not None:  # unset: the model's default applies
                     target = values if section_of[name] is None else values.setdefault(section_of[name], {})
                     target[name] = value
             return f(build(model, values), **extras)
@@ -141,7 +123,7 @@ def sectioned_command(
         params = fields + own
         wrapper.__signature__ = inspect.Signature(params)
         wrapper.__annotations__ = {p.name: p.annotation for p in params}
-        del wrapper.__wrapped__
+        del wrapper.__wrapped__  # Typer must read our signature, not f's
         return wrapper
 
     return decorate

@@ -127,3 +127,29 @@ def test_group_by_keeps_each_sources_share(tmp_path, tiny_model_dir):
     )
     assert res.exit_code == 0, res.output
     assert yaml.safe_load((tmp_path / "p3" / "stats.json").read_text())["groups"]["qa"]["ratio"] == 0.2
+
+
+@pytest.mark.parametrize(
+    "command,choices",
+    [
+        ("score", ["auto|hf|vllm", "local|ray", "skip|fail", "all|trainable", "exact|topk"]),
+        ("prune", ["global|batch", "qtuning|random|ppl-high|ppl-low|entropy-high|entropy-low", "rank|minmax"]),
+        ("train", ["linear|cosine"]),
+        ("export", ["llamafactory|axolotl|trl|jsonl"]),
+        ("refresh", ["auto|hf|vllm"]),
+    ],
+)
+def test_every_help_lists_the_allowed_values_and_bad_ones_stop_before_any_work(tmp_path, command, choices):
+    res = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "300"})
+    assert res.exit_code == 0
+    for c in choices:
+        assert c in res.output, (command, c)
+    bad = {
+        "score": ["x", "--out", "o", "--backend", "tgi"],
+        "prune": ["x", "--out", "o", "--scope", "everywhere"],
+        "train": ["x", "--out", "o", "--scheduler", "zigzag"],
+        "export": ["x", "--out", "o", "--format", "csv"],
+        "refresh": ["x", "--out", "o", "--backend", "tgi"],
+    }[command]
+    res = CliRunner().invoke(app, [command, *bad])
+    assert res.exit_code == 2 and "Invalid value" in res.output and not (tmp_path / "o").exists()

@@ -192,6 +192,24 @@ def run_arm(
     }
 
 
+def run_seeds(
+    cfg: ExperimentConfig,
+    arm: str,
+    budget: Budget | None,
+    scores: Path,
+    folder: Path,
+    nll_rows,
+    em_rows,
+    reporter: Reporter,
+    force: bool,
+) -> list[dict]:
+    """One arm, once per seed (folder/seed-S)."""
+    return [
+        run_arm(cfg, arm, budget, seed, scores, folder / f"seed-{seed}", nll_rows, em_rows, reporter, force)
+        for seed in cfg.seeds
+    ]
+
+
 def summarise(runs: list[dict]) -> dict:
     """Mean and standard deviation over seeds of NLL and EM (sd 0 for one seed)."""
     out = {}
@@ -234,21 +252,17 @@ def robustness(
     trained = {}
     for arm in rc.train_arms:
         name = arm_name(arm, None if arm == "full" else budget)
-        trained[name] = [
-            run_arm(
-                cfg,
-                arm,
-                None if arm == "full" else budget,
-                seed,
-                folder / "scores",
-                folder / "arms" / name / f"seed-{seed}",
-                nll_rows,
-                em_rows,
-                reporter,
-                force,
-            )
-            for seed in cfg.seeds
-        ]
+        trained[name] = run_seeds(
+            cfg,
+            arm,
+            None if arm == "full" else budget,
+            folder / "scores",
+            folder / "arms" / name,
+            nll_rows,
+            em_rows,
+            reporter,
+            force,
+        )
     return {
         "fraction": rc.fraction,
         "corrupted_rows": len(bad_ids),
@@ -286,21 +300,9 @@ def run(cfg: ExperimentConfig, reporter: Reporter | None = None, force: bool = F
         )["result"]
         arms = {}
         for name, arm, budget in planned_arms(cfg):
-            runs = [
-                run_arm(
-                    cfg,
-                    arm,
-                    budget,
-                    seed,
-                    folder / "scores",
-                    folder / "arms" / name / f"seed-{seed}",
-                    nll_rows,
-                    em_rows,
-                    reporter,
-                    force,
-                )
-                for seed in cfg.seeds
-            ]
+            runs = run_seeds(
+                cfg, arm, budget, folder / "scores", folder / "arms" / name, nll_rows, em_rows, reporter, force
+            )
             arms[name] = {
                 "arm": arm,
                 "budget": budget.model_dump(exclude={"arms"}) if budget else None,

@@ -81,6 +81,12 @@ class ScoreOptions(Options):
     )
     batch_tokens: int = Field(4096, ge=2, description="Padded tokens per forward batch (rows are length-sorted).")
     shard_size: PosInt = Field(512, description="Input rows per output shard: the unit of resume and of parallel work.")
+    tokenize_workers: int | None = Field(
+        None,
+        ge=0,
+        description="Processes tokenising the next shards while one is scored (local engine; default: "
+        "none on CPU, where they would share the scorer's cores; up to 4 with a GPU).",
+    )
     dtype: Dtype = Field("auto", description="Model dtype: auto is float32 on CPU and bfloat16 on CUDA.")
     device: Device = Field("auto", description="auto, cpu, cuda or cuda:N.")
     on_bad_row: Literal["skip", "fail"] = Field(

@@ -109,24 +109,39 @@ class ChatEncoder:
                 return text[pos : len(text) - len(stripped) + len(marker)]
         return ""
 
+    def _with_content(self, messages: list[dict[str, str]], i: int, content: str) -> str:
+        return self._render([*messages[:i], {**messages[i], "content": content}, *messages[i + 1 :]])
+
+    def _locate(self, full: str, messages: list[dict[str, str]], i: int) -> tuple[int, int]:
+        """[start, end) of turn i's content in `full`. One rendering with a placeholder usually settles it (what
+        differs from `full` is the content, as given or trimmed); otherwise two placeholders show what the template
+        writes around the turn, which must not depend on the content."""
+        content = messages[i]["content"]
+        a = self._with_content(messages, i, PLACEHOLDERS[0])
+        head = _common_prefix(full, a)
+        tail = min(_common_prefix(full[::-1], a[::-1]), len(a) - head - 1, len(full) - head)
+        if len(a) - tail == head + 1 and full[head : len(full) - tail] in (content, content.strip()):
+            return head, len(full) - tail
+        b = self._with_content(messages, i, PLACEHOLDERS[1])
+        head = _common_prefix(a, b)
+        tail = _common_prefix(a[::-1], b[::-1])
+        before, after = a[:head], a[len(a) - tail :]
+        if not (full.startswith(before) and full.endswith(after) and head + tail <= len(full)):
+            raise RowError(
+                "template_unstable",
+                f"the chat template writes the text around assistant turn {i} "
+                "differently depending on its content, so its tokens cannot be located",
+                field=f"messages[{i}].content",
+            )
+        return head, len(full) - tail
+
     def render(self, messages: list[dict[str, str]]) -> Rendered:
         full = self._render(messages)
         contents, spans = [], []
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            a, b = (self._render([*messages[:i], {**m, "content": p}, *messages[i + 1 :]]) for p in PLACEHOLDERS)
-            head = _common_prefix(a, b)
-            tail = _common_prefix(a[::-1], b[::-1])
-            before, after = a[:head], a[len(a) - tail :]
-            if not (full.startswith(before) and full.endswith(after) and head + tail <= len(full)):
-                raise RowError(
-                    "template_unstable",
-                    f"the chat template writes the text around assistant turn {i} "
-                    "differently depending on its content, so its tokens cannot be located",
-                    field=f"messages[{i}].content",
-                )
-            start, content_end = head, len(full) - tail
+            start, content_end = self._locate(full, messages, i)
             marker = self._marker_at(full, content_end)
             if not marker and i == len(messages) - 1:
                 # Some templates end a turn only when another follows: learn the marker they would write.

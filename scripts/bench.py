@@ -474,9 +474,9 @@ def main() -> None:
     md += [
         "",
         f"A GPU scoring faster than about {fmt_rate(slowest)} tokens/s per tokenising core would wait for "
-        "tokenisation on multi-turn data. The Ray engine tokenises in every worker, so tokenisation scales with "
-        "the workers; with the local engine on a fast GPU and a small model, run `--engine ray` with several "
-        "workers per GPU (e.g. `--num-workers 4 --gpus-per-worker 0.25`).",
+        "tokenisation on multi-turn data; so with a GPU the local engine tokenises the next shards in "
+        "`--tokenize-workers` processes (up to 4 by default) while one shard is scored, and the Ray engine "
+        "tokenises in every worker.",
         "",
     ]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -138,10 +139,10 @@ class ShardWorker:
             counts.skip(str(path), item)
         return items, counts
 
-    def run(self, rows: readers.RowRange, on_batch=lambda rows, tokens: None) -> dict:
-        """Produce shard `rows.index` (atomically); returns its summary."""
+    def run(self, rows: readers.RowRange, on_batch=lambda rows, tokens: None, tokenised=None) -> dict:
+        """Produce shard `rows.index` (atomically); returns its summary. `tokenised`: (items, counts) made ahead."""
         started = time.time()
-        items, counts = self.tokenise(rows)
+        items, counts = tokenised or self.tokenise(rows)
         self.timings["tokenise"] += time.time() - started
         self.open()
         needed = [enc.trainable.astype(bool) for _, enc in items] if self.job.cfg.positions == "trainable" else None
@@ -238,7 +239,7 @@ def prepare(cfg: ScoreConfig, reporter: Reporter) -> tuple[ScoreJob, list[reader
         else detect_format(in_path, readers.head(in_path, DETECT_ROWS), parse_fields(cfg.fields))
     )
     # Settings that change the numbers; engine and worker counts do not, so either engine can resume a run.
-    ignore = {"out", "engine", "address", "num_workers", "gpus_per_worker", "cpus_per_worker"}
+    ignore = {"out", "engine", "address", "num_workers", "gpus_per_worker", "cpus_per_worker", "tokenize_workers"}
     identity = {k: v for k, v in cfg.model_dump().items() if k not in ignore}
     input_fingerprint = io.fingerprint_path(in_path)
     fingerprint = io.fingerprint_config(
@@ -333,6 +334,50 @@ def batch_progress(reporter: Reporter, rows: int, tokens: int):
     return on_batch
 
 
+_TOKENISER: ShardWorker | None = None  # in a tokenising process: the worker whose tokenizer it uses
+
+
+def _start_tokeniser(job: ScoreJob) -> None:
+    global _TOKENISER
+    _TOKENISER = ShardWorker(job)
+
+
+def _tokenise_ahead(rows: readers.RowRange) -> tuple[list, ShardCounts]:
+    return _TOKENISER.tokenise(rows)
+
+
+def tokenise_workers(cfg: ScoreConfig) -> int:
+    """Tokenising processes for the local engine: none on CPUs (they would share the scorer's cores); with a GPU,
+    enough to keep a small model's scoring rate fed (BENCHMARKS.md: a core tokenises ~100k tokens/s)."""
+    if cfg.tokenize_workers is not None:
+        return cfg.tokenize_workers
+    import torch
+
+    gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    return min(4, max(0, (os.cpu_count() or 1) - 1)) if gpu else 0
+
+
+def tokenised_shards(job: ScoreJob, todo: list, workers: int):
+    """(shard, None) in order, or (shard, (items, counts)) tokenised by `workers` processes ahead of scoring."""
+    if not workers or len(todo) < 2:
+        yield from ((r, None) for r in todo)
+        return
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start_tokeniser, initargs=(job,)) as pool:
+        ahead = deque((r, pool.submit(_tokenise_ahead, r)) for r in todo[: workers + 1])
+        upcoming = iter(todo[workers + 1 :])
+        while ahead:
+            r, future = ahead.popleft()
+            nxt = next(upcoming, None)
+            if nxt is not None:
+                ahead.append((nxt, pool.submit(_tokenise_ahead, nxt)))
+            yield r, future.result()
+
+
 def score_locally(job: ScoreJob, todo, done, ranges, reporter: Reporter) -> dict:
     total_rows = sum(r.stop - r.start for r in ranges)
     rows_done = sum(ranges[i].stop - ranges[i].start for i in done)
@@ -343,8 +388,8 @@ def score_locally(job: ScoreJob, todo, done, ranges, reporter: Reporter) -> dict
     try:
         if worker:
             refuse_mixed_methods(Path(job.cfg.out), done, worker.open())
-        for r in todo:
-            result = worker.run(r, batch_progress(reporter, rows_done, tokens))
+        for r, tokenised in tokenised_shards(job, todo, tokenise_workers(job.cfg)):
+            result = worker.run(r, batch_progress(reporter, rows_done, tokens), tokenised)
             rows_done += r.stop - r.start
             tokens += result["tokens"]
             seconds += result["seconds"]

@@ -83,7 +83,7 @@ class RichReporter(Reporter):
         self.tokens0 = None
 
     def log(self, message: str) -> None:
-        console.print(message)
+        console.print(escape(message))  # paths and messages may hold brackets; stages write plain text
 
     def start(self, label: str, total: int | None, unit: str = "rows") -> None:
         self.finish()

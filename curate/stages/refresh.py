@@ -94,9 +94,7 @@ def run(cfg: RefreshConfig, reporter: Reporter | None = None, force: bool = Fals
     with io.locked(out, reporter.log):
         for r in range(1, cfg.rounds + 1):
             d = round_dir(out, r)
-            reporter.log(
-                f"[bold]round {r}/{cfg.rounds}[/]: scoring the full input with {model or 'the built-in model'}"
-            )
+            reporter.log(f"round {r}/{cfg.rounds}: scoring the full input with {model or 'the built-in model'}")
             scored = score.run(
                 ScoreConfig(**{**cfg.score.model_dump(), "model": model}, input=cfg.input, out=str(d / "scores")),
                 reporter,

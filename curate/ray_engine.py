@@ -59,7 +59,8 @@ def _actor_class():
 
 
 def _connect(address: str | None, reporter: Reporter) -> bool:
-    """Join the cluster (or start a local one); returns whether we started it (and so must stop it)."""
+    """Join the cluster (or start a local one); returns whether this call connected, and so must disconnect
+    (ray.shutdown stops a local cluster we started and only detaches from one we joined)."""
     import ray
 
     if ray.is_initialized():
@@ -70,7 +71,7 @@ def _connect(address: str | None, reporter: Reporter) -> bool:
         ray.init(include_dashboard=False, log_to_driver=False, object_store_memory=LOCAL_OBJECT_STORE)
     res = ray.cluster_resources()
     reporter.log(f"ray: {len(ray.nodes())} node(s), {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs")
-    return not address
+    return True
 
 
 def pool_size(cfg, resources: dict) -> tuple[int, float]:
@@ -92,7 +93,7 @@ def score_on_ray(job, todo, done, ranges, reporter: Reporter) -> dict:
     from .stages.score import refuse_mixed_methods
 
     cfg = job.cfg
-    started_ray = _connect(cfg.address, reporter)
+    connected = _connect(cfg.address, reporter)
     n_workers, gpus = pool_size(cfg, ray.cluster_resources())
     if cfg.backend == "vllm" and gpus > 1:
         job = replace(job, cfg=cfg.model_copy(update={"tensor_parallel_size": int(gpus)}))  # TP inside the actor
@@ -114,7 +115,7 @@ def score_on_ray(job, todo, done, ranges, reporter: Reporter) -> dict:
         for a in actors:
             ray.kill(a)
         reporter.finish()
-        if started_ray:
+        if connected:
             ray.shutdown()
     seconds = max(summary["wall_seconds"], 1e-9)
     return {
@@ -196,14 +197,14 @@ def run_tasks(fn, args: list, address: str | None, reporter: Reporter) -> list:
     """fn(arg) for every arg as Ray tasks (one CPU each), results in order: `curate prune --engine ray` pass 2."""
     import ray
 
-    started_ray = _connect(address, reporter)
+    connected = _connect(address, reporter)
     try:
         remote = ray.remote(num_cpus=1, max_retries=MAX_ATTEMPTS - 1)(fn)
         return ray.get([remote.remote(a) for a in args])
     except ray.exceptions.RayError as e:
         raise CurateError(f"a Ray task failed {MAX_ATTEMPTS} times: {_cause(e)}") from None
     finally:
-        if started_ray:
+        if connected:
             ray.shutdown()
 
 

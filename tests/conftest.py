@@ -164,3 +164,21 @@ def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
 
 def data_files(pruned: Path) -> list[Path]:
     return sorted((pruned / "data").glob("train-*.parquet"))
+
+
+def cpu_sft_args(output_dir: Path, max_steps: int, **overrides):
+    """TRL settings for a few exact fp32 steps on CPU, with nothing saved or reported."""
+    from trl import SFTConfig
+
+    settings = dict(
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        max_length=4096,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    return SFTConfig(**(settings | overrides))

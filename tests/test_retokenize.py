@@ -10,7 +10,7 @@ from curate.cli import app
 from curate.config import PruneConfig, ScoreConfig
 from curate.stages import prune, score
 
-from .conftest import DEMO, build_tiny_model_dir, build_tiny_tokenizer, data_files
+from .conftest import DEMO, build_tiny_model_dir, build_tiny_tokenizer, cpu_sft_args, data_files
 
 # Another family: another vocabulary, another chat template, another end-of-turn marker.
 OTHER_TEMPLATE = (
@@ -134,7 +134,7 @@ def test_demo_scored_by_smollm2_trains_a_model_of_another_family_in_trl(tmp_path
     """The issue's acceptance: the built-in SmolLM2 scores, another tokenizer's model trains (TRL)."""
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     score.run(ScoreConfig(input=str(DEMO), out=str(tmp_path / "scores"), limit=48))
     res = CliRunner().invoke(
@@ -158,17 +158,7 @@ def test_demo_scored_by_smollm2_trains_a_model_of_another_family_in_trl(tmp_path
     for sid, row in carried.items():
         check_carried_over(src_tok, tgt_tok, source[sid], row)
     ds = load_dataset("parquet", data_files=[str(f) for f in data_files(target)], split="train")
-    args = SFTConfig(
-        output_dir=str(tmp_path / "o"),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        max_length=4096,
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        save_strategy="no",
-        disable_tqdm=True,
-    )
+    args = cpu_sft_args(tmp_path / "o", max_steps=2)
     trainer = SFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(other_model), args=args, train_dataset=ds, processing_class=tgt_tok
     )

@@ -15,7 +15,7 @@ from curate.schema import QUADRANTS
 from curate.stages.export import JSONL_COLUMNS, TOKENIZED
 from curate.stages.refresh import transition_table
 
-from .conftest import DEMO, Recorder, data_files
+from .conftest import DEMO, Recorder, cpu_sft_args, data_files
 
 runner = CliRunner()
 
@@ -157,22 +157,12 @@ def test_export_loads_in_the_shape_each_framework_expects(tiny_run, tmp_path, fm
 def test_export_trl_trains_in_sft_trainer(tiny_run, tiny_model_dir, tmp_path):
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     out = tmp_path / "trl"
     assert runner.invoke(app, ["export", str(tiny_run / "pruned"), "--format", "trl", "--out", str(out)]).exit_code == 0
     ds = load_dataset("parquet", data_files=str(out / "data" / "*.parquet"), split="train")
-    args = SFTConfig(
-        output_dir=str(tmp_path / "o"),
-        max_steps=1,
-        per_device_train_batch_size=4,
-        max_length=4096,
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        save_strategy="no",
-        disable_tqdm=True,
-    )
+    args = cpu_sft_args(tmp_path / "o", max_steps=1)
     trainer = SFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
         args=args,

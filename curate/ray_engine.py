@@ -43,9 +43,6 @@ def _actor_class():
         def open(self) -> str:
             return self.worker.open()
 
-        def pid(self) -> int:
-            return os.getpid()
-
         def run(self, rows) -> dict:
             def on_batch(n_rows: int, n_tokens: int) -> None:
                 self.progress.put_nowait((rows.index, n_rows, n_tokens))
@@ -53,7 +50,8 @@ def _actor_class():
             result = self.worker.run(rows, on_batch)
             self.tokens += result["tokens"]
             self.seconds += result["seconds"]
-            return {**result, "worker_tokens_per_s": self.tokens / max(self.seconds, 1e-9)}
+            # the pid travels with the result: asking the actor afterwards fails if it died just after this shard
+            return {**result, "pid": os.getpid(), "worker_tokens_per_s": self.tokens / max(self.seconds, 1e-9)}
 
     return ScoreActor
 
@@ -187,7 +185,7 @@ def _dispatch(job, todo, actors, actor_class, progress, rows_done, sizes, report
             else:
                 rows_done += sizes[rows.index]
                 tokens += result["tokens"]
-                per_worker[ray.get(actor.pid.remote())] = result["worker_tokens_per_s"]
+                per_worker[result["pid"]] = result["worker_tokens_per_s"]
             idle.append(actor)
         reporter.advance(rows_done + sum(p[0] for p in partial.values()), tokens + sum(p[1] for p in partial.values()))
     return {"tokens": tokens, "wall_seconds": time.time() - t0, "per_worker": per_worker, "replaced": replaced}

@@ -68,6 +68,14 @@ def actor_processes():
     return found
 
 
+def wait_until_no_actor_is_left():
+    """ray.kill returns before the processes are gone; a test that looks for actors must not find old ones."""
+    deadline = time.time() + 30
+    while actor_processes():
+        assert time.time() < deadline, actor_processes()
+        time.sleep(0.2)
+
+
 def test_a_killed_worker_is_replaced_and_its_shard_redone(tmp_path, tiny_model_dir, local_scores, local_ray):
     killed = []
 
@@ -78,6 +86,7 @@ def test_a_killed_worker_is_replaced_and_its_shard_redone(tmp_path, tiny_model_d
             victims[0].send_signal(signal.SIGKILL)
             killed.append(victims[0].pid)
 
+    wait_until_no_actor_is_left()  # the previous test's, so that the victim is one of this run's
     rec = Recorder(kill_one_actor)
     manifest = score.run(config(tmp_path / "ray", tiny_model_dir, engine="ray", num_workers=2), rec)
     assert killed and manifest["scoring"]["replaced_workers"] >= 1
@@ -96,10 +105,7 @@ def test_an_interrupted_driver_resumes_only_the_missing_shards(tmp_path, tiny_mo
         score.run(config(out, tiny_model_dir, engine="ray", num_workers=2), Recorder(interrupt))
     finished = {p.name for p in out.glob("part-*.parquet")}
     assert 2 <= len(finished) < 6
-    deadline = time.time() + 30
-    while actor_processes():  # the workers were stopped (ray.kill returns before their processes are gone)
-        assert time.time() < deadline, actor_processes()
-        time.sleep(0.2)
+    wait_until_no_actor_is_left()  # the workers were stopped
     manifest = score.run(config(out, tiny_model_dir))  # finished by the local engine: the same files either way
     assert manifest["scoring"]["tokens_scored_this_run"] < manifest["counts"]["tokens"]
     assert_same(local_scores, out, tol=1e-6)

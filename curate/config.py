@@ -79,7 +79,12 @@ class ScoreOptions(Options):
     max_length: int = Field(
         2048, ge=2, description="Truncate longer sequences to this many tokens (flagged `truncated`)."
     )
-    batch_tokens: int = Field(4096, ge=2, description="Padded tokens per forward batch (rows are length-sorted).")
+    batch_tokens: int | None = Field(
+        None,
+        ge=2,
+        description="Padded tokens per forward batch (rows are length-sorted); default 2,048 on CPU, 4,096 on a GPU "
+        "(raise it there: pipelines/gpu.yaml uses 65,536).",
+    )
     shard_size: PosInt = Field(512, description="Input rows per output shard: the unit of resume and of parallel work.")
     tokenize_workers: int | None = Field(
         None,

@@ -48,7 +48,7 @@ def eval_rows(path: Path, fields: str | None, limit: int | None) -> list[dict]:
     return rows
 
 
-def answer_nll(model_path: str, rows: list[dict], batch_tokens: int = 4096, device: str = "auto") -> dict:
+def answer_nll(model_path: str, rows: list[dict], batch_tokens: int | None = None, device: str = "auto") -> dict:
     """Mean NLL (nats) per answer token over `rows`, and the token count."""
     from .backends.hf import HFScorer
     from .models import load_tokenizer_from

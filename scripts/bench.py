@@ -111,7 +111,7 @@ def child_scoring(method: str, kind: str, repeats: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     from benchmarks.peers import in_trainer, per_sample
-    from curate.backends.hf import HFScorer, token_budget_batches
+    from curate.backends.hf import CPU_BATCH_TOKENS, HFScorer, token_budget_batches
     from curate.models import load_tokenizer, resolve_model
 
     model_ref = resolve_model(None)
@@ -130,7 +130,7 @@ def child_scoring(method: str, kind: str, repeats: int) -> dict:
     model = AutoModelForCausalLM.from_pretrained(model_ref.path, dtype=torch.float32).eval()
     base = rss()
     if method == "raw forward":
-        batches = token_budget_batches([len(s) for s in seqs], 4096)
+        batches = token_budget_batches([len(s) for s in seqs], CPU_BATCH_TOKENS)
 
         def fn():
             with torch.inference_mode():
@@ -420,7 +420,7 @@ def main() -> None:
         "re-implemented in `benchmarks/peers/`: per-sample scoring as Cherry-LLM (IFD) and Superfiltering do it "
         "(batch size 1, full [T, V] logits, log_softmax), and in-trainer scoring as the Q-Tuning paper's code does "
         "it (micro-batches of 8 in dataset order, padded, full [B, T, V] logits). q-curate: length-sorted batches "
-        "of 4,096 padded tokens, the LM head and the reduction a chunk of positions at a time; `trainable "
+        "of 2,048 padded tokens, the LM head and the reduction a chunk of positions at a time; `trainable "
         "positions` is `curate score --positions trainable` (the prompt's positions are not scored). Peak "
         "memory is the resident set above its level just after the model was loaded (the weights excluded, the "
         "warm-up included).",

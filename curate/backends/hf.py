@@ -22,6 +22,12 @@ from ..errors import CurateError
 LOGITS_CHUNK_BYTES = {"cpu": 64 * 1024 * 1024, "cuda": 512 * 1024 * 1024}
 
 
+# Default padded tokens per batch. On CPU 2,048 measured about 10% faster than 4,096 and a third smaller on
+# 2,048-token rows: the larger batch's activations cost more than its matmuls gain.
+CPU_BATCH_TOKENS = 2048
+GPU_BATCH_TOKENS = 4096
+
+
 def chunk_positions(vocab_size: int, device: str) -> int:
     """Positions whose fp32 logits and reduction buffer fit the byte budget of `device` (at least 1)."""
     default = LOGITS_CHUNK_BYTES["cuda" if device.startswith("cuda") else "cpu"]
@@ -98,7 +104,7 @@ class HFScorer:
     entropy_method = "exact"
     entropy_max_error = None
 
-    def __init__(self, model_path: str, *, dtype: str = "auto", device: str = "auto", batch_tokens: int = 4096):
+    def __init__(self, model_path: str, *, dtype: str = "auto", device: str = "auto", batch_tokens: int | None = None):
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 
@@ -112,7 +118,7 @@ class HFScorer:
         except OSError as e:
             raise CurateError(f"cannot load the model {model_path!r}: {e}") from None
         self.model.to(self.device).eval()
-        self.batch_tokens = batch_tokens
+        self.batch_tokens = batch_tokens or (CPU_BATCH_TOKENS if self.device == "cpu" else GPU_BATCH_TOKENS)
         self.head = self.model.get_output_embeddings()
         self.vocab_size = vocab = self.head.weight.shape[0]
         self.chunk = chunk_positions(vocab, self.device)

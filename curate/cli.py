@@ -28,7 +28,7 @@ from .config import (
     TrainConfig,
     TrainOptions,
 )
-from .errors import CurateError
+from .errors import CurateError, StaleOutputError
 from .extras import require_stages
 from .options import command, sectioned_command
 from .progress import Reporter
@@ -458,14 +458,21 @@ def demo_cmd(
     out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Run folder for the demo."),
     force: bool = typer.Option(False, "--force", help="Recompute every stage."),
 ):
-    """Run the whole pipeline on the built-in demo data with the built-in SmolLM2-135M model."""
+    """Run the whole pipeline on the built-in demo data with the built-in SmolLM2-135M model.
+
+    A demo folder left by other settings or an older q-curate is recomputed (a minute on CPU)."""
     from .demo import demo_pipeline
     from .pipeline import run_pipeline
 
     with user_errors():
         require_stages(("report", None))
         rep = reporter()
-        print_results(quiet(run_pipeline, demo_pipeline(out_dir), rep, force))
+        try:
+            results = quiet(run_pipeline, demo_pipeline(out_dir), rep, force)
+        except StaleOutputError:  # a demo from an older version: it takes a minute to redo, so redo it
+            rep.log(f"{out_dir} holds a demo run from other settings or an older q-curate; recomputing it")
+            results = quiet(run_pipeline, demo_pipeline(out_dir), rep, True)
+        print_results(results)
         report_path = write_report(out_dir, rep)
     out.print(
         f"\n[bold green]Demo finished.[/] Results in {out_dir}/:\n"

@@ -12,3 +12,7 @@ class RowError(CurateError):
         super().__init__(message)
         self.reason = reason
         self.field = field
+
+
+class StaleOutputError(CurateError):
+    """OUT holds an expensive stage's output from other inputs, settings or q-curate version."""

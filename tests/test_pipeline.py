@@ -1,3 +1,5 @@
+import json
+
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -153,3 +155,19 @@ def test_every_help_lists_the_allowed_values_and_bad_ones_stop_before_any_work(t
     }[command]
     res = CliRunner().invoke(app, [command, *bad])
     assert res.exit_code == 2 and "Invalid value" in res.output and not (tmp_path / "o").exists()
+
+
+def test_demo_recomputes_a_demo_from_other_settings_where_a_pipeline_refuses(tmp_path, smollm2_dir):
+    out = tmp_path / "demo"
+    res = CliRunner().invoke(app, ["demo", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    manifest_path = out / "scores" / "_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    fingerprint = manifest["fingerprint"]
+    manifest["fingerprint"] = "0" * 16  # as an older q-curate version would have written it
+    manifest_path.write_text(json.dumps(manifest))
+    res = CliRunner().invoke(app, ["run", str(out / "config.yaml")])  # the same pipeline, not as the demo
+    assert res.exit_code == 2 and "other inputs or settings" in res.output  # hours of scoring are never replaced
+    res = CliRunner().invoke(app, ["demo", "--out", str(out)])
+    assert res.exit_code == 0 and "recomputing it" in res.output, res.output
+    assert json.loads(manifest_path.read_text())["fingerprint"] == fingerprint

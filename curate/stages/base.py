@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from .. import io
-from ..errors import CurateError
+from ..errors import CurateError, StaleOutputError
 from ..progress import Reporter
 from ..schema import MANIFEST
 
@@ -72,7 +72,7 @@ def _reuse_or_clear(
             )
     elif manifest is not None or stamp.get("fingerprint") != fingerprint:
         if expensive:
-            raise CurateError(
+            raise StaleOutputError(
                 f"{out} holds {stage} output from other inputs or settings; use --force to replace it "
                 "or choose another --out"
             )

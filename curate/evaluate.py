@@ -48,7 +48,7 @@ def eval_rows(path: Path, fields: str | None, limit: int | None) -> list[dict]:
     return rows
 
 
-def answer_nll(model_path: str, rows: list[dict], batch_tokens: int | None = None, device: str = "auto") -> dict:
+def answer_nll(model_path: str, rows: list[dict], device: str = "auto") -> dict:
     """Mean NLL (nats) per answer token over `rows`, and the token count."""
     from .backends.hf import HFScorer
     from .models import load_tokenizer_from
@@ -56,7 +56,7 @@ def answer_nll(model_path: str, rows: list[dict], batch_tokens: int | None = Non
 
     encoder = ChatEncoder(load_tokenizer_from(model_path, model_path))
     encoded = [encoder.encode(r["messages"]) for r in rows]
-    scorer = HFScorer(model_path, dtype="float32", device=device, batch_tokens=batch_tokens)
+    scorer = HFScorer(model_path, dtype="float32", device=device)
     try:
         scores = scorer.score([e.input_ids for e in encoded])
     finally:

@@ -81,21 +81,20 @@ def _score_positions(logits_fn, hidden, token_ids, chunk: int, request: str = ""
 
 
 def _scorer_class(arch: str):
-    import torch
     from vllm.model_executor.layers.pooler import PoolingParamsUpdate
     from vllm.model_executor.layers.pooler.abstract import Pooler
     from vllm.model_executor.layers.pooler.tokwise.methods import AllPool
     from vllm.model_executor.models.interfaces_base import VllmModelForPooling
 
-    from .hf import chunk_positions
+    from .hf import chunk_positions, resolve_device
 
     base = getattr(importlib.import_module(BASES[arch]), arch)
 
     class LogprobEntropyPooler(Pooler):
         def __init__(self, logits_fn, vocab_size: int):
             super().__init__()
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            self.chunk = chunk_positions(vocab_size, device)  # positions per chunk, from the logits byte budget
+            # positions per chunk, from the logits byte budget of the device this vLLM worker runs on
+            self.chunk = chunk_positions(vocab_size, resolve_device("auto"))
             self.pooling = AllPool()  # collects the hidden states of chunked prefills until a prompt is complete
             self.logits_fn = logits_fn  # a plain function, so the model is not registered as a submodule twice
 

@@ -193,7 +193,27 @@ class PruneOptions(Options):
     )
     token_order: Literal["drop-high", "drop-low"] = Field(
         "drop-high",
-        description="drop-high: remove the highest-scoring tokens (paper); drop-low: the reversed ablation.",
+        description="drop-high: remove the highest-scoring tokens, i.e. the ones the reference model finds MOST "
+        "surprising (paper); drop-low: the reversed ablation.",
+    )
+    token_unit: Literal["word", "token"] = Field(
+        "word",
+        description="word: a word or a number (with its separators) leaves the loss whole or not at all, scored "
+        "by the mean of its tokens' scores; token: single tokens, the paper's rule exactly.",
+    )
+    protect: list[Literal["final-answer", "numbers", "tool-calls", "code"]] = Field(
+        default_factory=lambda: ["final-answer", "tool-calls"],
+        description="Spans token pruning never removes (they count in the token budget), comma-separated: "
+        "final-answer (a GSM8K `#### N` line, else a last \\boxed{}), numbers, tool-calls (JSON function calls), "
+        "code (fenced blocks); `none` for nothing.",
+    )
+    protect_regex: str | None = Field(
+        None, description="Also protect what this regular expression matches in an assistant turn's text."
+    )
+    keep_duplicates: bool = Field(
+        False,
+        description="Keep identical conversations as separate samples; by default only the first copy (by id) "
+        "takes part and the others are counted as dropped duplicates.",
     )
     strategy: Literal["qtuning", "random", "ppl-high", "ppl-low", "entropy-high", "entropy-low"] = Field(
         "qtuning", description="Sample strategy: Q-Tuning or a baseline."
@@ -228,6 +248,23 @@ class PruneOptions(Options):
     @classmethod
     def _parse_group_ratios(cls, v: Any) -> Any:
         return parse_group_ratios(v)
+
+    @field_validator("protect", mode="before")
+    @classmethod
+    def _parse_protect(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [] if v.strip() in ("", "none") else [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
+    @field_validator("protect_regex")
+    @classmethod
+    def _compiles(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"not a regular expression: {e}") from None
+        return v
 
     @model_validator(mode="after")
     def _ratios_need_groups(self):
@@ -341,7 +378,19 @@ class RetokenizeConfig(Options):
 
 # ---------------------------------------------------------------- experiments
 
-Arm = Literal["full", "random", "qtuning", "qtuning-samples", "ppl-high", "ppl-low", "entropy-high", "entropy-low"]
+Arm = Literal[
+    "full",
+    "random",
+    "qtuning",
+    "qtuning-tokens",
+    "qtuning-words",
+    "qtuning-words-final",
+    "qtuning-samples",
+    "ppl-high",
+    "ppl-low",
+    "entropy-high",
+    "entropy-low",
+]
 ALL_ARMS = ["full", "random", "qtuning", "qtuning-samples", "ppl-high", "ppl-low", "entropy-high", "entropy-low"]
 
 

@@ -1,7 +1,8 @@
 """Evaluating a fine-tuned model on held-out question/answer rows: answer NLL and GSM8K exact match.
 
 - NLL: the mean negative log-likelihood per answer token (the assistant turn and its end-of-turn token), with the
-  model's own chat template, scored by the same exact scorer as `curate score`.
+  model's own chat template, scored by the same exact scorer as `curate score`; and the same over the final answer's
+  tokens alone (after `####`), the part token pruning can teach a model to get wrong.
 - Exact match: greedy, batched generation from the chat-templated question; the predicted number is the one
   after the last `####`, else the last number in the text; the gold number is the one after `####`.
 """
@@ -48,25 +49,53 @@ def eval_rows(path: Path, fields: str | None, limit: int | None) -> list[dict]:
     return rows
 
 
+def final_answer_tokens(encoder, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(trainable mask, final-answer mask) over the conversation's tokens: the final answer is what follows the
+    last `####` of the answer (GSM8K's `#### 624` line, its number), or the last `\\boxed{}`."""
+    from .units import protected_spans, tokens_touching
+
+    encoded = encoder.encode(messages)
+    rendered = encoder.render(messages)
+    _, starts, ends = encoder.tokenize(rendered.text)
+    n = len(encoded.input_ids)
+    spans = []
+    for lo, hi, _ in protected_spans(rendered.text, rendered.contents[-1:], ("final-answer",)):
+        head = rendered.text[lo:hi]
+        skip = len(head) - len(head.lstrip("#").lstrip()) if head.startswith("####") else 0
+        spans.append((lo + skip, hi, "final-answer"))
+    final = tokens_touching(starts[:n], ends[:n], spans) & encoded.trainable.astype(bool)
+    return encoded.trainable.astype(bool), final
+
+
 def answer_nll(model_path: str, rows: list[dict], device: str = "auto") -> dict:
-    """Mean NLL (nats) per answer token over `rows`, and the token count."""
+    """Mean NLL (nats) per answer token over `rows`, and over the final-answer tokens alone (the number after
+    `####`: what token pruning must not teach a model to get wrong), with the token counts."""
     from .backends.hf import HFScorer
     from .models import load_tokenizer_from
     from .tokenization import ChatEncoder
 
     encoder = ChatEncoder(load_tokenizer_from(model_path, model_path))
     encoded = [encoder.encode(r["messages"]) for r in rows]
+    masks = [final_answer_tokens(encoder, r["messages"]) for r in rows]
     scorer = HFScorer(model_path, dtype="float32", device=device)
     try:
         scores = scorer.score([e.input_ids for e in encoded])
     finally:
         scorer.close()
-    total, count = 0.0, 0
-    for e, (lp, _) in zip(encoded, scores):
-        mask = e.trainable.astype(bool)
-        total -= float(np.asarray(lp, dtype=np.float64)[mask].sum())
-        count += int(mask.sum())
-    return {"nll": total / count, "answer_tokens": count, "rows": len(rows)}
+    total, count, final_total, final_count = 0.0, 0, 0.0, 0
+    for (answer, final), (lp, _) in zip(masks, scores):
+        lp = np.asarray(lp, dtype=np.float64)
+        total -= float(lp[answer].sum())
+        count += int(answer.sum())
+        final_total -= float(lp[final].sum())
+        final_count += int(final.sum())
+    return {
+        "nll": total / count,
+        "answer_tokens": count,
+        "final_nll": final_total / final_count if final_count else None,
+        "final_tokens": final_count,
+        "rows": len(rows),
+    }
 
 
 def generate_answers(

@@ -29,16 +29,26 @@ from .extras import require_stages
 from .progress import Reporter
 from .stages import base, prune, score, train
 
-# arm -> (sample strategy, token strategy); `full` keeps every sample whole.
-ARM_STRATEGIES = {
-    "full": ("random", "none"),
-    "random": ("random", "random"),
-    "qtuning": ("qtuning", "qtuning"),
-    "qtuning-samples": ("qtuning", "none"),
-    "ppl-high": ("ppl-high", "none"),
-    "ppl-low": ("ppl-low", "none"),
-    "entropy-high": ("entropy-high", "none"),
-    "entropy-low": ("entropy-low", "none"),
+# arm -> the prune settings it changes; `full` keeps every sample whole. `qtuning` is `curate prune` as its
+# defaults stand; the `qtuning-*` token arms keep qtuning's samples and change only the token rule.
+PAPER_TOKENS = {"token_unit": "token", "protect": []}
+ARMS = {
+    "full": {"strategy": "random", "token_strategy": "none"},
+    "random": {"strategy": "random", "token_strategy": "random", **PAPER_TOKENS},  # the paper's random baseline
+    "qtuning": {"strategy": "qtuning", "token_strategy": "qtuning"},
+    "qtuning-tokens": {"strategy": "qtuning", "token_strategy": "qtuning", **PAPER_TOKENS},
+    "qtuning-words": {"strategy": "qtuning", "token_strategy": "qtuning", "token_unit": "word", "protect": []},
+    "qtuning-words-final": {
+        "strategy": "qtuning",
+        "token_strategy": "qtuning",
+        "token_unit": "word",
+        "protect": ["final-answer"],
+    },
+    "qtuning-samples": {"strategy": "qtuning", "token_strategy": "none"},
+    "ppl-high": {"strategy": "ppl-high", "token_strategy": "none"},
+    "ppl-low": {"strategy": "ppl-low", "token_strategy": "none"},
+    "entropy-high": {"strategy": "entropy-high", "token_strategy": "none"},
+    "entropy-low": {"strategy": "entropy-low", "token_strategy": "none"},
 }
 ROBUSTNESS_STRATEGIES = ("qtuning", "random", "ppl-high", "ppl-low", "entropy-high", "entropy-low")
 
@@ -64,17 +74,9 @@ def planned_arms(cfg: ExperimentConfig) -> list[tuple[str, str, Budget | None]]:
 def prune_config(
     cfg: ExperimentConfig, arm: str, budget: Budget | None, seed: int, scores: Path, out: Path
 ) -> PruneConfig:
-    strategy, token_strategy = ARM_STRATEGIES[arm]
     ratio, token_ratio = (1.0, 1.0) if budget is None else (budget.ratio, budget.token_ratio)
     return PruneConfig(
-        **{
-            **cfg.prune.model_dump(),
-            "ratio": ratio,
-            "token_ratio": token_ratio,
-            "strategy": strategy,
-            "token_strategy": token_strategy,
-            "seed": seed,
-        },
+        **{**cfg.prune.model_dump(), **ARMS[arm], "ratio": ratio, "token_ratio": token_ratio, "seed": seed},
         scores=str(scores),
         out=str(out),
     )
@@ -188,6 +190,7 @@ def run_arm(
                 "steps": trained["counts"]["steps"],
                 "train_seconds": trained["wall_time_s"],
                 "nll": evaluated["result"]["nll"]["nll"],
+                "final_nll": evaluated["result"]["nll"].get("final_nll"),
                 "em": evaluated["result"].get("em", {}).get("em"),
                 "nll_rows": evaluated["result"]["nll_rows"],
                 "em_rows": evaluated["result"]["em_rows"],
@@ -201,7 +204,7 @@ def run_arm(
 def summarise(runs: list[dict]) -> dict:
     """Mean and standard deviation over seeds of NLL and EM (sd 0 for one seed)."""
     out = {}
-    for key in ("nll", "em"):
+    for key in ("nll", "final_nll", "em"):
         values = [r[key] for r in runs if r[key] is not None]
         if values:
             out[key] = {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
@@ -298,7 +301,11 @@ def run(cfg: ExperimentConfig, reporter: Reporter | None = None, force: bool = F
                 **summarise(runs),
             }
         results = {
-            "base": {"nll": baseline["nll"]["nll"], "em": baseline.get("em", {}).get("em")},
+            "base": {
+                "nll": baseline["nll"]["nll"],
+                "final_nll": baseline["nll"].get("final_nll"),
+                "em": baseline.get("em", {}).get("em"),
+            },
             "arms": arms,
             "train_rows": scored["counts"]["samples"],
             "eval_rows": {"nll": len(nll_rows), "em": len(em_rows)},
@@ -349,16 +356,18 @@ def results_markdown(cfg: ExperimentConfig, results: dict) -> str:
         + (" (mean ± sd over seeds)" if n_seeds > 1 else "")
         + ".",
         "",
-        "| arm | samples | loss tokens | steps | answer NLL (nats/token, lower is better) | GSM8K EM % |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| arm | samples | loss tokens | steps | answer NLL (nats/token, lower is better) | final-answer NLL | "
+        "GSM8K EM % |",
+        "|---|---:|---:|---:|---:|---:|---:|",
         f"| base model (no training) | | | | {results['base']['nll']:.3f} | "
+        + (f"{results['base']['final_nll']:.3f} | " if results["base"].get("final_nll") is not None else "n/a | ")
         + (f"{100 * results['base']['em']:.1f} |" if results["base"]["em"] is not None else "n/a |"),
     ]
     for name, a in results["arms"].items():
         r0 = a["runs"][0]
         lines.append(
             f"| {name} | {r0['samples']:,} | {r0['loss_tokens']:,} | {r0['steps']:,} | {_fmt(a, 'nll')} | "
-            f"{_fmt(a, 'em', 100, 1)} |"
+            f"{_fmt(a, 'final_nll')} | {_fmt(a, 'em', 100, 1)} |"
         )
     rb = results.get("robustness")
     if rb:

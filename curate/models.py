@@ -107,13 +107,13 @@ def load_tokenizer(model: ResolvedModel):
     return load_tokenizer_from(model.path, model.name)
 
 
-def load_tokenizer_from(path: str, name: str):
+def load_tokenizer_from(path: str, name: str, local_files_only: bool = False):
     """The fast tokenizer of a model folder or hub id (its offsets locate the assistant turns)."""
     require("transformers", purpose="tokenising")
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
     except (OSError, ValueError) as e:
         raise CurateError(f"cannot load the tokenizer of {name!r}: {e}") from None
     if not getattr(tokenizer, "is_fast", False):

@@ -306,28 +306,44 @@ def token_keep_mask(
     order: str = "drop-high",
     strategy: str = "qtuning",
     seed: int = 0,
+    units: np.ndarray | None = None,
+    protect: np.ndarray | None = None,
 ) -> np.ndarray:
-    """int8 mask over positions: 1 where the token stays in the loss. Keeps k = max(1, round(ratio*|T|))
-    trainable tokens, end-of-turn tokens always among them (they count towards k)."""
+    """int8 mask over positions: 1 where the token stays in the loss.
+
+    The budget is k = max(1, round(ratio * |T|)) trainable tokens. End-of-turn tokens and `protect`ed tokens are
+    kept first and count towards k. The rest is kept or dropped by unit (`units`: a unit id per position, -1
+    where not trainable; None: every token is its own unit, the paper's rule): units are taken in order (lowest
+    mean score first for drop-high, a seeded shuffle for random) while fewer than k tokens are kept, so a sample
+    keeps max(k, protected) tokens, or fewer than one unit more. A unit that holds a protected token is kept whole.
+    """
     t = trainable.astype(bool)
     keep = t.copy()
     n_train = int(t.sum())
     if strategy == "none" or n_train == 0:
         return keep.astype(np.int8)
     k = budget(token_ratio, n_train)
+    unit = np.where(t, np.arange(len(t)), -1) if units is None else np.asarray(units)
     protected = protected_positions(trainable, truncated)
+    if protect is not None:
+        protected |= t & np.asarray(protect, dtype=bool)
+        protected |= t & np.isin(unit, unit[protected & t])  # never split a unit
     candidates = np.flatnonzero(t & ~protected)
     free_slots = max(0, k - int(protected.sum()))
+    # candidate units, numbered in text order (a unit's tokens are consecutive)
+    first = np.concatenate([[True], unit[candidates][1:] != unit[candidates][:-1]]) if len(candidates) else []
+    member = np.cumsum(first) - 1
+    sizes = np.bincount(member) if len(candidates) else np.zeros(0, dtype=np.int64)
     if strategy == "random":
-        rng = np.random.default_rng(seed)
-        kept = rng.permutation(candidates)[:free_slots]
+        ranked = np.random.default_rng(seed).permutation(len(sizes))
     else:
         s = context_scores(logprob, trainable, 0.0 if strategy == "ppl" else lam)[candidates]
+        unit_score = np.bincount(member, weights=s) / sizes if len(candidates) else s
         # drop-high keeps the lowest scores; ties by position (stable sort)
-        rank = np.argsort(s if order == "drop-high" else -s, kind="stable")
-        kept = candidates[rank[:free_slots]]
-    keep[candidates] = False
-    keep[kept] = True
+        ranked = np.argsort(unit_score if order == "drop-high" else -unit_score, kind="stable")
+    before = np.cumsum(sizes[ranked]) - sizes[ranked]  # tokens kept before each unit in turn
+    chosen = ranked[: int(np.searchsorted(before, free_slots, side="left"))]
+    keep[candidates] = np.isin(member, chosen)
     return keep.astype(np.int8)
 
 

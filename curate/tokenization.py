@@ -194,3 +194,24 @@ def in_span(text: str, starts: np.ndarray, ends: np.ndarray, lo: int, hi: int) -
 def encode(tokenizer, messages: list[dict[str, str]], max_length: int | None = None) -> Encoded:
     """One conversation with a one-off encoder (a scoring run keeps one ChatEncoder for all rows)."""
     return ChatEncoder(tokenizer, max_length).encode(messages)
+
+
+class TokenText:
+    """The text that each scored token covers, recovered from the scorer's own tokenizer and chat template (the
+    scores hold token ids only): for whole-word pruning, protected spans and the summary of what was masked."""
+
+    def __init__(self, tokenizer):
+        self.encoder = ChatEncoder(tokenizer)
+
+    def spans(self, messages: list[dict[str, str]], input_ids: np.ndarray):
+        """(text, starts, ends, assistant contents) aligned with `input_ids`, or None when this tokenizer's
+        rendering of `messages` does not give back exactly those ids (then no text can be trusted)."""
+        try:
+            rendered = self.encoder.render(messages)
+            ids, starts, ends = self.encoder.tokenize(rendered.text)
+        except Exception:  # a row the template or tokenizer now refuses: the caller counts it
+            return None
+        n = len(input_ids)
+        if len(ids) < n or not np.array_equal(ids[:n], input_ids):
+            return None
+        return rendered.text, starts[:n], ends[:n], rendered.contents

@@ -284,7 +284,9 @@ def child_prune(n_samples: int, workers: list[int]) -> list[dict]:
         for w in workers:
             t0 = time.perf_counter()
             with PeakRSS() as mem:
-                manifest = run(PruneConfig(scores=f"{d}/scores", out=f"{d}/pruned-{w}", workers=w))
+                manifest = run(
+                    PruneConfig(scores=f"{d}/scores", out=f"{d}/pruned-{w}", workers=w, token_unit="token", protect=[])
+                )
             seconds = time.perf_counter() - t0
             out.append(
                 {

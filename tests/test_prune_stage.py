@@ -16,6 +16,9 @@ from curate.synthetic import synthetic_scores
 from .conftest import GSM8K_TEST, Recorder, needs_shared, restamp
 from .test_pruning import bf_token_mask, bf_triage
 
+# synthetic scores have no tokenizer to read token text with: prune them per token, as the paper does
+PER_TOKEN = {"token_unit": "token", "protect": []}
+
 
 @pytest.fixture(scope="module")
 def scores(tmp_path_factory):
@@ -63,7 +66,7 @@ def check_pruned(scores_dir, out, cfg):
 
 @pytest.mark.parametrize("scope", ["global", "batch"])
 def test_prune_output_contract_and_invariants(tmp_path, scores, scope):
-    cfg = PruneConfig(scores=str(scores), out=str(tmp_path / "p"), ratio=0.25, scope=scope)
+    cfg = PruneConfig(scores=str(scores), out=str(tmp_path / "p"), ratio=0.25, scope=scope, **PER_TOKEN)
     manifest = run(cfg)
     rows = check_pruned(scores, tmp_path / "p", cfg)
     files = sorted((tmp_path / "p" / "data").glob("train-*.parquet"))
@@ -89,6 +92,7 @@ def test_baseline_strategies_and_rerun_noop(tmp_path, scores):
             ratio=0.1,
             strategy=strategy,
             token_strategy=token_strategy,
+            **PER_TOKEN,
         )
         run(cfg)
         check_pruned(scores, tmp_path / strategy, cfg)
@@ -100,7 +104,7 @@ def test_baseline_strategies_and_rerun_noop(tmp_path, scores):
 def test_datasets_loads_and_concatenates_shards(tmp_path, scores):
     import datasets
 
-    run(PruneConfig(scores=str(scores), out=str(tmp_path / "p"), ratio=0.5))
+    run(PruneConfig(scores=str(scores), out=str(tmp_path / "p"), ratio=0.5, **PER_TOKEN))
     files = sorted(str(p) for p in (tmp_path / "p" / "data").glob("train-*.parquet"))
     ds = datasets.load_dataset("parquet", data_files=files, split="train")
     assert len(ds) == pruning.budget(0.5, 203)
@@ -124,7 +128,7 @@ def test_bad_inputs_are_clear_errors(tmp_path, scores):
     pq.write_table(pa.Table.from_pylist(t, schema=schema.SCORES), shard)
     restamp(bad)
     with pytest.raises(CurateError, match=r"sample 's00000002' has NaN scores"):
-        run(PruneConfig(scores=str(bad), out=str(tmp_path / "y")))
+        run(PruneConfig(scores=str(bad), out=str(tmp_path / "y"), **PER_TOKEN))
 
 
 def test_one_trainable_token_samples(tmp_path):
@@ -136,7 +140,7 @@ def test_one_trainable_token_samples(tmp_path):
         r["n_trainable"] = 1
     pq.write_table(pa.Table.from_pylist(t, schema=schema.SCORES), d / "part-00000.parquet")
     restamp(d)
-    cfg = PruneConfig(scores=str(d), out=str(tmp_path / "p"), ratio=0.5)
+    cfg = PruneConfig(scores=str(d), out=str(tmp_path / "p"), ratio=0.5, **PER_TOKEN)
     run(cfg)
     rows = check_pruned(d, tmp_path / "p", cfg)
     assert all(sum(r["loss_mask"]) == 1 for r in rows)
@@ -179,7 +183,7 @@ def test_gsm8k_64_rows_builtin_model_prune_quarter(tmp_path, smollm2_dir):
 
 
 def test_parallel_pass_two_writes_the_same_files(tmp_path, scores):
-    cfg = PruneConfig(scores=str(scores), out=str(tmp_path / "one"), ratio=0.5)
+    cfg = PruneConfig(scores=str(scores), out=str(tmp_path / "one"), ratio=0.5, **PER_TOKEN)
     one = run(cfg)
     two = run(cfg.model_copy(update={"out": str(tmp_path / "two"), "workers": 2}))
     assert one["fingerprint"] == two["fingerprint"]  # workers do not change the result...

@@ -23,6 +23,7 @@ from ..config import PruneConfig
 from ..errors import CurateError
 from ..extras import require_stages
 from ..progress import Reporter
+from ..units import KINDS, protected_spans, token_kinds, tokens_touching, unit_ids
 from . import base
 
 OUTPUTS = (schema.PRUNED_DATA, schema.SAMPLES, schema.STATS)
@@ -45,7 +46,9 @@ def collect_coordinates(
     extra = [cfg.group_by] if cfg.group_by else []
     for i, path in enumerate(shards):
         try:
-            df = pl.read_parquet(path, columns=["id", "n_tokens", "trainable", "logprob", "entropy", *extra])
+            df = pl.read_parquet(
+                path, columns=["id", "content_hash", "n_tokens", "trainable", "logprob", "entropy", *extra]
+            )
         except Exception as e:  # polars raises many types for a damaged file; name it
             raise CurateError(f"{path}: cannot read the scores ({e})") from None
         coords = pruning.sample_coordinates(df, cfg.entropy_positions, vocab_size, positions)
@@ -56,7 +59,7 @@ def collect_coordinates(
                 f"{path}: sample {row['id']!r} {row['problem']} ({bad.height} such samples in this "
                 "shard); the scores are damaged: rescore with `curate score --force`"
             )
-        coords = coords.drop("problem").with_columns(shard=pl.lit(i, pl.Int32))
+        coords = coords.drop("problem").with_columns(shard=pl.lit(i, pl.Int32), content_hash=df["content_hash"])
         if extra:
             coords = coords.with_columns(group=df[cfg.group_by].fill_null("(none)"))
         frames.append(coords)
@@ -65,6 +68,15 @@ def collect_coordinates(
     if dup.height:
         raise CurateError(f"scores contain the id {dup['id'][0]!r} more than once; ids must be unique")
     return coords
+
+
+def mark_duplicates(coords: pl.DataFrame, keep_duplicates: bool) -> pl.DataFrame:
+    """`duplicate_of`: for a later copy of an identical conversation, the id of the first copy (smallest id);
+    null for first copies, and for every sample with --keep-duplicates. Copies would share the budget."""
+    first = coords.group_by("content_hash").agg(duplicate_of=pl.col("id").min())
+    coords = coords.join(first, on="content_hash", how="left", maintain_order="left")
+    copy = (pl.col("duplicate_of") != pl.col("id")) & pl.lit(not keep_duplicates)
+    return coords.with_columns(duplicate_of=pl.when(copy).then(pl.col("duplicate_of")))
 
 
 def partitions(coords: pl.DataFrame, cfg: PruneConfig) -> np.ndarray:
@@ -126,32 +138,123 @@ def select(coords: pl.DataFrame, cfg: PruneConfig) -> tuple[pl.DataFrame, dict]:
 # ---------------------------------------------------------------- pass 2: the masks
 
 
-def prune_rows(rows: pa.Table, fate: dict[str, tuple], cfg: PruneConfig) -> tuple[pa.Table, int]:
-    """Pruned-schema table for the kept rows of one scores shard, and its loss-token count."""
+def text_view(model: dict, required: bool):
+    """A TokenText for the scorer's tokenizer (one per process), or None when it cannot be loaded and whole
+    units and protected spans were not asked for (then the summary has no kinds)."""
+    key = model["path"]
+    if key not in _TEXT_VIEWS:
+        import warnings
+
+        from ..models import load_tokenizer_from
+        from ..tokenization import TokenText, ensure_chat_template
+
+        try:
+            # the scorer loaded it before, so it is on disk (a hub id in the local cache): never wait on a network
+            tokenizer = load_tokenizer_from(model["path"], model["name"], local_files_only=True)
+            with warnings.catch_warnings():  # score already warned about a missing chat template
+                warnings.simplefilter("ignore")
+                ensure_chat_template(tokenizer)
+            _TEXT_VIEWS[key] = TokenText(tokenizer)
+        except (CurateError, ImportError) as e:
+            _TEXT_VIEWS[key] = e
+    view = _TEXT_VIEWS[key]
+    if isinstance(view, Exception):
+        if required:
+            raise CurateError(
+                f"--token-unit word and --protect read the text of each token with the scorer's tokenizer, and "
+                f"{model['name']!r} ({model['path']}) is neither a model folder here nor in the hub cache. Make it "
+                "available, or prune per token: --token-unit token --protect none"
+            ) from None
+        return None
+    return view
+
+
+_TEXT_VIEWS: dict = {}
+WATCHED = ("final-answer", "tool-calls")  # spans the summary reports on, protected or not
+
+
+def needs_text(cfg: PruneConfig) -> bool:
+    return cfg.token_strategy != "none" and (cfg.token_unit == "word" or bool(cfg.protect) or bool(cfg.protect_regex))
+
+
+def mask_sample(
+    logprob: np.ndarray,
+    trainable: np.ndarray,
+    truncated: bool,
+    view: tuple | None,
+    sid: str,
+    cfg: PruneConfig,
+    effect: Counter,
+) -> np.ndarray:
+    """The loss mask of one sample whose tokens are pruned, and what it removed (added to `effect`)."""
+    units = protect = None
+    if view is not None:
+        text, starts, ends, contents = view
+        if cfg.token_unit == "word":
+            units = unit_ids(text, starts, ends, trainable)
+        spans = protected_spans(text, contents, tuple(cfg.protect), (cfg.protect_regex,) if cfg.protect_regex else ())
+        protect = tokens_touching(starts, ends, spans) if spans else None
+    elif needs_text(cfg):
+        # The tokenizer no longer renders this conversation into the scored ids: without the text, no unit or
+        # protected span can be trusted, so the sample keeps every token (counted).
+        effect["samples_without_text"] += 1
+        return trainable.copy()
+    mask = pruning.token_keep_mask(
+        logprob,
+        trainable,
+        truncated=truncated,
+        token_ratio=cfg.token_ratio,
+        lam=cfg.lam,
+        order=cfg.token_order,
+        strategy=cfg.token_strategy,
+        seed=pruning.sample_seed(cfg.seed, sid),
+        units=units,
+        protect=protect,
+    )
+    masked = (trainable == 1) & (mask == 0)
+    n_t = int(trainable.sum())
+    floor = max(pruning.budget(cfg.token_ratio, n_t), int(pruning.protected_positions(trainable, truncated).sum()))
+    effect["samples"] += 1
+    effect["tokens_trainable"] += n_t
+    effect["tokens_kept"] += int(mask.sum())
+    effect["tokens_budget"] += min(n_t, floor)
+    effect["samples_over_budget"] += int(mask.sum() > floor)
+    if view is not None:
+        text, starts, ends, contents = view
+        kinds = token_kinds(text, starts[masked], ends[masked])
+        for i, kind in enumerate(KINDS):
+            effect[f"masked_{kind}"] += int((kinds == i).sum())
+        if protect is not None:
+            effect["tokens_protected"] += int((protect & (trainable == 1)).sum())
+        for name in WATCHED:
+            found = protected_spans(text, contents, (name,))
+            if found:
+                effect[f"samples_with_{name}"] += 1
+                effect[f"samples_lost_part_of_{name}"] += int(tokens_touching(starts, ends, found)[masked].any())
+    return mask
+
+
+def prune_rows(rows: pa.Table, fate: dict[str, tuple], cfg: PruneConfig, model: dict) -> tuple[pa.Table, Counter]:
+    """Pruned-schema table for the kept rows of one scores shard, and what token pruning did (with loss_tokens)."""
     cols = {name: [] for name in schema.PRUNED.names}
-    loss_tokens = 0
+    effect = Counter()
     data = rows.to_pydict()
+    view = None
     for i, sid in enumerate(data["id"]):
         if sid not in fate:
             continue
         quadrant, selection, ppl, ent = fate[sid]
         ids = np.asarray(data["input_ids"][i], dtype=np.int32)
         trainable = np.asarray(data["trainable"][i], dtype=np.int8)
-        if pruning.prunes_tokens(selection):
-            mask = pruning.token_keep_mask(
-                np.asarray(data["logprob"][i], dtype=np.float32),
-                trainable,
-                truncated=data["truncated"][i],
-                token_ratio=cfg.token_ratio,
-                lam=cfg.lam,
-                order=cfg.token_order,
-                strategy=cfg.token_strategy,
-                seed=pruning.sample_seed(cfg.seed, sid),
-            )
+        if pruning.prunes_tokens(selection) and cfg.token_strategy != "none":
+            view = view or text_view(model, needs_text(cfg)) or False
+            spans = view.spans(data["messages"][i], ids) if view else None
+            logprob = np.asarray(data["logprob"][i], dtype=np.float32)
+            mask = mask_sample(logprob, trainable, data["truncated"][i], spans, sid, cfg, effect)
         else:
             mask = trainable.copy()
         labels = np.where(mask == 1, ids, schema.IGNORE_INDEX).astype(np.int32)
-        loss_tokens += int(mask.sum())
+        effect["loss_tokens"] += int(mask.sum())
         for name, value in (
             ("id", sid),
             ("messages", data["messages"][i]),
@@ -166,19 +269,19 @@ def prune_rows(rows: pa.Table, fate: dict[str, tuple], cfg: PruneConfig) -> tupl
             ("ent", ent),
         ):
             cols[name].append(value)
-    return pa.Table.from_pydict(cols, schema=schema.PRUNED), loss_tokens
+    return pa.Table.from_pydict(cols, schema=schema.PRUNED), effect
 
 
-def write_pruned_shard(task: tuple) -> int:
+def write_pruned_shard(task: tuple) -> Counter:
     """Pass 2 for one scores shard (a top-level function, so worker processes can run it)."""
-    source, target, fate, cfg, fingerprint = task
+    source, target, fate, cfg, fingerprint, model = task
     table = pq.read_table(source, columns=["id", "messages", "input_ids", "trainable", "logprob", "truncated"])
-    pruned, n_loss = prune_rows(table, fate, cfg)
+    pruned, effect = prune_rows(table, fate, cfg, model)
     io.write_parquet_atomic(pruned, target, {"curate_version": __version__, "run_fingerprint": fingerprint})
-    return n_loss
+    return effect
 
 
-def write_masks(tasks: list[tuple], cfg: PruneConfig, reporter: Reporter) -> list[int]:
+def write_masks(tasks: list[tuple], cfg: PruneConfig, reporter: Reporter) -> list[Counter]:
     """Pass 2 over the kept shards: in this process, in `workers` local processes, or as Ray tasks."""
     if cfg.engine == "ray":
         from ..ray_engine import run_tasks
@@ -234,9 +337,23 @@ def write_pruned(
             f"{scores_dir} holds scores of the trainable tokens only; --entropy-positions all needs the "
             "prompt's too: rescore with --positions all"
         )
+    if needs_text(cfg):
+        text_view(scores_manifest["model"], required=True)  # a missing tokenizer stops the run before any work
     shards = score_files(scores_dir, scores_manifest)
     coords = collect_coordinates(shards, cfg, scores_manifest.get("vocab_size"), positions)
-    chosen, summary = select(coords, cfg)
+    coords = mark_duplicates(coords.with_row_index("row"), cfg.keep_duplicates)
+    chosen, summary = select(coords.filter(pl.col("duplicate_of").is_null()), cfg)
+    copies = coords.filter(pl.col("duplicate_of").is_not_null())
+    if copies.height:  # later copies of a conversation: the triage never saw them
+        quadrant = pruning.quadrant_labels(copies["ppl"].to_numpy(), copies["ent"].to_numpy(), summary["medians"])
+        copies = copies.with_columns(
+            pl.Series("quadrant", quadrant), batch=pl.lit(-1, pl.Int64), selection=pl.lit(None, pl.String)
+        )
+        chosen = pl.concat([chosen, copies.select(chosen.columns)]).sort("row")
+        reporter.log(
+            f"{copies.height:,} later copies of identical conversations left out (--keep-duplicates keeps them)"
+        )
+    chosen = chosen.drop("row", "content_hash")
     kept = chosen.filter(pl.col("selection").is_not_null())
     kept_shards = sorted(set(kept["shard"].to_list()))
     reporter.log(f"EU plane: {coords.height:,} samples, keeping {kept.height:,}")
@@ -245,12 +362,15 @@ def write_pruned(
     for name, shard in zip(names, kept_shards):
         part = kept.filter(pl.col("shard") == shard).select("id", "quadrant", "selection", "ppl", "ent")
         fate = {r[0]: r[1:] for r in part.iter_rows()}
-        tasks.append((shards[shard], out / name, fate, cfg, fingerprint))
-    loss_tokens = sum(write_masks(tasks, cfg, reporter))
+        tasks.append((shards[shard], out / name, fate, cfg, fingerprint, scores_manifest["model"]))
+    effect = sum(write_masks(tasks, cfg, reporter), Counter())
+    loss_tokens = effect.pop("loss_tokens", 0)
 
     samples = chosen.with_columns(kept=pl.col("selection").is_not_null())
     samples.write_parquet(out / schema.SAMPLES)
-    stats = build_stats(cfg, samples, summary, loss_tokens)
+    stats = build_stats(cfg, samples, summary, loss_tokens, effect)
+    for line in effect_lines(stats["token_pruning"]):
+        reporter.log(line)
     io.write_json_atomic(out / schema.STATS, stats)
     files = [io.file_entry(out, n) for n in (*names, schema.SAMPLES, schema.STATS)]
     return io.write_manifest(
@@ -267,7 +387,62 @@ def write_pruned(
     )
 
 
-def build_stats(cfg: PruneConfig, samples: pl.DataFrame, summary: dict, loss_tokens: int) -> dict:
+def token_pruning_stats(cfg: PruneConfig, effect: Counter) -> dict:
+    """What token pruning removed, from the per-sample counts of pass 2."""
+    out = {
+        "rule": f"drop the most surprising {'words and numbers' if cfg.token_unit == 'word' else 'tokens'} "
+        f"(highest context-aware perplexity), keep {cfg.token_ratio:g} of the trainable tokens",
+        "unit": cfg.token_unit,
+        "protect": list(cfg.protect) + ([cfg.protect_regex] if cfg.protect_regex else []),
+        "samples": effect["samples"],
+        "tokens_trainable": effect["tokens_trainable"],
+        "tokens_kept": effect["tokens_kept"],
+        # k = max(1, round(token_ratio * |T|)) or the protected tokens if more; whole units may add fewer than one
+        # unit's tokens on top of that
+        "tokens_budget": effect["tokens_budget"],
+        "tokens_over_budget": effect["tokens_kept"] - effect["tokens_budget"],
+        "samples_over_budget": effect["samples_over_budget"],
+        "tokens_protected": effect["tokens_protected"],
+        "samples_without_text": effect["samples_without_text"],
+    }
+    if any(effect[f"masked_{k}"] for k in KINDS) or effect["samples_with_final-answer"]:
+        out["masked_by_kind"] = {k: effect[f"masked_{k}"] for k in KINDS}
+        for name in WATCHED:
+            out[name] = {
+                "samples_with": effect[f"samples_with_{name}"],
+                "samples_lost_part": effect[f"samples_lost_part_of_{name}"],
+            }
+    return out
+
+
+def effect_lines(tp: dict) -> list[str]:
+    """The summary of token pruning for the terminal: the rule, in plain words, and what it took out."""
+    if not tp["samples"]:
+        return []
+    masked = tp["tokens_trainable"] - tp["tokens_kept"]
+    lines = [
+        f"token pruning: {tp['rule']}; protected: {', '.join(tp['protect']) or 'nothing'}",
+        f"  {tp['samples']:,} samples pruned: {masked:,} of {tp['tokens_trainable']:,} tokens out of the loss "
+        f"({tp['tokens_over_budget']:,} kept above the budget to keep words whole)",
+    ]
+    if "masked_by_kind" in tp:
+        kinds = tp["masked_by_kind"]
+        lines.append(
+            f"  masked: {kinds['digits']:,} digit, {kinds['words']:,} word and {kinds['punctuation']:,} "
+            "punctuation/markup tokens"
+        )
+        for name in WATCHED:
+            if tp[name]["samples_with"]:
+                lines.append(
+                    f"  {tp[name]['samples_lost_part']:,} of {tp[name]['samples_with']:,} pruned samples with a "
+                    f"{name.replace('-', ' ')} lost part of it"
+                )
+    if tp["samples_without_text"]:
+        lines.append(f"  {tp['samples_without_text']:,} samples kept whole: their tokens' text could not be recovered")
+    return lines
+
+
+def build_stats(cfg: PruneConfig, samples: pl.DataFrame, summary: dict, loss_tokens: int, effect: Counter) -> dict:
     kept = samples.filter(pl.col("kept"))
     trainable_all = int(samples["n_trainable"].sum())
     trainable_kept = int(kept["n_trainable"].sum())
@@ -284,6 +459,8 @@ def build_stats(cfg: PruneConfig, samples: pl.DataFrame, summary: dict, loss_tok
         "sample_ratio": kept.height / samples.height,
         "loss_token_ratio": loss_tokens / trainable_all if trainable_all else 0.0,
         "loss_token_ratio_in_kept": loss_tokens / trainable_kept if trainable_kept else 0.0,
+        "duplicates_left_out": int(samples["duplicate_of"].is_not_null().sum()),
+        "token_pruning": token_pruning_stats(cfg, effect),
         "config": cfg.model_dump(),
     }
     if "group" in samples.columns:

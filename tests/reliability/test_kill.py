@@ -58,12 +58,32 @@ def test_prune_killed_while_writing_masks_is_redone_whole(tmp_path):
     scores = tmp_path / "scores"
     synthetic_scores(scores, 60_000, mean_tokens=60, shard_size=4_000)
     subprocess.run(
-        curate("prune", scores, "--out", tmp_path / "undisturbed", "--ratio", "0.5"), check=True, capture_output=True
+        curate(
+            "prune",
+            scores,
+            "--out",
+            tmp_path / "undisturbed",
+            "--ratio",
+            "0.5",
+            "--token-unit",
+            "token",
+            "--protect",
+            "none",
+        ),
+        check=True,
+        capture_output=True,
     )
     out = tmp_path / "killed"
-    kill_when(curate("prune", scores, "--out", out, "--ratio", "0.5"), lambda: any((out / "data").glob("train-*")))
+    kill_when(
+        curate("prune", scores, "--out", out, "--ratio", "0.5", "--token-unit", "token", "--protect", "none"),
+        lambda: any((out / "data").glob("train-*")),
+    )
     assert not (out / io.MANIFEST).exists()
-    done = subprocess.run(curate("prune", scores, "--out", out, "--ratio", "0.5"), capture_output=True, text=True)
+    done = subprocess.run(
+        curate("prune", scores, "--out", out, "--ratio", "0.5", "--token-unit", "token", "--protect", "none"),
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert rows(out, "data/train-*.parquet") == rows(tmp_path / "undisturbed", "data/train-*.parquet")
     stats = [

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from .config import (
     ExportConfig,
+    ProbeConfig,
     PruneConfig,
     PruneOptions,
     RefreshConfig,
@@ -135,6 +136,8 @@ def print_score_summary(manifest: dict) -> None:
     t = Table(title=f"scores: {manifest['config']['out']}", show_header=False)
     t.add_row("model", manifest["model"]["name"])
     t.add_row("backend", f"{manifest['config']['backend']} ({manifest.get('backend_choice', '')})")
+    if manifest.get("dtype"):
+        t.add_row("dtype", f"{manifest['dtype']['dtype']} ({manifest['dtype']['why']})")
     entropy = manifest["entropy"]
     bound = f" (max error {entropy['topk_max_error_nats']:.3g} nats)" if "topk_max_error_nats" in entropy else ""
     t.add_row("entropy", entropy["method"] + bound)
@@ -409,6 +412,29 @@ def experiment_cmd(
             f"results: {cfg.run_dir}/results.json, results.md, results.png "
             f"({manifest['results']['wall_time_s'] / 60:.1f} min)"
         )
+
+
+@app.command("probe")
+@sectioned_command(
+    ProbeConfig,
+    [
+        (None, ProbeConfig, ("input", "out", "fraction", "corruptions", "ratio", "seed", "random_seeds")),
+        ("score", ScoreOptions, ("model", "format", "fields", "limit", "max_length", "backend", "device", "dtype")),
+        ("prune", PruneOptions, ("entropy_positions", "fill", "keep_duplicates")),
+    ],
+    arguments=("input",),
+)
+def probe_cmd(cfg: ProbeConfig, force: bool = typer.Option(False, "--force", help="Rescore the corrupted copy.")):
+    """How much broken data does each strategy keep? Corrupt a copy of INPUT, score it once, select with every
+    strategy and placement at the same budget, and tabulate the corrupted share kept (no training: minutes).
+
+    Writes OUT/probe.md (the table), OUT/probe.json, and the corrupted copy with its list of corrupted ids."""
+    from . import probe
+
+    with user_errors():
+        quiet(probe.run, cfg, reporter(), force)
+        out.print((Path(cfg.out) / "probe.md").read_text(), markup=False, highlight=False)
+        out.print(f"results: {Path(cfg.out) / 'probe.md'}, probe.json")
 
 
 @app.command("report")

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import CurateError
 
 PosInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
 Ratio = Annotated[float, Field(gt=0, le=1)]
 Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")]
 
@@ -92,7 +93,11 @@ class ScoreOptions(Options):
         description="Processes tokenising the next shards while one is scored (local engine; default: "
         "none on CPU, where they would share the scorer's cores; up to 4 with a GPU).",
     )
-    dtype: Dtype = Field("auto", description="Model dtype: auto is float32 on CPU and bfloat16 on CUDA.")
+    dtype: Dtype = Field(
+        "auto",
+        description="Model dtype: auto is bfloat16 on CUDA and on CPUs that compute bf16 natively (AMX or "
+        "AVX512-BF16), else float32; resolved once per run and recorded. float32 reproduces scores across machines.",
+    )
     device: Device = Field("auto", description="auto, cpu, cuda or cuda:N.")
     on_bad_row: Literal["skip", "fail"] = Field(
         "skip",
@@ -190,6 +195,12 @@ class PruneOptions(Options):
     seed: int = Field(0, description="Seed for batch shuffling and the random strategies.")
     entropy_positions: Literal["response", "all"] = Field(
         "response", description="Mean entropy over response tokens (paper) or over all positions (official code)."
+    )
+    placement: Literal["conversation", "worst-turn"] = Field(
+        "conversation",
+        description="Where a multi-turn sample sits on the EU plane: conversation (mean over all assistant tokens, "
+        "the paper) or worst-turn (its assistant turn with the highest perplexity). Single-turn samples sit at the "
+        "same point either way.",
     )
     token_order: Literal["drop-high", "drop-low"] = Field(
         "drop-high",
@@ -350,6 +361,31 @@ class RefreshConfig(RefreshOptions):
     train: TrainOptions = Field(default_factory=TrainOptions)
 
 
+class ProbeOptions(Options):
+    fraction: float = Field(0.2, gt=0, lt=1, description="Share of the rows corrupted (at least 2 rows).")
+    corruptions: list[Literal["answer", "reply", "arguments"]] = Field(
+        default_factory=lambda: ["answer", "reply", "arguments"],
+        description="How rows are broken, comma-separated (each row by one that applies to it): answer (a single-turn "
+        "row gets another row's answer), reply (a multi-turn row's last free-text reply becomes another "
+        "conversation's), arguments (the numbers in a tool call's arguments are changed).",
+    )
+    ratio: Ratio = Field(0.25, description="Sample budget of every strategy, as `curate prune --ratio`.")
+    seed: NonNegInt = Field(0, description="Which rows are corrupted and how; also the seed of the strategies.")
+    random_seeds: PosInt = Field(20, description="Draws of the random strategy; the table shows their mean.")
+
+    @field_validator("corruptions", mode="before")
+    @classmethod
+    def _parse_corruptions(cls, v: Any) -> Any:
+        return [p.strip() for p in v.split(",") if p.strip()] if isinstance(v, str) else v
+
+
+class ProbeConfig(ProbeOptions):
+    input: str = Field(description="The data set to probe (any input format `curate score` reads).")
+    out: str = Field(description="Folder: corrupted.jsonl, corrupted.json, scores/, probe.json and probe.md.")
+    score: ScoreOptions = Field(default_factory=ScoreOptions)
+    prune: PruneOptions = Field(default_factory=PruneOptions)
+
+
 class ReportConfig(Options):
     run: str = Field(
         description="A run folder (scores/ + pruned/), a `curate prune` folder, or a `curate refresh` folder."
@@ -385,6 +421,7 @@ Arm = Literal[
     "qtuning-tokens",
     "qtuning-words",
     "qtuning-words-final",
+    "qtuning-words-final-droplow",
     "qtuning-samples",
     "ppl-high",
     "ppl-low",

@@ -3,10 +3,10 @@
 One base model, one training set, one evaluation set. The training set is scored once; every arm (full data,
 random samples x random tokens, Q-Tuning, Q-Tuning samples only, and the sample baselines) is pruned from the same
 scores, trained with identical settings and seeds, and evaluated on the same held-out rows (answer NLL and GSM8K
-exact match). The robustness part corrupts a share of the training rows (each gets another row's answer) and
-reports, per strategy, how many corrupted rows each one keeps, and how the trained arms fare. Every step is a
-stage with its own manifest, so an interrupted experiment resumes where it stopped and a finished arm is not
-retrained.
+exact match). The robustness part corrupts a share of the training rows (`curate.corrupt`: another row's answer, on
+multi-turn rows another reply or changed tool-call arguments) and reports, per strategy, how many corrupted rows
+each one keeps, and how the trained arms fare. Every step is a stage with its own manifest, so an interrupted
+experiment resumes where it stopped and a finished arm is not retrained.
 
 Layout: RUN/scores, RUN/arms/ARM/seed-S/{pruned,model,eval}, RUN/base/eval, RUN/corrupted/{train.jsonl,scores},
 RUN/robustness/..., RUN/results.{json,md,png} and RUN/_manifest.json.
@@ -25,26 +25,37 @@ import polars as pl
 
 from . import __version__, io
 from .config import Budget, ExperimentConfig, PruneConfig, ScoreConfig, TrainConfig
+from .corrupt import corrupt
 from .extras import require_stages
 from .progress import Reporter
 from .stages import base, prune, score, train
 
-# arm -> the prune settings it changes; `full` keeps every sample whole. `qtuning` is `curate prune` as its
-# defaults stand; the `qtuning-*` token arms keep qtuning's samples and change only the token rule.
-PAPER_TOKENS = {"token_unit": "token", "protect": []}
+# arm -> the prune settings it sets; `full` keeps every sample whole. `qtuning` is `curate prune` as its defaults
+# stand; the `qtuning-*` token arms keep qtuning's samples and pin the whole token rule, so a later change of a
+# default neither changes them nor makes a finished experiment redo them.
+PAPER_TOKENS = {"token_unit": "token", "protect": [], "token_order": "drop-high"}
+
+
+def token_rule(unit: str, protect: list[str], order: str = "drop-high") -> dict:
+    return {
+        "strategy": "qtuning",
+        "token_strategy": "qtuning",
+        "token_unit": unit,
+        "protect": protect,
+        "token_order": order,
+    }
+
+
 ARMS = {
     "full": {"strategy": "random", "token_strategy": "none"},
     "random": {"strategy": "random", "token_strategy": "random", **PAPER_TOKENS},  # the paper's random baseline
     "qtuning": {"strategy": "qtuning", "token_strategy": "qtuning"},
-    "qtuning-tokens": {"strategy": "qtuning", "token_strategy": "qtuning", **PAPER_TOKENS},
-    "qtuning-words": {"strategy": "qtuning", "token_strategy": "qtuning", "token_unit": "word", "protect": []},
-    "qtuning-words-final": {
-        "strategy": "qtuning",
-        "token_strategy": "qtuning",
-        "token_unit": "word",
-        "protect": ["final-answer"],
-    },
-    "qtuning-samples": {"strategy": "qtuning", "token_strategy": "none"},
+    "qtuning-tokens": token_rule("token", []),
+    "qtuning-words": token_rule("word", []),
+    "qtuning-words-final": token_rule("word", ["final-answer"]),
+    "qtuning-words-final-droplow": token_rule("word", ["final-answer"], "drop-low"),
+    # no token pruning: the token settings are inert, pinned to the values this arm first ran with
+    "qtuning-samples": {**token_rule("word", ["final-answer", "tool-calls"]), "token_strategy": "none"},
     "ppl-high": {"strategy": "ppl-high", "token_strategy": "none"},
     "ppl-low": {"strategy": "ppl-low", "token_strategy": "none"},
     "entropy-high": {"strategy": "entropy-high", "token_strategy": "none"},
@@ -140,18 +151,6 @@ def evaluate(
 # ---------------------------------------------------------------- the corrupted training set
 
 
-def corrupt(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[str]]:
-    """A copy of `rows` in which round(fraction * n) rows get the last assistant turn of another chosen row
-    (a cyclic shift over a random choice, so no row keeps its own answer). Returns the rows and the corrupted ids."""
-    rng = np.random.default_rng(seed)
-    n = len(rows)
-    chosen = sorted(rng.choice(n, size=max(2, round(fraction * n)), replace=False).tolist())
-    out = [dict(r, messages=[dict(m) for m in r["messages"]]) for r in rows]
-    for src, dst in zip(chosen, chosen[1:] + chosen[:1]):
-        out[dst]["messages"][-1]["content"] = rows[src]["messages"][-1]["content"]
-    return out, [rows[i]["id"] for i in chosen]
-
-
 def write_rows(path: Path, rows: list[dict]) -> None:
     io.write_bytes_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
 
@@ -215,7 +214,8 @@ def robustness(
     cfg: ExperimentConfig, clean_rows: list[dict], nll_rows, em_rows, reporter: Reporter, force: bool
 ) -> dict:
     rc, folder = cfg.robustness, Path(cfg.run_dir) / "robustness"
-    rows, bad_ids = corrupt(clean_rows, rc.fraction, rc.seed)
+    rows, corrupted = corrupt(clean_rows, rc.fraction, rc.seed)
+    bad_ids = sorted(corrupted)
     data = folder / "train-corrupted.jsonl"
     if not data.exists() or force:
         write_rows(data, rows)

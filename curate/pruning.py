@@ -44,7 +44,8 @@ def sample_coordinates(
     code's choice). `problem` names what is impossible about a sample's scores (null when nothing is):
     ragged or null lists, non-finite values, log-probs above 0, entropies outside [0, log vocab_size].
     Position 0 is NaN by definition and is not checked, nor are the prompt's positions when the scores cover only
-    the trainable ones (`scored_positions="trainable"`). Returns id, ppl, ent, n_trainable, problem.
+    the trainable ones (`scored_positions="trainable"`). Returns id, ppl, ent, n_trainable, problem, and per
+    assistant turn the lists turn_ppl and turn_ent (`turn_coordinates`).
     """
     lens = [pl.col(c).list.len() for c in ("trainable", "logprob", "entropy")]
     ragged = pl.any_horizontal([n.is_null() | (n != pl.col("n_tokens")) for n in lens]) | pl.col("id").is_null()
@@ -93,7 +94,46 @@ def sample_coordinates(
         )
         .select("id", "ppl", "ent", "n_trainable", "problem")
     )
-    return pl.concat([coords, broken], how="vertical_relaxed") if broken.height else coords
+    coords = coords.join(turn_coordinates(tokens), on="id", how="left", maintain_order="left")
+    return pl.concat([coords, broken], how="diagonal_relaxed") if broken.height else coords
+
+
+def turn_coordinates(tokens: pl.DataFrame) -> pl.DataFrame:
+    """Per sample, lists over its assistant turns (each maximal run of trainable tokens, in order): `turn_ppl`
+    (exp of the turn's mean -logprob) and `turn_ent` (its mean entropy), from the exploded token frame."""
+    train = pl.col("trainable") == 1
+    starts = train & ~(pl.col("trainable").shift(1).over("id") == 1).fill_null(False)
+    return (
+        tokens.with_columns(turn=starts.cast(pl.Int32).cum_sum().over("id"))
+        .filter(train)
+        .group_by("id", "turn", maintain_order=True)
+        .agg(
+            turn_ppl=(-pl.col("logprob").cast(pl.Float64)).mean().exp(),
+            turn_ent=pl.col("entropy").cast(pl.Float64).mean(),
+        )
+        .group_by("id", maintain_order=True)
+        .agg("turn_ppl", "turn_ent")
+    )
+
+
+PLACEMENTS = ("conversation", "worst-turn")
+
+
+def place(coords: pl.DataFrame, placement: str) -> pl.DataFrame:
+    """The (ppl, ent) the triage uses for each sample (docs/algorithm.md, "Placing a conversation").
+
+    conversation: the mean over all assistant tokens (the paper). worst-turn: the coordinates of the assistant turn
+    with the highest perplexity, so one wrong reply is not averaged away by easy turns (tool-call JSON that the
+    schema makes predictable). A sample with one turn keeps its conversation values, bit for bit, under every rule.
+    """
+    if placement == "conversation":
+        return coords
+    worst = pl.col("turn_ppl").list.arg_max()
+    multi = pl.col("turn_ppl").list.len() > 1
+    return coords.with_columns(
+        ppl=pl.when(multi).then(pl.col("turn_ppl").list.get(worst)).otherwise(pl.col("ppl")),
+        ent=pl.when(multi).then(pl.col("turn_ent").list.get(worst)).otherwise(pl.col("ent")),
+    )
 
 
 def linear_quantile(sorted_x: np.ndarray, q: float) -> float:

@@ -189,3 +189,113 @@ def test_parallel_pass_two_writes_the_same_files(tmp_path, scores):
     assert one["fingerprint"] == two["fingerprint"]  # workers do not change the result...
     same = [f for f in one["files"] if f["name"] != "stats.json"]  # stats.json records the settings, workers too
     assert same == [f for f in two["files"] if f["name"] != "stats.json"]  # ...to the byte
+
+
+# ---------------------------------------------------------------- whole words, protected spans, duplicates
+
+
+def masked_text(view, row):
+    """The assistant text of a pruned row with [-x-] around each token out of the loss."""
+    text, starts, ends, _ = view
+    trainable = np.array(row["labels"]) != -100
+    out = []
+    for i in np.flatnonzero(np.array(row["trainable"]) == 1):
+        piece = text[starts[i] : ends[i]]
+        out.append(piece if trainable[i] else f"[-{piece}-]")
+    return "".join(out)
+
+
+def test_word_units_on_a_real_tokenizer_never_split_a_word(tiny_run):
+    """Default prune on the tiny model's scores: every word and number of a pruned sample is in or out whole."""
+    from transformers import AutoTokenizer
+
+    from curate.tokenization import TokenText
+    from curate.units import UNIT
+
+    scores = {r["id"]: r for r in pq.read_table(sorted((tiny_run / "scores").glob("part-*.parquet"))).to_pylist()}
+    rows = pq.read_table(sorted((tiny_run / "pruned" / "data").glob("train-*.parquet"))).to_pylist()
+    manifest = json.loads((tiny_run / "scores" / "_manifest.json").read_text())
+    view = TokenText(AutoTokenizer.from_pretrained(manifest["model"]["path"]))
+    pruned = 0
+    for r in rows:
+        src = scores[r["id"]]
+        trainable, mask = np.array(src["trainable"]), np.array(r["loss_mask"])
+        if (mask == trainable).all():
+            continue
+        pruned += 1
+        text, starts, ends, _ = view.spans(src["messages"], np.array(src["input_ids"], np.int32))
+        for m in UNIT.finditer(text):
+            inside = np.flatnonzero((starts < m.end()) & (ends > m.start()) & (trainable == 1))
+            assert len(set(mask[inside].tolist())) <= 1, (m.group(), masked_text((text, starts, ends, []), src | r))
+    assert pruned
+    stats = json.loads((tiny_run / "pruned" / "stats.json").read_text())["token_pruning"]
+    assert stats["unit"] == "word" and stats["samples"] == pruned and stats["samples_without_text"] == 0
+    assert sum(stats["masked_by_kind"].values()) == stats["tokens_trainable"] - stats["tokens_kept"]
+    assert stats["tokens_kept"] >= stats["tokens_budget"]
+
+
+def test_identical_conversations_share_no_budget(tmp_path, tiny_model_dir):
+    from curate.config import ScoreConfig
+    from curate.stages import score
+
+    rows = [
+        {
+            "id": f"r{i:02d}",
+            "messages": [
+                {"role": "user", "content": f"q {i % 6}"},
+                {"role": "assistant", "content": f"the answer is {i % 6}"},
+            ],
+        }
+        for i in range(18)
+    ]  # 6 conversations, 3 copies each
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    score.run(ScoreConfig(input=str(data), out=str(tmp_path / "s"), model=str(tiny_model_dir)))
+    rec = Recorder()
+    run(PruneConfig(scores=str(tmp_path / "s"), out=str(tmp_path / "p"), ratio=0.5), rec)
+    samples = pq.read_table(tmp_path / "p" / "samples.parquet").to_pylist()
+    kept = [s["id"] for s in samples if s["kept"]]
+    assert len(kept) == 3  # exactly round(0.5 * 6 distinct conversations)
+    assert len({int(k[1:]) % 6 for k in kept}) == 3  # never two copies of one conversation
+    copies = {s["id"]: s["duplicate_of"] for s in samples if s["duplicate_of"]}
+    assert len(copies) == 12 and all(int(k[1:]) % 6 == int(v[1:]) % 6 and v < k for k, v in copies.items())
+    assert json.loads((tmp_path / "p" / "stats.json").read_text())["duplicates_left_out"] == 12
+    assert any("12 later copies" in m for m in rec.logs)
+    run(PruneConfig(scores=str(tmp_path / "s"), out=str(tmp_path / "k"), ratio=0.5, keep_duplicates=True))
+    again = pq.read_table(tmp_path / "k" / "samples.parquet").to_pylist()
+    assert sum(s["kept"] for s in again) == 9 and not any(s["duplicate_of"] for s in again)
+
+
+@needs_shared
+@pytest.mark.slow
+def test_defaults_keep_final_answers_and_tool_call_json_on_the_shared_data(tmp_path, smollm2_dir):
+    """The issue's examples, scored by the built-in model and token-pruned with the defaults (every sample pruned:
+    --strategy ppl-high --ratio 1): the GSM8K answer `#### 624` and the glaive call's JSON stay in the loss, where the
+    paper's rule masks `#### 62[-4-]`-style digits and the JSON keys."""
+    from transformers import AutoTokenizer
+
+    from curate.config import ScoreConfig
+    from curate.stages import score
+    from curate.tokenization import TokenText
+
+    from .conftest import GLAIVE, SHARED
+
+    gsm8k = [json.loads(line) for line in open(SHARED / "gsm8k" / "train.jsonl")][4:5]  # ... 12*52=624 #### 624
+    glaive = [json.load(open(GLAIVE))[26]]  # calls calculate_discount
+    view = TokenText(AutoTokenizer.from_pretrained(smollm2_dir))
+    for name, rows, fields in (("gsm8k", gsm8k, "prompt=question,response=answer"), ("glaive", glaive, None)):
+        data = tmp_path / f"{name}.json"
+        data.write_text(json.dumps(rows))
+        score.run(ScoreConfig(input=str(data), out=str(tmp_path / name), fields=fields))
+        for rule, extra in (("default", {}), ("paper", PER_TOKEN)):
+            out = tmp_path / f"{name}-{rule}"
+            run(PruneConfig(scores=str(tmp_path / name), out=str(out), ratio=1.0, strategy="ppl-high", **extra))
+            src = pq.read_table(sorted((tmp_path / name).glob("part-*.parquet"))).to_pylist()[0]
+            row = pq.read_table(sorted((out / "data").glob("train-*.parquet"))).to_pylist()[0]
+            shown = masked_text(view.spans(src["messages"], np.array(src["input_ids"], np.int32)), src | row)
+            want = ["#### 624<|im_end|>"] if name == "gsm8k" else ['{"name": "calculate_discount", "arguments": {"']
+            if rule == "default":
+                assert all(w in shown for w in want), shown
+                assert sum(row["loss_mask"]) < sum(src["trainable"])  # and it was pruned
+            else:
+                assert not all(w in shown for w in want), shown  # what the default fixes

@@ -248,3 +248,101 @@ def test_group_budgets_are_exact_and_groups_do_not_influence_each_other(data, ra
             for b in set(part["batch"].to_list()):
                 batch = part.filter(pl.col("batch") == b)
                 assert batch["selection"].drop_nulls().len() == pruning.budget(r, batch.height)
+
+
+# ---------------------------------------------------------------- whole units and protected tokens
+
+
+def bf_unit_mask(logprob, trainable, units, protect, ratio, lam, order):
+    """The unit rule read literally: protected tokens (end of turn, `protect`, and every token of a unit that holds
+    one) first; then whole units by mean score, lowest first for drop-high (ties by position), while fewer than k
+    tokens are kept."""
+    n = len(trainable)
+    tp = [math.exp(-logprob[i]) if trainable[i] else 0.0 for i in range(n)]
+    T = [i for i in range(n) if trainable[i]]
+    s = {i: (1 - lam) * tp[i] + lam * ((tp[i - 1] if i > 0 else 0) + (tp[i + 1] if i + 1 < n else 0)) for i in T}
+    keep = {i for i in T if i + 1 == n or not trainable[i + 1]} | {i for i in T if protect[i]}
+    keep |= {i for i in T if units[i] in {units[j] for j in keep}}
+    k = max(1, int(math.floor(ratio * len(T) + 0.5)))
+    groups = {}
+    for i in T:
+        if i not in keep:
+            groups.setdefault(units[i], []).append(i)
+    ranked = sorted(
+        groups.values(), key=lambda g: ((sum(s[i] for i in g) / len(g)) * (1 if order == "drop-high" else -1), g[0])
+    )
+    budget_left = k - len(keep)
+    for g in ranked:
+        if budget_left <= 0:
+            break
+        keep |= set(g)
+        budget_left -= len(g)
+    return [1 if i in keep else 0 for i in range(n)]
+
+
+@st.composite
+def unit_samples(draw):
+    """Trainable flags, log-probs, units (runs of consecutive trainable tokens) and protected flags."""
+    n = draw(st.integers(2, 40))
+    trainable = np.array(draw(st.lists(st.integers(0, 1), min_size=n, max_size=n)), dtype=np.int8)
+    trainable[0] = 0
+    if not trainable.any():
+        trainable[-1] = 1
+    logprob = np.array(draw(st.lists(st.floats(-12, 0), min_size=n, max_size=n)), dtype=np.float32)
+    starts_unit = draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    units = np.full(n, -1, dtype=np.int64)
+    u = -1
+    for i in range(n):
+        if trainable[i]:
+            u += 1 if (starts_unit[i] or i == 0 or not trainable[i - 1]) else 0
+            units[i] = u
+    protect = np.array(draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=bool) & draw(st.booleans())
+    return trainable, logprob, units, protect
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sample=unit_samples(),
+    ratio=st.floats(0.01, 1.0),
+    lam=st.sampled_from([0.0, 0.5, 1.0]),
+    order=st.sampled_from(["drop-high", "drop-low"]),
+    strategy=st.sampled_from(["qtuning", "random", "ppl"]),
+)
+def test_unit_masks_keep_units_whole_protect_and_hold_the_budget(sample, ratio, lam, order, strategy):
+    trainable, logprob, units, protect = sample
+    kw = dict(token_ratio=ratio, lam=lam, order=order, units=units, protect=protect)
+    mask = pruning.token_keep_mask(logprob, trainable, strategy=strategy, seed=3, **kw)
+    if strategy == "qtuning":
+        assert mask.tolist() == bf_unit_mask(logprob.astype(np.float64), trainable, units, protect, ratio, lam, order)
+    t = trainable.astype(bool)
+    assert not (mask.astype(bool) & ~t).any()
+    for u in set(units[t].tolist()):  # a unit is in or out whole
+        assert len(set(mask[units == u].tolist())) == 1
+    must = pruning.protected_positions(trainable, False) | (protect & t)
+    must |= np.isin(units, units[must]) & t
+    assert mask[must].all()
+    floor = max(pruning.budget(ratio, int(t.sum())), int(must.sum()))
+    largest = max(np.bincount(units[t & ~must]).max(initial=0), 1) if (t & ~must).any() else 1
+    assert floor <= mask.sum() < floor + largest  # k tokens, or fewer than one unit more
+
+
+@settings(max_examples=200, deadline=None)
+@given(tokens=masks, ratio=st.floats(0.01, 1.0), strategy=st.sampled_from(["qtuning", "random", "ppl"]))
+def test_single_token_units_are_the_paper_rule_exactly(tokens, ratio, strategy):
+    trainable = np.array([t for t, _ in tokens], dtype=np.int8)
+    trainable[0] = 0
+    trainable[-1] = 1
+    logprob = np.array([lp for _, lp in tokens], dtype=np.float32)
+    own = np.where(trainable == 1, np.arange(len(trainable)), -1)
+    paper = pruning.token_keep_mask(logprob, trainable, token_ratio=ratio, lam=0.5, strategy=strategy, seed=5)
+    units = pruning.token_keep_mask(
+        logprob,
+        trainable,
+        token_ratio=ratio,
+        lam=0.5,
+        strategy=strategy,
+        seed=5,
+        units=own,
+        protect=np.zeros_like(own, bool),
+    )
+    assert paper.tobytes() == units.tobytes()

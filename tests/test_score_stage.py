@@ -174,3 +174,50 @@ def test_tokenising_ahead_in_processes_writes_the_same_shards(tmp_path, tiny_mod
     )
     assert inline["fingerprint"] == ahead["fingerprint"]  # not a setting that changes the result...
     assert [f["blake2b"] for f in inline["files"]] == [f["blake2b"] for f in ahead["files"]]  # ...to the byte
+
+
+def test_dtype_auto_follows_native_bf16_and_cuda():
+    from curate.backends import choose_dtype, cpu_bf16_feature
+
+    sapphire = {"avx512_f": True, "avx512_bf16": True, "amx_bf16": True}
+    skylake = {"avx512_f": True, "avx512_bf16": False, "amx_bf16": False, "avx2": True}
+    assert cpu_bf16_feature(sapphire) == "amx_bf16" and cpu_bf16_feature({"avx512_bf16": True}) == "avx512_bf16"
+    assert cpu_bf16_feature(skylake) is None and cpu_bf16_feature({}) is None
+    assert choose_dtype("auto", "cpu", cpu_bf16_feature(sapphire)) == (
+        "bfloat16",
+        "auto: native bf16 on this CPU (amx_bf16)",
+    )
+    assert choose_dtype("auto", "cpu", cpu_bf16_feature(skylake))[0] == "float32"
+    assert choose_dtype("auto", "cuda:0")[0] == "bfloat16"
+    assert choose_dtype("float32", "cuda", "amx_bf16") == ("float32", "requested")
+    # this machine: what torch reports decides, and a plain run records it
+    assert cpu_bf16_feature() in (None, "amx_bf16", "avx512_bf16")
+
+
+def test_a_resumed_auto_run_keeps_the_dtype_it_started_with(tmp_path, tiny_model_dir, monkeypatch):
+    """Started where auto means bf16, resumed where auto would mean fp32 (or the other way round): one dtype."""
+    import curate.backends as backends
+
+    here = backends.cpu_bf16_feature()
+    there = None if here else "amx_bf16"  # the other kind of CPU
+    data = write_jsonl(tmp_path / "in.jsonl", ROWS)
+    cfg = ScoreConfig(input=str(data), out=str(tmp_path / "s"), model=str(tiny_model_dir), shard_size=2)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_in_second_shard(rows, tokens):
+        if rows > 2:
+            raise Interrupt
+
+    monkeypatch.setattr(backends, "cpu_bf16_feature", lambda capabilities=None: there)
+    with pytest.raises(Interrupt):
+        run(cfg, Recorder(stop_in_second_shard))
+    started = io.parquet_metadata(tmp_path / "s" / "part-00000.parquet")["dtype"]
+    assert started == ("bfloat16" if there else "float32")
+    monkeypatch.undo()
+    manifest = run(cfg)
+    assert manifest["scoring"]["tokens_scored_this_run"] < manifest["counts"]["tokens"]  # resumed, not redone
+    assert {io.parquet_metadata(p)["dtype"] for p in (tmp_path / "s").glob("part-*.parquet")} == {started}
+    assert manifest["dtype"]["dtype"] == started and "as this run started" in manifest["dtype"]["why"]
+    assert manifest["config"]["dtype"] == started

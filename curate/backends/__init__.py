@@ -44,6 +44,42 @@ def choose_backend(requested: str, device: str = "auto") -> tuple[str, str]:
     return "vllm", f"auto: CUDA GPU ({torch.cuda.get_device_name(0)}) and vLLM available"
 
 
+BF16_FEATURES = ("amx_bf16", "avx512_bf16")  # CPU instructions that compute bf16 matmuls natively
+
+
+def cpu_bf16_feature(capabilities: dict | None = None) -> str | None:
+    """The feature by which this CPU computes bf16 natively, as torch reports the CPU (`torch.cpu.get_capabilities`,
+    else the kernel's /proc/cpuinfo flags), or None: without one, torch emulates bf16 and it runs slower than fp32."""
+    if capabilities is None:
+        capabilities = _cpu_capabilities()
+    return next((f for f in BF16_FEATURES if capabilities.get(f)), None)
+
+
+def _cpu_capabilities() -> dict:
+    import torch
+
+    if hasattr(torch.cpu, "get_capabilities"):
+        return torch.cpu.get_capabilities()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return {}
+    return {flag: True for flag in flags}
+
+
+def choose_dtype(requested: str, device: str, bf16_feature: str | None = None) -> tuple[str, str]:
+    """(dtype, why) for a scoring run: bfloat16 on CUDA and on a CPU with native bf16 (`bf16_feature`), else
+    float32. `device` is resolved (cpu, cuda, cuda:N)."""
+    if requested != "auto":
+        return requested, "requested"
+    if device.startswith("cuda"):
+        return "bfloat16", "auto: CUDA GPU"
+    if bf16_feature:
+        return "bfloat16", f"auto: native bf16 on this CPU ({bf16_feature})"
+    return "float32", "auto: this CPU has no native bf16 (no amx_bf16 or avx512_bf16), where float32 is faster"
+
+
 def require_backend(backend: str) -> None:
     require("torch", "transformers", purpose="scoring")
     if backend == "vllm":

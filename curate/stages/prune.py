@@ -341,6 +341,7 @@ def write_pruned(
         text_view(scores_manifest["model"], required=True)  # a missing tokenizer stops the run before any work
     shards = score_files(scores_dir, scores_manifest)
     coords = collect_coordinates(shards, cfg, scores_manifest.get("vocab_size"), positions)
+    coords = pruning.place(coords, cfg.placement)
     coords = mark_duplicates(coords.with_row_index("row"), cfg.keep_duplicates)
     chosen, summary = select(coords.filter(pl.col("duplicate_of").is_null()), cfg)
     copies = coords.filter(pl.col("duplicate_of").is_not_null())
@@ -460,6 +461,8 @@ def build_stats(cfg: PruneConfig, samples: pl.DataFrame, summary: dict, loss_tok
         "loss_token_ratio": loss_tokens / trainable_all if trainable_all else 0.0,
         "loss_token_ratio_in_kept": loss_tokens / trainable_kept if trainable_kept else 0.0,
         "duplicates_left_out": int(samples["duplicate_of"].is_not_null().sum()),
+        "placement": cfg.placement,
+        "multi_turn_samples": int((samples["turn_ppl"].list.len() > 1).sum()),
         "token_pruning": token_pruning_stats(cfg, effect),
         "config": cfg.model_dump(),
     }

@@ -155,6 +155,44 @@ def token_view(tokenizer, score_row: dict, pruned_row: dict | None, lam: float) 
     return "".join(parts)
 
 
+def fate(sample: dict, pruned_row: dict | None) -> str:
+    """What happened to a sample, in words: dropped, kept whole, or how many of its tokens left the loss."""
+    if pruned_row is None:
+        return f"dropped as a duplicate of {sample['duplicate_of']}" if sample.get("duplicate_of") else "dropped"
+    n, kept = sample["n_trainable"], int(np.sum(pruned_row["loss_mask"]))
+    return f"pruned {n - kept:,} of {n:,} tokens" if kept < n else f"kept all {n:,} tokens"
+
+
+def token_pruning_html(stats: dict) -> str:
+    """The token rule in plain words and what it took out, by kind (stats.json `token_pruning`)."""
+    tp = stats.get("token_pruning")
+    if not tp or not tp["samples"]:
+        return ""
+    masked = tp["tokens_trainable"] - tp["tokens_kept"]
+    parts = [
+        f"<p>Rule: {html.escape(tp['rule'])}. The score is the reference model's surprise at each token, so what "
+        "leaves the loss is what the model finds <b>most surprising</b>. Never removed: end-of-turn tokens"
+        + "".join(f", {html.escape(p)}" for p in tp["protect"])
+        + f".</p><p>{tp['samples']:,} samples pruned: {masked:,} of {tp['tokens_trainable']:,} of their tokens left "
+        f"the loss; {tp['tokens_over_budget']:,} tokens were kept above the budget to keep words whole.</p>"
+    ]
+    if "masked_by_kind" in tp:
+        kinds = tp["masked_by_kind"]
+        parts.append(
+            f"<p>Masked tokens: {kinds['digits']:,} with digits, {kinds['words']:,} words, "
+            f"{kinds['punctuation']:,} punctuation or markup.</p><ul>"
+            + "".join(
+                f"<li>{tp[n]['samples_lost_part']:,} of {tp[n]['samples_with']:,} pruned samples with a "
+                f"{n.replace('-', ' ')} lost part of it</li>"
+                for n in ("final-answer", "tool-calls")
+            )
+            + "</ul>"
+        )
+    if stats.get("duplicates_left_out"):
+        parts.append(f"<p>{stats['duplicates_left_out']:,} later copies of identical conversations left out.</p>")
+    return '<h2 id="tokens">Token pruning</h2>' + "".join(parts)
+
+
 def examples(samples: pl.DataFrame, per_quadrant: int) -> list[dict]:
     """A few samples per quadrant; kept ones first (Q2 examples then carry pruned tokens)."""
     chosen = []
@@ -251,7 +289,8 @@ def build_html(
     )
     cards = "".join(
         f'<div class="sample" data-quadrant="{s["quadrant"]}"><h3>{html.escape(str(s["id"]))} &middot; '
-        f"{s['quadrant']} &middot; {s['selection'] or 'dropped'} &middot; ppl {s['ppl']:.2f}, ent {s['ent']:.3f}</h3>"
+        f"{s['quadrant']} &middot; {s['selection'] or 'dropped'} &middot; ppl {s['ppl']:.2f}, ent {s['ent']:.3f} "
+        f"&middot; {html.escape(s['fate'])}</h3>"
         f"<pre>{body}</pre></div>"
         for s, body in sample_html
     )
@@ -268,7 +307,7 @@ font-size:12px}}
 <h2 id="summary">Summary{" of the last round" if refresh else ""}</h2>{summary}
 <table><tr><th>quadrant</th><th>meaning</th><th>samples</th><th>kept</th></tr>{rows}</table>{groups}
 <p>alpha {stats.get("alpha")}, thresholds {html.escape(json.dumps(stats.get("thresholds")))}</p>
-{duplicates_html(duplicates)}
+{duplicates_html(duplicates)}{token_pruning_html(stats)}
 <h2 id="pictures">Pictures</h2>{imgs}
 <h2 id="examples">Examples</h2>
 <p>Legend: <span class="prompt">prompt (context)</span> <span class="kept">kept loss token</span>
@@ -307,7 +346,10 @@ def run(cfg: ReportConfig, reporter: Reporter | None = None, force: bool = False
         score_rows = runs.rows_by_id(found.score_files(), wanted)
         pruned_rows = runs.rows_by_id(found.pruned_files(), wanted, ["id", "loss_mask"])
         bodies = [
-            (p, token_view(tokenizer, score_rows[p["id"]], pruned_rows.get(p["id"]), stats["config"]["lam"]))
+            (
+                {**p, "fate": fate(p, pruned_rows.get(p["id"]))},
+                token_view(tokenizer, score_rows[p["id"]], pruned_rows.get(p["id"]), stats["config"]["lam"]),
+            )
             for p in picks
         ]
         images = {name: (out / name).read_bytes() for name in ("eu_plane.png", "histograms.png")}

@@ -240,24 +240,53 @@ def prepare(cfg: ScoreConfig, reporter: Reporter) -> tuple[ScoreJob, list[reader
     )
     # Settings that change the numbers; engine and worker counts do not, so either engine can resume a run.
     ignore = {"out", "engine", "address", "num_workers", "gpus_per_worker", "cpus_per_worker", "tokenize_workers"}
-    identity = {k: v for k, v in cfg.model_dump().items() if k not in ignore}
     input_fingerprint = io.fingerprint_path(in_path)
-    fingerprint = io.fingerprint_config(
-        {
-            "config": {**identity, "model": model.name, "backend": backend, "format": fmt},
-            "input": input_fingerprint,
-            "model": model.hash,
-            "version": __version__,
-        }
-    )
+
+    def fingerprint_with(dtype: str) -> str:
+        identity = {k: v for k, v in cfg.model_dump().items() if k not in ignore}
+        return io.fingerprint_config(
+            {
+                "config": {**identity, "dtype": dtype, "model": model.name, "backend": backend, "format": fmt},
+                "input": input_fingerprint,
+                "model": model.hash,
+                "version": __version__,
+            }
+        )
+
+    dtype, dtype_why = run_dtype(cfg, fingerprint_with)
+    cfg = cfg.model_copy(update={"dtype": dtype})  # every worker, local or Ray, scores in the run's dtype
+    fingerprint = fingerprint_with(dtype)
     job = ScoreJob(cfg, model.path, model.name, model.hash, backend, fmt, fingerprint)
     info = {
+        "dtype": {"dtype": dtype, "why": dtype_why},
         "backend_choice": why,
         "input_fingerprint": input_fingerprint,
         "format": fmt,
         "model": {"name": model.name, "path": model.path, "hash": model.hash},
     }
     return job, readers.plan(in_path, cfg.shard_size, cfg.limit), info
+
+
+def run_dtype(cfg: ScoreConfig, fingerprint_with) -> tuple[str, str]:
+    """The dtype of this run, resolved once: `--dtype auto` follows the device and the CPU's bf16 support, except
+    that a run already started in OUT with `auto` keeps the dtype it started with, whatever this machine would pick."""
+    from ..backends import choose_dtype, cpu_bf16_feature
+
+    if cfg.dtype != "auto":
+        return cfg.dtype, "requested"
+    from ..backends.hf import resolve_device
+
+    device = resolve_device(cfg.device)
+    dtype, why = choose_dtype("auto", device, None if device.startswith("cuda") else cpu_bf16_feature())
+    for path in sorted(Path(cfg.out).glob("part-*.parquet"))[:1]:
+        try:
+            meta = io.parquet_metadata(path)
+        except CurateError:
+            continue
+        earlier = meta.get("dtype")
+        if earlier and earlier != dtype and meta.get("run_fingerprint") == fingerprint_with(earlier):
+            return earlier, f"auto: {earlier}, as this run started (this machine would pick {dtype}: {why})"
+    return dtype, why
 
 
 def finished_shard(out: Path, index: int, fingerprint: str) -> bool:
@@ -308,8 +337,8 @@ def run(cfg: ScoreConfig, reporter: Reporter | None = None, force: bool = False)
             if int(stray.stem.split("-")[1]) >= len(ranges):
                 stray.unlink()
         reporter.log(
-            f"backend: {job.backend} ({info['backend_choice']}); model: {job.model_name}; "
-            f"format: {job.format}; engine: {cfg.engine}"
+            f"backend: {job.backend} ({info['backend_choice']}); dtype: {info['dtype']['dtype']} "
+            f"({info['dtype']['why']}); model: {job.model_name}; format: {job.format}; engine: {cfg.engine}"
         )
         if done:
             reporter.log(f"resuming: {len(done)} of {len(ranges)} shards are already scored")
@@ -501,6 +530,7 @@ def finalize(job: ScoreJob, ranges, info: dict, engine_info: dict, started: floa
         inputs=[{"path": cfg.input, "fingerprint": info["input_fingerprint"]}],
         config={**cfg.model_dump(), "model": job.model_name, "backend": job.backend, "format": job.format},
         backend_choice=info["backend_choice"],
+        dtype=info["dtype"],
         entropy=entropy,
         model=info["model"],
         vocab_size=int(metas[0]["vocab_size"]),

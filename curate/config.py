@@ -196,11 +196,11 @@ class PruneOptions(Options):
     entropy_positions: Literal["response", "all"] = Field(
         "response", description="Mean entropy over response tokens (paper) or over all positions (official code)."
     )
-    placement: Literal["conversation", "worst-turn"] = Field(
-        "conversation",
+    placement: Literal["conversation", "worst-turn", "max-turn"] = Field(
+        "max-turn",
         description="Where a multi-turn sample sits on the EU plane: conversation (mean over all assistant tokens, "
-        "the paper) or worst-turn (its assistant turn with the highest perplexity). Single-turn samples sit at the "
-        "same point either way.",
+        "the paper), worst-turn (at its assistant turn with the highest perplexity) or max-turn (each coordinate "
+        "the largest over its assistant turns). Single-turn samples sit at the same point under every rule.",
     )
     token_order: Literal["drop-high", "drop-low"] = Field(
         "drop-high",

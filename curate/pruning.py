@@ -116,23 +116,29 @@ def turn_coordinates(tokens: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-PLACEMENTS = ("conversation", "worst-turn")
+PLACEMENTS = ("conversation", "worst-turn", "max-turn")
 
 
 def place(coords: pl.DataFrame, placement: str) -> pl.DataFrame:
     """The (ppl, ent) the triage uses for each sample (docs/algorithm.md, "Placing a conversation").
 
     conversation: the mean over all assistant tokens (the paper). worst-turn: the coordinates of the assistant turn
-    with the highest perplexity, so one wrong reply is not averaged away by easy turns (tool-call JSON that the
-    schema makes predictable). A sample with one turn keeps its conversation values, bit for bit, under every rule.
+    with the highest perplexity. max-turn: each coordinate is its largest value over the assistant turns, so a
+    conversation is as wrong as its most wrong turn and as uncertain as its most uncertain one: tool-call turns,
+    whose JSON the schema makes predictable (entropy near 0), neither average a wrong reply away nor make a
+    conversation with a confidently wrong call look certain. A sample with one turn keeps its conversation values,
+    bit for bit, under every rule.
     """
     if placement == "conversation":
         return coords
-    worst = pl.col("turn_ppl").list.arg_max()
     multi = pl.col("turn_ppl").list.len() > 1
+    if placement == "worst-turn":
+        worst = pl.col("turn_ppl").list.arg_max()
+        ppl, ent = pl.col("turn_ppl").list.get(worst), pl.col("turn_ent").list.get(worst)
+    else:
+        ppl, ent = pl.col("turn_ppl").list.max(), pl.col("turn_ent").list.max()
     return coords.with_columns(
-        ppl=pl.when(multi).then(pl.col("turn_ppl").list.get(worst)).otherwise(pl.col("ppl")),
-        ent=pl.when(multi).then(pl.col("turn_ent").list.get(worst)).otherwise(pl.col("ent")),
+        ppl=pl.when(multi).then(ppl).otherwise(pl.col("ppl")), ent=pl.when(multi).then(ent).otherwise(pl.col("ent"))
     )
 
 

@@ -152,13 +152,17 @@ def child_scoring(method: str, kind: str, repeats: int) -> dict:
     return {"tokens": tokens, "tok_s": tokens / seconds, "peak_mib": mib}
 
 
-def child_bf16(n_rows: int = 8) -> dict:
-    """bf16 against fp32 on this CPU: speed, the error it adds, and whether the selection changes."""
+def child_bf16(n_rows: int = 32) -> dict:
+    """bf16 against fp32 on this CPU: speed, the error it adds, and how much of the selection and masks it moves."""
     import numpy as np
 
+    from curate.backends import cpu_bf16_feature
     from curate.backends.hf import HFScorer
     from curate.models import load_tokenizer, resolve_model
-    from curate.pruning import budget, qtuning_triage
+    from curate.pruning import budget, percentile_ranks, qtuning_triage, token_keep_mask
+
+    def spearman(x, y):  # Pearson correlation of the average ranks
+        return float(np.corrcoef(percentile_ranks(x), percentile_ranks(y))[0, 1])
 
     model_ref = resolve_model(None)
     seqs, masks = rows_for("short", load_tokenizer(model_ref))
@@ -172,21 +176,46 @@ def child_bf16(n_rows: int = 8) -> dict:
     (a, ta), (b, tb) = out["float32"], out["bfloat16"]
     lp = max(float(np.nanmax(np.abs(x[0] - y[0]))) for x, y in zip(a, b))
     ent = max(float(np.nanmax(np.abs(x[1] - y[1]))) for x, y in zip(a, b))
+    ids = np.array([f"{i:04d}" for i in range(len(seqs))])
 
-    def chosen(scores):
+    def plane(scores):
         ppl = np.array([np.exp(-np.mean(s[0][m])) for s, m in zip(scores, masks)])
-        ent_ = np.array([np.mean(s[1][m]) for s, m in zip(scores, masks)])
-        sel = qtuning_triage(np.array([str(i) for i in range(len(scores))]), ppl, ent_, budget(0.25, len(scores)))
-        return {i for i, s in enumerate(sel.selection) if s is not None}
+        return ppl, np.array([np.mean(s[1][m]) for s, m in zip(scores, masks)])
 
+    def kept(scores, ratio):
+        sel = qtuning_triage(ids, *plane(scores), budget(ratio, len(scores))).selection
+        return {i for i, s in enumerate(sel) if s is not None}, {i for i, s in enumerate(sel) if s in ("Q2", "fill-Q2")}
+
+    overlap = {}
+    for ratio in (0.125, 0.25):
+        (ka, _), (kb, _) = kept(a, ratio), kept(b, ratio)
+        overlap[ratio] = len(ka & kb) / len(ka)
+    _, q2 = kept(a, 0.25)
+    changed = 0
+    for i in q2:  # the paper's token rule on the same Q2 samples, from each dtype's log-probs
+        t = masks[i].astype(np.int8)
+        one, two = (token_keep_mask(s[i][0], t, token_ratio=0.5, lam=0.5) for s in (a, b))
+        changed += int((one != two).any())
+    (pa_, ea), (pb, eb) = plane(a), plane(b)
     return {
         "speedup": ta / tb,
         "max_lp": lp,
         "max_ent": ent,
-        "selection_changes": len(chosen(a) ^ chosen(b)),
+        "rank_ppl": spearman(pa_, pb),
+        "rank_ent": spearman(ea, eb),
+        "overlap": overlap,
+        "q2_masks_changed": changed,
+        "q2_samples": len(q2),
         "rows": n_rows,
         "flags": cpu_flags(),
+        "native": cpu_bf16_feature(),
     }
+
+
+def native_bf16() -> str:
+    from curate.backends import cpu_bf16_feature
+
+    return cpu_bf16_feature() or "no"
 
 
 def cpu_flags() -> str:
@@ -395,7 +424,8 @@ def main() -> None:
 
     started = time.time()
     machine = (
-        f"{platform.machine()}, {os.cpu_count()} cores ({cpu_flags()}), Python {platform.python_version()}, "
+        f"{platform.machine()}, {os.cpu_count()} cores ({cpu_flags()}; native bf16: {native_bf16()}), "
+        f"Python {platform.python_version()}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
     md = [
@@ -466,11 +496,13 @@ def main() -> None:
     md += [
         "### bf16 on this CPU",
         "",
-        f"CPU flags: {bf['flags']}. bf16 scoring runs at **{bf['speedup']:.2f}x** the fp32 speed here "
-        f"({bf['rows']} GSM8K rows); it moves log-probs by up to {bf['max_lp']:.3f} nats and entropies by up to "
-        f"{bf['max_ent']:.3f}; "
-        f"the 25% Q-Tuning selection of those rows changes by {bf['selection_changes']} sample(s). "
-        + ("Without AVX-512 BF16 it does not pay: fp32 stays the CPU default." if "bf16" not in bf["flags"] else ""),
+        f"CPU flags: {bf['flags']}; native bf16: {bf['native'] or 'no'}, so `--dtype auto` scores in "
+        f"{'bfloat16' if bf['native'] else 'float32'} here. bf16 scoring runs at **{bf['speedup']:.2f}x** the fp32 "
+        f"speed ({bf['rows']} GSM8K rows). Agreement with fp32: log-probs move by up to {bf['max_lp']:.3f} nats and "
+        f"entropies by up to {bf['max_ent']:.3f}; rank correlation of the samples' ppl {bf['rank_ppl']:.4f}, of their "
+        f"entropy {bf['rank_ent']:.4f}; kept samples shared with fp32: {100 * bf['overlap'][0.125]:.0f}% at 12.5%, "
+        f"{100 * bf['overlap'][0.25]:.0f}% at 25%; token masks (paper rule, 50%) that change in the "
+        f"{bf['q2_samples']} Q2 samples: {bf['q2_masks_changed']}.",
         "",
     ]
 

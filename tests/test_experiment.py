@@ -35,7 +35,7 @@ def smoke_config(tmp_path, model) -> dict:
         "train_data": str(write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(16))),
         "score": {"model": str(model), "max_length": 256},
         "train": {"epochs": 1, "batch_size": 4, "lora_rank": 0, "lr": 1.0e-3, "device": "cpu"},
-        "budgets": [{"ratio": 0.5, "token_ratio": 0.5, "arms": ["full", "qtuning"]}],
+        "budgets": [{"ratio": 0.5, "token_ratio": 0.5, "arms": ["full", "qtuning", "qtuning-tokens"]}],
         "robustness": {"fraction": 0.25, "ratio": 0.5, "token_ratio": 0.5, "train_arms": ["random"]},
         "eval": {
             "data": str(write_jsonl(tmp_path / "test.jsonl", arithmetic_rows(8, offset=100))),
@@ -55,7 +55,7 @@ def test_smoke_experiment_trains_every_arm_on_exactly_its_data_and_resumes(tmp_p
     assert res.exit_code == 0, res.output
     run = tmp_path / "exp"
     results = json.loads((run / "results.json").read_text())
-    assert set(results["arms"]) == {"full", "qtuning-0.5x0.5"}
+    assert set(results["arms"]) == {"full", "qtuning-0.5x0.5", "qtuning-tokens-0.5x0.5"}
     trained = list(results["arms"].values()) + list(results["robustness"]["trained"].values())
     fingerprints = set()
     for arm in trained:
@@ -73,6 +73,10 @@ def test_smoke_experiment_trains_every_arm_on_exactly_its_data_and_resumes(tmp_p
     assert (
         results["arms"]["qtuning-0.5x0.5"]["runs"][0]["loss_tokens"] < results["arms"]["full"]["runs"][0]["loss_tokens"]
     )
+    # the token-rule arm trains the same samples under the paper's per-token rule; both report final-answer NLL
+    words, tokens = (results["arms"][a]["runs"][0] for a in ("qtuning-0.5x0.5", "qtuning-tokens-0.5x0.5"))
+    assert words["selection"] == tokens["selection"] and words["final_nll"] > 0 and tokens["final_nll"] > 0
+    assert results["base"]["final_nll"] > 0 and "final-answer NLL" in (run / "results.md").read_text()
     kept = results["robustness"]["kept"]
     assert set(kept) >= {"qtuning", "random", "ppl-high", "entropy-low"}
     assert all(k["kept"] == 8 and 0 <= k["corrupted"] <= 4 for k in kept.values())
@@ -133,3 +137,18 @@ def test_answer_parser_reads_every_real_gsm8k_answer():
         assert parse_number(r["answer"]) == Fraction(gold), r["answer"]
         assert exact_match(f"Let me think. {r['answer'].split('####')[0]} The answer is {gold}.", r["answer"])
     assert not exact_match("The answer is 3.", "#### 4")
+
+
+def test_final_answer_tokens_are_the_number_after_the_hashes(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from curate.evaluate import final_answer_tokens
+    from curate.tokenization import ChatEncoder
+
+    encoder = ChatEncoder(AutoTokenizer.from_pretrained(tiny_model_dir))
+    messages = [{"role": "user", "content": "3 and 4?"}, {"role": "assistant", "content": "3 + 4 = 7\n#### 1,207"}]
+    answer, final = final_answer_tokens(encoder, messages)
+    rendered = encoder.render(messages)
+    ids, starts, ends = encoder.tokenize(rendered.text)
+    covered = "".join(rendered.text[starts[i] : ends[i]] for i in range(len(ids)) if final[i])
+    assert covered.strip() == "1,207" and (answer >= final).all() and final.sum() < answer.sum()

@@ -342,6 +342,9 @@ def write_pruned(
     shards = score_files(scores_dir, scores_manifest)
     coords = collect_coordinates(shards, cfg, scores_manifest.get("vocab_size"), positions)
     coords = pruning.place(coords, cfg.placement)
+    multi = int((coords["turn_ppl"].list.len() > 1).sum())
+    if multi:
+        reporter.log(f"{multi:,} multi-turn samples, placed on the plane by --placement {cfg.placement}")
     coords = mark_duplicates(coords.with_row_index("row"), cfg.keep_duplicates)
     chosen, summary = select(coords.filter(pl.col("duplicate_of").is_null()), cfg)
     copies = coords.filter(pl.col("duplicate_of").is_not_null())

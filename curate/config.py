@@ -216,7 +216,7 @@ class PruneOptions(Options):
         default_factory=lambda: ["final-answer", "tool-calls"],
         description="Spans token pruning never removes (they count in the token budget), comma-separated: "
         "final-answer (a GSM8K `#### N` line, else a last \\boxed{}), numbers, tool-calls (JSON function calls), "
-        "code (fenced blocks); `none` for nothing.",
+        "code (fenced blocks); `none` for nothing. Default: final-answer,tool-calls.",
     )
     protect_regex: str | None = Field(
         None, description="Also protect what this regular expression matches in an assistant turn's text."

@@ -342,6 +342,17 @@ def context_scores(logprob: np.ndarray, trainable: np.ndarray, lam: float) -> np
     return np.where(t, (1 - lam) * tok_ppl + lam * (left + right), 0.0)
 
 
+def kept_first(trainable: np.ndarray, truncated: bool, units: np.ndarray, protect: np.ndarray | None) -> np.ndarray:
+    """bool per position: the tokens token pruning keeps before any other: end-of-turn tokens, `protect`ed tokens,
+    and every token of a unit that holds a protected one (a unit is never split)."""
+    t = trainable.astype(bool)
+    protected = protected_positions(trainable, truncated)
+    if protect is not None:
+        protected |= t & np.asarray(protect, dtype=bool)
+        protected |= t & np.isin(units, units[protected & t])
+    return protected
+
+
 def token_keep_mask(
     logprob: np.ndarray,
     trainable: np.ndarray,
@@ -370,10 +381,7 @@ def token_keep_mask(
         return keep.astype(np.int8)
     k = budget(token_ratio, n_train)
     unit = np.where(t, np.arange(len(t)), -1) if units is None else np.asarray(units)
-    protected = protected_positions(trainable, truncated)
-    if protect is not None:
-        protected |= t & np.asarray(protect, dtype=bool)
-        protected |= t & np.isin(unit, unit[protected & t])  # never split a unit
+    protected = kept_first(trainable, truncated, unit, protect)
     candidates = np.flatnonzero(t & ~protected)
     free_slots = max(0, k - int(protected.sum()))
     # candidate units, numbered in text order (a unit's tokens are consecutive)

@@ -124,3 +124,13 @@ def test_probe_command_tables_every_strategy_and_placement(mixed_scores, tmp_pat
     assert len(kept & set(bad)) == result["placements"]["worst-turn"]["qtuning"]["corrupted"]
     md = (out / "probe.md").read_text()
     assert "| worst-turn | qtuning |" in md and "| conversation | random |" in md and "corrupted among kept" in md
+
+
+def test_report_shows_a_multi_turn_sample_turns(mixed_scores, tmp_path):
+    pruned = tmp_path / "p"
+    prune.run(PruneConfig(scores=str(mixed_scores / "mixed"), out=str(pruned), ratio=0.3))
+    res = CliRunner().invoke(app, ["report", str(pruned), "--examples", "1"])
+    assert res.exit_code == 0, res.output
+    page = (pruned / "report" / "report.html").read_text()
+    assert page.count("assistant turns (ppl, ent):") >= 1
+    assert (pruned / "report" / "eu_plane.png").stat().st_size > 10_000

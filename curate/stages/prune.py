@@ -213,19 +213,20 @@ def mask_sample(
     )
     masked = (trainable == 1) & (mask == 0)
     n_t = int(trainable.sum())
-    floor = max(pruning.budget(cfg.token_ratio, n_t), int(pruning.protected_positions(trainable, truncated).sum()))
+    own = np.where(trainable == 1, np.arange(len(trainable)), -1)
+    first = pruning.kept_first(trainable, truncated, own if units is None else units, protect)
+    floor = max(pruning.budget(cfg.token_ratio, n_t), int(first.sum()))  # what the rule must keep
     effect["samples"] += 1
     effect["tokens_trainable"] += n_t
     effect["tokens_kept"] += int(mask.sum())
-    effect["tokens_budget"] += min(n_t, floor)
+    effect["tokens_budget"] += floor
     effect["samples_over_budget"] += int(mask.sum() > floor)
     if view is not None:
         text, starts, ends, contents = view
         kinds = token_kinds(text, starts[masked], ends[masked])
         for i, kind in enumerate(KINDS):
             effect[f"masked_{kind}"] += int((kinds == i).sum())
-        if protect is not None:
-            effect["tokens_protected"] += int((protect & (trainable == 1)).sum())
+        effect["tokens_protected"] += int(first.sum())
         for name in WATCHED:
             found = protected_spans(text, contents, (name,))
             if found:
@@ -391,17 +392,31 @@ def write_pruned(
     )
 
 
+def rule_in_words(cfg: PruneConfig) -> str:
+    """The token rule as a user should read it: which tokens leave the loss, and that `drop-high` means the ones
+    the reference model finds most surprising."""
+    what = "words and numbers" if cfg.token_unit == "word" else "tokens"
+    if cfg.token_strategy == "random":
+        how = f"random {what}"
+    elif cfg.token_strategy == "ppl":
+        how = f"the most surprising {what} (highest perplexity)"
+    elif cfg.token_order == "drop-high":
+        how = f"the most surprising {what} (highest context-aware perplexity)"
+    else:
+        how = f"the least surprising {what} (lowest context-aware perplexity: what the model already predicts)"
+    return f"drop {how}, keep {cfg.token_ratio:g} of the trainable tokens"
+
+
 def token_pruning_stats(cfg: PruneConfig, effect: Counter) -> dict:
     """What token pruning removed, from the per-sample counts of pass 2."""
     out = {
-        "rule": f"drop the most surprising {'words and numbers' if cfg.token_unit == 'word' else 'tokens'} "
-        f"(highest context-aware perplexity), keep {cfg.token_ratio:g} of the trainable tokens",
+        "rule": rule_in_words(cfg),
         "unit": cfg.token_unit,
         "protect": list(cfg.protect) + ([cfg.protect_regex] if cfg.protect_regex else []),
         "samples": effect["samples"],
         "tokens_trainable": effect["tokens_trainable"],
         "tokens_kept": effect["tokens_kept"],
-        # k = max(1, round(token_ratio * |T|)) or the protected tokens if more; whole units may add fewer than one
+        # per sample max(k, tokens kept first: end of turn, protected spans); whole units may add fewer than one
         # unit's tokens on top of that
         "tokens_budget": effect["tokens_budget"],
         "tokens_over_budget": effect["tokens_kept"] - effect["tokens_budget"],

@@ -41,7 +41,21 @@ def _pyplot():
     return plt
 
 
-def plot_eu_plane(samples: pl.DataFrame, stats: dict, path: Path) -> None:
+def draw_turns(ax, picks: list[dict]) -> None:
+    """Each multi-turn example's assistant turns (x), linked to the point where its conversation sits."""
+    shown = [p for p in picks if len(p.get("turn_ppl") or []) > 1]
+    for i, p in enumerate(shown):
+        tx, ty = np.log(p["turn_ppl"]), np.asarray(p["turn_ent"])
+        for x, y in zip(tx, ty):
+            ax.plot([np.log(p["ppl"]), x], [p["ent"], y], color="#444444", lw=0.7, alpha=0.8)
+        label = "assistant turns of a multi-turn example" if i == 0 else None
+        ax.scatter(tx, ty, marker="x", s=30, color="#222222", linewidths=1.2, label=label, zorder=3)
+        ax.annotate(
+            str(p["id"])[:16], (np.log(p["ppl"]), p["ent"]), fontsize=7, xytext=(4, 4), textcoords="offset points"
+        )
+
+
+def plot_eu_plane(samples: pl.DataFrame, stats: dict, path: Path, picks: list[dict] = ()) -> None:
     plt = _pyplot()
     x = np.log(samples["ppl"].to_numpy())
     y = samples["ent"].to_numpy()
@@ -73,6 +87,7 @@ def plot_eu_plane(samples: pl.DataFrame, stats: dict, path: Path) -> None:
                 ax.scatter(
                     x[m], y[m], s=22, c=color, edgecolors="black", linewidths=0.3, label=f"kept {name} ({m.sum():,})"
                 )
+    draw_turns(ax, picks)
     med = stats["medians"]
     ax.axvline(np.log(med["ppl"]), color="black", ls="--", lw=1, label="medians")
     ax.axhline(med["ent"], color="black", ls="--", lw=1)
@@ -170,8 +185,8 @@ def token_pruning_html(stats: dict) -> str:
         return ""
     masked = tp["tokens_trainable"] - tp["tokens_kept"]
     parts = [
-        f"<p>Rule: {html.escape(tp['rule'])}. The score is the reference model's surprise at each token, so what "
-        "leaves the loss is what the model finds <b>most surprising</b>. Never removed: end-of-turn tokens"
+        f"<p>Rule: <b>{html.escape(tp['rule'])}</b>. The score of a token is the reference model's surprise at it "
+        "(its perplexity, with its neighbours'). Never removed: end-of-turn tokens"
         + "".join(f", {html.escape(p)}" for p in tp["protect"])
         + f".</p><p>{tp['samples']:,} samples pruned: {masked:,} of {tp['tokens_trainable']:,} of their tokens left "
         f"the loss; {tp['tokens_over_budget']:,} tokens were kept above the budget to keep words whole.</p>"
@@ -194,12 +209,24 @@ def token_pruning_html(stats: dict) -> str:
 
 
 def examples(samples: pl.DataFrame, per_quadrant: int) -> list[dict]:
-    """A few samples per quadrant; kept ones first (Q2 examples then carry pruned tokens)."""
+    """A few samples per quadrant; kept ones first (Q2 examples then carry pruned tokens); and, when the data has
+    multi-turn conversations and none was picked, two of them (kept first), to show their turns on the plane."""
     chosen = []
     for q in QUADRANTS:
         part = samples.filter(pl.col("quadrant") == q).sort(["kept", "id"], descending=[True, False])
         chosen += part.head(per_quadrant).to_dicts()
+    if per_quadrant and "turn_ppl" in samples.columns and not any(len(c["turn_ppl"] or []) > 1 for c in chosen):
+        multi = samples.filter(pl.col("turn_ppl").list.len() > 1).sort(["kept", "id"], descending=[True, False])
+        chosen += multi.head(2).to_dicts()
     return chosen
+
+
+def turns_line(sample: dict) -> str:
+    turns = sample.get("turn_ppl") or []
+    if len(turns) < 2:
+        return ""
+    points = ", ".join(f"({p:.2f}, {e:.3f})" for p, e in zip(turns, sample["turn_ent"]))
+    return f'<p class="turns">assistant turns (ppl, ent): {points}</p>'
 
 
 def refresh_html(summary: dict) -> str:
@@ -291,7 +318,7 @@ def build_html(
         f'<div class="sample" data-quadrant="{s["quadrant"]}"><h3>{html.escape(str(s["id"]))} &middot; '
         f"{s['quadrant']} &middot; {s['selection'] or 'dropped'} &middot; ppl {s['ppl']:.2f}, ent {s['ent']:.3f} "
         f"&middot; {html.escape(s['fate'])}</h3>"
-        f"<pre>{body}</pre></div>"
+        f"{turns_line(s)}<pre>{body}</pre></div>"
         for s, body in sample_html
     )
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>q-curate report</title><style>
@@ -338,10 +365,10 @@ def run(cfg: ReportConfig, reporter: Reporter | None = None, force: bool = False
             return done
         samples = pl.read_parquet(found.pruned / SAMPLES)
         stats = io.read_json(found.pruned / STATS)
-        plot_eu_plane(samples, stats, out / "eu_plane.png")
+        picks = examples(samples, cfg.examples)
+        plot_eu_plane(samples, stats, out / "eu_plane.png", picks)
         plot_histograms(samples, out / "histograms.png")
         tokenizer = runs.scoring_tokenizer(found)
-        picks = examples(samples, cfg.examples)
         wanted = [p["id"] for p in picks]
         score_rows = runs.rows_by_id(found.score_files(), wanted)
         pruned_rows = runs.rows_by_id(found.pruned_files(), wanted, ["id", "loss_mask"])

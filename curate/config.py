@@ -136,6 +136,16 @@ class ScoreOptions(Options):
             return [f.strip() for f in v.split(",") if f.strip()]
         return v
 
+    @field_validator("keep_fields")
+    @classmethod
+    def _not_built_in(cls, v: list[str]) -> list[str]:
+        from .schema import SCORES
+
+        for name in v:
+            if name in SCORES.names:
+                raise ValueError(f"{name!r} is a column q-curate writes itself; keep another field")
+        return v
+
     @field_validator("fields")
     @classmethod
     def _fields_parse(cls, v: str | None) -> str | None:
@@ -192,7 +202,7 @@ class PruneOptions(Options):
         description="global: quantiles over the whole dataset; batch: per shuffled batch (as the paper, in training).",
     )
     batch_size: PosInt = Field(8, description="Batch size for --scope batch.")
-    seed: int = Field(0, description="Seed for batch shuffling and the random strategies.")
+    seed: NonNegInt = Field(0, description="Seed for batch shuffling and the random strategies.")
     entropy_positions: Literal["response", "all"] = Field(
         "response", description="Mean entropy over response tokens (paper) or over all positions (official code)."
     )
@@ -319,7 +329,7 @@ class TrainOptions(Options):
     lora_alpha: PosInt = Field(16, description="LoRA alpha.")
     warmup: float = Field(0.03, ge=0, description="Warm-up: a fraction of the steps (< 1) or a number of steps.")
     scheduler: Scheduler = Field("cosine", description="Learning-rate schedule.")
-    seed: int = Field(0, description="Seed for shuffling and initialisation.")
+    seed: NonNegInt = Field(0, description="Seed for shuffling and initialisation.")
     device: Device = Field("auto", description="auto (CUDA when present), cpu or cuda.")
 
 
@@ -451,7 +461,7 @@ class RobustnessOptions(Options):
     fraction: float = Field(
         0.2, gt=0, lt=1, description="Share of training rows corrupted (given another row's answer)."
     )
-    seed: int = Field(1234, description="Which rows are corrupted, and with whose answers.")
+    seed: NonNegInt = Field(1234, description="Which rows are corrupted, and with whose answers.")
     ratio: Ratio = Field(0.25, description="Sample budget of the robustness arms.")
     token_ratio: Ratio = Field(0.5, description="Token budget of the robustness arms.")
     train_arms: list[Arm] = Field(
@@ -477,7 +487,9 @@ class ExperimentConfig(Options):
         description="epochs: every arm trains train.epochs passes over its own data; steps: every arm "
         "trains train.max_steps optimizer steps.",
     )
-    seeds: list[int] = Field(default_factory=lambda: [0], description="One training (and random pruning) per seed.")
+    seeds: list[NonNegInt] = Field(
+        default_factory=lambda: [0], description="One training (and random pruning) per seed."
+    )
     robustness: RobustnessOptions | None = None
     eval: EvalOptions
 

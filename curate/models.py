@@ -51,14 +51,40 @@ def builtin_gguf() -> Path:
 
 
 def _folder_hash(folder: Path) -> str:
+    """A hash of every file in the folder, names and contents: a model retrained in place (same file names and
+    sizes, new weights) gets a new identity, so no stage reuses what the old weights computed."""
     h = hashlib.sha256()
     for p in sorted(folder.iterdir()):
         if p.is_file():
             h.update(p.name.encode())
-            h.update(str(p.stat().st_size).encode())
-            if p.suffix == ".json":
-                h.update(p.read_bytes())
+            h.update(file_digest(p).encode())
     return h.hexdigest()[:16]
+
+
+def file_digest(path: Path) -> str:
+    """blake2b of a file's contents, cached by (path, size, mtime, inode) in the user cache, so a 16 GB model is
+    read once rather than on every run. Writing a file changes its mtime, which invalidates the entry."""
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    cache = cache_dir() / "digests"
+    entry = cache / hashlib.sha256(key.encode()).hexdigest()
+    try:
+        return entry.read_text()
+    except OSError:
+        pass
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    digest = h.hexdigest()
+    try:  # a read-only or full cache only costs speed
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}")
+        tmp.write_text(digest)
+        os.replace(tmp, entry)
+    except OSError:
+        pass
+    return digest
 
 
 def ensure_builtin(log=lambda msg: print(msg, file=sys.stderr)) -> Path:

@@ -1,0 +1,62 @@
+"""Trust, round two: what a hostile or careless user can do that must not silently reuse or lose data."""
+
+import shutil
+
+import pytest
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from curate.cli import app
+from curate.config import ScoreConfig
+from curate.stages import score
+
+from ..conftest import DEMO, Recorder, build_tiny_model_dir
+
+runner = CliRunner()
+
+
+def test_a_model_retrained_in_place_is_noticed(tmp_path):
+    """Same file names and sizes, new weights: the rerun scores again instead of saying `already done`."""
+    model = build_tiny_model_dir(tmp_path / "model")
+    cfg = ScoreConfig(input=str(DEMO), out=str(tmp_path / "s"), model=str(model), limit=6)
+    first = score.run(cfg)
+    weights = model / "model.safetensors"
+    size = weights.stat().st_size
+    tensors = load_file(weights)
+    name = next(n for n in tensors if n.endswith("lm_head.weight"))
+    tensors[name] = tensors[name] * 0.5  # "retrained": other values, same shapes, so the same file size
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert weights.stat().st_size == size
+    rec = Recorder()
+    with pytest.raises(Exception, match="--force"):  # scores of other weights are never reused (nor replaced silently)
+        score.run(cfg, rec)
+    second = score.run(cfg, force=True)
+    assert second["model"]["hash"] != first["model"]["hash"]
+    assert second["fingerprint"] != first["fingerprint"]
+
+
+def test_model_hash_is_cached_by_file_state(tmp_path, tiny_model_dir):
+    from curate.models import _folder_hash
+
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "m")
+    assert _folder_hash(copy) == _folder_hash(tiny_model_dir)  # contents, not paths
+    (copy / "extra.bin").write_bytes(b"x")
+    assert _folder_hash(copy) != _folder_hash(tiny_model_dir)
+
+
+@pytest.mark.parametrize("command", [["prune", "SCORES", "--out", "OUT"], ["train", "DATA", "--out", "OUT"]])
+def test_a_negative_seed_is_an_option_error(tmp_path, command):
+    args = [
+        a.replace("SCORES", str(tmp_path)).replace("DATA", str(tmp_path)).replace("OUT", str(tmp_path / "o"))
+        for a in command
+    ]
+    res = runner.invoke(app, [*args, "--seed", "-1"])
+    assert res.exit_code == 2 and "--seed: Input should be greater than or equal to 0" in " ".join(res.output.split())
+
+
+@pytest.mark.parametrize("field", ["id", "n_tokens", "truncated", "logprob"])
+def test_keep_fields_that_are_built_in_columns_are_refused_up_front(tmp_path, field):
+    res = runner.invoke(app, ["score", str(DEMO), "--out", str(tmp_path / "s"), "--keep-fields", f"source,{field}"])
+    out = " ".join(res.output.split())
+    assert res.exit_code == 2 and f"{field!r} is a column q-curate writes" in out
+    assert not (tmp_path / "s").exists()  # refused before any work

@@ -41,6 +41,16 @@ def _write_jsonl(table: pa.Table, path: Path) -> None:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def py(value) -> str:
+    """A path or name as a Python string literal: quotes, `#` and newlines in it cannot change the code."""
+    return repr(str(value))
+
+
+def yml(value) -> str:
+    """A path or name as a YAML (and comment-safe) scalar: a JSON string, which YAML reads as the same string."""
+    return json.dumps(str(value), ensure_ascii=False)
+
+
 def _llamafactory(table: pa.Table, out: Path, model: str, max_len: int) -> tuple[str, str]:
     from datasets import Dataset, DatasetDict
 
@@ -48,18 +58,18 @@ def _llamafactory(table: pa.Table, out: Path, model: str, max_len: int) -> tuple
     return (
         "llamafactory_sft.yaml",
         f"""\
-# llamafactory-cli train {out / "llamafactory_sft.yaml"}
+# llamafactory-cli train {yml(out / "llamafactory_sft.yaml")}
 # The data is already tokenised and masked by q-curate: LLaMA-Factory loads it from tokenized_path and skips
 # its own preprocessing. Its argument parser still wants a `dataset` name for training; with tokenized_path
 # holding the data the name is never looked up.
-model_name_or_path: {model}
+model_name_or_path: {yml(model)}
 stage: sft
 do_train: true
 finetuning_type: lora
 lora_rank: 8
 lora_target: all
 dataset: q_curate_pruned
-tokenized_path: {out / "tokenized"}
+tokenized_path: {yml(out / "tokenized")}
 template: empty
 cutoff_len: {max_len}
 per_device_train_batch_size: 8
@@ -77,11 +87,11 @@ def _axolotl(table: pa.Table, out: Path, model: str, max_len: int) -> tuple[str,
     return (
         "axolotl.yaml",
         f"""\
-# axolotl train {out / "axolotl.yaml"}
+# axolotl train {yml(out / "axolotl.yaml")}
 # Pre-tokenised rows (input_ids, attention_mask, labels with -100 on masked tokens): no `type:` on purpose.
-base_model: {model}
+base_model: {yml(model)}
 datasets:
-  - path: {out / "data.jsonl"}
+  - path: {yml(out / "data.jsonl")}
     ds_type: json
     type:
 sequence_len: {max_len}
@@ -103,18 +113,18 @@ def _trl(table: pa.Table, out: Path, model: str, max_len: int) -> tuple[str, str
     io.write_parquet_atomic(table, out / schema.pruned_shard(0, 1))
     return (
         "train_trl.py",
-        f'''\
-# python {out / "train_trl.py"}
+        f"""\
+# python {yml(out / "train_trl.py")}
 # TRL uses the `labels` column as is (-100 = not in the loss), with or without packing.
 from datasets import load_dataset
 from trl import SFTConfig, SFTTrainer
 
-dataset = load_dataset("parquet", data_files="{out / "data"}/*.parquet", split="train")
+dataset = load_dataset("parquet", data_files={py(out / "data" / "*.parquet")}, split="train")
 args = SFTConfig(output_dir="q-curate-sft", max_length={max_len}, packing=True, learning_rate=1e-4,
                  num_train_epochs=3, per_device_train_batch_size=8, gradient_accumulation_steps=4,
                  lr_scheduler_type="cosine")
-SFTTrainer(model="{model}", args=args, train_dataset=dataset).train()
-''',
+SFTTrainer(model={py(model)}, args=args, train_dataset=dataset).train()
+""",
     )
 
 
@@ -122,15 +132,15 @@ def _jsonl(table: pa.Table, out: Path, model: str, max_len: int) -> tuple[str, s
     _write_jsonl(table, out / "data.jsonl")
     return (
         "load.py",
-        f'''\
-# python {out / "load.py"}
+        f"""\
+# python {yml(out / "load.py")}
 # One JSON object per sample: id, messages, input_ids, labels (-100 = not in the loss), loss_mask, quadrant,
-# selection. Tokens come from {model}.
+# selection. Tokens come from {yml(model)}.
 from datasets import load_dataset
 
-dataset = load_dataset("json", data_files="{out / "data.jsonl"}", split="train")
+dataset = load_dataset("json", data_files={py(out / "data.jsonl")}, split="train")
 print(dataset)
-''',
+""",
     )
 
 

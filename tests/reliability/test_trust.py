@@ -60,3 +60,22 @@ def test_keep_fields_that_are_built_in_columns_are_refused_up_front(tmp_path, fi
     out = " ".join(res.output.split())
     assert res.exit_code == 2 and f"{field!r} is a column q-curate writes" in out
     assert not (tmp_path / "s").exists()  # refused before any work
+
+
+def test_export_quotes_paths_in_the_code_and_configs_it_writes(tiny_run, tmp_path):
+    """A quote, ` #` and a newline in --out must neither inject code nor cut a path."""
+    import ast
+
+    import yaml
+
+    out = tmp_path / 'we"ird #dir\nx'
+    for fmt, name in (("trl", "train_trl.py"), ("jsonl", "load.py"), ("axolotl", "axolotl.yaml")):
+        dest = out / fmt
+        res = runner.invoke(app, ["export", str(tiny_run / "pruned"), "--format", fmt, "--out", str(dest)])
+        assert res.exit_code == 0, res.output
+        text = (dest / name).read_text()
+        if name.endswith(".py"):
+            strings = [n.value for n in ast.walk(ast.parse(text)) if isinstance(n, ast.Constant)]
+            assert str(dest / "data" / "*.parquet") in strings or str(dest / "data.jsonl") in strings
+        else:
+            assert yaml.safe_load(text)["datasets"][0]["path"] == str(dest / "data.jsonl")

@@ -43,7 +43,7 @@ app = typer.Typer(
     help="Q-Tuning data curation for SFT: score, prune, and write trainer-ready Parquet.",
 )
 console = Console(stderr=True, soft_wrap=True)  # an error or log line stays one line, whatever the width
-out = Console()
+out = Console(markup=False)  # results name paths, ids and groups from the user: `[/x]` in them is text, not markup
 
 OS_HINTS = {
     errno.ENOSPC: "free some space or choose another --out",
@@ -500,8 +500,9 @@ def demo_cmd(
             results = quiet(run_pipeline, demo_pipeline(out_dir), rep, True)
         print_results(results)
         report_path = write_report(out_dir, rep)
+    out.print("\nDemo finished.", style="bold green")
     out.print(
-        f"\n[bold green]Demo finished.[/] Results in {out_dir}/:\n"
+        f"Results in {out_dir}/:\n"
         f"  scores:  {out_dir}/scores/part-*.parquet\n"
         f"  pruned:  {out_dir}/pruned/data/train-*.parquet  (load with datasets.load_dataset('parquet', ...))\n"
         f"  samples: {out_dir}/pruned/samples.parquet (every sample's ppl, ent, quadrant, fate)\n"

@@ -234,7 +234,11 @@ def robustness(
     for strategy in ROBUSTNESS_STRATEGIES:
         d = folder / "strategies" / strategy
         prune.run(prune_config(cfg, strategy, budget, cfg.seeds[0], folder / "scores", d), reporter, force)
-        kept = pl.read_parquet(d / "samples.parquet", columns=["id", "kept"]).filter(pl.col("kept"))["id"].to_list()
+        kept = (
+            pl.read_parquet(d / "samples.parquet", columns=["id", "kept"], glob=False)
+            .filter(pl.col("kept"))["id"]
+            .to_list()
+        )
         kept_share[strategy] = {
             "kept": len(kept),
             "corrupted": sum(i in bad for i in kept),

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 from rich.table import Table
+from rich.text import Text
 
 from .. import io, pruning, runs
 from ..errors import CurateError
@@ -15,7 +16,7 @@ from ..schema import SAMPLES, STATS
 
 def sample_table(run_dir: Path, sample_id: str) -> Table:
     found = runs.locate(run_dir)
-    info = pl.read_parquet(found.pruned / SAMPLES).filter(pl.col("id") == sample_id)
+    info = pl.read_parquet(found.pruned / SAMPLES, glob=False).filter(pl.col("id") == sample_id)
     if info.height == 0:
         raise CurateError(f"{run_dir}: no sample with id {sample_id!r}")
     info = info.row(0, named=True)
@@ -27,15 +28,15 @@ def sample_table(run_dir: Path, sample_id: str) -> Table:
     lam = io.read_json(found.pruned / STATS)["config"]["lam"]
     s = pruning.context_scores(np.nan_to_num(np.asarray(row["logprob"], dtype=np.float32)), trainable, lam)
     title = (
-        f"{sample_id}: {info['quadrant']}, {info['selection'] or 'dropped'}, "
+        f"{sample_id!r}: {info['quadrant']}, {info['selection'] or 'dropped'}, "  # repr: no raw control characters
         f"ppl {info['ppl']:.3f}, ent {info['ent']:.3f}"
     )
-    t = Table(title=title)
+    t = Table(title=Text(title))  # Text, not markup: an id may spell `[/]`
     for col in ("pos", "token", "role", "in loss", "logprob", "entropy", "score"):
         t.add_column(col, justify="right" if col not in ("token", "role") else "left")
     for i, tid in enumerate(row["input_ids"]):
         keep = mask[i] if mask is not None else trainable[i]
-        role = "[dim]prompt[/]" if not trainable[i] else ("[green]kept[/]" if keep else "[red]pruned[/]")
+        role = Text("prompt", "dim") if not trainable[i] else (Text("kept", "green") if keep else Text("pruned", "red"))
         t.add_row(
             str(i),
             repr(tok.decode([tid])),

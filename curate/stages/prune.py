@@ -46,8 +46,8 @@ def collect_coordinates(
     extra = [cfg.group_by] if cfg.group_by else []
     for i, path in enumerate(shards):
         try:
-            df = pl.read_parquet(
-                path, columns=["id", "content_hash", "n_tokens", "trainable", "logprob", "entropy", *extra]
+            df = pl.read_parquet(  # glob=False: a folder named `s[1]` is a path, not a pattern
+                path, columns=["id", "content_hash", "n_tokens", "trainable", "logprob", "entropy", *extra], glob=False
             )
         except Exception as e:  # polars raises many types for a damaged file; name it
             raise CurateError(f"{path}: cannot read the scores ({e})") from None

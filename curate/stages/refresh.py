@@ -111,7 +111,7 @@ def run(cfg: RefreshConfig, reporter: Reporter | None = None, force: bool = Fals
                 options = {**cfg.train.model_dump(), "model": target if target and r == 1 else model}
                 data = d / "pruned" / prune.TARGET if target else d / "pruned"
                 train.run(TrainConfig(**options, data=str(data), out=str(d / "model")), reporter, force)
-            samples = pl.read_parquet(d / "pruned" / schema.SAMPLES, columns=["id", "quadrant", "kept"])
+            samples = pl.read_parquet(d / "pruned" / schema.SAMPLES, columns=["id", "quadrant", "kept"], glob=False)
             st = pruned["stats"]
             summary["rounds"].append(
                 {

@@ -363,7 +363,7 @@ def run(cfg: ReportConfig, reporter: Reporter | None = None, force: bool = False
         done = base.begin(out, "report", fingerprint, outputs=OUTPUTS, reporter=reporter, force=force)
         if done:
             return done
-        samples = pl.read_parquet(found.pruned / SAMPLES)
+        samples = pl.read_parquet(found.pruned / SAMPLES, glob=False)
         stats = io.read_json(found.pruned / STATS)
         picks = examples(samples, cfg.examples)
         plot_eu_plane(samples, stats, out / "eu_plane.png", picks)

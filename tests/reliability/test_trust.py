@@ -79,3 +79,25 @@ def test_export_quotes_paths_in_the_code_and_configs_it_writes(tiny_run, tmp_pat
             assert str(dest / "data" / "*.parquet") in strings or str(dest / "data.jsonl") in strings
         else:
             assert yaml.safe_load(text)["datasets"][0]["path"] == str(dest / "data.jsonl")
+
+
+def test_markup_and_control_characters_from_users_are_text(tmp_path, tiny_model_dir):
+    """`[/x]` in --out and ids that spell markup or terminal escapes: no crash after the work, nothing raw shown."""
+    import json
+
+    rows = [
+        {"id": i, "messages": [{"role": "user", "content": f"q {n}"}, {"role": "assistant", "content": f"a {n} b"}]}
+        for n, i in enumerate(["a[/]0", "b\x1b[31mred", "c[bold]x", "d", "e", "f"])
+    ]
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scores, pruned = tmp_path / "s[/x]", tmp_path / "p[/x]"
+    res = runner.invoke(app, ["score", str(data), "--out", str(scores), "--model", str(tiny_model_dir)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["prune", str(scores), "--out", str(pruned), "--ratio", "1"])
+    assert res.exit_code == 0, res.output
+    assert f"pruned data: {pruned}" in " ".join(res.output.split()) or str(pruned) in res.output
+    for sid in ("a[/]0", "b\x1b[31mred"):
+        res = runner.invoke(app, ["inspect", str(pruned), "--id", sid])
+        assert res.exit_code == 0, res.output
+        assert "\x1b" not in res.output and repr(sid)[1:-1][:3] in res.output

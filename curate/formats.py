@@ -165,18 +165,19 @@ def _from_openai(record: dict, fields: dict[str, str]) -> list[dict[str, str]]:
 
 def _from_sharegpt(record: dict, fields: dict[str, str]) -> list[dict[str, str]]:
     messages = _role_list(_get(record, "conversations"), "conversations", "from", "value", SHAREGPT_ROLES)
+    system = record.get("system")
+    if isinstance(system, str) and system.strip() and not (messages and messages[0]["role"] == "system"):
+        messages.insert(0, {"role": "system", "content": _text(system, "system")})
     tools = record.get("tools")
     if tools:
-        # Tool schemas are part of the prompt the assistant saw; keep them as (untrained) system context.
+        # Tool schemas are part of the prompt the assistant saw; keep them as (untrained) system context, after the
+        # system prompt (LLaMA-Factory's shape has both: neither may be lost).
         tool_text = tools if isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)
         note = _text(f"You can call these tools:\n{tool_text}", "tools")
         if messages and messages[0]["role"] == "system":
             messages[0] = {"role": "system", "content": messages[0]["content"] + "\n\n" + note}
         else:
             messages.insert(0, {"role": "system", "content": note})
-    system = record.get("system")
-    if isinstance(system, str) and system.strip() and not (messages and messages[0]["role"] == "system"):
-        messages.insert(0, {"role": "system", "content": _text(system, "system")})
     return messages
 
 

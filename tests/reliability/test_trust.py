@@ -101,3 +101,18 @@ def test_markup_and_control_characters_from_users_are_text(tmp_path, tiny_model_
         res = runner.invoke(app, ["inspect", str(pruned), "--id", sid])
         assert res.exit_code == 0, res.output
         assert "\x1b" not in res.output and repr(sid)[1:-1][:3] in res.output
+
+
+def test_a_sharegpt_system_prompt_survives_tools():
+    from curate.formats import Sample, to_sample
+
+    record = {
+        "system": "You are a careful travel agent.",
+        "tools": '[{"name": "book", "parameters": {}}]',
+        "conversations": [{"from": "human", "value": "book it"}, {"from": "gpt", "value": "Done."}],
+    }
+    sample = to_sample(0, record, "sharegpt", {})
+    assert isinstance(sample, Sample)
+    system = sample.messages[0]
+    assert system["role"] == "system" and sum(m["role"] == "system" for m in sample.messages) == 1
+    assert system["content"].startswith("You are a careful travel agent.") and '"name": "book"' in system["content"]

@@ -342,6 +342,13 @@ def write_pruned(
         text_view(scores_manifest["model"], required=True)  # a missing tokenizer stops the run before any work
     shards = score_files(scores_dir, scores_manifest)
     coords = collect_coordinates(shards, cfg, scores_manifest.get("vocab_size"), positions)
+    if cfg.group_ratios:
+        unknown = sorted(set(cfg.group_ratios) - set(coords["group"].unique().to_list()))
+        if unknown:
+            raise CurateError(
+                f"--group-ratios names groups that no sample has in field {cfg.group_by!r}: {', '.join(unknown)} "
+                f"(groups: {', '.join(sorted(coords['group'].unique().to_list())[:20])})"
+            )
     coords = pruning.place(coords, cfg.placement)
     multi = int((coords["turn_ppl"].list.len() > 1).sum())
     if multi:

@@ -41,6 +41,11 @@ def _pyplot():
     return plt
 
 
+def plain(text) -> str:
+    """A label from the data as matplotlib must draw it: `$` would start mathtext (and `$\\frac{1}{$` crashes)."""
+    return str(text).replace("$", r"\$")
+
+
 def draw_turns(ax, picks: list[dict]) -> None:
     """Each multi-turn example's assistant turns (x), linked to the point where its conversation sits."""
     shown = [p for p in picks if len(p.get("turn_ppl") or []) > 1]
@@ -64,7 +69,9 @@ def plot_eu_plane(samples: pl.DataFrame, stats: dict, path: Path, picks: list[di
     kept = np.array([s is not None for s in sel])
     if "group" in samples.columns:  # a mixture: one colour per group; kept samples large, with a black edge
         groups = samples["group"].to_numpy()
-        for g, colour in zip(pruning.unique_in_order(groups), plt.get_cmap("tab10").colors):
+        palette = plt.get_cmap("tab20").colors  # every group drawn: colours repeat past 20, labels do not
+        for i, g in enumerate(pruning.unique_in_order(groups)):
+            colour = palette[i % len(palette)]
             m = groups == g
             ax.scatter(x[m & ~kept], y[m & ~kept], s=8, color=colour, alpha=0.35)
             ax.scatter(
@@ -74,7 +81,7 @@ def plot_eu_plane(samples: pl.DataFrame, stats: dict, path: Path, picks: list[di
                 color=colour,
                 edgecolors="black",
                 linewidths=0.5,
-                label=f"{g}: kept {(m & kept).sum():,} of {m.sum():,}",
+                label=f"{plain(g)}: kept {(m & kept).sum():,} of {m.sum():,}",
             )
     else:
         if len(x) > 3000:

@@ -116,3 +116,28 @@ def test_a_sharegpt_system_prompt_survives_tools():
     system = sample.messages[0]
     assert system["role"] == "system" and sum(m["role"] == "system" for m in sample.messages) == 1
     assert system["content"].startswith("You are a careful travel agent.") and '"name": "book"' in system["content"]
+
+
+def test_many_groups_with_mathtext_names_and_a_ratio_typo(tmp_path, tiny_model_dir):
+    import json
+
+    groups = [f"g{i:02d}" for i in range(11)] + ["$\\frac{1}{$"]
+    rows = [
+        {
+            "source": g,
+            "messages": [{"role": "user", "content": f"{g} {n}"}, {"role": "assistant", "content": f"ok {n}"}],
+        }
+        for n, g in enumerate(groups * 2)
+    ]
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scores = tmp_path / "s"
+    args = ["score", str(data), "--out", str(scores), "--model", str(tiny_model_dir), "--keep-fields", "source"]
+    assert runner.invoke(app, args).exit_code == 0
+    res = runner.invoke(app, ["prune", str(scores), "--out", str(tmp_path / "p"), "--group-by", "source", "--report"])
+    assert res.exit_code == 0, res.output  # twelve groups, one of them spelling mathtext: drawn, not a crash
+    res = runner.invoke(
+        app, ["prune", str(scores), "--out", str(tmp_path / "q"), "--group-by", "source", "--group-ratios", "g1:0.5"]
+    )
+    out = " ".join(res.output.split())
+    assert res.exit_code != 0 and "g1" in out and "no sample has" in out  # a typo of g01 is not silently ignored

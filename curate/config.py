@@ -534,6 +534,8 @@ def read_yaml(path: Path) -> Any:
         raise CurateError(f"{path}: no such file") from None
     except OSError as e:
         raise CurateError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise CurateError(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
     except yaml.YAMLError as e:
         raise CurateError(f"{path}: invalid YAML: {e}") from None
 

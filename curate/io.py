@@ -238,23 +238,18 @@ def locked(folder: Path, log=lambda msg: None) -> Iterator[None]:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                holder = json.loads(path.read_text())
-            except (OSError, ValueError):
-                holder = {}
-            if not holder:  # being written this instant, or left empty by a crash: give it a moment
+            holder = _lock_holder(path)
+            if not holder:  # being written this instant, or left empty or malformed by a crash: give it a moment
                 time.sleep(0.2)
-                if path.exists() and time.time() - path.stat().st_mtime < 5:
+                if path.exists() and time.time() - _mtime(path) < 5:
                     continue
-            elif holder.get("host") != me["host"] or _alive(int(holder.get("pid", 0))):
+            elif holder["host"] != me["host"] or _alive(holder["pid"]):
                 raise CurateError(
-                    f"{folder} is in use by process {holder.get('pid')} on {holder.get('host')} since "
+                    f"{folder} is in use by process {holder['pid']} on {holder['host']} since "
                     f"{holder.get('since')} ({holder.get('command', '')}); wait for it to finish, or delete "
                     f"{path} if that process is gone"
                 ) from None
-            else:
-                log(f"warning: taking over {path}: process {holder['pid']} that held it is gone")
-            path.unlink(missing_ok=True)
+            _take_over(path, holder, log)
             continue
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
@@ -269,6 +264,47 @@ def locked(folder: Path, log=lambda msg: None) -> Iterator[None]:
                 path.unlink()
         except (OSError, ValueError):
             pass
+
+
+def _lock_holder(path: Path) -> dict:
+    """The lock's holder ({pid: int, host: str, ...}), or {} when the file is gone, empty or not one of ours."""
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    pid, host = (holder.get("pid"), holder.get("host")) if isinstance(holder, dict) else (None, None)
+    if not isinstance(pid, int) or pid <= 0 or not isinstance(host, str):
+        return {}
+    return holder
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return time.time()
+
+
+def _take_over(path: Path, holder: dict, log) -> None:
+    """Remove the lock of a dead holder, one process at a time: two processes that both found the same dead
+    holder must not both take the folder (the second would delete the first one's fresh lock). A guard file
+    serialises them, and the lock is removed only if it still names the dead holder."""
+    guard = path.with_name(path.name + ".takeover")
+    try:
+        fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        if time.time() - _mtime(guard) > 10:  # left by a process killed in these few lines
+            guard.unlink(missing_ok=True)
+        time.sleep(0.05)
+        return
+    try:
+        if _lock_holder(path) == holder or not path.exists():
+            who = f"process {holder['pid']} that held it is gone" if holder else "it is empty or malformed"
+            log(f"warning: taking over {path}: {who}")
+            path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+        guard.unlink(missing_ok=True)
 
 
 def same_folder(a: Path, b: Path) -> bool:

@@ -115,8 +115,9 @@ class HFScorer:
         self.dtype = str(torch_dtype).removeprefix("torch.")
         try:
             self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
-        except OSError as e:
-            raise CurateError(f"cannot load the model {model_path!r}: {e}") from None
+        except Exception as e:  # missing files, a refused pickle checkpoint, a broken config: one line, not a traceback
+            detail = " ".join(str(e).split())[:400]
+            raise CurateError(f"cannot load the model {model_path!r}: {type(e).__name__}: {detail}") from None
         self.model.to(self.device).eval()
         self.batch_tokens = batch_tokens or (CPU_BATCH_TOKENS if self.device == "cpu" else GPU_BATCH_TOKENS)
         self.head = self.model.get_output_embeddings()

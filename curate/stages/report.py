@@ -373,8 +373,11 @@ def run(cfg: ReportConfig, reporter: Reporter | None = None, force: bool = False
         samples = pl.read_parquet(found.pruned / SAMPLES, glob=False)
         stats = io.read_json(found.pruned / STATS)
         picks = examples(samples, cfg.examples)
-        plot_eu_plane(samples, stats, out / "eu_plane.png", picks)
-        plot_histograms(samples, out / "histograms.png")
+        try:
+            plot_eu_plane(samples, stats, out / "eu_plane.png", picks)
+            plot_histograms(samples, out / "histograms.png")
+        except OSError as e:  # matplotlib's writers lose the file name (a full disk said "error: : No space left")
+            raise OSError(e.errno, e.strerror, str(e.filename or out)) from None
         tokenizer = runs.scoring_tokenizer(found)
         wanted = [p["id"] for p in picks]
         score_rows = runs.rows_by_id(found.score_files(), wanted)

@@ -1,6 +1,7 @@
 """Trust, round two: what a hostile or careless user can do that must not silently reuse or lose data."""
 
 import shutil
+import time
 
 import pytest
 from safetensors.torch import load_file, save_file
@@ -141,3 +142,69 @@ def test_many_groups_with_mathtext_names_and_a_ratio_typo(tmp_path, tiny_model_d
     )
     out = " ".join(res.output.split())
     assert res.exit_code != 0 and "g1" in out and "no sample has" in out  # a typo of g01 is not silently ignored
+
+
+def test_malformed_files_are_one_line_errors(tmp_path, tiny_model_dir, tiny_run):
+    """A non-UTF-8 pipeline YAML, a pickle checkpoint, a malformed lock file: one line each, never a traceback."""
+    import pickle
+
+    bad_yaml = tmp_path / "p.yaml"
+    bad_yaml.write_bytes(b"run_dir: r\nscore:\n  input: caf\xe9.jsonl\n")
+    res = runner.invoke(app, ["run", str(bad_yaml)])
+    assert res.exit_code == 2 and "not UTF-8" in res.output and "Traceback" not in res.output
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "pickled")
+    (model / "model.safetensors").unlink()
+    (model / "pytorch_model.bin").write_bytes(pickle.dumps({"not": "weights"}))
+    res = runner.invoke(app, ["score", str(DEMO), "--out", str(tmp_path / "s"), "--model", str(model), "--limit", "2"])
+    assert res.exit_code == 2 and "cannot load the model" in res.output and "Traceback" not in res.output
+
+    out = tmp_path / "p"
+    out.mkdir()
+    (out / ".curate.lock").write_text('["not", "a", "lock"]')
+    import os
+    import time
+
+    os.utime(out / ".curate.lock", (time.time() - 60, time.time() - 60))
+    res = runner.invoke(app, ["prune", str(tiny_run / "scores"), "--out", str(out), "--ratio", "0.5"])
+    assert res.exit_code == 0, res.output  # an old malformed lock is taken over (with a warning), not a traceback
+
+
+def _hold(folder, hold_s, times, ready):
+    from curate import io
+    from curate.errors import CurateError
+
+    ready.wait()  # all start together, as two runs launched at once
+    try:
+        with io.locked(folder):
+            start = time.time()
+            time.sleep(hold_s)
+            times.put((start, time.time()))
+    except CurateError:  # refused: the folder is in use
+        times.put(None)
+
+
+def test_two_processes_never_both_take_over_a_dead_holders_lock(tmp_path):
+    """The takeover race: both find the same dead holder; only one may hold the folder at a time."""
+    import json
+    import multiprocessing
+    import socket
+    import subprocess
+
+    ctx = multiprocessing.get_context("spawn")
+    for round_ in range(4):
+        folder = tmp_path / f"f{round_}"
+        folder.mkdir()
+        dead = subprocess.Popen(["true"])
+        dead.wait()  # a pid that is gone
+        (folder / ".curate.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+        times, ready = ctx.Queue(), ctx.Barrier(3)
+        procs = [ctx.Process(target=_hold, args=(folder, 0.5, times, ready)) for _ in range(3)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        spans = sorted(s for s in (times.get(timeout=5) for _ in procs) if s)
+        assert spans  # someone took the dead holder's lock over
+        for (_, end), (start, _) in zip(spans, spans[1:]):
+            assert start >= end  # and never two at a time

@@ -40,8 +40,10 @@ def _actor_class():
             self.progress = progress
             self.tokens, self.seconds = 0, 0.0
 
-        def open(self) -> str:
-            return self.worker.open()
+        def open(self) -> tuple[str, int]:
+            """The entropy method once the model is loaded, and this worker's pid (logged, so that an operator or a
+            test can act on this run's workers only)."""
+            return self.worker.open(), os.getpid()
 
         def run(self, rows) -> dict:
             def on_batch(n_rows: int, n_tokens: int) -> None:
@@ -104,7 +106,7 @@ def score_on_ray(job, todo, done, ranges, reporter: Reporter) -> dict:
     actors: list = []
     try:
         actors = [actor_class.remote(job, progress) for _ in range(min(n_workers, max(1, len(todo))))] if todo else []
-        methods = _open(actors)
+        methods = _open(actors, reporter)
         if methods:
             refuse_mixed_methods(Path(cfg.out), done, methods[0])
         reporter.log(f"ray: {len(actors)} scorer actor(s), {gpus:g} GPU(s) and {cfg.cpus_per_worker:g} CPU(s) each")
@@ -128,12 +130,16 @@ def score_on_ray(job, todo, done, ranges, reporter: Reporter) -> dict:
     }
 
 
-def _open(actors) -> list[str]:
-    """Each actor's entropy method once its model is loaded; a model that cannot load stops the run here."""
+def _open(actors, reporter: Reporter) -> list[str]:
+    """Each actor's entropy method once its model is loaded (its pid logged); a model that cannot load stops the
+    run here."""
     import ray
 
     try:
-        return ray.get([a.open.remote() for a in actors])
+        opened = ray.get([a.open.remote() for a in actors])
+        if opened:
+            reporter.log(f"ray: scorer worker pid(s) {', '.join(str(pid) for _, pid in opened)}")
+        return [method for method, _ in opened]
     except ray.exceptions.RayError as e:
         cause = _cause(e)
         if isinstance(cause, CurateError):
@@ -172,7 +178,7 @@ def _dispatch(job, todo, actors, actor_class, progress, rows_done, sizes, report
                 ray.kill(actor)
                 actor = actor_class.remote(job, progress)
                 actors.append(actor)  # so that it is stopped at the end, as the others
-                _open([actor])
+                _open([actor], reporter)
                 replaced += 1
                 pending.appendleft(rows)
             except ray.exceptions.RayTaskError as e:

@@ -2,6 +2,7 @@
 killed worker or an interrupted driver loses nothing."""
 
 import json
+import os
 import signal
 import time
 
@@ -60,37 +61,26 @@ def test_two_actors_equal_the_local_engine(tmp_path, tiny_model_dir, local_score
     assert [f["name"] for f in manifest["files"]] == [p.name for p in sorted(local_scores.glob("part-*"))]
 
 
-def actor_processes():
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        if any("ScoreActor" in part for part in (p.info["cmdline"] or [])):
-            found.append(p)
-    return found
-
-
-def wait_until_no_actor_is_left():
-    """ray.kill returns before the processes are gone; a test that looks for actors must not find old ones."""
-    deadline = time.time() + 30
-    while actor_processes():
-        assert time.time() < deadline, actor_processes()
-        time.sleep(0.2)
+def worker_pids(logs: list[str]) -> list[int]:
+    """The scorer workers' pids, as this run logged them."""
+    return [int(p) for m in logs if m.startswith("ray: scorer worker pid(s) ") for p in m.split(") ")[1].split(", ")]
 
 
 def test_a_killed_worker_is_replaced_and_its_shard_redone(tmp_path, tiny_model_dir, local_scores, local_ray):
     killed = []
 
-    def kill_one_actor(done, tokens):
+    def kill_one_of_this_runs_workers(done, tokens):
         if done and not killed:  # a shard is written: the pool is busy with the next ones
-            victims = actor_processes()
-            assert victims, "no actor process found"
-            victims[0].send_signal(signal.SIGKILL)
-            killed.append(victims[0].pid)
+            mine = worker_pids(rec.logs)
+            assert mine, "the run logged no worker pid"
+            os.kill(mine[0], signal.SIGKILL)  # a process this run started, by the pid it reported: no one else's
+            killed.append(mine[0])
 
-    wait_until_no_actor_is_left()  # the previous test's, so that the victim is one of this run's
-    rec = Recorder(kill_one_actor)
+    rec = Recorder(kill_one_of_this_runs_workers)
     manifest = score.run(config(tmp_path / "ray", tiny_model_dir, engine="ray", num_workers=2), rec)
     assert killed and manifest["scoring"]["replaced_workers"] >= 1
     assert any("worker died" in m for m in rec.logs)
+    assert len(worker_pids(rec.logs)) >= 3 and killed[0] not in worker_pids(rec.logs)[2:]  # a new worker came
     assert_same(local_scores, tmp_path / "ray")
 
 
@@ -101,11 +91,15 @@ def test_an_interrupted_driver_resumes_only_the_missing_shards(tmp_path, tiny_mo
         if len(list(out.glob("part-*.parquet"))) >= 2:
             raise KeyboardInterrupt  # as Ctrl-C would
 
+    rec = Recorder(interrupt)
     with pytest.raises(KeyboardInterrupt):
-        score.run(config(out, tiny_model_dir, engine="ray", num_workers=2), Recorder(interrupt))
+        score.run(config(out, tiny_model_dir, engine="ray", num_workers=2), rec)
     finished = {p.name for p in out.glob("part-*.parquet")}
     assert 2 <= len(finished) < 6
-    wait_until_no_actor_is_left()  # the workers were stopped
+    mine, deadline = worker_pids(rec.logs), time.time() + 30
+    while any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in mine):
+        assert time.time() < deadline, f"this run's workers {mine} were not stopped"  # ray.kill returns before they go
+        time.sleep(0.2)
     manifest = score.run(config(out, tiny_model_dir))  # finished by the local engine: the same files either way
     assert manifest["scoring"]["tokens_scored_this_run"] < manifest["counts"]["tokens"]
     assert_same(local_scores, out, tol=1e-6)

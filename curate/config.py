@@ -213,9 +213,10 @@ class PruneOptions(Options):
         "the largest over its assistant turns). Single-turn samples sit at the same point under every rule.",
     )
     token_order: Literal["drop-high", "drop-low"] = Field(
-        "drop-high",
-        description="drop-high: remove the highest-scoring tokens, i.e. the ones the reference model finds MOST "
-        "surprising (paper); drop-low: the reversed ablation.",
+        "drop-low",
+        description="drop-low: remove the lowest-scoring tokens, the ones the reference model already predicts "
+        "(default, chosen by experiment: EXPERIMENTS.md); drop-high: remove the ones it finds MOST surprising (the "
+        "paper's rule, which with a small reference model masks the content a model must learn).",
     )
     token_unit: Literal["word", "token"] = Field(
         "word",

@@ -18,6 +18,7 @@ from .test_pruning import bf_token_mask, bf_triage
 
 # synthetic scores have no tokenizer to read token text with: prune them per token, as the paper does
 PER_TOKEN = {"token_unit": "token", "protect": []}
+PAPER = {**PER_TOKEN, "token_order": "drop-high"}  # the paper's token rule exactly
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +55,11 @@ def check_pruned(scores_dir, out, cfg):
             assert (mask == trainable).all()
         else:
             n_t = int(trainable.sum())
-            assert mask.sum() == max(
-                pruning.budget(cfg.token_ratio, n_t), int(pruning.protected_positions(trainable, False).sum())
-            )
+            floor = max(pruning.budget(cfg.token_ratio, n_t), int(pruning.protected_positions(trainable, False).sum()))
+            if cfg.token_unit == "word" or cfg.protect:  # whole units: k tokens or fewer than one unit more
+                assert mask.sum() >= floor
+                continue
+            assert mask.sum() == floor
             if cfg.token_strategy == "qtuning":
                 assert mask.tolist() == bf_token_mask(
                     np.array(s["logprob"], dtype=np.float64), trainable, cfg.token_ratio, cfg.lam, cfg.token_order
@@ -166,9 +169,11 @@ def test_gsm8k_64_rows_builtin_model_prune_quarter(tmp_path, smollm2_dir):
         ],
     )
     assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["prune", str(scores_dir), "--out", str(out), "--ratio", "0.25", "--token-ratio", "0.5"])
+    paper = ["--token-unit", "token", "--protect", "none", "--token-order", "drop-high"]  # exactly the paper's rule
+    args = ["prune", str(scores_dir), "--out", str(out), "--ratio", "0.25", "--token-ratio", "0.5", *paper]
+    res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
-    cfg = PruneConfig(scores=str(scores_dir), out=str(out), ratio=0.25, token_ratio=0.5)
+    cfg = PruneConfig(scores=str(scores_dir), out=str(out), ratio=0.25, token_ratio=0.5, **PAPER)
     rows = check_pruned(scores_dir, out, cfg)
     assert len(rows) == 16
     # independent EU coordinates from the raw score lists, then the brute-force triage
@@ -268,32 +273,40 @@ def test_identical_conversations_share_no_budget(tmp_path, tiny_model_dir):
 
 @needs_shared
 @pytest.mark.slow
-def test_defaults_keep_final_answers_and_tool_call_json_on_the_shared_data(tmp_path, smollm2_dir):
+def test_defaults_keep_what_must_be_learned_on_the_shared_data(tmp_path, smollm2_dir):
     """The issue's examples, scored by the built-in model and token-pruned with the defaults (every sample pruned:
-    --strategy ppl-high --ratio 1): the GSM8K answer `#### 624` and the glaive call's JSON stay in the loss, where the
-    paper's rule masks `#### 62[-4-]`-style digits and the JSON keys."""
+    --strategy ppl-high --ratio 1): the GSM8K answer `#### 624`, the glaive call's JSON and the word an Alpaca
+    instruction asked for stay in the loss, where the paper's rule masks digits of the answer, the JSON keys and
+    the asked-for word."""
     from transformers import AutoTokenizer
 
     from curate.config import ScoreConfig
     from curate.stages import score
     from curate.tokenization import TokenText
 
-    from .conftest import GLAIVE, SHARED
+    from .conftest import ALPACA, GLAIVE, SHARED
 
     gsm8k = [json.loads(line) for line in open(SHARED / "gsm8k" / "train.jsonl")][4:5]  # ... 12*52=624 #### 624
     glaive = [json.load(open(GLAIVE))[26]]  # calls calculate_discount
+    alpaca = [json.load(open(ALPACA))[370]]  # "Suggest a more interesting word": ... a glance at the lackluster report.
     view = TokenText(AutoTokenizer.from_pretrained(smollm2_dir))
-    for name, rows, fields in (("gsm8k", gsm8k, "prompt=question,response=answer"), ("glaive", glaive, None)):
+    cases = (("gsm8k", gsm8k, "prompt=question,response=answer"), ("glaive", glaive, None), ("alpaca", alpaca, None))
+    wanted = {
+        "gsm8k": ["#### 624<|im_end|>"],
+        "glaive": ['{"name": "calculate_discount", "arguments": {"'],
+        "alpaca": [" lackluster"],  # the word the instruction asked for, whole and in the loss
+    }
+    for name, rows, fields in cases:
         data = tmp_path / f"{name}.json"
         data.write_text(json.dumps(rows))
         score.run(ScoreConfig(input=str(data), out=str(tmp_path / name), fields=fields))
-        for rule, extra in (("default", {}), ("paper", PER_TOKEN)):
+        for rule, extra in (("default", {}), ("paper", PAPER)):
             out = tmp_path / f"{name}-{rule}"
             run(PruneConfig(scores=str(tmp_path / name), out=str(out), ratio=1.0, strategy="ppl-high", **extra))
             src = pq.read_table(sorted((tmp_path / name).glob("part-*.parquet"))).to_pylist()[0]
             row = pq.read_table(sorted((out / "data").glob("train-*.parquet"))).to_pylist()[0]
             shown = masked_text(view.spans(src["messages"], np.array(src["input_ids"], np.int32)), src | row)
-            want = ["#### 624<|im_end|>"] if name == "gsm8k" else ['{"name": "calculate_discount", "arguments": {"']
+            want = wanted[name]
             if rule == "default":
                 assert all(w in shown for w in want), shown
                 assert sum(row["loss_mask"]) < sum(src["trainable"])  # and it was pruned

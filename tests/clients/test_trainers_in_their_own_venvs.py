@@ -28,7 +28,8 @@ def exported(tmp_path_factory, tiny_model_dir):
     d = tmp_path_factory.mktemp("clients")
     args = [
         ["score", str(DEMO), "--out", str(d / "scores"), "--model", str(tiny_model_dir), "--limit", "16"],
-        ["prune", str(d / "scores"), "--out", str(d / "pruned"), "--ratio", "0.5", "--token-ratio", "0.5"],
+        # drop-high: the masked-out tokens are the costly ones, so the masked loss differs clearly from the unmasked
+        ["prune", str(d / "scores"), "--out", str(d / "pruned"), "--ratio", "0.5", "--token-order", "drop-high"],
         ["export", str(d / "pruned"), "--format", "llamafactory", "--out", str(d / "llamafactory")],
         ["export", str(d / "pruned"), "--format", "axolotl", "--out", str(d / "axolotl")],
     ]

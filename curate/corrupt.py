@@ -17,7 +17,7 @@ import re
 
 import numpy as np
 
-from .units import _is_tool_call
+from .units import is_tool_call
 
 KINDS = ("answer", "reply", "arguments")
 NUMBER = re.compile(r"\d")
@@ -32,7 +32,7 @@ def _call(content: str):
         value = json.loads(content)
     except ValueError:
         return None
-    return value if _is_tool_call(value) else None
+    return value if is_tool_call(value) else None
 
 
 def _last_reply(messages: list[dict]) -> int | None:

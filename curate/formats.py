@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CurateError, RowError
+from .schema import TOOLS_ROLE
 
 FORMATS = ("auto", "openai", "sharegpt", "alpaca", "prompt-completion", "pairs")
 DETECT_ROWS = 100  # the format is decided by majority over this many first rows
@@ -160,7 +161,7 @@ def _get(record: dict, field: str) -> Any:
 
 
 def _from_openai(record: dict, fields: dict[str, str]) -> list[dict[str, str]]:
-    return _role_list(_get(record, "messages"), "messages", "role", "content", OPENAI_ROLES)
+    return _with_tools(record, _role_list(_get(record, "messages"), "messages", "role", "content", OPENAI_ROLES))
 
 
 def _from_sharegpt(record: dict, fields: dict[str, str]) -> list[dict[str, str]]:
@@ -168,17 +169,18 @@ def _from_sharegpt(record: dict, fields: dict[str, str]) -> list[dict[str, str]]
     system = record.get("system")
     if isinstance(system, str) and system.strip() and not (messages and messages[0]["role"] == "system"):
         messages.insert(0, {"role": "system", "content": _text(system, "system")})
+    return _with_tools(record, messages)
+
+
+def _with_tools(record: dict, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Tool schemas are part of the prompt the assistant saw: they lead the conversation as a `tools` message
+    (JSON text), which the chat encoder gives the template (its `tools=`) or writes into the system prompt. A
+    system prompt beside them is kept (LLaMA-Factory's shape has both: neither may be lost)."""
     tools = record.get("tools")
-    if tools:
-        # Tool schemas are part of the prompt the assistant saw; keep them as (untrained) system context, after the
-        # system prompt (LLaMA-Factory's shape has both: neither may be lost).
-        tool_text = tools if isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)
-        note = _text(f"You can call these tools:\n{tool_text}", "tools")
-        if messages and messages[0]["role"] == "system":
-            messages[0] = {"role": "system", "content": messages[0]["content"] + "\n\n" + note}
-        else:
-            messages.insert(0, {"role": "system", "content": note})
-    return messages
+    if not tools:
+        return messages
+    tool_text = tools if isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)
+    return [{"role": TOOLS_ROLE, "content": _text(tool_text, "tools")}, *messages]
 
 
 def _role_list(turns: Any, field: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[dict[str, str]]:

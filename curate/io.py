@@ -24,10 +24,7 @@ import pyarrow.parquet as pq
 
 from . import __version__
 from .errors import CurateError
-from .schema import LOCK, MANIFEST
-
-# Output files of each stage that must all be listed in its manifest (anything else matching is stray).
-STAGE_GLOBS = {"score": ("part-*.parquet",), "prune": ("data/*.parquet",)}
+from .schema import LOCK, MANIFEST, PRUNED_DATA, RUN_STAMP
 
 
 def _tmp_path(path: Path) -> Path:
@@ -81,11 +78,46 @@ def parquet_metadata(path: Path) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in meta.items() if not k.startswith(b"ARROW")}
 
 
+def is_temporary(path: Path) -> bool:
+    """A file `write_bytes_atomic` or `write_parquet_atomic` writes before renaming it (`.NAME.tmp-HOST-PID`)."""
+    head, sep, tail = path.name.rpartition(".tmp-")
+    return head.startswith(".") and bool(sep) and "-" in tail and tail.rsplit("-", 1)[1].isdigit()
+
+
 def remove_temporaries(folder: Path) -> None:
-    """Files a killed writer left beside their targets (`.NAME.tmp-HOST-PID`)."""
-    for tmp in folder.rglob(".*.tmp-*"):
-        if tmp.is_file():
-            tmp.unlink(missing_ok=True)
+    """Temporaries a killed writer left in `folder` itself, where q-curate writes: not below it, where a user's
+    `.draft.tmp-1` is not ours to delete."""
+    if folder.is_dir():
+        for tmp in folder.glob(".*.tmp-*"):
+            if tmp.is_file() and is_temporary(tmp):
+                tmp.unlink(missing_ok=True)
+
+
+def outputs_matching(out: Path, outputs: tuple[str, ...]) -> list[Path]:
+    """The files in OUT that match a stage's output patterns (a `folder/` pattern: everything under it)."""
+    found = []
+    for pattern in outputs:
+        if pattern.endswith("/"):
+            found += [p for folder in out.glob(pattern.rstrip("/")) if folder.is_dir() for p in folder.rglob("*")]
+        else:
+            found += out.glob(pattern)
+    bookkeeping = {MANIFEST, RUN_STAMP, LOCK, LOCK + ".takeover"}
+    return sorted(
+        {p for p in found if (p.is_file() or p.is_symlink()) and p.name not in bookkeeping and not is_temporary(p)}
+    )
+
+
+def write_places(out: Path, outputs: tuple[str, ...]) -> list[Path]:
+    """OUT and every folder below it that a stage writes files into."""
+    parents = {Path(p).parent for p in outputs if not p.endswith("/")}
+    return [out / parent for parent in sorted(parents)]
+
+
+def files_in_write_places(out: Path, outputs: tuple[str, ...]) -> list[Path]:
+    """Every file (temporaries aside) in the folders below OUT that a stage writes into (`data/`): they may hold
+    only its own files."""
+    places = [p for p in write_places(out, outputs) if p != out and p.is_dir()]
+    return sorted(f for place in places for f in place.rglob("*") if f.is_file() and not is_temporary(f))
 
 
 # ---------------------------------------------------------------- fingerprints and checksums
@@ -104,10 +136,23 @@ def file_entry(root: Path, name: str, **extra: Any) -> dict:
     return {"name": name, "bytes": path.stat().st_size, "blake2b": checksum(path), **extra}
 
 
+def _input_files(folder: Path) -> list[Path]:
+    """The files under an input folder but those of q-curate's own output folders inside it (an --out within a
+    `save_to_disk` folder must not change its input's identity, or every rerun would refuse)."""
+    files = []
+    for root, dirs, names in os.walk(folder):
+        here = Path(root)
+        if here != folder and any(n in names for n in (MANIFEST, RUN_STAMP, LOCK)):
+            dirs.clear()
+            continue
+        files += [here / n for n in names if (here / n).is_file()]
+    return sorted(files)
+
+
 def fingerprint_path(path: Path) -> str:
     """Content hash of a file, or of every file under a folder (names and bytes)."""
     h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    files = [path] if path.is_file() else _input_files(path)
     for p in files:
         h.update(str(p.relative_to(path) if path.is_dir() else p.name).encode())
         with open(p, "rb") as f:
@@ -121,6 +166,17 @@ def fingerprint_config(obj: Any) -> str:
 
 
 # ---------------------------------------------------------------- manifests
+
+
+def record_path(folder: Path, path: str | Path) -> str:
+    """A path as the manifest in `folder` records it: relative to `folder`, so that the run is found the same
+    from any working directory, and still when the folders that hold it move together."""
+    return os.path.relpath(Path(path).resolve(), folder.resolve())
+
+
+def recorded_path(folder: Path, value: str) -> Path:
+    """The path a manifest in `folder` recorded with `record_path` (absolute ones are taken as they are)."""
+    return Path(value) if Path(value).is_absolute() else folder / value
 
 
 def read_manifest(folder: Path) -> dict | None:
@@ -150,6 +206,11 @@ def write_manifest(
     return manifest
 
 
+def pruned_data_files(folder: Path, manifest: dict) -> list[Path]:
+    """The training data a `prune` (or `retokenize`) manifest lists: its data/train-*.parquet shards, in order."""
+    return [folder / f["name"] for f in manifest["files"] if f["name"].startswith(PRUNED_DATA + "/")]
+
+
 def file_problems(folder: Path, manifest: dict) -> list[tuple[str, str]]:
     """(file, what is wrong) for every listed output that is missing, resized or changed, and every stray one."""
     problems = []
@@ -163,11 +224,11 @@ def file_problems(folder: Path, manifest: dict) -> list[tuple[str, str]]:
             problems.append((entry["name"], f"size {path.stat().st_size} bytes, the manifest says {entry['bytes']}"))
         elif checksum(path) != entry["blake2b"]:
             problems.append((entry["name"], "checksum differs from the manifest (the file was changed or damaged)"))
-    for pattern in STAGE_GLOBS.get(manifest["stage"], ()):
-        for path in sorted(folder.glob(pattern)):
-            name = str(path.relative_to(folder))
-            if name not in listed:
-                problems.append((name, "not written by this run (stray file)"))
+    outputs = tuple(manifest.get("outputs", ()))  # the stage's output patterns, as it recorded them
+    for path in sorted({*outputs_matching(folder, outputs), *files_in_write_places(folder, outputs)}):
+        name = str(path.relative_to(folder))
+        if name not in listed:
+            problems.append((name, "not written by this run (stray file)"))
     return problems
 
 
@@ -243,6 +304,10 @@ def locked(folder: Path, log=lambda msg: None) -> Iterator[None]:
                 time.sleep(0.2)
                 if path.exists() and time.time() - _mtime(path) < 5:
                     continue
+            elif holder["host"] == me["host"] and _ancestor(holder["pid"]):
+                # a command the holder started for this folder (refresh's --train-cmd running `curate train`)
+                yield
+                return
             elif holder["host"] != me["host"] or _alive(holder["pid"]):
                 raise CurateError(
                     f"{folder} is in use by process {holder['pid']} on {holder['host']} since "
@@ -264,6 +329,19 @@ def locked(folder: Path, log=lambda msg: None) -> Iterator[None]:
                 path.unlink()
         except (OSError, ValueError):
             pass
+
+
+def _ancestor(pid: int) -> bool:
+    """Whether `pid` started this process (directly or through a shell)."""
+    current = os.getppid()
+    while current > 1:
+        if current == pid:
+            return True
+        try:
+            current = int(Path(f"/proc/{current}/stat").read_text().rsplit(") ", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            return False
+    return False
 
 
 def _lock_holder(path: Path) -> dict:

@@ -29,6 +29,10 @@ class ResolvedModel:
     name: str  # what the user asked for, for humans and metadata
     hash: str  # content hash of the local folder's config and weights, or "hub:<id>"
 
+    def entry(self) -> dict:
+        """The model as a manifest records it."""
+        return {"name": self.name, "path": self.path, "hash": self.hash}
+
 
 def cache_dir() -> Path:
     root = os.environ.get("CURATE_CACHE") or os.path.join(

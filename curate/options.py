@@ -47,7 +47,13 @@ def model_params(
     only: tuple[str, ...] | None = None,
     first: tuple[str, ...] = (),
 ) -> list[inspect.Parameter]:
-    """Typer parameters for the fields of `model`: `arguments` are positional, `first` are listed first."""
+    """Typer parameters for the fields of `model`: `arguments` are positional, `first` are listed first. A name
+    that is no field of `model` is a mistake in the command's declaration, refused when it is built."""
+    unknown = [n for n in (*arguments, *first, *(only or ())) if n not in model.model_fields]
+    if unknown and only is not None:  # with a subset, `arguments` and `first` may name another section's fields
+        unknown = [n for n in only if n not in model.model_fields]
+    if unknown:
+        raise TypeError(f"{model.__name__} has no field {unknown[0]!r} (options: {', '.join(model.model_fields)})")
     names = [n for n in model.model_fields if only is None or n in only]
     names = (
         [n for n in arguments if n in names]

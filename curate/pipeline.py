@@ -11,11 +11,11 @@ from pathlib import Path
 
 import yaml
 
-from . import io
+from . import io, wiring
 from .config import Pipeline, PruneConfig, RefreshConfig, ScoreConfig, TrainConfig, TrainOptions
-from .extras import require_stages
+from .errors import StaleOutputError
+from .executor import require_stage, run_stage
 from .progress import Reporter
-from .stages.prune import TARGET
 
 
 def resolve_input(value: str) -> str:
@@ -28,16 +28,13 @@ def resolve_input(value: str) -> str:
 
 def stage_configs(p: Pipeline) -> tuple[ScoreConfig, PruneConfig | None, TrainConfig | None]:
     run_dir = Path(p.run_dir)
-    score = ScoreConfig(**{**p.score.model_dump(), "input": resolve_input(p.score.input)}, out=str(run_dir / "scores"))
+    score = wiring.score_config(p.score, resolve_input(p.score.input), run_dir / "scores")
     prune = train = None
     if p.prune is not None:
-        prune = PruneConfig(**p.prune.model_dump(), scores=str(run_dir / "scores"), out=str(run_dir / "pruned"))
+        prune = wiring.prune_config(p.prune, run_dir / "scores", run_dir / "pruned")
     if p.train is not None or p.refresh is not None:
-        options = (p.train or TrainOptions()).model_dump()
-        target = p.prune.target_model if p.prune else None  # then the target model trains on its own tokens
-        data = run_dir / "pruned" / TARGET if target else run_dir / "pruned"
-        model = options["model"] or target or p.score.model
-        train = TrainConfig(**{**options, "model": model}, data=str(data), out=str(run_dir / "model"))
+        options = p.train or TrainOptions()
+        train = wiring.train_config(options, p.prune, run_dir / "pruned", run_dir / "model", p.score.model)
     return score, prune, train
 
 
@@ -62,21 +59,27 @@ def pipeline_stages(p: Pipeline) -> list[tuple[str, object]]:
     return stages
 
 
-def run_pipeline(p: Pipeline, reporter: Reporter | None = None, force: bool = False) -> dict[str, dict]:
-    """Run the configured stages; returns each stage's manifest by stage name."""
-    from .stages import prune, refresh, score, train
-
+def run_pipeline(p: Pipeline, reporter: Reporter | None = None, force: bool = False) -> dict:
+    """Run the configured stages; returns each stage's result by stage name."""
     reporter = reporter or Reporter()
     run_dir = Path(p.run_dir)
-    require_stages(*pipeline_stages(p))
+    for name, cfg in pipeline_stages(p):
+        require_stage(name, cfg)
     with io.locked(run_dir, reporter.log):
         io.write_bytes_atomic(run_dir / "config.yaml", yaml.safe_dump(p.model_dump(), sort_keys=False).encode())
         if p.refresh is not None:
-            return {"refresh": refresh.run(refresh_config(p), reporter, force)}
-        score_cfg, prune_cfg, train_cfg = stage_configs(p)
-        results = {"score": score.run(score_cfg, reporter, force)}
-        if prune_cfg is not None:
-            results["prune"] = prune.run(prune_cfg, reporter, force)
-        if train_cfg is not None:
-            results["train"] = train.run(train_cfg, reporter, force)
-        return results
+            return {"refresh": run_stage("refresh", refresh_config(p), reporter, force)}
+        return {name: run_stage(name, cfg, reporter, force) for name, cfg in pipeline_stages(p)}
+
+
+def run_demo(out_dir: Path, reporter, force: bool = False, pipeline=None) -> dict:
+    """Run the demo pipeline. A demo folder left by other settings or an older q-curate is recomputed (a minute
+    on CPU), where `curate run` refuses to replace scores."""
+    from .demo import demo_pipeline
+
+    pipeline = pipeline or demo_pipeline(out_dir)
+    try:
+        return run_pipeline(pipeline, reporter, force)
+    except StaleOutputError:
+        reporter.log(f"{out_dir} holds a demo run from other settings or an older q-curate; recomputing it")
+        return run_pipeline(pipeline, reporter, True)

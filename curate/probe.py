@@ -18,11 +18,11 @@ from pathlib import Path
 
 import polars as pl
 
-from . import __version__, io, pruning
-from .config import ProbeConfig, PruneConfig, ScoreConfig
+from . import __version__, io, pruning, wiring
+from .config import ProbeConfig, PruneConfig
 from .corrupt import corrupt
+from .executor import require_stage
 from .experiment import write_rows
-from .extras import require_stages
 from .progress import Reporter
 from .stages import prune, score
 
@@ -127,12 +127,9 @@ def run(cfg: ProbeConfig, reporter: Reporter | None = None, force: bool = False)
     reporter = reporter or Reporter()
     started = time.time()
     out = Path(cfg.out)
-    score_cfg = ScoreConfig(
-        **{**cfg.score.model_dump(), "fields": None, "limit": None, "format": "openai"},
-        input=str(out / "corrupted.jsonl"),
-        out=str(out / "scores"),
-    )
-    require_stages(("score", score_cfg), ("prune", None))
+    score_cfg = wiring.written_rows_config(cfg.score, out / "corrupted.jsonl", out / "scores")
+    require_stage("score", score_cfg)
+    require_stage("prune")
     with io.locked(out, reporter.log):
         rows, bad = corrupt(clean_rows(cfg), cfg.fraction, cfg.seed, tuple(cfg.corruptions))
         if not bad:

@@ -286,6 +286,8 @@ def baseline_triage(strategy: str, ids: np.ndarray, ppl: np.ndarray, ent: np.nda
 
 
 def triage(strategy: str, ids, ppl, ent, k: int, seed: int, fill: str = "rank") -> Triage:
+    if k == 0:  # a batch whose share of the budget rounds to nothing
+        return Triage(np.full(len(ids), None, dtype=object), None, {})
     if strategy == "qtuning":
         return qtuning_triage(ids, ppl, ent, k, fill)
     return baseline_triage(strategy, ids, ppl, ent, k, seed)
@@ -304,6 +306,18 @@ def codes(values: np.ndarray) -> np.ndarray:
     """An int64 code per value, numbered in order of first appearance."""
     index = {v: i for i, v in enumerate(unique_in_order(values))}
     return np.fromiter((index[v] for v in values.tolist()), dtype=np.int64, count=len(values))
+
+
+def split_budget(k: int, sizes: np.ndarray) -> np.ndarray:
+    """K split over batches in proportion to their sizes by largest remainder (ties: the earlier batch), so
+    the batches of a scope keep exactly K together, as one global triage would; no batch gets more than its size.
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    n = int(sizes.sum())
+    share, remainder = np.divmod(k * sizes, n)
+    extra = np.lexsort((np.arange(len(sizes)), -remainder))[: k - int(share.sum())]
+    share[extra] += 1
+    return share
 
 
 def batch_assignment(n: int, batch_size: int, seed: int) -> np.ndarray:

@@ -17,6 +17,7 @@ from typing import Any
 from .errors import CurateError, RowError
 
 BOM = b"\xef\xbb\xbf"
+LINE_CAP = 1 << 30  # the most of one JSONL line ever held in memory, whatever --max-row-bytes says
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 
@@ -64,18 +65,37 @@ def plan(path: Path, shard_rows: int, limit: int | None = None) -> list[RowRange
     return [RowRange(i, start, min(start + shard_rows, total)) for i, start in enumerate(range(0, total, shard_rows))]
 
 
+def _lines(f, cap: int = LINE_CAP) -> Iterator[tuple[bytes | None, int]]:
+    """(line, its size in bytes) for each line of a binary file; a line longer than `cap` comes back as
+    (None, size) without ever being held in memory whole (a 50 MB row must not cost gigabytes)."""
+    while line := f.readline(cap + 1):
+        size = len(line)
+        if size > cap and not line.endswith(b"\n"):
+            while rest := f.readline(1 << 20):
+                size += len(rest)
+                if rest.endswith(b"\n"):
+                    break
+            yield None, size
+        else:
+            yield line, size
+
+
+def _is_row(line: bytes | None) -> bool:
+    return line is None or bool(line.strip() and line.strip() != BOM)
+
+
 def _plan_jsonl(path: Path, shard_rows: int, limit: int | None) -> list[RowRange]:
     starts: list[tuple[int, int]] = []  # (byte offset, line number) of each shard's first row
     rows, offset = 0, 0
     with open(path, "rb") as f:
-        for lineno, line in enumerate(f, start=1):
+        for lineno, (line, size) in enumerate(_lines(f), start=1):
             if limit is not None and rows >= limit:
                 break
-            if line.strip() and line.strip() != BOM:
+            if _is_row(line):
                 if rows % shard_rows == 0:
                     starts.append((offset, lineno))
                 rows += 1
-            offset += len(line)
+            offset += size
     return [
         RowRange(i, i * shard_rows, min((i + 1) * shard_rows, rows), off, line) for i, (off, line) in enumerate(starts)
     ]
@@ -85,7 +105,7 @@ def count_rows(path: Path) -> int:
     k = kind(path)
     if k == "jsonl":
         with open(path, "rb") as f:
-            return sum(1 for line in f if line.strip() and line.strip() != BOM)
+            return sum(1 for line, _ in _lines(f) if _is_row(line))
     if k == "parquet":
         return _parquet(path).metadata.num_rows
     if k == "json-array":
@@ -96,22 +116,40 @@ def count_rows(path: Path) -> int:
 # ---------------------------------------------------------------- reading
 
 
-def read_range(path: Path, rows: RowRange) -> Iterator[tuple[int, Any]]:
+def read_range(path: Path, rows: RowRange, max_row_bytes: int | None = None) -> Iterator[tuple[int, Any]]:
     """(row number, record or RowError) for every row of the range. Row numbers are 1-based line numbers for
-    JSONL and 0-based indices for JSON arrays, Parquet and datasets folders."""
+    JSONL and 0-based indices for JSON arrays, Parquet and datasets folders. A row above `max_row_bytes` is a
+    RowError (`row_too_large`): a JSONL line is measured before it is parsed, other rows by their text."""
     k = kind(path)
     if k == "jsonl":
-        yield from _read_jsonl(path, rows)
-    elif k == "json-array":
+        yield from _read_jsonl(path, rows, max_row_bytes)
+        return
+    if k == "json-array":
         elements = _json_array(path)
-        for i in range(rows.start, rows.stop):
-            yield i, elements[i]()
+        records = ((i, elements[i]()) for i in range(rows.start, rows.stop))
     elif k == "parquet":
-        yield from _read_parquet(path, rows)
+        records = _read_parquet(path, rows)
     else:
         ds = _dataset(path)
-        for i in range(rows.start, rows.stop):
-            yield i, ds[i]
+        records = ((i, ds[i]) for i in range(rows.start, rows.stop))
+    for i, record in records:
+        size = text_bytes(record) if max_row_bytes else 0
+        yield i, too_large(size, max_row_bytes) if size > (max_row_bytes or 0) else record
+
+
+def too_large(size: int, limit: int) -> RowError:
+    return RowError("row_too_large", f"the row holds {size:,} bytes, above --max-row-bytes {limit:,}; skipped unread")
+
+
+def text_bytes(record: Any) -> int:
+    """The UTF-8 size of the text in a decoded row (strings only), counted without copying it."""
+    if isinstance(record, str):
+        return len(record) if record.isascii() else len(record.encode("utf-8", "surrogatepass"))
+    if isinstance(record, dict):
+        return sum(text_bytes(v) for v in record.values())
+    if isinstance(record, list):
+        return sum(text_bytes(v) for v in record)
+    return 0
 
 
 def head(path: Path, n: int) -> list[Any]:
@@ -129,13 +167,18 @@ def parse_json(text: str) -> Any:
         return RowError("invalid_json", "invalid JSON: nested too deeply to read")
 
 
-def _read_jsonl(path: Path, rows: RowRange) -> Iterator[tuple[int, Any]]:
+def _read_jsonl(path: Path, rows: RowRange, max_row_bytes: int | None) -> Iterator[tuple[int, Any]]:
     wanted = rows.stop - rows.start
+    cap = min(LINE_CAP, max_row_bytes) if max_row_bytes else LINE_CAP
     with open(path, "rb") as f:
         f.seek(rows.offset)
-        for lineno, line in enumerate(f, start=rows.line):
+        for lineno, (line, size) in enumerate(_lines(f, cap), start=rows.line):
             if wanted == 0:
                 return
+            if line is None:
+                wanted -= 1
+                yield lineno, too_large(size, cap)
+                continue
             if lineno == 1:
                 line = line.removeprefix(BOM)
             if not line.strip():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from . import io, schema
+from . import io
 from .errors import CurateError
 
 HINT = "run `curate score` and `curate prune` first (as `curate run` and `curate demo` do)"
@@ -30,11 +30,7 @@ class Run:
         return [self.scores / f["name"] for f in self.scores_manifest["files"]]
 
     def pruned_files(self) -> list[Path]:
-        return [
-            self.pruned / f["name"]
-            for f in self.pruned_manifest["files"]
-            if f["name"].startswith(schema.PRUNED_DATA + "/")
-        ]
+        return io.pruned_data_files(self.pruned, self.pruned_manifest)
 
 
 def locate(path: Path) -> Run:
@@ -55,7 +51,7 @@ def locate(path: Path) -> Run:
         )
     pruned_manifest = io.verified(pruned, ("prune", "retokenize"), HINT)
     source = pruned_manifest["inputs"][0]
-    scores = Path(source["path"])
+    scores = io.recorded_path(pruned, source["path"])
     if source.get("stage") == "prune":  # a re-tokenised folder: the scores are those of the folder it came from
         return locate(scores)
     scores_manifest = io.verified(scores, "score", HINT)
@@ -77,3 +73,36 @@ def scoring_tokenizer(run: Run):
 
     model = run.scores_manifest["model"]
     return load_tokenizer_from(model["path"], model["name"])
+
+
+def token_rows(tokenizer, score_row: dict, loss_mask: list | None, lam: float) -> list[dict]:
+    """A scored sample token by token, as every view shows it: its text (`t`), id, kind (`k`: prompt, kept,
+    pruned, or dropped for a response whose sample was not kept, `loss_mask` None), log-prob, entropy and, on
+    trainable tokens, the pruning score (`s`)."""
+    import numpy as np
+
+    from .pruning import context_scores
+
+    trainable = np.asarray(score_row["trainable"], dtype=np.int8)
+    lp = np.asarray(score_row["logprob"], dtype=np.float32)
+    ent = np.asarray(score_row["entropy"], dtype=np.float32)
+    score = context_scores(np.nan_to_num(lp), trainable, lam)
+    rows = []
+    for i, tid in enumerate(score_row["input_ids"]):
+        if not trainable[i]:
+            kind = "prompt"
+        elif loss_mask is None:
+            kind = "dropped"
+        else:
+            kind = "kept" if loss_mask[i] else "pruned"
+        rows.append(
+            {
+                "t": tokenizer.decode([tid]),
+                "id": tid,
+                "k": kind,
+                "lp": float(lp[i]),
+                "ent": float(ent[i]),
+                "s": float(score[i]) if trainable[i] else None,
+            }
+        )
+    return rows

@@ -6,6 +6,7 @@ List columns are `pa.list_` (32-bit offsets), never `large_list`: `datasets` ref
 import pyarrow as pa
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+TOOLS_ROLE = "tools"  # a first message of this role holds the conversation's tool schemas (JSON text)
 MESSAGES = pa.list_(MESSAGE)
 
 SCORES = pa.schema(
@@ -44,6 +45,7 @@ IGNORE_INDEX = -100
 # Files and folders. A stage's outputs are listed, with sizes and checksums, in its OUT/_manifest.json.
 MANIFEST = "_manifest.json"
 LOCK = ".curate.lock"
+RUN_STAMP = ".run.json"  # the run a stage started in its folder, before its manifest exists
 SCORES_GLOB = "part-*.parquet"
 PRUNED_DATA = "data"
 PRUNED_GLOB = "train-*.parquet"

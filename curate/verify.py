@@ -21,7 +21,21 @@ def verify_tree(path: Path) -> tuple[list[tuple[Path, str, int, list]], bool]:
         except CurateError as e:
             rows.append((folder, "?", 0, [(MANIFEST, str(e))]))
             continue
-        rows.append((folder, manifest["stage"], len(manifest.get("files", [])), io.file_problems(folder, manifest)))
+        problems = io.file_problems(folder, manifest)
+        if manifest["stage"] == "score" and (changed := input_change(folder, manifest)):
+            problems.append(("input", changed))
+        rows.append((folder, manifest["stage"], len(manifest.get("files", [])), problems))
     if not rows:
         raise CurateError(f"{path}: no {MANIFEST} anywhere below; nothing q-curate finished is there")
     return rows, any(problems for *_, problems in rows)
+
+
+def input_change(scores: Path, manifest: dict) -> str | None:
+    """What changed in the input a score run read, when it is still there and no longer what was scored."""
+    source = (manifest.get("inputs") or [{}])[0]
+    if "path" not in source or "fingerprint" not in source:  # synthetic scores read no input
+        return None
+    path = io.recorded_path(scores, source["path"])
+    if not path.exists() or io.fingerprint_path(path) == source["fingerprint"]:
+        return None
+    return f"{path} changed after it was scored (its contents differ from the fingerprint {scores} records)"

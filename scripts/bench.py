@@ -391,7 +391,43 @@ def child_backends() -> dict:
     return {"tokens": tokens, "results": rows}
 
 
+def child_explore(n_samples: int) -> dict:
+    """`curate explore` on a run of `n_samples` synthetic samples, in Debian's Chromium (software WebGL):
+    seconds from navigation to the first paint of every point, and one zoom."""
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    from curate.config import PruneConfig
+    from curate.explore import serve_in_background
+    from curate.stages import prune
+    from curate.synthetic import synthetic_scores
+
+    with tempfile.TemporaryDirectory() as d:
+        synthetic_scores(Path(d) / "scores", n_samples, mean_tokens=4, shard_size=100_000)
+        cfg = PruneConfig(scores=f"{d}/scores", out=f"{d}/pruned", token_unit="token", protect=[])
+        prune.run(cfg)
+        server, url = serve_in_background(Path(d) / "pruned")
+        zoom = """async () => { const gd = document.getElementById('plane'), r = gd._fullLayout.xaxis.range;
+            const t = performance.now();
+            await Plotly.relayout(gd, {'xaxis.range': [r[0] + 0.2 * (r[1] - r[0]), r[1] - 0.2 * (r[1] - r[0])]});
+            await new Promise(requestAnimationFrame); return performance.now() - t; }"""
+        with sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=shutil.which("chromium"), args=["--no-sandbox", "--enable-unsafe-swiftshader"]
+            )
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(url)
+            page.wait_for_selector("body[data-ready='1']", timeout=300_000)
+            first_paint = page.evaluate("window.firstPaintMs") / 1000
+            zooms = [page.evaluate(zoom) for _ in range(3)]
+            browser.close()
+        server.shutdown()
+    return {"samples": n_samples, "first_paint_s": first_paint, "zoom_ms": statistics.median(zooms)}
+
+
 CHILDREN = {
+    "explore": child_explore,
     "scoring": child_scoring,
     "bf16": child_bf16,
     "end_to_end": child_end_to_end,
@@ -417,6 +453,26 @@ def run_child(name: str, *args) -> dict:
 
 def fmt_rate(x: float) -> str:
     return f"{x:,.0f}"
+
+
+def explore_section(results: list[dict]) -> list[str]:
+    base = results[0]
+    lines = [
+        "## The explorer in a browser",
+        "",
+        "`curate explore` on runs of synthetic samples, in Debian's Chromium with software WebGL (no GPU): seconds "
+        "from navigation to every point drawn (plotly.js loaded, the plane's columns fetched as typed arrays), "
+        "and the median of 3 zooms of the plane (ms). Targets: first paint under 3 s, interaction under 100 ms.",
+        "",
+        "| samples | first paint (s) | vs 10,000 | zoom (ms) | vs 10,000 |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['samples']:,} | {r['first_paint_s']:.2f} | {r['first_paint_s'] / base['first_paint_s']:.1f}x | "
+            f"{r['zoom_ms']:.0f} | {r['zoom_ms'] / base['zoom_ms']:.1f}x |"
+        )
+    return [*lines, ""]
 
 
 def main() -> None:
@@ -626,6 +682,8 @@ def main() -> None:
             f"| {r['backend']} | {r['start_s']:.1f} | {fmt_rate(r['tok_s'])} | {r['tok_s'] / base:.2f}x | "
             f"{r['max_lp']:.1e} | {r['max_ent']:.1e} |"
         )
+    print("explorer ...", flush=True)
+    md += explore_section([run_child("explore", n) for n in (10_000, 1_000_000)])
     gpu = ROOT / "benchmarks" / "gpu_check.md"
     md += [
         "",

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from curate import io
 from curate.cli import app
-from curate.evaluate import exact_match, parse_number
+from curate.held_out import exact_match, parse_number
 
 from .conftest import GSM8K_TEST, data_files, needs_shared, write_jsonl
 
@@ -142,7 +142,7 @@ def test_answer_parser_reads_every_real_gsm8k_answer():
 def test_final_answer_tokens_are_the_number_after_the_hashes(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from curate.evaluate import final_answer_tokens
+    from curate.held_out import final_answer_tokens
     from curate.tokenization import ChatEncoder
 
     encoder = ChatEncoder(AutoTokenizer.from_pretrained(tiny_model_dir))

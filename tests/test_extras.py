@@ -34,6 +34,7 @@ def curate_without(blocked: list[str], args: list[str]) -> subprocess.CompletedP
         (["datasets"], ["train", "{run}/pruned", "--out", "{tmp}/m", "--model", "{model}", "--lora-rank", "0"], "hf"),
         (["datasets"], ["export", "{run}/pruned", "--format", "llamafactory", "--out", "{tmp}/e"], "hf"),
         (["matplotlib"], ["report", "{run}"], "report"),
+        (["plotly"], ["explore", "{run}", "--port", "0"], "report"),
         (["matplotlib"], ["demo", "--out", "{tmp}/demo"], "report"),
         (["matplotlib"], ["refresh", str(DEMO), "--out", "{tmp}/r"], "report"),
         (["peft"], ["refresh", str(DEMO), "--out", "{tmp}/r"], "train"),

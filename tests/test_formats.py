@@ -41,8 +41,8 @@ def test_alpaca_and_sharegpt_tool_calls():
     assert len(glaive) == 300
     first = json.load(open(GLAIVE))[0]
     roles = [m["role"] for m in glaive[0].messages]
-    # tools -> system context; function_call -> assistant (trainable); observation -> tool (context)
-    assert roles[0] == "system" and "search_recipes" in glaive[0].messages[0]["content"]
+    # tools -> a leading `tools` message (context); function_call -> assistant (trainable); observation -> tool
+    assert roles[0] == "tools" and "search_recipes" in glaive[0].messages[0]["content"]
     assert roles[1:] == ["user", "assistant", "user", "assistant", "tool", "assistant", "user", "assistant"]
     assert glaive[0].messages[4]["content"] == first["conversations"][3]["value"]
 

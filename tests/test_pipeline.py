@@ -10,7 +10,7 @@ from curate.config import load_pipeline
 from curate.errors import CurateError
 from curate.pipeline import stage_configs
 
-from .conftest import ROOT, write_jsonl
+from .conftest import DEMO, ROOT, Recorder, write_jsonl
 
 PIPELINES = sorted((ROOT / "pipelines").glob("*.yaml"))
 
@@ -157,10 +157,22 @@ def test_every_help_lists_the_allowed_values_and_bad_ones_stop_before_any_work(t
     assert res.exit_code == 2 and "Invalid value" in res.output and not (tmp_path / "o").exists()
 
 
-def test_demo_recomputes_a_demo_from_other_settings_where_a_pipeline_refuses(tmp_path, smollm2_dir):
+def test_the_demo_runs_with_the_builtin_model(tmp_path, smollm2_dir):
+    res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo")])
+    assert res.exit_code == 0 and "Demo finished" in res.output, res.output
+    assert (tmp_path / "demo" / "report" / "report.html").exists()
+
+
+def test_demo_recomputes_a_demo_from_other_settings_where_a_pipeline_refuses(tmp_path, tiny_model_dir):
+    """The demo's own branch, run with the tiny model: the same pipeline, the same code as `curate demo`."""
+    from curate.demo import demo_pipeline
+    from curate.pipeline import run_demo
+
     out = tmp_path / "demo"
-    res = CliRunner().invoke(app, ["demo", "--out", str(out)])
-    assert res.exit_code == 0, res.output
+    pipeline = demo_pipeline(out).model_copy(deep=True)
+    pipeline.score.model, pipeline.score.limit = str(tiny_model_dir), 40
+    rec = Recorder()
+    run_demo(out, rec, pipeline=pipeline)
     manifest_path = out / "scores" / "_manifest.json"
     manifest = json.loads(manifest_path.read_text())
     fingerprint = manifest["fingerprint"]
@@ -168,6 +180,28 @@ def test_demo_recomputes_a_demo_from_other_settings_where_a_pipeline_refuses(tmp
     manifest_path.write_text(json.dumps(manifest))
     res = CliRunner().invoke(app, ["run", str(out / "config.yaml")])  # the same pipeline, not as the demo
     assert res.exit_code == 2 and "other inputs or settings" in res.output  # hours of scoring are never replaced
-    res = CliRunner().invoke(app, ["demo", "--out", str(out)])
-    assert res.exit_code == 0 and "recomputing it" in res.output, res.output
+    run_demo(out, rec, pipeline=pipeline)
+    assert any("recomputing it" in line for line in rec.logs)
     assert json.loads(manifest_path.read_text())["fingerprint"] == fingerprint
+
+
+def test_paths_in_a_pipeline_file_are_relative_to_the_file(tmp_path, tiny_model_dir, monkeypatch):
+    """`curate run pipelines/gsm8k.yaml` from another folder: the file's paths are the file's; a missing input
+    says where it looked and how to give it."""
+    shipped = load_pipeline(ROOT / "pipelines" / "gsm8k.yaml")
+    assert shipped.score.input == str(ROOT / "data" / "gsm8k" / "train.jsonl")
+    assert shipped.run_dir == str(ROOT / "runs" / "gsm8k")
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    write_jsonl(project / "data" / "rows.jsonl", [json.loads(line) for line in open(DEMO).readlines()[:8]])
+    (project / "p.yaml").write_text(
+        f"run_dir: runs/x\nscore:\n  input: data/missing.jsonl\n  model: {tiny_model_dir}\nprune:\n  ratio: 0.5\n"
+    )
+    monkeypatch.chdir(tmp_path)  # not the project's folder
+    res = CliRunner().invoke(app, ["run", str(project / "p.yaml")])
+    out = " ".join(res.output.split())
+    assert res.exit_code == 2 and f"{project / 'data' / 'missing.jsonl'} does not exist" in out
+    assert "--set score.input=PATH" in out
+    res = CliRunner().invoke(app, ["run", "project/p.yaml", "--set", "score.input=project/data/rows.jsonl"])
+    assert res.exit_code == 0, res.output
+    assert (project / "runs" / "x" / "pruned" / "_manifest.json").exists()  # run_dir: beside the file

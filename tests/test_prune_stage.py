@@ -13,7 +13,7 @@ from curate.errors import CurateError
 from curate.stages.prune import run
 from curate.synthetic import synthetic_scores
 
-from .conftest import GSM8K_TEST, Recorder, needs_shared, restamp
+from .conftest import DEMO, Recorder, needs_shared, restamp
 from .test_pruning import bf_token_mask, bf_triage
 
 # synthetic scores have no tokenizer to read token text with: prune them per token, as the paper does
@@ -35,8 +35,7 @@ def check_pruned(scores_dir, out, cfg):
     rows = pq.read_table(files).to_pylist()
     samples = pq.read_table(out / "samples.parquet").to_pylist()
     k = pruning.budget(cfg.ratio, len(src))
-    if cfg.scope == "global":
-        assert len(rows) == k
+    assert len(rows) == k  # in batch scope too
     assert len({r["id"] for r in rows}) == len(rows)
     assert sorted(s["id"] for s in samples) == sorted(src)  # nobody lost: every id is kept or listed as dropped
     kept_ids = {s["id"] for s in samples if s["kept"]}
@@ -151,24 +150,10 @@ def test_one_trainable_token_samples(tmp_path):
 
 @needs_shared
 @pytest.mark.slow
-def test_gsm8k_64_rows_builtin_model_prune_quarter(tmp_path, smollm2_dir):
+def test_gsm8k_64_rows_builtin_model_prune_quarter(tmp_path, smollm2_gsm8k):
     """The issue's acceptance run: 64 GSM8K rows, default model, --ratio 0.25 --token-ratio 0.5."""
-    scores_dir, out = tmp_path / "scores", tmp_path / "pruned"
+    (scores_dir, _), out = smollm2_gsm8k, tmp_path / "pruned"
     runner = CliRunner()
-    res = runner.invoke(
-        app,
-        [
-            "score",
-            str(GSM8K_TEST),
-            "--fields",
-            "prompt=question,response=answer",
-            "--limit",
-            "64",
-            "--out",
-            str(scores_dir),
-        ],
-    )
-    assert res.exit_code == 0, res.output
     paper = ["--token-unit", "token", "--protect", "none", "--token-order", "drop-high"]  # exactly the paper's rule
     args = ["prune", str(scores_dir), "--out", str(out), "--ratio", "0.25", "--token-ratio", "0.5", *paper]
     res = runner.invoke(app, args)
@@ -312,3 +297,52 @@ def test_defaults_keep_what_must_be_learned_on_the_shared_data(tmp_path, smollm2
                 assert sum(row["loss_mask"]) < sum(src["trainable"])  # and it was pruned
             else:
                 assert not all(w in shown for w in want), shown  # what the default fixes
+
+
+def test_excluded_ids_take_no_part_and_the_budget_counts_the_others(tmp_path, scores):
+    ids = pq.read_table(sorted(scores.glob("part-*.parquet")), columns=["id"])["id"].to_pylist()
+    chosen = ids[::7]
+    listed = tmp_path / "review.txt"
+    listed.write_text("# rejected in review\n" + "\n".join(chosen) + "\n\n")
+    cfg = PruneConfig(scores=str(scores), out=str(tmp_path / "p"), ratio=0.25, exclude_ids=str(listed), **PER_TOKEN)
+    manifest = run(cfg)
+    samples = pq.read_table(tmp_path / "p" / "samples.parquet").to_pylist()
+    assert {s["id"] for s in samples if s["excluded"]} == set(chosen) and len(samples) == len(ids)
+    assert not any(s["kept"] for s in samples if s["excluded"])
+    assert manifest["stats"]["excluded"] == len(chosen)
+    assert manifest["stats"]["K"] == pruning.budget(0.25, len(ids) - len(chosen))  # exact over the others
+    listed.write_text("\n".join(chosen[1:]))  # the list changed: the run is another one
+    rec = Recorder()
+    assert run(cfg, rec)["stats"]["excluded"] == len(chosen) - 1 and not any("nothing to do" in m for m in rec.logs)
+    listed.write_text(chosen[0] + "\nno-such-id\n")
+    with pytest.raises(CurateError, match="1 of its 2 ids are not in .*'no-such-id'"):
+        run(cfg)
+
+
+def test_a_pruned_folder_loads_by_name_with_its_card(tmp_path, tiny_run):
+    """`datasets.load_dataset(folder)` reads the card's config: the training data only, not samples.parquet."""
+    import datasets
+
+    from curate import io
+
+    pruned = tiny_run / "pruned"
+    ds = datasets.load_dataset(str(pruned), split="train")
+    stats = json.loads((pruned / "stats.json").read_text())
+    assert ds.num_rows == stats["K"] and {"input_ids", "labels", "loss_mask"} <= set(ds.column_names)
+    card = (pruned / "README.md").read_text()
+    manifest = io.verified(pruned, "prune", "")
+    assert "README.md" in {f["name"] for f in manifest["files"]}  # listed, with its checksum
+    assert manifest["model"]["hash"] in card and "--ratio 0.5" in card and "--token-ratio" not in card
+
+
+def test_the_card_carries_the_licence_the_inputs_card_names(tmp_path, tiny_model_dir):
+    from curate.config import ScoreConfig
+    from curate.stages import score
+
+    data = tmp_path / "src"
+    data.mkdir()
+    (data / "rows.jsonl").write_text("".join(open(DEMO).readlines()[:10]))
+    (data / "README.md").write_text("---\nlicense: cc-by-4.0\n---\n# rows\n")
+    score.run(ScoreConfig(input=str(data / "rows.jsonl"), out=str(tmp_path / "s"), model=str(tiny_model_dir)))
+    run(PruneConfig(scores=str(tmp_path / "s"), out=str(tmp_path / "p"), ratio=0.5))
+    assert "license: cc-by-4.0" in (tmp_path / "p" / "README.md").read_text()

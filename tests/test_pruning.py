@@ -44,9 +44,27 @@ def bf_minmax(xs):
     return [0.0 if hi_ == lo_ else (x - lo_) / (hi_ - lo_) for x in xs]
 
 
-def bf_triage(ids, ppl, ent, ratio, fill="rank"):
+def bf_budget(ratio, n):
+    return min(n, max(1, int(math.floor(ratio * n + 0.5))))
+
+
+def bf_split(k, sizes):
+    """Largest remainder, read literally: every batch its whole share, then one more to the largest fractions
+    (exact, as Fractions), the earlier batch first."""
+    from fractions import Fraction
+
+    quotas = [Fraction(k * s, sum(sizes)) for s in sizes]
+    shares = [math.floor(q) for q in quotas]
+    for i in sorted(range(len(sizes)), key=lambda i: (-(quotas[i] - shares[i]), i))[: k - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
+def bf_triage(ids, ppl, ent, ratio, fill="rank", k=None):
     n = len(ids)
-    k = min(n, max(1, int(math.floor(ratio * n + 0.5))))
+    k = bf_budget(ratio, n) if k is None else k
+    if k == 0:
+        return {}
     lo, hi = 0.0, 0.5
     if sum(map(len, bf_regions(ppl, ent, hi))) <= k:
         lo = hi
@@ -132,12 +150,26 @@ def test_batch_triage_matches_brute_force_per_batch(ppl, ent_seed, ratio, bs, se
     ent = list(np.random.default_rng(ent_seed).uniform(0, 5, len(ppl)))
     cfg = PruneConfig(scores="", out="", ratio=ratio, scope="batch", batch_size=bs, seed=seed)
     df, _ = select(coords_frame(ppl, ent), cfg)
+    batches = sorted(set(df["batch"].to_list()))
+    sizes = [df.filter(pl.col("batch") == b).height for b in batches]
     expected = {}
-    for b in sorted(set(df["batch"].to_list())):
+    for b, k in zip(batches, bf_split(bf_budget(ratio, len(ppl)), sizes), strict=True):
         part = df.filter(pl.col("batch") == b)
-        expected |= bf_triage(part["id"].to_list(), part["ppl"].to_list(), part["ent"].to_list(), ratio)
-        assert part["selection"].drop_nulls().len() == pruning.budget(ratio, part.height)
+        expected |= bf_triage(part["id"].to_list(), part["ppl"].to_list(), part["ent"].to_list(), ratio, k=k)
+        assert part["selection"].drop_nulls().len() == k
     assert chosen(df) == expected
+    assert len(expected) == bf_budget(ratio, len(ppl))  # exact in batch scope too
+
+
+@given(
+    k_and_sizes=st.lists(st.integers(1, 40), min_size=1, max_size=30).flatmap(
+        lambda sizes: st.tuples(st.integers(0, sum(sizes)), st.just(sizes))
+    )
+)
+def test_split_budget_is_largest_remainder(k_and_sizes):
+    k, sizes = k_and_sizes
+    shares = pruning.split_budget(k, np.array(sizes)).tolist()
+    assert shares == bf_split(k, sizes) and sum(shares) == k and all(0 <= s <= n for s, n in zip(shares, sizes))
 
 
 def test_median_quadrants_and_edge_cases():
@@ -240,14 +272,15 @@ def test_group_budgets_are_exact_and_groups_do_not_influence_each_other(data, ra
     for g in set(groups):
         part = df.filter(pl.col("group") == g)
         r = math_ratio if g == "math" else ratio
+        assert part["selection"].drop_nulls().len() == pruning.budget(r, part.height)  # in either scope
         if scope == "global":
-            assert part["selection"].drop_nulls().len() == pruning.budget(r, part.height)
             alone, _ = select(frame.filter(pl.col("group") == g), PruneConfig(scores="", out="", ratio=r, scope=scope))
             assert chosen(part) == chosen(alone)  # the same as triaging that group by itself
         else:
-            for b in set(part["batch"].to_list()):
-                batch = part.filter(pl.col("batch") == b)
-                assert batch["selection"].drop_nulls().len() == pruning.budget(r, batch.height)
+            batches = sorted(set(part["batch"].to_list()))
+            sizes = [part.filter(pl.col("batch") == b).height for b in batches]
+            for b, k in zip(batches, bf_split(bf_budget(r, part.height), sizes), strict=True):
+                assert part.filter(pl.col("batch") == b)["selection"].drop_nulls().len() == k
 
 
 # ---------------------------------------------------------------- whole units and protected tokens

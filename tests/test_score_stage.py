@@ -99,16 +99,11 @@ def test_fail_mode_names_file_row_and_field(tmp_path, tiny_model_dir):
 
 @needs_shared
 @pytest.mark.slow
-def test_cli_scores_gsm8k_with_builtin_model(tmp_path, smollm2_dir):
-    out = tmp_path / "gsm8k" / "scores"
-    res = CliRunner().invoke(
-        app,
-        ["score", str(GSM8K_TEST), "--fields", "prompt=question,response=answer", "--limit", "16", "--out", str(out)],
-    )
-    assert res.exit_code == 0, res.output
-    assert "samples scored" in res.output
+def test_cli_scores_gsm8k_with_builtin_model(smollm2_gsm8k, smollm2_dir):
+    out, output = smollm2_gsm8k
+    assert "samples scored" in output
     rows = read_all(out)
-    assert len(rows) == 16
+    assert len(rows) == 64
     first = json.loads(open(GSM8K_TEST).readline())
     assert rows[0]["messages"][-1]["content"] == first["answer"]
     for r in rows[:3]:

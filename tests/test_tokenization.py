@@ -6,7 +6,7 @@ import pytest
 
 from curate.errors import RowError
 from curate.formats import Sample, read_samples
-from curate.tokenization import encode, ensure_chat_template
+from curate.tokenization import encode, ensure_chat_template, renders_tools, template_inputs
 
 from .conftest import ALPACA, GLAIVE, GSM8K_TEST, build_tiny_tokenizer, needs_shared
 
@@ -33,8 +33,9 @@ def test_trainable_tokens_decode_to_assistant_turns(smol_tokenizer, path, n):
         assistant = [m["content"] for m in s.messages if m["role"] == "assistant"]
         decoded = [smol_tokenizer.decode(enc.input_ids[a:b]) for a, b in spans(enc.trainable)]
         assert decoded == [c + "<|im_end|>" for c in assistant], s.id
-        # the ids are what apply_chat_template itself produces
-        ref = smol_tokenizer.apply_chat_template(s.messages, tokenize=True, return_dict=True)["input_ids"]
+        # the ids are what apply_chat_template itself produces (a leading `tools` message becomes system text)
+        messages, tools = template_inputs(s.messages, renders_tools(smol_tokenizer))
+        ref = smol_tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True)["input_ids"]
         assert enc.input_ids.tolist() == list(ref)
         checked += 1
     assert checked == n

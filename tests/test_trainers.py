@@ -147,3 +147,22 @@ def test_trl_sft_trainer_honours_the_loss_mask(tiny_run, tiny_model_dir, pruned_
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[log.callback]
     )
     _assert_trains_on_masked_loss(trainer, before, pruned_rows, log.losses)
+
+
+def test_the_exported_trl_script_trains_on_a_cpu_as_written(tiny_run, tmp_path):
+    """`curate export --format trl` writes train_trl.py; run as it is, on this CPU, it trains and saves."""
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    from curate.cli import app
+
+    out = tmp_path / "export"
+    res = CliRunner().invoke(app, ["export", str(tiny_run / "pruned"), "--format", "trl", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    run = subprocess.run(
+        [sys.executable, str(out / "train_trl.py")], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert any((tmp_path / "q-curate-sft").glob("checkpoint-*/model.safetensors"))

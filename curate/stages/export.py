@@ -8,7 +8,6 @@ is. Each export also writes the ready-to-paste config (or script) for its framew
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,9 +17,9 @@ import pyarrow.parquet as pq
 from .. import io, schema
 from ..config import ExportConfig
 from ..errors import CurateError
-from ..extras import require_stages
-from ..progress import Reporter
-from . import base
+from ..executor import Job, runner
+from ..registry import register
+from ..stage import Input, Manifest, Stage
 
 TOKENIZED = ["input_ids", "attention_mask", "labels"]
 JSONL_COLUMNS = ["id", "messages", "input_ids", "labels", "loss_mask", "quadrant", "selection"]
@@ -116,13 +115,15 @@ def _trl(table: pa.Table, out: Path, model: str, max_len: int) -> tuple[str, str
         f"""\
 # python {yml(out / "train_trl.py")}
 # TRL uses the `labels` column as is (-100 = not in the loss), with or without packing.
+import torch
 from datasets import load_dataset
 from trl import SFTConfig, SFTTrainer
 
 dataset = load_dataset("parquet", data_files={py(out / "data" / "*.parquet")}, split="train")
+gpu = torch.cuda.is_available()  # on a CPU: float32 (TRL's default bf16 needs a GPU, or runs emulated and slow)
 args = SFTConfig(output_dir="q-curate-sft", max_length={max_len}, packing=True, learning_rate=1e-4,
                  num_train_epochs=3, per_device_train_batch_size=8, gradient_accumulation_steps=4,
-                 lr_scheduler_type="cosine")
+                 lr_scheduler_type="cosine", bf16=gpu and torch.cuda.is_bf16_supported(), use_cpu=not gpu)
 SFTTrainer(model={py(model)}, args=args, train_dataset=dataset).train()
 """,
     )
@@ -150,42 +151,59 @@ WRITERS = {
     "trl": (_trl, ["input_ids", "labels"]),
     "jsonl": (_jsonl, JSONL_COLUMNS),
 }
-OUTPUTS = ("tokenized", "data", "data.jsonl", "llamafactory_sft.yaml", "axolotl.yaml", "train_trl.py", "load.py")
+OUTPUTS = (
+    "tokenized/",
+    f"{schema.PRUNED_DATA}/{schema.PRUNED_GLOB}",
+    "data.jsonl",
+    "llamafactory_sft.yaml",
+    "axolotl.yaml",
+    "train_trl.py",
+    "load.py",
+)
 
 
-def run(cfg: ExportConfig, reporter: Reporter | None = None, force: bool = False) -> dict:
-    """Export `cfg.pruned` into `cfg.out`; the manifest names the config snippet (`config_file`)."""
-    reporter = reporter or Reporter()
-    require_stages(("export", cfg))
-    started = time.time()
-    pruned, out = Path(cfg.pruned), Path(cfg.out)
-    base.check_not_input(out, pruned)
-    source = io.verified(pruned, ("prune", "retokenize"), "export the output of `curate prune`")
-    files = [pruned / f["name"] for f in source["files"] if f["name"].startswith(schema.PRUNED_DATA + "/")]
-    fingerprint = io.fingerprint_config(
-        {"pruned": source["fingerprint"], "format": cfg.format, "out": str(out.resolve())}
+def identify(job: Job) -> dict:
+    return {"out": str(job.out.resolve())}  # the config snippet names OUT: an export elsewhere is another run
+
+
+def compute(job: Job) -> dict:
+    cfg, out, source = job.cfg, job.out, job.manifests["pruned"]
+    writer, columns = WRITERS[cfg.format]
+    table = _read(io.pruned_data_files(job.inputs["pruned"], source), columns)
+    max_len = pc.max(pc.list_value_length(table.column("input_ids"))).as_py() or 0
+    name, snippet = writer(table, out.resolve(), source.get("model", {}).get("path", UNKNOWN_MODEL), max_len)
+    io.write_bytes_atomic(out / name, snippet.encode())
+    config_file = str((out / name).resolve())
+    return {"format": cfg.format, "rows": table.num_rows, "columns": columns, "config_file": config_file}
+
+
+class ExportResult(Manifest):
+    format: str
+    rows: int
+    columns: list[str]
+    config_file: str
+
+
+def summary(m: ExportResult) -> list:
+    # the snippet as written, unwrapped, so that it can be pasted from a log
+    return [Path(m.config_file).read_text(), f"exported to {m.config['out']}; config written to {m.config_file}"]
+
+
+STAGE = register(
+    Stage(
+        name="export",
+        step=6,
+        config=ExportConfig,
+        doc="Write the pruned data in the shape a training framework accepts, with a ready-to-paste config.",
+        compute=compute,
+        identify=identify,
+        inputs=(Input("pruned", stages=("prune", "retokenize"), hint="export the output of `curate prune`"),),
+        outputs=OUTPUTS,
+        needs=lambda cfg: ("datasets",) if cfg.format == "llamafactory" else (),
+        result=ExportResult,
+        summary=summary,
+        cli_arguments=("pruned",),
+        cli_first=(),
     )
-    with io.locked(out, reporter.log):
-        done = base.begin(out, "export", fingerprint, outputs=OUTPUTS, reporter=reporter, force=force)
-        if done:
-            return done
-        writer, columns = WRITERS[cfg.format]
-        table = _read(files, columns)
-        max_len = pc.max(pc.list_value_length(table.column("input_ids"))).as_py() or 0
-        name, snippet = writer(table, out.resolve(), source.get("model", {}).get("path", UNKNOWN_MODEL), max_len)
-        io.write_bytes_atomic(out / name, snippet.encode())
-        written = sorted(
-            str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and not p.name.startswith((".", "_"))
-        )
-        return io.write_manifest(
-            out,
-            "export",
-            fingerprint,
-            started,
-            files=[io.file_entry(out, n) for n in written],
-            inputs=[{"path": str(pruned), "stage": source["stage"]}],
-            format=cfg.format,
-            rows=table.num_rows,
-            columns=columns,
-            config_file=str(out / name),
-        )
+)
+run = runner(STAGE)

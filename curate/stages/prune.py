@@ -9,7 +9,6 @@ its coordinates, quadrant and fate), `OUT/stats.json`, and `OUT/_manifest.json` 
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -19,15 +18,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import __version__, io, pruning, schema
-from ..config import PruneConfig
+from ..card import CARD, pruned_card, source_licence
+from ..config import PruneConfig, ReportConfig, RetokenizeConfig
 from ..errors import CurateError
-from ..extras import require_stages
+from ..executor import Job, runner
 from ..progress import Reporter
+from ..registry import register
+from ..stage import Input, Manifest, Stage, in_fingerprint
 from ..units import KINDS, protected_spans, token_kinds, tokens_touching, unit_ids
-from . import base
+from ..verify import input_change
+from ..wiring import TARGET
 
-OUTPUTS = (schema.PRUNED_DATA, schema.SAMPLES, schema.STATS)
-TARGET = "target"  # with --target-model: the kept samples in the target model's tokens
 SCORES_HINT = "run `curate score` into it first"
 
 
@@ -95,6 +96,18 @@ def partitions(coords: pl.DataFrame, cfg: PruneConfig) -> np.ndarray:
     return part
 
 
+def partition_budgets(part: np.ndarray, groups: np.ndarray | None, cfg: PruneConfig) -> np.ndarray:
+    """K per partition: each group keeps exactly budget(its ratio, its size), split over its batches."""
+    sizes = np.bincount(part)
+    budgets = np.zeros(len(sizes), dtype=np.int64)
+    for g in pruning.unique_in_order(groups) if groups is not None else [None]:
+        members = part if g is None else part[groups == g]
+        ratio = cfg.ratio if g is None else cfg.group_ratios.get(g, cfg.ratio)
+        parts = np.unique(members)
+        budgets[parts] = pruning.split_budget(pruning.budget(ratio, len(members)), sizes[parts])
+    return budgets
+
+
 def select(coords: pl.DataFrame, cfg: PruneConfig) -> tuple[pl.DataFrame, dict]:
     """Adds quadrant, batch and selection columns; returns them with the triage summary."""
     ids = coords["id"].to_numpy().astype(str)
@@ -104,13 +117,13 @@ def select(coords: pl.DataFrame, cfg: PruneConfig) -> tuple[pl.DataFrame, dict]:
     quadrant = pruning.quadrant_labels(ppl, ent, median)
     selection = np.full(len(ids), None, dtype=object)
     part = partitions(coords, cfg)
+    budgets = partition_budgets(part, groups, cfg)
     alphas, thresholds = [], None
     # One stable sort groups every partition's indices (ascending) without an O(N) scan per partition.
     order = np.argsort(part, kind="stable")
     starts = np.flatnonzero(np.diff(part[order], prepend=-1))
     for idx in np.split(order, starts[1:]):
-        ratio = cfg.group_ratios.get(groups[idx[0]], cfg.ratio) if groups is not None else cfg.ratio
-        k = pruning.budget(ratio, len(idx))
+        k = int(budgets[part[idx[0]]])
         result = pruning.triage(cfg.strategy, ids[idx], ppl[idx], ent[idx], k, cfg.seed + int(part[idx[0]]), cfg.fill)
         selection[idx] = result.selection
         if result.alpha is not None:
@@ -289,7 +302,7 @@ def write_pruned_shard(task: tuple) -> Counter:
 def write_masks(tasks: list[tuple], cfg: PruneConfig, reporter: Reporter) -> list[Counter]:
     """Pass 2 over the kept shards: in this process, in `workers` local processes, or as Ray tasks."""
     if cfg.engine == "ray":
-        from ..ray_engine import run_tasks
+        from ..engines.ray import run_tasks
 
         return run_tasks(write_pruned_shard, tasks, cfg.address, reporter)
     if cfg.workers <= 1 or len(tasks) <= 1:
@@ -302,40 +315,60 @@ def write_masks(tasks: list[tuple], cfg: PruneConfig, reporter: Reporter) -> lis
         return list(pool.map(write_pruned_shard, tasks))
 
 
-def run(cfg: PruneConfig, reporter: Reporter | None = None, force: bool = False) -> dict:
-    reporter = reporter or Reporter()
-    started = time.time()
-    scores_dir, out = Path(cfg.scores), Path(cfg.out)
-    base.check_not_input(out, scores_dir)
-    require_stages(("prune", cfg))
-    scores_manifest = io.verified(scores_dir, "score", SCORES_HINT)
+def identify(job: Job) -> dict:
+    """Checks before any work: the scored input unchanged, the grouping field carried by the scores."""
+    cfg, scores_dir, scores_manifest = job.cfg, job.inputs["scores"], job.manifests["scores"]
+    if changed := input_change(scores_dir, scores_manifest):
+        if not cfg.allow_changed_input:
+            raise CurateError(f"{changed}: score it again, or prune the old scores with --allow-changed-input")
+        job.log(f"warning: {changed}; pruning the scores of the old rows (--allow-changed-input)")
     if cfg.group_by and cfg.group_by not in scores_manifest.get("keep_fields", []):
         raise CurateError(
             f"--group-by {cfg.group_by}: the scores in {scores_dir} do not carry that field; score with "
             f"--keep-fields {cfg.group_by}"
         )
-    # settings that change the pruned data (target_model only adds OUT/target, a stage of its own)
-    settings = cfg.model_dump(exclude={"scores", "out", "workers", "engine", "address", "target_model"})
-    fingerprint = io.fingerprint_config(
-        {"config": settings, "scores": scores_manifest["fingerprint"], "version": __version__}
-    )
-    with io.locked(out, reporter.log):
-        manifest = base.begin(out, "prune", fingerprint, outputs=OUTPUTS, reporter=reporter, force=force)
-        manifest = manifest or write_pruned(cfg, scores_dir, scores_manifest, fingerprint, started, reporter)
-    if cfg.target_model:
-        from ..config import RetokenizeConfig
-        from . import retokenize
+    return {}
 
-        retokenize.run(
-            RetokenizeConfig(pruned=str(out), model=cfg.target_model, out=str(out / TARGET)), reporter, force
+
+def dataset_card(job: Job, stats: dict) -> str:
+    """README.md: what `datasets.load_dataset(OUT)` and the Hub read, and where the data came from."""
+    cfg, scores_manifest = job.cfg, job.manifests["scores"]
+    defaults = PruneConfig.model_construct()
+    changed = {
+        k: v
+        for k, v in cfg.model_dump(exclude={"scores", "out"}).items()
+        if in_fingerprint(PruneConfig, k) and v != getattr(defaults, k, None)
+    }
+    source = (scores_manifest.get("inputs") or [{}])[0].get("path")
+    licence = source_licence(io.recorded_path(job.inputs["scores"], source)) if source else None
+    return pruned_card(stats, scores_manifest, changed, licence)
+
+
+def excluded_ids(job: Job, known: pl.Series) -> list[str]:
+    """The ids of --exclude-ids (one per line; blank lines and `#` comments skipped), all of which must be among
+    `known` (the scored ids): a typo would otherwise exclude nothing, silently."""
+    path = job.inputs.get("exclude_ids")
+    if path is None:
+        return []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise CurateError(f"{path}: --exclude-ids must be UTF-8 text, one id per line") from None
+    ids = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    known = set(known.to_list())
+    unknown = [i for i in ids if i not in known]
+    if unknown:
+        raise CurateError(
+            f"{path}: {len(unknown):,} of its {len(ids):,} ids are not in {job.inputs['scores']} "
+            f"(first: {', '.join(repr(i) for i in unknown[:5])})"
         )
-    return manifest
+    return ids
 
 
-def write_pruned(
-    cfg: PruneConfig, scores_dir: Path, scores_manifest: dict, fingerprint: str, started: float, reporter: Reporter
-) -> dict:
-    out = Path(cfg.out)
+def compute(job: Job) -> dict:
+    """Place every sample, triage to the exact budget, write the masks of the kept ones; the manifest's fields."""
+    cfg, out, reporter, fingerprint = job.cfg, job.out, job.reporter, job.fingerprint
+    scores_dir, scores_manifest = job.inputs["scores"], job.manifests["scores"]
     positions = scores_manifest.get("score_positions", "all")
     if positions == "trainable" and cfg.entropy_positions == "all":
         raise CurateError(
@@ -358,17 +391,25 @@ def write_pruned(
     if multi:
         reporter.log(f"{multi:,} multi-turn samples, placed on the plane by --placement {cfg.placement}")
     coords = mark_duplicates(coords.with_row_index("row"), cfg.keep_duplicates)
-    chosen, summary = select(coords.filter(pl.col("duplicate_of").is_null()), cfg)
-    copies = coords.filter(pl.col("duplicate_of").is_not_null())
-    if copies.height:  # later copies of a conversation: the triage never saw them
+    coords = coords.with_columns(excluded=pl.col("id").is_in(excluded_ids(job, coords["id"])))
+    left_out = pl.col("duplicate_of").is_not_null() | pl.col("excluded")
+    if coords.filter(~left_out).is_empty():
+        raise CurateError(f"{cfg.exclude_ids}: it excludes every sample of {scores_dir}; nothing is left to keep")
+    chosen, summary = select(coords.filter(~left_out), cfg)
+    copies = coords.filter(left_out)
+    if copies.height:  # later copies of a conversation and excluded samples: the triage never saw them
         quadrant = pruning.quadrant_labels(copies["ppl"].to_numpy(), copies["ent"].to_numpy(), summary["medians"])
         copies = copies.with_columns(
             pl.Series("quadrant", quadrant), batch=pl.lit(-1, pl.Int64), selection=pl.lit(None, pl.String)
         )
         chosen = pl.concat([chosen, copies.select(chosen.columns)]).sort("row")
-        reporter.log(
-            f"{copies.height:,} later copies of identical conversations left out (--keep-duplicates keeps them)"
-        )
+        duplicates, excluded = copies["duplicate_of"].is_not_null().sum(), copies["excluded"].sum()
+        if duplicates:
+            reporter.log(
+                f"{duplicates:,} later copies of identical conversations left out (--keep-duplicates keeps them)"
+            )
+        if excluded:
+            reporter.log(f"{excluded:,} samples left out as --exclude-ids asks")
     chosen = chosen.drop("row", "content_hash")
     kept = chosen.filter(pl.col("selection").is_not_null())
     kept_shards = sorted(set(kept["shard"].to_list()))
@@ -388,19 +429,12 @@ def write_pruned(
     for line in effect_lines(stats["token_pruning"]):
         reporter.log(line)
     io.write_json_atomic(out / schema.STATS, stats)
-    files = [io.file_entry(out, n) for n in (*names, schema.SAMPLES, schema.STATS)]
-    return io.write_manifest(
-        out,
-        "prune",
-        fingerprint,
-        started,
-        files=files,
-        inputs=[{"path": str(scores_dir), "stage": "score", "fingerprint": scores_manifest["fingerprint"]}],
-        config=cfg.model_dump(),
-        model=scores_manifest["model"],
-        counts={"samples_in": samples.height, "samples_out": stats["K"], "dropped": samples.height - stats["K"]},
-        stats=stats,
-    )
+    io.write_bytes_atomic(out / CARD, dataset_card(job, stats).encode())
+    return {
+        "model": scores_manifest["model"],
+        "counts": {"samples_in": samples.height, "samples_out": stats["K"], "dropped": samples.height - stats["K"]},
+        "stats": stats,
+    }
 
 
 def rule_in_words(cfg: PruneConfig) -> str:
@@ -490,6 +524,7 @@ def build_stats(cfg: PruneConfig, samples: pl.DataFrame, summary: dict, loss_tok
         "loss_token_ratio": loss_tokens / trainable_all if trainable_all else 0.0,
         "loss_token_ratio_in_kept": loss_tokens / trainable_kept if trainable_kept else 0.0,
         "duplicates_left_out": int(samples["duplicate_of"].is_not_null().sum()),
+        "excluded": int(samples["excluded"].sum()),
         "placement": cfg.placement,
         "multi_turn_samples": int((samples["turn_ppl"].list.len() > 1).sum()),
         "token_pruning": token_pruning_stats(cfg, effect),
@@ -501,3 +536,85 @@ def build_stats(cfg: PruneConfig, samples: pl.DataFrame, summary: dict, loss_tok
             g: {"N": n, "K": k, "ratio": cfg.group_ratios.get(g, cfg.ratio)} for g, n, k in per.iter_rows()
         }
     return stats
+
+
+class PruneResult(Manifest):
+    model: dict
+    counts: dict[str, int]
+    stats: dict
+
+
+def summary(m: PruneResult) -> list:
+    from rich.table import Table
+
+    st = m.stats
+    t = Table(title=f"EU plane and pruning: {m.config['out']}")
+    for col in ("quadrant", "meaning", "samples", "kept"):
+        t.add_column(col, justify="right" if col in ("samples", "kept") else "left")
+    for q in schema.QUADRANTS:
+        t.add_row(
+            q,
+            f"{schema.QUADRANT_NAMES[q]} ({schema.QUADRANT_AXES[q]})",
+            f"{st['quadrants'][q]:,}",
+            f"{st['kept_by_quadrant'][q]:,}",
+        )
+    lines: list = [t, f"medians: ppl {st['medians']['ppl']:.3f}, entropy {st['medians']['ent']:.3f}"]
+    if st.get("thresholds"):
+        th = st["thresholds"]
+        lines.append(
+            f"alpha {th['alpha']:.4f}: Q2 = ppl > {th['ppl_high']:.3f} and ent <= {th['ent_low']:.3f}; "
+            f"Q4 = ppl <= {th['ppl_low']:.3f} and ent > {th['ent_high']:.3f}"
+        )
+    elif st.get("alpha_per_batch"):
+        a = st["alpha_per_batch"]
+        lines.append(f"alpha per batch or group: min {a['min']:.3f}, mean {a['mean']:.3f}, max {a['max']:.3f}")
+    lines += [
+        f"group {g}: kept {v['K']:,} of {v['N']:,} (ratio {v['ratio']})" for g, v in (st.get("groups") or {}).items()
+    ]
+    tok = st["trainable_tokens"]
+    lines += [
+        f"kept {st['K']:,} of {st['N']:,} samples ({st['sample_ratio']:.1%}): {st['selection']}",
+        f"loss tokens: {tok['after']:,} of {tok['all_samples']:,} trainable ({st['loss_token_ratio']:.1%}; "
+        f"{st['loss_token_ratio_in_kept']:.1%} of the kept samples' {tok['kept_samples']:,})",
+        f"pruned data: {Path(m.config['out']) / schema.PRUNED_DATA}/train-*.parquet",
+    ]
+    if m.config.get("target_model"):
+        lines.append(f"for {m.config['target_model']}: {Path(m.config['out']) / TARGET}/data/train-*.parquet")
+    if m.config.get("report"):
+        lines.append(f"report: {Path(m.config['out']) / 'report' / 'report.html'}")
+    return lines
+
+
+def follow_ups(cfg: PruneConfig) -> list:
+    """With --target-model, the kept samples in the target's tokens (OUT/target); with --report, the report."""
+    steps = []
+    if cfg.target_model:
+        steps.append(
+            ("retokenize", RetokenizeConfig(pruned=cfg.out, model=cfg.target_model, out=str(Path(cfg.out) / TARGET)))
+        )
+    if cfg.report:
+        steps.append(("report", ReportConfig(run=cfg.out)))
+    return steps
+
+
+STAGE = register(
+    Stage(
+        name="prune",
+        step=2,
+        config=PruneConfig,
+        doc="Keep the valuable samples (Q2, Q4) to an exact budget and mask noisy tokens in Q2 samples.",
+        compute=compute,
+        identify=identify,
+        inputs=(
+            Input("scores", stages=("score",), hint=SCORES_HINT),
+            Input("exclude_ids", data=True, hint="the ids to leave out"),
+        ),
+        outputs=(f"{schema.PRUNED_DATA}/{schema.PRUNED_GLOB}", schema.SAMPLES, schema.STATS, CARD),
+        needs=lambda cfg: ("ray",) if cfg.engine == "ray" else (),
+        then=follow_ups,
+        result=PruneResult,
+        summary=summary,
+        cli_arguments=("scores",),
+    )
+)
+run = runner(STAGE)

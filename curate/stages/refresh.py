@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import shlex
 import subprocess
-import time
 from pathlib import Path
 
 import polars as pl
 
-from .. import __version__, io, schema
-from ..config import PruneConfig, RefreshConfig, ScoreConfig, TrainConfig
+from .. import schema, wiring
+from ..config import RefreshConfig, TrainCommandConfig
 from ..errors import CurateError
-from ..extras import require_stages
-from ..progress import Reporter
-from . import base, prune, score, train
+from ..executor import Job, execute, identify_model, runner
+from ..registry import register
+from ..stage import Input, Manifest, Stage
+from . import prune, score, train
 
 
 def round_dir(out: Path, r: int) -> Path:
@@ -44,25 +44,13 @@ def transition_table(before: pl.DataFrame, after: pl.DataFrame) -> dict:
     }
 
 
-def run_train_cmd(template: str, data: Path, model: dict, out: Path, reporter: Reporter, force: bool = False) -> dict:
-    """The user's training command, with {data}, {model} and {out} filled in; it must leave a model in out.
-    `model` is the scoring manifest's model entry (path and content hash)."""
-    started = time.time()
-    fingerprint = io.fingerprint_config(
-        {
-            "cmd": template,
-            "data": io.verified(data, "prune", "")["fingerprint"],
-            "model": model["hash"],
-            "version": __version__,
-        }
-    )
-    done = base.begin(out, "train", fingerprint, outputs=(), reporter=reporter, force=force)
-    if done:
-        return done
-    cmd = template  # str.replace, not format: the command may contain other braces (JSON, shell)
-    for key, value in (("data", str(data)), ("model", model["path"]), ("out", str(out))):
+def train_with_command(job: Job) -> dict:
+    """The user's training command, with {data}, {model} and {out} filled in; it must leave a model in OUT."""
+    cfg, out = job.cfg, job.out
+    cmd = cfg.command  # str.replace, not format: the command may contain other braces (JSON, shell)
+    for key, value in (("data", cfg.data), ("model", job.context["model"].path), ("out", str(out))):
         cmd = cmd.replace("{" + key + "}", shlex.quote(value))
-    reporter.log(f"training: {cmd}")
+    job.log(f"training: {cmd}")
     result = subprocess.run(cmd, shell=True)
     if result.returncode != 0:
         raise CurateError(f"the training command failed with exit code {result.returncode}: {cmd}")
@@ -71,65 +59,129 @@ def run_train_cmd(template: str, data: Path, model: dict, out: Path, reporter: R
             f"the training command finished but {out} holds no model (config.json); it must save "
             "the trained model (merged, not a bare adapter) to the folder given as {out}"
         )
-    return io.write_manifest(
-        out,
-        "train",
-        fingerprint,
-        started,
-        command=cmd,
-        inputs=[{"path": str(data)}, {"model": model["path"], "hash": model["hash"]}],
+    model = job.context["model"]
+    return {"command": cmd, "base_model": model.entry()}
+
+
+TRAIN_COMMAND = register(
+    Stage(
+        name="train-command",
+        step=5,
+        config=TrainCommandConfig,
+        doc="Train with your own command (as `curate refresh --train-cmd` does each round).",
+        compute=train_with_command,
+        identify=identify_model,
+        inputs=(
+            Input("data", stages=("prune", "retokenize"), hint="train on the output of `curate prune`"),
+            Input("model", model=True),
+        ),
+        outputs=train.MODEL_FILES,
+        cli_arguments=("data",),
     )
+)
 
 
-def run(cfg: RefreshConfig, reporter: Reporter | None = None, force: bool = False) -> dict:
-    """Run (or resume) `cfg.rounds` rounds; returns the manifest, whose `summary` the report shows."""
-    reporter = reporter or Reporter()
-    started = time.time()
-    out = Path(cfg.out)
+def rounds(job: Job) -> dict:
+    """Run (or resume) the rounds; each stage is skipped when its manifest matches, so a rerun resumes."""
+    cfg, out, reporter, force = job.cfg, job.out, job.reporter, job.force
     model = cfg.score.model
-    score_cfg = ScoreConfig(**cfg.score.model_dump(), input=cfg.input, out=str(out))
-    require_stages(("score", score_cfg), ("prune", None), *([] if cfg.train_cmd else [("train", cfg.train)]))
     summary: dict = {"rounds": [], "transitions": []}
     previous = None
-    with io.locked(out, reporter.log):
-        for r in range(1, cfg.rounds + 1):
-            d = round_dir(out, r)
-            reporter.log(f"round {r}/{cfg.rounds}: scoring the full input with {model or 'the built-in model'}")
-            scored = score.run(
-                ScoreConfig(**{**cfg.score.model_dump(), "model": model}, input=cfg.input, out=str(d / "scores")),
-                reporter,
-                force,
+    for r in range(1, cfg.rounds + 1):
+        d = round_dir(out, r)
+        reporter.log(f"round {r}/{cfg.rounds}: scoring the full input with {model or 'the built-in model'}")
+        scored = score.run(wiring.score_config(cfg.score, cfg.input, d / "scores", model), reporter, force)
+        pruned = prune.run(wiring.prune_config(cfg.prune, d / "scores", d / "pruned"), reporter, force)
+        if cfg.train_cmd:
+            command = TrainCommandConfig(
+                command=cfg.train_cmd, data=str(d / "pruned"), model=scored["model"]["path"], out=str(d / "model")
             )
-            pruned = prune.run(
-                PruneConfig(**cfg.prune.model_dump(), scores=str(d / "scores"), out=str(d / "pruned")), reporter, force
-            )
-            if cfg.train_cmd:
-                run_train_cmd(cfg.train_cmd, d / "pruned", scored["model"], d / "model", reporter, force)
-            else:
-                # with prune.target_model the first round trains that model, on its own tokens
-                target = cfg.prune.target_model
-                options = {**cfg.train.model_dump(), "model": target if target and r == 1 else model}
-                data = d / "pruned" / prune.TARGET if target else d / "pruned"
-                train.run(TrainConfig(**options, data=str(data), out=str(d / "model")), reporter, force)
-            samples = pl.read_parquet(d / "pruned" / schema.SAMPLES, columns=["id", "quadrant", "kept"], glob=False)
-            st = pruned["stats"]
-            summary["rounds"].append(
-                {
-                    "round": r,
-                    "dir": d.name,
-                    "model": scored["model"]["name"],
-                    "quadrants": st["quadrants"],
-                    "kept_by_quadrant": st["kept_by_quadrant"],
-                    "K": st["K"],
-                    "N": st["N"],
-                    "loss_token_ratio": st["loss_token_ratio"],
-                    "checkpoint": f"{d.name}/model",
-                }
-            )
-            if previous is not None:
-                summary["transitions"].append({"from": r - 1, "to": r, **transition_table(previous, samples)})
-            previous = samples
-            model = str(d / "model")
-        return io.write_manifest(
-            out, "refresh", io.fingerprint_config(cfg.model_dump()), started, config=cfg.model_dump(), summary=summary
+            execute(TRAIN_COMMAND, command, reporter, force)
+        else:
+            # with prune.target_model the first round trains that model, on its own tokens
+            later = model if r > 1 else None
+            options = wiring.train_config(cfg.train, cfg.prune, d / "pruned", d / "model", model, continue_from=later)
+            train.run(options, reporter, force)
+        samples = pl.read_parquet(d / "pruned" / schema.SAMPLES, columns=["id", "quadrant", "kept"], glob=False)
+        st = pruned["stats"]
+        summary["rounds"].append(
+            {
+                "round": r,
+                "dir": d.name,
+                "model": scored["model"]["name"],
+                "quadrants": st["quadrants"],
+                "kept_by_quadrant": st["kept_by_quadrant"],
+                "K": st["K"],
+                "N": st["N"],
+                "loss_token_ratio": st["loss_token_ratio"],
+                "checkpoint": f"{d.name}/model",
+            }
         )
+        if previous is not None:
+            summary["transitions"].append({"from": r - 1, "to": r, **transition_table(previous, samples)})
+        previous = samples
+        model = str(d / "model")
+    return {"summary": summary}
+
+
+class RefreshResult(Manifest):
+    summary: dict
+
+
+def summary_lines(m: RefreshResult) -> list:
+    from rich.table import Table
+
+    summary, run_dir = m.summary, Path(m.config["out"])
+    t = Table(title=f"refresh: {run_dir}")
+    for col in ("round", "scored by", *(f"{q} (kept)" for q in schema.QUADRANTS), "kept", "loss tokens"):
+        t.add_column(col, justify="left" if col == "scored by" else "right")
+    for r in summary["rounds"]:
+        q, k = r["quadrants"], r["kept_by_quadrant"]
+        scorer = "start model" if r["round"] == 1 else f"round {r['round'] - 1} model"
+        t.add_row(
+            str(r["round"]),
+            scorer,
+            *(f"{q[x]:,} ({k[x]:,})" for x in schema.QUADRANTS),
+            f"{r['K']:,} / {r['N']:,}",
+            f"{r['loss_token_ratio']:.1%}",
+        )
+    lines: list = [t]
+    for tr in summary["transitions"]:
+        moves = Table(title=f"quadrants, round {tr['from']} -> {tr['to']}")
+        moves.add_column(f"round {tr['from']}")
+        for q in schema.QUADRANTS:
+            moves.add_column(f"{q} in {tr['to']}", justify="right")
+        for q, row in tr["counts"].items():
+            moves.add_row(q, *(f"{row[p]:,}" for p in schema.QUADRANTS))
+        lines += [
+            moves,
+            f"{tr['stayed']:,} of {tr['samples']:,} samples stayed in their quadrant; "
+            f"{tr['kept_both']:,} were kept in both rounds",
+        ]
+    lines.append(f"rounds: {run_dir}/round-NN/{{scores,pruned,model}}; summary: {run_dir}/_manifest.json")
+    return lines
+
+
+def needs(cfg: RefreshConfig) -> tuple[str, ...]:
+    score_cfg = wiring.score_config(cfg.score, cfg.input, Path(cfg.out))
+    prune_cfg = wiring.prune_config(cfg.prune, Path(cfg.out), Path(cfg.out))
+    modules = [*score.STAGE.needs(score_cfg), *prune.STAGE.needs(prune_cfg)]
+    return tuple(modules if cfg.train_cmd else [*modules, *train.STAGE.needs(cfg.train)])
+
+
+STAGE = register(
+    Stage(
+        name="refresh",
+        step=9,
+        config=RefreshConfig,
+        doc="The dynamic loop: each round re-scores the full input with the latest model, prunes and trains.",
+        compute=rounds,
+        inputs=(Input("input", data=True, hint="the SFT data to score each round"),),
+        needs=needs,
+        walks=True,  # an interrupted loop resumes at the round and stage where it stopped
+        result=RefreshResult,
+        summary=summary_lines,
+        cli_arguments=("input",),
+    )
+)
+run = runner(STAGE)

@@ -10,20 +10,19 @@ from __future__ import annotations
 import base64
 import html
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from .. import __version__, io, pruning, runs
+from .. import io, pruning, runs
 from ..config import ReportConfig
-from ..extras import require_stages
-from ..progress import Reporter
+from ..executor import Job, runner
+from ..explore import INLINE_LIMIT, Explorer, self_contained_page
+from ..registry import register
 from ..schema import QUADRANT_NAMES, QUADRANTS, SAMPLES, SELECTION_COLOURS, STATS
-from . import base
+from ..stage import Input, Manifest, Stage
 
-OUTPUTS = ("eu_plane.png", "histograms.png", "report.html")
 CORNERS = {
     "Q1": (0.98, 0.98, "right", "top"),
     "Q2": (0.98, 0.02, "right", "bottom"),
@@ -155,25 +154,13 @@ def plot_histograms(samples: pl.DataFrame, path: Path) -> None:
 def token_view(tokenizer, score_row: dict, pruned_row: dict | None, lam: float) -> str:
     """One sample as HTML spans: prompt, kept loss tokens, pruned tokens, or the response of a dropped sample,
     with scores on hover (data-tip). `pruned_row` is None for a dropped sample."""
-    ids, trainable = score_row["input_ids"], np.asarray(score_row["trainable"], dtype=np.int8)
-    lp = np.asarray(score_row["logprob"], dtype=np.float32)
-    ent = np.asarray(score_row["entropy"], dtype=np.float32)
-    s = pruning.context_scores(np.nan_to_num(lp), trainable, lam)
-    mask = np.asarray(pruned_row["loss_mask"]) if pruned_row else None
     parts = []
-    for i, tid in enumerate(ids):
-        if not trainable[i]:
-            kind = "prompt"
-        elif mask is None:
-            kind = "dropped"
-        else:
-            kind = "kept" if mask[i] else "pruned"
-        tip = f"token {i} (id {tid}, {kind}) | logprob {lp[i]:.3f} | entropy {ent[i]:.3f}"
-        if trainable[i]:
-            tip += f" | score {s[i]:.3g}"
-        parts.append(
-            f'<span class="{kind}" data-tip="{html.escape(tip)}">{html.escape(tokenizer.decode([tid]))}</span>'
-        )
+    mask = pruned_row["loss_mask"] if pruned_row else None
+    for i, tok in enumerate(runs.token_rows(tokenizer, score_row, mask, lam)):
+        tip = f"token {i} (id {tok['id']}, {tok['k']}) | logprob {tok['lp']:.3f} | entropy {tok['ent']:.3f}"
+        if tok["s"] is not None:
+            tip += f" | score {tok['s']:.3g}"
+        parts.append(f'<span class="{tok["k"]}" data-tip="{html.escape(tip)}">{html.escape(tok["t"])}</span>')
     return "".join(parts)
 
 
@@ -350,54 +337,75 @@ for its log-prob, entropy and pruning score.</p>
 {cards}{TOOLTIP_JS}</body></html>"""
 
 
-def run(cfg: ReportConfig, reporter: Reporter | None = None, force: bool = False) -> dict:
-    """Write the report of `cfg.run`; returns the manifest (`report` is the page's path)."""
-    reporter = reporter or Reporter()
-    require_stages(("report", cfg))
-    started = time.time()
-    source = Path(cfg.run)
-    found = runs.locate(source)
-    out = Path(cfg.out) if cfg.out else source / "report"
-    fingerprint = io.fingerprint_config(
-        {
-            "pruned": found.pruned_manifest["fingerprint"],
-            "examples": cfg.examples,
-            "refresh": found.refresh,
-            "version": __version__,
-        }
-    )
-    with io.locked(out, reporter.log):
-        done = base.begin(out, "report", fingerprint, outputs=OUTPUTS, reporter=reporter, force=force)
-        if done:
-            return done
-        samples = pl.read_parquet(found.pruned / SAMPLES, glob=False)
-        stats = io.read_json(found.pruned / STATS)
-        picks = examples(samples, cfg.examples)
-        try:
-            plot_eu_plane(samples, stats, out / "eu_plane.png", picks)
-            plot_histograms(samples, out / "histograms.png")
-        except OSError as e:  # matplotlib's writers lose the file name (a full disk said "error: : No space left")
-            raise OSError(e.errno, e.strerror, str(e.filename or out)) from None
-        tokenizer = runs.scoring_tokenizer(found)
-        wanted = [p["id"] for p in picks]
-        score_rows = runs.rows_by_id(found.score_files(), wanted)
-        pruned_rows = runs.rows_by_id(found.pruned_files(), wanted, ["id", "loss_mask"])
-        bodies = [
-            (
-                {**p, "fate": fate(p, pruned_rows.get(p["id"]))},
-                token_view(tokenizer, score_rows[p["id"]], pruned_rows.get(p["id"]), stats["config"]["lam"]),
-            )
-            for p in picks
-        ]
-        images = {name: (out / name).read_bytes() for name in ("eu_plane.png", "histograms.png")}
-        page = build_html(stats, images, bodies, found.refresh, found.scores_manifest.get("duplicates"))
-        io.write_bytes_atomic(out / "report.html", page.encode())
-        return io.write_manifest(
-            out,
-            "report",
-            fingerprint,
-            started,
-            files=[io.file_entry(out, n) for n in OUTPUTS],
-            inputs=[{"path": str(found.pruned), "stage": "prune"}],
-            report=str(out / "report.html"),
+def explore_html(n: int) -> str:
+    """Where to see every sample: the self-contained explorer beside the report, or `curate explore`."""
+    if n <= INLINE_LIMIT:
+        return (
+            '<h2 id="explore">Every sample</h2><p><a href="explore.html">explore.html</a>: all '
+            f"{n:,} samples on the plane: hover, zoom, filter, search, select, and click one for its tokens.</p>"
         )
+    return (
+        f'<h2 id="explore">Every sample</h2><p>This run has {n:,} samples, more than a self-contained page holds '
+        f"({INLINE_LIMIT:,}): <code>curate explore RUN</code> shows them all in your browser.</p>"
+    )
+
+
+def identify(job: Job) -> dict:
+    """The run the report draws, found from whatever folder the user named (and verified)."""
+    job.context["run"] = found = runs.locate(job.inputs["run"])
+    return {"pruned": found.pruned_manifest["fingerprint"], "refresh": found.refresh}
+
+
+def compute(job: Job) -> dict:
+    cfg, out, found = job.cfg, job.out, job.context["run"]
+    samples = pl.read_parquet(found.pruned / SAMPLES, glob=False)
+    stats = io.read_json(found.pruned / STATS)
+    picks = examples(samples, cfg.examples)
+    try:
+        plot_eu_plane(samples, stats, out / "eu_plane.png", picks)
+        plot_histograms(samples, out / "histograms.png")
+    except OSError as e:  # matplotlib's writers lose the file name (a full disk said "error: : No space left")
+        raise OSError(e.errno, e.strerror, str(e.filename or out)) from None
+    tokenizer = runs.scoring_tokenizer(found)
+    wanted = [p["id"] for p in picks]
+    score_rows = runs.rows_by_id(found.score_files(), wanted)
+    pruned_rows = runs.rows_by_id(found.pruned_files(), wanted, ["id", "loss_mask"])
+    bodies = [
+        (
+            {**p, "fate": fate(p, pruned_rows.get(p["id"]))},
+            token_view(tokenizer, score_rows[p["id"]], pruned_rows.get(p["id"]), stats["config"]["lam"]),
+        )
+        for p in picks
+    ]
+    images = {name: (out / name).read_bytes() for name in ("eu_plane.png", "histograms.png")}
+    page = build_html(stats, images, bodies, found.refresh, found.scores_manifest.get("duplicates"))
+    page = page.replace('<h2 id="pictures">', explore_html(samples.height) + '<h2 id="pictures">', 1)
+    if samples.height <= INLINE_LIMIT:  # the interactive plane, self-contained, beside the report
+        io.write_bytes_atomic(out / "explore.html", self_contained_page(Explorer(found)).encode())
+    io.write_bytes_atomic(out / "report.html", page.encode())
+    return {"report": str(out / "report.html"), "pruned": io.record_path(out, found.pruned)}
+
+
+class ReportResult(Manifest):
+    report: str
+
+
+STAGE = register(
+    Stage(
+        name="report",
+        step=7,
+        config=ReportConfig,
+        doc="Draw the EU plane (eu_plane.png, histograms.png) and write a self-contained report.html.",
+        compute=compute,
+        identify=identify,
+        inputs=(Input("run"),),
+        outputs=("eu_plane.png", "histograms.png", "report.html", "explore.html"),
+        needs=lambda cfg: ("matplotlib", "plotly", "transformers"),
+        out=lambda cfg: cfg.out or str(Path(cfg.run) / "report"),
+        result=ReportResult,
+        summary=lambda m: [f"report: {m.report}"],
+        cli_arguments=("run",),
+        cli_first=(),
+    )
+)
+run = runner(STAGE)

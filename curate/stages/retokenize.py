@@ -12,9 +12,6 @@ carried over (kept loss characters after / before).
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,13 +19,12 @@ import pyarrow.parquet as pq
 from .. import __version__, io, schema
 from ..config import RetokenizeConfig
 from ..errors import CurateError, RowError
-from ..extras import require_stages
-from ..progress import Reporter
+from ..executor import Job, identify_model, runner
+from ..registry import register
+from ..stage import Input, Manifest, Stage
 from ..tokenization import ChatEncoder, Rendered, in_span
-from . import base
 
 SCHEMA = pa.schema(list(schema.PRUNED) + [("loss_tokens_source", pa.int32()), ("loss_tokens_target", pa.int32())])
-OUTPUTS = (schema.PRUNED_DATA, schema.STATS)
 
 
 def kept_characters(rendered: Rendered, starts, ends, loss_mask: np.ndarray) -> list[np.ndarray]:
@@ -119,85 +115,96 @@ def retokenize_row(row: dict, source: ChatEncoder, target: ChatEncoder) -> dict:
     }
 
 
-def run(cfg: RetokenizeConfig, reporter: Reporter | None = None, force: bool = False) -> dict:
-    from ..models import load_tokenizer_from, resolve_model
+def compute(job: Job) -> dict:
+    from ..models import load_tokenizer_from
     from ..tokenization import ensure_chat_template
 
-    reporter = reporter or Reporter()
-    require_stages(("retokenize", cfg))
-    started = time.time()
-    pruned, out = Path(cfg.pruned), Path(cfg.out)
-    base.check_not_input(out, pruned)
-    source_manifest = io.verified(pruned, "prune", "retokenize the output of `curate prune`")
-    target = resolve_model(cfg.model, log=reporter.log)
-    fingerprint = io.fingerprint_config(
-        {
-            "pruned": source_manifest["fingerprint"],
-            "target": target.hash,
-            "max_length": cfg.max_length,
-            "version": __version__,
-        }
+    cfg, out, reporter, fingerprint = job.cfg, job.out, job.reporter, job.fingerprint
+    pruned, source_manifest, target = job.inputs["pruned"], job.manifests["pruned"], job.context["target"]
+    src_model = source_manifest["model"]
+    source_tok = load_tokenizer_from(src_model["path"], src_model["name"])
+    target_tok = load_tokenizer_from(target.path, target.name)
+    for tok in (source_tok, target_tok):
+        ensure_chat_template(tok)
+    source, tgt = ChatEncoder(source_tok), ChatEncoder(target_tok, cfg.max_length)
+    files = [str(f.relative_to(pruned)) for f in io.pruned_data_files(pruned, source_manifest)]
+    totals = {
+        "samples": 0,
+        "loss_tokens_source": 0,
+        "loss_tokens_target": 0,
+        "kept_chars_source": 0,
+        "kept_chars_target": 0,
+    }
+    skipped: dict[str, int] = {}
+    reporter.start("retokenize", len(files), unit="shards")
+    for i, name in enumerate(files):
+        rows = []
+        for row in pq.read_table(pruned / name).to_pylist():
+            try:
+                r = retokenize_row(row, source, tgt)
+            except RowError as e:
+                skipped[e.reason] = skipped.get(e.reason, 0) + 1
+                reporter.log(f"warning: sample {row['id']!r} is left out: {e}")
+                continue
+            a, b = r.pop("_chars")
+            totals["kept_chars_source"] += a
+            totals["kept_chars_target"] += b
+            for key in ("loss_tokens_source", "loss_tokens_target"):
+                totals[key] += r[key]
+            rows.append(r)
+        totals["samples"] += len(rows)
+        table = pa.Table.from_pylist(rows, schema=SCHEMA)
+        io.write_parquet_atomic(table, out / name, {"curate_version": __version__, "run_fingerprint": fingerprint})
+        reporter.advance(i + 1)
+    reporter.finish()
+    if not totals["samples"]:
+        raise CurateError(f"{pruned}: no sample could be carried over to {cfg.model} ({skipped})")
+    stats = {
+        **totals,
+        "skipped": skipped,
+        "source_samples": source_manifest["stats"]["K"],
+        "kept_chars_ratio": totals["kept_chars_target"] / max(totals["kept_chars_source"], 1),
+        "loss_token_ratio": totals["loss_tokens_target"] / max(totals["loss_tokens_source"], 1),
+        "source_model": src_model["name"],
+        "target_model": target.name,
+    }
+    io.write_json_atomic(out / schema.STATS, stats)
+    return {"model": target.entry(), "stats": stats}
+
+
+class RetokenizeResult(Manifest):
+    model: dict
+    stats: dict
+
+
+def summary(m: RetokenizeResult) -> list:
+    st = m.stats
+    return [
+        f"re-tokenised {st['samples']:,} samples for {st['target_model']}: loss tokens {st['loss_tokens_source']:,} "
+        f"-> {st['loss_tokens_target']:,}; kept loss characters carried over: {st['kept_chars_ratio']:.4f}; "
+        f"data: {m.config['out']}/{schema.PRUNED_DATA}/train-*.parquet"
+    ]
+
+
+STAGE = register(
+    Stage(
+        name="retokenize",
+        step=3,
+        config=RetokenizeConfig,
+        doc="Carry a pruned dataset over to another model's tokenizer and chat template "
+        "(score small, train any model).",
+        compute=compute,
+        identify=lambda job: identify_model(job, "target"),
+        inputs=(
+            Input("pruned", stages=("prune",), hint="retokenize the output of `curate prune`"),
+            Input("model", model=True),
+        ),
+        outputs=(f"{schema.PRUNED_DATA}/{schema.PRUNED_GLOB}", schema.STATS),
+        needs=lambda cfg: ("transformers",),
+        result=RetokenizeResult,
+        summary=summary,
+        cli_arguments=("pruned",),
+        cli_first=("model", "out"),
     )
-    with io.locked(out, reporter.log):
-        done = base.begin(out, "retokenize", fingerprint, outputs=OUTPUTS, reporter=reporter, force=force)
-        if done:
-            return done
-        src_model = source_manifest["model"]
-        source_tok = load_tokenizer_from(src_model["path"], src_model["name"])
-        target_tok = load_tokenizer_from(target.path, target.name)
-        for tok in (source_tok, target_tok):
-            ensure_chat_template(tok)
-        source, tgt = ChatEncoder(source_tok), ChatEncoder(target_tok, cfg.max_length)
-        files = [f["name"] for f in source_manifest["files"] if f["name"].startswith(schema.PRUNED_DATA + "/")]
-        totals = {
-            "samples": 0,
-            "loss_tokens_source": 0,
-            "loss_tokens_target": 0,
-            "kept_chars_source": 0,
-            "kept_chars_target": 0,
-        }
-        skipped: dict[str, int] = {}
-        reporter.start("retokenize", len(files), unit="shards")
-        for i, name in enumerate(files):
-            rows = []
-            for row in pq.read_table(pruned / name).to_pylist():
-                try:
-                    r = retokenize_row(row, source, tgt)
-                except RowError as e:
-                    skipped[e.reason] = skipped.get(e.reason, 0) + 1
-                    reporter.log(f"warning: sample {row['id']!r} is left out: {e}")
-                    continue
-                a, b = r.pop("_chars")
-                totals["kept_chars_source"] += a
-                totals["kept_chars_target"] += b
-                for key in ("loss_tokens_source", "loss_tokens_target"):
-                    totals[key] += r[key]
-                rows.append(r)
-            totals["samples"] += len(rows)
-            table = pa.Table.from_pylist(rows, schema=SCHEMA)
-            io.write_parquet_atomic(table, out / name, {"curate_version": __version__, "run_fingerprint": fingerprint})
-            reporter.advance(i + 1)
-        reporter.finish()
-        if not totals["samples"]:
-            raise CurateError(f"{pruned}: no sample could be carried over to {cfg.model} ({skipped})")
-        stats = {
-            **totals,
-            "skipped": skipped,
-            "source_samples": source_manifest["stats"]["K"],
-            "kept_chars_ratio": totals["kept_chars_target"] / max(totals["kept_chars_source"], 1),
-            "loss_token_ratio": totals["loss_tokens_target"] / max(totals["loss_tokens_source"], 1),
-            "source_model": src_model["name"],
-            "target_model": target.name,
-        }
-        io.write_json_atomic(out / schema.STATS, stats)
-        return io.write_manifest(
-            out,
-            "retokenize",
-            fingerprint,
-            started,
-            files=[io.file_entry(out, n) for n in (*files, schema.STATS)],
-            inputs=[{"path": str(pruned), "stage": "prune", "fingerprint": source_manifest["fingerprint"]}],
-            config=cfg.model_dump(),
-            model={"name": target.name, "path": target.path, "hash": target.hash},
-            stats=stats,
-        )
+)
+run = runner(STAGE)

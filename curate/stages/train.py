@@ -9,15 +9,14 @@ that `curate score` (and any other tool) loads as is. OUT/_manifest.json is writ
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
-from .. import __version__, io, schema
+from .. import io
 from ..config import TrainConfig
 from ..errors import CurateError
-from ..extras import require_stages
-from ..progress import Reporter
-from . import base
+from ..executor import Job, identify_model, runner
+from ..registry import register
+from ..stage import Input, Manifest, Stage
 
 PRUNED_STAGES = ("prune", "retokenize")
 CHECKPOINTS = "checkpoints"
@@ -36,7 +35,7 @@ def training_files(data: Path) -> tuple[list[Path], str]:
             raise CurateError(f"{data}: expected a .parquet file or a `curate prune` folder")
         return [data], io.fingerprint_path(data)
     manifest = io.verified(data, PRUNED_STAGES, "train on the output of `curate prune`")
-    files = [data / f["name"] for f in manifest["files"] if f["name"].startswith(schema.PRUNED_DATA + "/")]
+    files = io.pruned_data_files(data, manifest)
     if not files:
         raise CurateError(f"{data}: the pruned dataset is empty")
     return files, manifest["fingerprint"]
@@ -79,7 +78,9 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, dataset, work_dir: Path, c
     import torch
     from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainingArguments
 
-    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    from ..backends import resolve_device
+
+    on_cpu = resolve_device(cfg.device) == "cpu"
     args = TrainingArguments(
         output_dir=str(work_dir),
         num_train_epochs=cfg.epochs,
@@ -112,40 +113,22 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, dataset, work_dir: Path, c
     return trainer
 
 
-def run(cfg: TrainConfig, reporter: Reporter | None = None, force: bool = False) -> dict:
-    """Fine-tune `cfg.model` on `cfg.data` into `cfg.out`; returns the manifest. A finished identical run is a no-op."""
-    from ..models import resolve_model
-
-    reporter = reporter or Reporter()
-    log = reporter.log
-    require_stages(("train", cfg))
-    started = time.time()
-    out, data = Path(cfg.out), Path(cfg.data)
-    base.check_not_input(out, data)
-    files, data_fingerprint = training_files(data)
-    model_ref = resolve_model(cfg.model, log=log)
-    identity = cfg.model_dump(exclude={"data", "out", "model", "device"})
-    fingerprint = io.fingerprint_config(
-        {"config": identity, "data": data_fingerprint, "model": model_ref.hash, "version": __version__}
-    )
-    with io.locked(out, log):
-        # Checkpoints of an interrupted run with this fingerprint are resumed; any others are removed.
-        done = base.begin(
-            out, "train", fingerprint, outputs=(CHECKPOINTS,), reporter=reporter, force=force, resumable=True
-        )
-        if done:
-            return done
-        return _train(cfg, files, model_ref, fingerprint, data_fingerprint, started, log)
+def identify(job: Job) -> dict:
+    job.context["files"], job.input_fingerprints["data"] = training_files(job.inputs["data"])
+    return identify_model(job)
 
 
-def _train(cfg: TrainConfig, files, model_ref, fingerprint: str, data_fingerprint: str, started: float, log) -> dict:
-    from ..models import load_tokenizer
+def compute(job: Job) -> dict:
+    return _train(job.cfg, job.context["files"], job.context["model"], job.out, job.log)
 
-    out = Path(cfg.out)
+
+def _train(cfg: TrainConfig, files: list[Path], model_ref, out: Path, log) -> dict:
     import pyarrow.compute as pc
     import torch
     from transformers import AutoModelForCausalLM, set_seed
     from transformers.trainer_utils import get_last_checkpoint
+
+    from ..models import load_tokenizer
 
     set_seed(cfg.seed)  # the LoRA initialisation happens before the Trainer seeds anything
     tokenizer = load_tokenizer(model_ref)
@@ -195,22 +178,64 @@ def _train(cfg: TrainConfig, files, model_ref, fingerprint: str, data_fingerprin
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     shutil.rmtree(work, ignore_errors=True)
-    files = [
-        io.file_entry(out, p.name) for p in sorted(out.iterdir()) if p.is_file() and not p.name.startswith((".", "_"))
+    return {
+        "base_model": model_ref.entry(),
+        "config": {**cfg.model_dump(), "model": model_ref.name},
+        "model": {"name": str(out), "path": str(out.resolve()), "base": model_ref.name},
+        "counts": {"samples": len(dataset), "loss_tokens": n_loss, "steps": result.global_step},
+        "train_loss": round(float(result.training_loss), 5),
+        "loss_history": history,
+    }
+
+
+class TrainResult(Manifest):
+    base_model: dict
+    model: dict
+    counts: dict[str, int]
+    train_loss: float
+    loss_history: list[dict]
+
+
+def summary(m: TrainResult) -> list:
+    c = m.counts
+    last = m.loss_history[-1]["loss"] if m.loss_history else "n/a"
+    return [
+        f"trained {c['steps']:,} steps on {c['samples']:,} samples ({c['loss_tokens']:,} loss tokens), "
+        f"final loss {last}; model: {m.config['out']}"
     ]
-    return io.write_manifest(
-        out,
-        "train",
-        fingerprint,
-        started,
-        files=files,
-        inputs=[
-            {"path": str(cfg.data), "fingerprint": data_fingerprint},
-            {"model": model_ref.name, "path": model_ref.path, "hash": model_ref.hash},
-        ],
-        config={**cfg.model_dump(), "model": model_ref.name},
-        model={"name": str(out), "path": str(out.resolve()), "base": model_ref.name},
-        counts={"samples": len(dataset), "loss_tokens": n_loss, "steps": result.global_step},
-        train_loss=round(float(result.training_loss), 5),
-        loss_history=history,
+
+
+# What the trainer writes into OUT: the files of a model and its tokenizer (`save_pretrained`), and its
+# checkpoints while it runs. A user's other files there are neither listed nor deleted.
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer*.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
+STAGE = register(
+    Stage(
+        name="train",
+        step=4,
+        config=TrainConfig,
+        doc="Fine-tune a model on pruned data with the built-in transformers trainer "
+        "(labels = -100 are not in the loss).",
+        compute=compute,
+        identify=identify,
+        inputs=(Input("data", hint="train on the output of `curate prune`"), Input("model", model=True)),
+        outputs=(*MODEL_FILES, CHECKPOINTS + "/"),
+        needs=lambda cfg: ("torch", "transformers", "datasets", *(("peft",) if cfg.lora_rank else ())),
+        result=TrainResult,
+        summary=summary,
+        resumable=True,  # checkpoints of an interrupted run with this fingerprint are resumed
+        cli_arguments=("data",),
     )
+)
+run = runner(STAGE)

@@ -72,6 +72,7 @@ def run_trainer(venv, args, cwd, timeout=900) -> str:
     return res.stdout + res.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.llamafactory
 def test_llamafactory_trains_on_the_export_with_our_masks(exported, reference, tmp_path):
     venv = ensure("llamafactory")

@@ -15,6 +15,8 @@ from curate.synthetic import synthetic_scores
 
 from ..conftest import DEMO
 
+pytestmark = pytest.mark.slow  # real processes, killed at real moments: minutes
+
 
 def curate(*args) -> list[str]:
     return [sys.executable, "-m", "curate.cli", *map(str, args)]

@@ -3,6 +3,8 @@
 import shutil
 import time
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
@@ -11,7 +13,7 @@ from curate.cli import app
 from curate.config import ScoreConfig
 from curate.stages import score
 
-from ..conftest import DEMO, Recorder, build_tiny_model_dir
+from ..conftest import DEMO, Recorder, build_tiny_model_dir, write_jsonl
 
 runner = CliRunner()
 
@@ -104,8 +106,24 @@ def test_markup_and_control_characters_from_users_are_text(tmp_path, tiny_model_
         assert "\x1b" not in res.output and repr(sid)[1:-1][:3] in res.output
 
 
-def test_a_sharegpt_system_prompt_survives_tools():
+TOOLS_TEMPLATE = (  # Qwen2.5-like: the schemas given as `tools=` are written into the system turn
+    "{% if tools %}<|im_start|>system\n{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n"
+    "{% endif %}# Tools\n<tools>{% for t in tools %}\n{{ t | tojson }}{% endfor %}\n</tools><|im_end|>\n{% endif %}"
+    "{% for m in messages %}{% if not (tools and loop.first and m['role'] == 'system') %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+)
+
+
+@pytest.mark.parametrize("template", [TOOLS_TEMPLATE, None])
+def test_a_sharegpt_system_prompt_survives_tools_which_reach_the_template(tmp_path, template):
+    """Both the system prompt and the tools are kept; a template that renders tools gets them as `tools=` (the
+    prompt the model sees at inference), others as system text; the manifest says which."""
+    import json
+
     from curate.formats import Sample, to_sample
+    from curate.tokenization import ChatEncoder
+
+    from ..conftest import CHATML, build_tiny_tokenizer
 
     record = {
         "system": "You are a careful travel agent.",
@@ -114,9 +132,21 @@ def test_a_sharegpt_system_prompt_survives_tools():
     }
     sample = to_sample(0, record, "sharegpt", {})
     assert isinstance(sample, Sample)
-    system = sample.messages[0]
-    assert system["role"] == "system" and sum(m["role"] == "system" for m in sample.messages) == 1
-    assert system["content"].startswith("You are a careful travel agent.") and '"name": "book"' in system["content"]
+    assert [m["role"] for m in sample.messages] == ["tools", "system", "user", "assistant"]
+    tok = build_tiny_tokenizer(template or CHATML)
+    encoder = ChatEncoder(tok)
+    text = encoder.render(sample.messages).text
+    assert "You are a careful travel agent." in text and '"name": "book"' in text
+    assert ("<tools>" in text) == (template is not None) and text.count("<|im_start|>system") == 1
+    enc = encoder.encode(sample.messages)
+    assert tok.decode(enc.input_ids[enc.trainable.astype(bool)]) == "Done.<|im_end|>"
+
+    model = build_tiny_model_dir(tmp_path / "m", tokenizer=tok)
+    data = tmp_path / "glaive.json"
+    data.write_text(json.dumps([record, {**record, "system": "Be brief."}]))
+    manifest = score.run(ScoreConfig(input=str(data), out=str(tmp_path / "s"), model=str(model)))
+    assert manifest["counts"]["samples"] == 2
+    assert manifest["tool_rendering"] == ("chat template (tools=)" if template else "system prompt text")
 
 
 def test_many_groups_with_mathtext_names_and_a_ratio_typo(tmp_path, tiny_model_dir):
@@ -142,6 +172,8 @@ def test_many_groups_with_mathtext_names_and_a_ratio_typo(tmp_path, tiny_model_d
     )
     out = " ".join(res.output.split())
     assert res.exit_code != 0 and "g1" in out and "no sample has" in out  # a typo of g01 is not silently ignored
+    res = runner.invoke(app, ["prune", str(scores), "--out", "q", "--group-by", "source", "--group-ratios", "g01:0"])
+    assert res.exit_code == 2 and "--group-ratios g01: Input should be greater than 0" in res.output  # not `--g01`
 
 
 def test_malformed_files_are_one_line_errors(tmp_path, tiny_model_dir, tiny_run):
@@ -191,7 +223,7 @@ def test_two_processes_never_both_take_over_a_dead_holders_lock(tmp_path):
     import socket
     import subprocess
 
-    ctx = multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("fork")  # the children only take a lock: no import time in each of 12
     for round_ in range(4):
         folder = tmp_path / f"f{round_}"
         folder.mkdir()
@@ -208,3 +240,145 @@ def test_two_processes_never_both_take_over_a_dead_holders_lock(tmp_path):
         assert spans  # someone took the dead holder's lock over
         for (_, end), (start, _) in zip(spans, spans[1:]):
             assert start >= end  # and never two at a time
+
+
+def test_force_deletes_only_what_the_tool_wrote(tmp_path, tiny_run):
+    """`--force`, as the error recommends, must not take a user's `data/raw/train.csv` with it; nor may a
+    run delete a user's `.draft.tmp-1` anywhere under --out."""
+    proj = tmp_path / "proj"
+    user_files = [proj / "data" / "raw" / "train.csv", proj / "notes" / "deep" / ".draft.tmp-1", proj / "README"]
+    for path in user_files:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("mine")
+    scores = str(tiny_run / "scores")
+    res = runner.invoke(app, ["prune", scores, "--out", str(proj), "--force", "--ratio", "0.5"])
+    assert res.exit_code == 2
+    assert "proj/data/raw/train.csv was not written by `curate prune`" in " ".join(res.output.split())
+    assert all(p.read_text() == "mine" for p in user_files)
+
+    (proj / "data" / "raw" / "train.csv").unlink()
+    for args in ([], ["--force"], ["--ratio", "0.25"]):  # a first run, a forced one, other settings
+        res = runner.invoke(app, ["prune", scores, "--out", str(proj), "--ratio", "0.5", *args])
+        assert res.exit_code == 0, res.output
+        assert all(p.read_text() == "mine" for p in user_files if p.exists())
+        assert (proj / "notes" / "deep" / ".draft.tmp-1").exists() and (proj / "README").exists()
+    from curate import io
+
+    assert io.verified(proj, "prune", "")["config"]["ratio"] == 0.25  # the output is whole, with no stray shard
+
+
+def test_a_stage_removes_only_its_own_files_when_settings_change(tmp_path):
+    from curate import outdir
+
+    out = tmp_path / "o"
+    (out / "data").mkdir(parents=True)
+    for name in ("data/train-00000-of-00001.parquet", "stats.json", "samples.parquet", "keep.txt", ".x.tmp-h-12"):
+        (out / name).write_text("x")
+    (out / "data" / ".train-00000-of-00001.parquet.tmp-host-7").write_text("x")
+    outdir.clear(out, ("data/train-*.parquet", "samples.parquet", "stats.json"), {"files": [{"name": "../escape"}]})
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    assert left == ["data", "keep.txt"]
+    (tmp_path / "escape").write_text("x")
+    outdir.clear(out, (), {"files": [{"name": "../escape"}]})
+    assert (tmp_path / "escape").exists()  # a manifest's names never reach outside OUT
+
+
+def test_a_run_that_failed_before_writing_anything_does_not_block_the_fixed_command(tmp_path, tiny_model_dir):
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    weights = model / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(b"\0" * len(good))  # loads only after the run has started (and stamped --out)
+    args = ["score", str(DEMO), "--out", str(tmp_path / "s"), "--model", str(model), "--limit", "4"]
+    res = runner.invoke(app, args)
+    assert res.exit_code != 0 and (tmp_path / "s" / ".run.json").exists()
+    weights.write_bytes(good)  # the fix: another model hash, so another fingerprint; nothing was scored yet
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+
+
+def test_out_inside_a_save_to_disk_input_resumes_and_reruns(tmp_path, tiny_model_dir):
+    import json
+
+    from datasets import Dataset
+
+    rows = [json.loads(line) for line in DEMO.read_text().splitlines()[:6]]
+    data = tmp_path / "ds"
+    Dataset.from_list(rows).save_to_disk(str(data))
+    args = ["score", str(data), "--out", str(data / "scores"), "--model", str(tiny_model_dir)]
+    assert runner.invoke(app, args).exit_code == 0
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0 and "already done" in " ".join(res.output.split())
+
+
+@pytest.mark.parametrize("ratio", [0.01, 0.3, 0.125])
+def test_batch_scope_keeps_the_exact_budget(tmp_path, ratio):
+    """The issue's cases: --ratio 0.01 kept 125 of 1,000 and --ratio 0.3 kept 250 (a budget per batch of 8)."""
+    import polars as pl
+
+    from curate.config import PruneConfig
+    from curate.stages.prune import select
+
+    rng = np.random.default_rng(0)
+    coords = pl.DataFrame(
+        {"id": [f"r{i}" for i in range(1000)], "ppl": rng.uniform(1, 50, 1000), "ent": rng.uniform(0, 5, 1000)}
+    )
+    df, _ = select(coords, PruneConfig(scores="", out="", ratio=ratio, scope="batch", batch_size=8))
+    assert df["selection"].drop_nulls().len() == round(ratio * 1000)
+
+
+def test_a_run_made_with_relative_paths_is_found_from_any_working_directory(tmp_path, tiny_run, monkeypatch):
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    shutil.copytree(tiny_run / "scores", work / "run" / "scores")
+    (elsewhere / "run" / "scores").mkdir(parents=True)  # another run's folder of the same relative name
+    monkeypatch.chdir(work)
+    assert runner.invoke(app, ["prune", "run/scores", "--out", "run/pruned", "--ratio", "0.5"]).exit_code == 0
+    some_id = pq.read_table(work / "run" / "pruned" / "samples.parquet")["id"][0].as_py()
+    monkeypatch.chdir(elsewhere)
+    res = runner.invoke(app, ["inspect", str(work / "run" / "pruned"), "--id", some_id])
+    assert res.exit_code == 0, res.output
+    moved = shutil.move(work / "run", tmp_path / "moved")  # the folders of a run move together
+    res = runner.invoke(app, ["inspect", str(moved / "pruned"), "--id", some_id])
+    assert res.exit_code == 0, res.output
+
+
+def test_input_edited_after_scoring_is_flagged_by_prune_and_verify(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "data.jsonl", DEMO.read_text().splitlines()[:8])
+    scores, pruned = tmp_path / "s", tmp_path / "p"
+    assert runner.invoke(app, ["score", str(data), "--out", str(scores), "--model", str(tiny_model_dir)]).exit_code == 0
+    with open(data, "a") as f:
+        f.write(DEMO.read_text().splitlines()[9] + "\n")  # a row added after scoring
+    res = runner.invoke(app, ["prune", str(scores), "--out", str(pruned)])
+    assert res.exit_code == 2 and "data.jsonl changed after it was scored" in " ".join(res.output.split())
+    assert not pruned.exists()
+    res = runner.invoke(app, ["verify", str(scores)])
+    assert res.exit_code == 1 and "changed after it was scored" in " ".join(res.output.split())
+    res = runner.invoke(app, ["prune", str(scores), "--out", str(pruned), "--allow-changed-input"])
+    assert res.exit_code == 0 and "warning" in res.output
+
+
+def test_a_huge_row_is_a_counted_skip_read_in_pieces(tmp_path, tiny_model_dir):
+    """One 5 MB JSONL line (a 50 MB one took 106 s and 6.9 GB) is skipped before it is parsed, by default; the rows
+    around it keep their line numbers; a Parquet row above --max-row-bytes is skipped the same way."""
+    import json
+
+    import pyarrow as pa
+
+    from curate import readers
+
+    def row(i, text):
+        return {"messages": [{"role": "user", "content": f"q{i} {text}"}, {"role": "assistant", "content": f"a{i}"}]}
+
+    data = tmp_path / "rows.jsonl"
+    lines = [json.dumps(row(0, "")), json.dumps(row(1, "x" * 5_000_000)), json.dumps(row(2, ""))]
+    data.write_text("\n".join(lines) + "\n")
+    got = list(readers.read_range(data, readers.plan(data, 10)[0], 4_000_000))
+    assert [n for n, _ in got] == [1, 2, 3] and got[1][1].reason == "row_too_large" and got[2][1] == row(2, "")
+    manifest = score.run(ScoreConfig(input=str(data), out=str(tmp_path / "s"), model=str(tiny_model_dir)))
+    assert manifest["skipped_by_reason"] == {"row_too_large": 1} and manifest["counts"]["samples"] == 2
+
+    table = pa.Table.from_pylist([row(0, ""), row(1, "y" * 3000), row(2, "")])
+    pq.write_table(table, tmp_path / "rows.parquet")
+    cfg = ScoreConfig(input=str(tmp_path / "rows.parquet"), out=str(tmp_path / "p"), model=str(tiny_model_dir))
+    manifest = score.run(cfg.model_copy(update={"max_row_bytes": 2000}))
+    assert manifest["skipped_by_reason"] == {"row_too_large": 1}
+    assert manifest["skipped_examples"][0]["row"] == 1

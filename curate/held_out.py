@@ -105,8 +105,9 @@ def generate_answers(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .backends.hf import resolve_device
+    from .backends import resolve_device
     from .models import load_tokenizer_from
+    from .tokenization import ChatEncoder
 
     device = resolve_device(device)
     tokenizer = load_tokenizer_from(model_path, model_path)
@@ -114,9 +115,8 @@ def generate_answers(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device).eval()
-    prompts = [
-        tokenizer.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True) for r in rows
-    ]
+    encoder = ChatEncoder(tokenizer)
+    prompts = [encoder.prompt(r["messages"][:-1]) for r in rows]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
     with torch.inference_mode():

@@ -15,8 +15,8 @@ from collections import Counter, deque
 from dataclasses import replace
 from pathlib import Path
 
-from .errors import CurateError
-from .progress import Reporter
+from ..errors import CurateError
+from ..progress import Reporter
 
 MAX_ATTEMPTS = 3  # a shard that fails this many times stops the run
 LOCAL_OBJECT_STORE = 200 * 1024**2  # we pass configs and summaries, never data, through the object store
@@ -30,8 +30,8 @@ def _actor_class():
         """One ShardWorker (tokenizer + scorer) in its own process, on its own GPU(s)."""
 
         def __init__(self, job, progress):
-            from .models import BUILTIN_LABEL, ensure_builtin
-            from .stages.score import ShardWorker
+            from ..models import BUILTIN_LABEL, ensure_builtin
+            from .shard import ShardWorker
 
             if job.model_name == BUILTIN_LABEL and not Path(job.model_path).exists():
                 # the built-in model lives in each node's cache; convert it here if this node has none yet
@@ -90,7 +90,7 @@ def score_on_ray(job, todo, done, ranges, reporter: Reporter) -> dict:
     import ray
     from ray.util.queue import Queue
 
-    from .stages.score import refuse_mixed_methods
+    from .shard import refuse_mixed_methods
 
     cfg = job.cfg
     connected = _connect(cfg.address, reporter)

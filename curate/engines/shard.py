@@ -1,0 +1,225 @@
+"""The shard worker: everything for one shard of a scoring run (read its input rows, convert, tokenise, score,
+check, write), whichever engine runs it. Engines import this module; it imports no stage."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from .. import __version__, io, readers, schema
+from ..config import ScoreConfig
+from ..errors import CurateError, RowError
+from ..formats import Sample, Skip, parse_fields, to_sample
+from ..pruning import ENTROPY_SLACK, LOGPROB_SLACK
+
+MAX_SKIP_EXAMPLES = 20
+
+
+@dataclass(frozen=True)
+class ScoreJob:
+    """Everything a worker needs to produce any shard of this run (picklable, sent to Ray actors)."""
+
+    cfg: ScoreConfig
+    model_path: str
+    model_name: str
+    model_hash: str
+    backend: str
+    format: str  # resolved (never "auto")
+    fingerprint: str
+
+
+@dataclass
+class ShardCounts:
+    rows_read: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: list = field(default_factory=list)
+
+    def skip(self, path: str, s: Skip) -> None:
+        self.skipped[s.reason] += 1
+        if len(self.examples) < MAX_SKIP_EXAMPLES:
+            self.examples.append(
+                {"file": path, "row": s.row, "field": s.field, "reason": s.reason, "message": s.message}
+            )
+
+    def as_dict(self) -> dict:
+        return {"rows_read": self.rows_read, "skipped": dict(self.skipped), "examples": self.examples}
+
+
+def score_problem(
+    lp: np.ndarray, ent: np.ndarray, n: int, vocab_size: int, needed: np.ndarray | None = None
+) -> str | None:
+    """Why these scores are impossible (None when they are fine): lengths, finiteness, log p <= 0,
+    0 <= entropy <= log V, at the `needed` positions (default: all but position 0, NaN by definition). The same
+    rule, with the same tolerances, as `pruning.eu_coordinates` applies when the scores are read."""
+    if len(lp) != n or len(ent) != n:
+        return f"{len(lp)} log-probs and {len(ent)} entropies for {n} tokens"
+    keep = needed.astype(bool) if needed is not None else np.arange(n) > 0
+    lp, ent = lp[keep].astype(np.float64), ent[keep].astype(np.float64)
+    if not (np.isfinite(lp).all() and np.isfinite(ent).all()):
+        return "non-finite log-prob or entropy"
+    if (lp > LOGPROB_SLACK).any():
+        return f"log-prob {lp.max():.4g} > 0"
+    top = math.log(vocab_size) + ENTROPY_SLACK
+    if (ent < -ENTROPY_SLACK).any() or (ent > top).any():
+        return f"entropy outside [0, log V = {top:.3f}] (min {ent.min():.4g}, max {ent.max():.4g})"
+    return None
+
+
+class ShardWorker:
+    """Reads, tokenises, scores and writes shards of one job. The scorer is built on the first shard."""
+
+    def __init__(self, job: ScoreJob, log=lambda msg: None):
+        from ..models import load_tokenizer_from
+        from ..tokenization import ChatEncoder, ensure_chat_template
+
+        self.job, self.log = job, log
+        self.tokenizer = load_tokenizer_from(job.model_path, job.model_name)
+        ensure_chat_template(self.tokenizer)
+        self.encoder = ChatEncoder(self.tokenizer, job.cfg.max_length)
+        self.fields = parse_fields(job.cfg.fields)
+        self.scorer = None
+        self.timings = {"load": 0.0, "tokenise": 0.0, "write": 0.0}  # seconds: where a run's time goes
+
+    def open(self):
+        """Build the scorer (slow: loads the model); returns its entropy method."""
+        if self.scorer is None:
+            from ..backends import make_scorer
+
+            t0 = time.time()
+            self.scorer = make_scorer(self.job.backend, self.job.model_path, self.job.cfg, log=self.log)
+            self.timings["load"] = time.time() - t0
+        return self.scorer.entropy_method
+
+    def time_spent(self) -> dict:
+        """Seconds in model loading, tokenisation, the forward pass, the log-prob/entropy reduction and writing."""
+        spent = {**self.timings, **(self.scorer.timings if self.scorer else {})}
+        return {k: round(v, 3) for k, v in spent.items()}
+
+    def close(self) -> None:
+        if self.scorer is not None:
+            self.scorer.close()
+            self.scorer = None
+
+    def tokenise(self, rows: readers.RowRange) -> tuple[list, ShardCounts]:
+        """The usable samples of the range, tokenised, and the counts of what was read and skipped."""
+        cfg, path = self.job.cfg, Path(self.job.cfg.input)
+        counts, items = ShardCounts(), []
+        for row, record in readers.read_range(path, rows, cfg.max_row_bytes):
+            counts.rows_read += 1
+            item = to_sample(row, record, self.job.format, self.fields, cfg.keep_fields)
+            if isinstance(item, Sample):
+                try:
+                    items.append((item, self.encoder.encode(item.messages)))
+                    continue
+                except RowError as e:
+                    item = Skip(row, e.reason, e.field, str(e))
+            if cfg.on_bad_row == "fail":
+                where = f", field {item.field!r}" if item.field else ""
+                raise CurateError(
+                    f"{path}, row {item.row}{where}: {item.message} [{item.reason}] "
+                    "(use --on-bad-row skip to count and skip such rows)"
+                )
+            counts.skip(str(path), item)
+        return items, counts
+
+    def run(self, rows: readers.RowRange, on_batch=lambda rows, tokens: None, tokenised=None) -> dict:
+        """Produce shard `rows.index` (atomically); returns its summary. `tokenised`: (items, counts) made ahead."""
+        started = time.time()
+        items, counts = tokenised or self.tokenise(rows)
+        self.timings["tokenise"] += time.time() - started
+        self.open()
+        needed = [enc.trainable.astype(bool) for _, enc in items] if self.job.cfg.positions == "trainable" else None
+        seqs = [enc.input_ids for _, enc in items]
+        scores = self.scorer.score(seqs, on_batch=on_batch, needed=needed) if items else []
+        kept_items, kept_scores = [], []
+        for i, ((sample, enc), (lp, ent)) in enumerate(zip(items, scores)):
+            problem = score_problem(lp, ent, len(enc.input_ids), self.scorer.vocab_size, needed and needed[i])
+            if problem:  # a numerical failure of the model on this row, not a reason to stop the run
+                counts.skip(
+                    self.job.cfg.input, Skip(sample.row, "invalid_scores", None, f"sample {sample.id}: {problem}")
+                )
+                continue
+            kept_items.append((sample, enc))
+            kept_scores.append((lp, ent))
+        t0 = time.time()
+        table = shard_table(kept_items, kept_scores, self.job.cfg.keep_fields)
+        tokens = sum(len(enc.input_ids) for _, enc in items)
+        io.write_parquet_atomic(
+            table, Path(self.job.cfg.out) / schema.scores_shard(rows.index), self.metadata(rows, counts)
+        )
+        self.timings["write"] += time.time() - t0
+        return {
+            "index": rows.index,
+            "rows": counts.rows_read,
+            "samples": table.num_rows,
+            "tokens": tokens,
+            "seconds": time.time() - started,
+        }
+
+    def metadata(self, rows: readers.RowRange, counts: ShardCounts) -> dict:
+        job, scorer = self.job, self.scorer
+        from ..tokenization import chat_template_hash
+
+        meta = {
+            "run_fingerprint": job.fingerprint,
+            "model": job.model_name,
+            "model_hash": job.model_hash,
+            "tokenizer": job.model_name,
+            "chat_template_hash": chat_template_hash(self.tokenizer),
+            "tool_rendering": self.encoder.tool_rendering,
+            "backend": job.backend,
+            "dtype": scorer.dtype,
+            "entropy_method": scorer.entropy_method,
+            "vocab_size": str(scorer.vocab_size),
+            "max_length": str(job.cfg.max_length),
+            "curate_version": __version__,
+            "score_positions": job.cfg.positions,
+            "input_rows": json.dumps([rows.start, rows.stop]),
+            "counts": json.dumps(counts.as_dict()),
+        }
+        if scorer.entropy_max_error is not None:  # approximate entropies carry their error bound
+            meta["entropy_max_error"] = str(scorer.entropy_max_error)
+        return meta
+
+
+def shard_schema(keep_fields: list[str]) -> pa.Schema:
+    return pa.schema(list(schema.SCORES) + [pa.field(name, pa.string()) for name in keep_fields])
+
+
+def shard_table(items: list, scores: list, keep_fields: list[str]) -> pa.Table:
+    cols = {
+        "id": [s.id for s, _ in items],
+        "messages": [s.messages for s, _ in items],
+        "input_ids": [e.input_ids for _, e in items],
+        "trainable": [e.trainable for _, e in items],
+        "logprob": [lp for lp, _ in scores],
+        "entropy": [ent for _, ent in scores],
+        "n_tokens": [len(e.input_ids) for _, e in items],
+        "n_trainable": [int(e.trainable.sum()) for _, e in items],
+        "truncated": [e.truncated for _, e in items],
+        "content_hash": [s.content_hash for s, _ in items],
+        **{name: [s.extra.get(name) for s, _ in items] for name in keep_fields},
+    }
+    return pa.Table.from_pydict(cols, schema=shard_schema(keep_fields))
+
+
+# ---------------------------------------------------------------- the driver
+
+
+def refuse_mixed_methods(out: Path, done: list[int], method: str) -> None:
+    """A resumed run must compute entropies the way its finished shards did (exact vs top-k approximation)."""
+    for i in done:
+        path = out / schema.scores_shard(i)
+        earlier = io.parquet_metadata(path).get("entropy_method")
+        if earlier != method:
+            raise CurateError(
+                f"{path} holds entropies computed as {earlier!r} but this run computes {method!r}; "
+                "a run never mixes methods: fix the cause or rerun with --force"
+            )

@@ -1,0 +1,172 @@
+"""The lifecycle every stage shares, written once: `execute(stage, cfg)`.
+
+1. OUT is none of the inputs; the optional modules the stage needs with these settings are installed.
+2. Every input is verified against the manifest of the stage that wrote it (or, for user data, hashed).
+3. The fingerprint: the stage, its config (less the fields `curate.config` declares RUNTIME), its inputs'
+   fingerprints, what `identify` adds (model hashes, resolved formats) and the q-curate version, always.
+4. Under OUT's lock: reuse a finished identical result, resume partial output of the same run, or refuse or
+   clear other output (`curate.outdir`); then compute.
+5. The manifest, written last: every output file with its size and checksum, the inputs (paths relative to OUT)
+   and the output patterns, so `verify` knows what may be there. Then the stages the result asks for (`then`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from . import __version__, io, outdir
+from .errors import CurateError
+from .extras import require
+from .progress import Reporter
+from .registry import get
+from .stage import Manifest, Stage, in_fingerprint
+
+
+@dataclass
+class Job:
+    """What a stage's `identify` and `compute` see of one run."""
+
+    stage: Stage
+    cfg: Any
+    out: Path
+    reporter: Reporter
+    force: bool
+    inputs: dict[str, Path]  # config field -> path
+    manifests: dict[str, dict | None]  # config field -> the verified manifest of that input (None for data)
+    input_fingerprints: dict[str, str]
+    started: float = field(default_factory=time.time)
+    fingerprint: str = ""
+    context: dict = field(default_factory=dict)  # what identify resolved, for compute (models, plans)
+    file_extras: dict[str, dict] = field(default_factory=dict)  # output name -> extra fields of its entry
+
+    def log(self, message: str) -> None:
+        self.reporter.log(message)
+
+    def fingerprint_with(self, identity: dict) -> str:
+        """The run's fingerprint if `identify` returned `identity` (for a stage that must compare candidates)."""
+        return io.fingerprint_config(
+            {
+                "stage": self.stage.name,
+                "config": fingerprinted_config(self.cfg, self.stage),
+                "inputs": self.input_fingerprints,
+                "identity": identity,
+                "version": __version__,
+            }
+        )
+
+
+def fingerprinted_config(cfg: BaseModel, stage: Stage) -> dict:
+    """The config fields that change a result: not the runtime ones, not where inputs and output are."""
+    places = {"out", *(i.field for i in stage.inputs)}
+    return {k: v for k, v in cfg.model_dump().items() if k not in places and in_fingerprint(type(cfg), k)}
+
+
+def needed_modules(stage: Stage, cfg: Any) -> tuple[str, ...]:
+    """The stage's optional modules with these settings (with none given: its defaults)."""
+    return tuple(stage.needs(cfg if cfg is not None else stage.config.model_construct()))
+
+
+def require_stage(stage: Stage | str, cfg: Any = None) -> None:
+    """Before any work: the modules `stage` will import with these settings, or one error with the install hint."""
+    stage = get(stage) if isinstance(stage, str) else stage
+    require(*needed_modules(stage, cfg), purpose=f"curate {stage.name}")
+
+
+def identify_model(job: Job, key: str = "model") -> dict:
+    """`identify` for a stage whose config names a model (`cfg.model`): resolved once, into `job.context[key]`,
+    and identified by the hash of its files' contents."""
+    from .models import resolve_model
+
+    job.context[key] = model = resolve_model(job.cfg.model, log=job.log)
+    return {key: model.hash}
+
+
+def _verified_inputs(stage: Stage, cfg: Any, out: Path) -> tuple[dict, dict, dict]:
+    paths, manifests, fingerprints = {}, {}, {}
+    for spec in stage.inputs:
+        value = getattr(cfg, spec.field)
+        if value is None or spec.model:
+            continue
+        path = paths[spec.field] = Path(value)
+        outdir.check_not_input(out, path)
+        if spec.stages and not (spec.file_ok and path.is_file()):
+            manifests[spec.field] = io.verified(path, spec.stages, spec.hint)
+            fingerprints[spec.field] = manifests[spec.field]["fingerprint"]
+        elif spec.data or spec.file_ok:
+            if not path.exists():
+                raise CurateError(f"{path}: no such file or folder ({spec.hint or spec.field})")
+            manifests[spec.field] = None
+            fingerprints[spec.field] = io.fingerprint_path(path)
+    return paths, manifests, fingerprints
+
+
+def execute(stage: Stage, cfg: Any, reporter: Reporter | None = None, force: bool = False) -> Manifest:
+    """Run `stage` with `cfg` (see the module's docstring); returns its typed result."""
+    reporter = reporter or Reporter()
+    started = time.time()
+    out = stage.output_folder(cfg)
+    require_stage(stage, cfg)
+    paths, manifests, fingerprints = _verified_inputs(stage, cfg, out)
+    job = Job(stage, cfg, out, reporter, force, paths, manifests, fingerprints, started)
+    identity = stage.identify(job) if stage.identify else {}
+    job.fingerprint = job.fingerprint_with(identity)
+    with io.locked(out, reporter.log):
+        done = outdir.begin(
+            out,
+            stage.name,
+            job.fingerprint,
+            outputs=stage.outputs,
+            reporter=reporter,
+            force=force,
+            resumable=stage.resumable,
+            expensive=stage.expensive,
+            reusable=not stage.walks,
+        )
+        manifest = done or _finish(job, stage.compute(job))
+    result = stage.result.model_validate(manifest)
+    for name, follow_up in stage.then(cfg):
+        execute(get(name), follow_up, reporter, force)
+    return result
+
+
+def run_stage(name: str, cfg: Any, reporter: Reporter | None = None, force: bool = False) -> Manifest:
+    return execute(get(name), cfg, reporter, force)
+
+
+def runner(stage: Stage):
+    """`run(cfg, reporter=None, force=False)` for a stage module: its stage, executed."""
+
+    def run(cfg: Any, reporter: Reporter | None = None, force: bool = False) -> Manifest:
+        return execute(stage, cfg, reporter, force)
+
+    run.__doc__ = stage.doc
+    return run
+
+
+def _finish(job: Job, fields: dict) -> dict:
+    """The manifest of a computed run: every output file that is there, with its checksum."""
+    names = outdir.written(job.out, job.stage.outputs)
+    inputs = [
+        {
+            "path": io.record_path(job.out, path),
+            **({"stage": job.manifests[f]["stage"]} if job.manifests.get(f) else {}),
+            **({"fingerprint": job.input_fingerprints[f]} if f in job.input_fingerprints else {}),
+        }
+        for f, path in job.inputs.items()
+    ]
+    fields = {"config": job.cfg.model_dump(), **fields}  # a stage may record its config resolved
+    return io.write_manifest(
+        job.out,
+        job.stage.name,
+        job.fingerprint,
+        job.started,
+        files=[io.file_entry(job.out, n, **job.file_extras.get(n, {})) for n in names],
+        inputs=inputs,
+        outputs=list(job.stage.outputs),
+        **fields,
+    )

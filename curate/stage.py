@@ -1,0 +1,96 @@
+"""What a stage is: a declaration, registered once, that the executor runs and the CLI and API expose.
+
+A stage module holds its compute function and one `Stage(...)` that says everything else about it: its config
+model, which config fields name its inputs and whose output each must be, the files it writes, the optional
+modules it needs, what identifies a run beyond its config and inputs, its typed result and its summary for the
+terminal. `curate.executor` does the lifecycle every stage shares (locks, resume, verification, manifests),
+`curate.registry` finds the stages; adding a stage is one declaration, with no table to edit elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+@dataclass(frozen=True)
+class Input:
+    """A config field that names an input. `stages`: whose output it must be (verified against that stage's
+    manifest before anything else); `data`: user data, identified by its contents; `file_ok`: a plain file is
+    taken as data too; `model`: a model folder or hub id, which the stage identifies by its content hash
+    (`identify`); none of these: the stage finds and identifies it itself. Either way the field's text is not
+    part of the fingerprint: the same input named from another folder is the same run."""
+
+    field: str
+    stages: tuple[str, ...] = ()
+    data: bool = False
+    file_ok: bool = False
+    model: bool = False
+    hint: str = ""
+
+
+class Manifest(BaseModel):
+    """A finished stage's `_manifest.json`, typed; stage results add their own fields. Item access
+    (`m["counts"]`) reads the same fields, for code that treats manifests as the JSON they are."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    stage: str
+    fingerprint: str
+    curate_version: str
+    finished_at: str
+    wall_time_s: float
+    files: list[dict]
+    inputs: list[dict] = []
+    config: dict = {}
+    outputs: list[str] = []
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in self else default
+
+    def __contains__(self, key: str) -> bool:
+        return key in type(self).model_fields or key in (self.model_extra or {})
+
+
+Summary = Callable[[Manifest], list]  # lines (str) and Rich renderables for the terminal
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    config: type[BaseModel]
+    compute: Callable[[Any], dict]  # (Job) -> the manifest's own fields; writes the outputs into job.out
+    doc: str = ""  # one line for `--help`
+    inputs: tuple[Input, ...] = ()
+    outputs: tuple[str, ...] = ()  # file patterns, `folder/` for a folder only this stage writes
+    needs: Callable[[Any], tuple[str, ...]] = lambda cfg: ()  # optional modules, for these settings
+    identify: Callable[[Any], dict] | None = None  # (Job) -> what else identifies a run (models, formats)
+    then: Callable[[Any], list] = lambda cfg: []  # (cfg) -> [(stage name, config)] to run after this one
+    result: type[Manifest] = Manifest
+    summary: Summary = lambda manifest: []
+    resumable: bool = False  # keeps partial output of the same run (shards, checkpoints)
+    expensive: bool = False  # refuses to replace other settings' output without --force
+    walks: bool = False  # runs other stages: a rerun walks them again (each reuses its own finished result)
+    out: Callable[[Any], str] = lambda cfg: cfg.out  # where a config's output goes
+    step: int = 99  # its place in `curate --help`: the order a run goes through the stages
+    cli_arguments: tuple[str, ...] = ()  # fields given positionally on the command line
+    cli_first: tuple[str, ...] = ("out",)  # options listed first in --help
+
+    def output_folder(self, cfg: BaseModel) -> Path:
+        return Path(self.out(cfg))
+
+
+def in_fingerprint(model: type[BaseModel], field: str) -> bool:
+    """Whether a config field changes a stage's result. Fields that only say how or where it runs are declared
+    with `json_schema_extra=RUNTIME` in `curate.config`, so a new engine-only option cannot break resuming."""
+    extra = model.model_fields[field].json_schema_extra
+    return not (isinstance(extra, dict) and extra.get("fingerprint") is False)

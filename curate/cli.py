@@ -32,6 +32,25 @@ app = typer.Typer(
     rich_markup_mode=None,
     help="Q-Tuning data curation for SFT: score, prune, and write trainer-ready Parquet.",
 )
+
+
+@app.callback()
+def storage_options(
+    options: str = typer.Option(
+        None,
+        "--storage-options",
+        help="fsspec options for URLs (s3://, gs://, hf://) as JSON, for all protocols or per protocol "
+        '(\'{"s3": {"endpoint_url": "http://..."}}\'); credentials otherwise come from the environment and the '
+        "fsspec config. Never written to a manifest or a log.",
+    ),
+):
+    """Q-Tuning data curation for SFT: score, prune, and write trainer-ready Parquet."""
+    from . import storage
+
+    with user_errors():
+        storage.set_options(options)
+
+
 console = Console(stderr=True, soft_wrap=True)  # an error or log line stays one line, whatever the width
 out = Console(markup=False)  # results name paths, ids and groups from the user: `[/x]` in them is text, not markup
 
@@ -315,12 +334,16 @@ def explore_cmd(
 
 
 @app.command("verify")
-def verify_cmd(path: Path = typer.Argument(..., help="Any folder q-curate wrote (a stage or a whole run folder).")):
-    """Check every file of every finished stage under PATH against its manifest (sizes and checksums, nothing stray)."""
-    from .verify import verify_tree
+def verify_cmd(
+    path: str = typer.Argument(..., help="Any folder q-curate wrote (a stage or a whole run folder): a path or a URL."),
+):
+    """Check every file of every finished stage under PATH against its manifest (sizes and checksums, nothing stray).
+
+    A URL is checked in its working copy, fetched first (only what changed since the last fetch)."""
+    from .verify import verify_location
 
     with user_errors():
-        rows, bad = verify_tree(path)
+        rows, bad = verify_location(path)
         t = Table(title=f"verify {path}")
         for col in ("folder", "stage", "files", "result"):
             t.add_column(col)
@@ -329,6 +352,22 @@ def verify_cmd(path: Path = typer.Argument(..., help="Any folder q-curate wrote 
         out.print(t)
     if bad:
         raise typer.Exit(1)
+
+
+@app.command("push")
+def push_cmd(
+    pruned: str = typer.Argument(..., help="A `curate prune` (or retokenize) folder: a path or a URL."),
+    dest: str = typer.Argument(..., help="hf://datasets/ORG/NAME (a Hub dataset repo), or a folder URL or path."),
+    private: bool = typer.Option(False, "--private", help="Hub: create the repo private (when it does not exist)."),
+    message: str = typer.Option(None, "--message", help="Hub: the commit message (default: what was pruned)."),
+):
+    """Publish a pruned dataset: verified against its manifest, then uploaded with its card (README.md), samples,
+    stats and manifest, so that `datasets.load_dataset` reads it from there. A Hub repo gets one commit."""
+    from .publish import push
+
+    with user_errors():
+        where = quiet(push, pruned, dest, console.print, private, message)
+        out.print(f"pushed {pruned} to {where}")
 
 
 @app.command("demo")

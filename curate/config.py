@@ -110,6 +110,12 @@ class ScoreOptions(Options):
         description="Drop later copies of an identical conversation (reason duplicate_content); always counted.",
     )
     limit: PosInt | None = Field(None, description="Read only the first N rows of the input.")
+    split: str | None = Field(
+        None, description="A Hub-layout dataset folder's split to read (default train, or its card's first)."
+    )
+    subset: str | None = Field(
+        None, description="A Hub-layout dataset folder's subset (its card's config_name; default: `default`)."
+    )
     positions: Literal["all", "trainable"] = Field(
         "all",
         description="Which tokens get scores: all (the prompt too: for prune --entropy-positions all and the "
@@ -193,12 +199,14 @@ class ScoreOptions(Options):
 
 class ScoreSection(ScoreOptions):
     input: str = Field(
-        description="SFT data: .jsonl, .json, .parquet or a datasets save_to_disk folder (`demo`: the built-in data)."
+        description="SFT data: a .jsonl, .json or .parquet file, a glob or comma-separated list of them, a folder laid "
+        "out as a Hub dataset (hf://datasets/ORG/NAME), a datasets save_to_disk folder (`demo`: the built-in data); "
+        "local or at an fsspec URL (s3://, gs://, hf://)."
     )
 
 
 class ScoreConfig(ScoreSection):
-    out: str = Field(description="Folder for the scores (part-NNNNN.parquet + _manifest.json).")
+    out: str = Field(description="Folder for the scores (part-NNNNN.parquet + _manifest.json); a path or a URL.")
 
 
 # ---------------------------------------------------------------- prune

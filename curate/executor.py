@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from . import __version__, io, outdir
+from . import __version__, io, outdir, readers, storage
 from .errors import CurateError
 from .extras import require
 from .progress import Reporter
@@ -43,6 +43,14 @@ class Job:
     fingerprint: str = ""
     context: dict = field(default_factory=dict)  # what identify resolved, for compute (models, plans)
     file_extras: dict[str, dict] = field(default_factory=dict)  # output name -> extra fields of its entry
+    remote: storage.RemoteFolder | None = None  # OUT is a URL: job.out is its working copy
+    given: dict[str, str] = field(default_factory=dict)  # config field -> the URL given, where a copy stands in
+
+    def publish(self, name: str) -> None:
+        """A finished output file (name relative to OUT) is uploaded now, where OUT is a URL, so that a killed run
+        keeps it; everything else is uploaded when the run finishes."""
+        if self.remote:
+            self.remote.upload(name)
 
     def log(self, message: str) -> None:
         self.reporter.log(message)
@@ -86,13 +94,27 @@ def identify_model(job: Job, key: str = "model") -> dict:
     return {key: model.hash}
 
 
-def _verified_inputs(stage: Stage, cfg: Any, out: Path) -> tuple[dict, dict, dict]:
-    paths, manifests, fingerprints = {}, {}, {}
+def _verified_inputs(stage: Stage, cfg: Any, out: Path, log) -> tuple[dict, dict, dict, dict]:
+    """(paths, manifests, fingerprints, given): a stage output at a URL is verified in its working copy, which
+    then stands in for it (`given` keeps the URL); user data at a URL is read where it is, by ranges."""
+    paths, manifests, fingerprints, given = {}, {}, {}, {}
     for spec in stage.inputs:
         value = getattr(cfg, spec.field)
         if value is None or spec.model:
             continue
-        path = paths[spec.field] = Path(value)
+        if storage.is_url(value) and spec.stages and not spec.data:
+            given[spec.field] = value
+            value = storage.RemoteFolder(value).pull(log)
+        if spec.data and readers.is_many_or_remote(value):  # a URL, glob or list: identified by its files
+            paths[spec.field], manifests[spec.field] = str(value), None
+            fingerprints[spec.field] = readers.fingerprint(str(value))
+            continue
+        if storage.is_url(value):  # a folder the stage finds and identifies itself (`report RUN`)
+            if value.rstrip("/") == str(out).rstrip("/"):
+                raise CurateError(f"--out {out} is the input folder itself; write the output somewhere else")
+            paths[spec.field], manifests[spec.field] = value, None
+            continue
+        path = paths[spec.field] = storage.local(value)
         outdir.check_not_input(out, path)
         if spec.stages and not (spec.file_ok and path.is_file()):
             manifests[spec.field] = io.verified(path, spec.stages, spec.hint)
@@ -102,36 +124,74 @@ def _verified_inputs(stage: Stage, cfg: Any, out: Path) -> tuple[dict, dict, dic
                 raise CurateError(f"{path}: no such file or folder ({spec.hint or spec.field})")
             manifests[spec.field] = None
             fingerprints[spec.field] = io.fingerprint_path(path)
-    return paths, manifests, fingerprints
+    return paths, manifests, fingerprints, given
 
 
 def execute(stage: Stage, cfg: Any, reporter: Reporter | None = None, force: bool = False) -> Manifest:
     """Run `stage` with `cfg` (see the module's docstring); returns its typed result."""
     reporter = reporter or Reporter()
-    started = time.time()
-    out = stage.output_folder(cfg)
     require_stage(stage, cfg)
-    paths, manifests, fingerprints = _verified_inputs(stage, cfg, out)
-    job = Job(stage, cfg, out, reporter, force, paths, manifests, fingerprints, started)
-    identity = stage.identify(job) if stage.identify else {}
-    job.fingerprint = job.fingerprint_with(identity)
-    with io.locked(out, reporter.log):
-        done = outdir.begin(
-            out,
-            stage.name,
-            job.fingerprint,
-            outputs=stage.outputs,
-            reporter=reporter,
-            force=force,
-            resumable=stage.resumable,
-            expensive=stage.expensive,
-            reusable=not stage.walks,
-        )
-        manifest = done or _finish(job, stage.compute(job))
-    result = stage.result.model_validate(manifest)
+    out = stage.output_folder(cfg)
+    if storage.is_url(out):
+        remote = storage.RemoteFolder(out)
+        with remote.locked(reporter.log):
+            result = _execute(stage, cfg, reporter, force, remote)
+    else:
+        with io.locked(Path(out), reporter.log):
+            result = _execute(stage, cfg, reporter, force, None)
     for name, follow_up in stage.then(cfg):
         execute(get(name), follow_up, reporter, force)
     return result
+
+
+def _execute(stage: Stage, cfg: Any, reporter: Reporter, force: bool, remote) -> Manifest:
+    """The lifecycle under OUT's lock; a URL's working copy is pulled first and pushed after every change."""
+    started = time.time()
+    given = {"out": str(stage.output_folder(cfg))} if remote else {}
+    if remote:
+        cfg = cfg.model_copy(update={"out": str(remote.pull(reporter.log))})
+    out = Path(stage.output_folder(cfg))
+    paths, manifests, fingerprints, from_urls = _verified_inputs(stage, cfg, out, reporter.log)
+    given.update(from_urls)
+    cfg = cfg.model_copy(update={f: str(paths[f]) for f in from_urls})
+    job = Job(stage, cfg, out, reporter, force, paths, manifests, fingerprints, started, remote=remote, given=given)
+    identity = stage.identify(job) if stage.identify else {}
+    job.fingerprint = job.fingerprint_with(identity)
+    done = outdir.begin(
+        out,
+        stage.name,
+        job.fingerprint,
+        outputs=stage.outputs,
+        reporter=reporter,
+        force=force,
+        resumable=stage.resumable,
+        expensive=stage.expensive,
+        reusable=not stage.walks,
+    )
+    if remote:
+        remote.push(reporter.log)  # what begin cleared goes from the bucket too, before any new file arrives
+    if done:
+        return stage.result.model_validate(_as_given(done, given))
+    fields = stage.compute(job)
+    if remote:
+        remote.fetch_missing(reporter.log)  # shards that workers on other machines uploaded
+    manifest = _finish(job, fields)
+    if remote:
+        remote.push(reporter.log)
+    return stage.result.model_validate(_as_given(manifest, given))
+
+
+def _recorded(job: Job, path) -> str:
+    """An input as the manifest records it: relative to OUT on a local disk, the URL or absolute path where OUT
+    is a URL (its working copy is no place to be relative to)."""
+    if storage.is_url(path):
+        return str(path)
+    return str(Path(path).resolve()) if job.remote else io.record_path(job.out, path)
+
+
+def _as_given(manifest: dict, given: dict) -> dict:
+    """A manifest as the user sees it: the URLs given, not the working copies that stood in for them."""
+    return {**manifest, "config": {**manifest.get("config", {}), **given}} if given else manifest
 
 
 def run_stage(name: str, cfg: Any, reporter: Reporter | None = None, force: bool = False) -> Manifest:
@@ -153,13 +213,14 @@ def _finish(job: Job, fields: dict) -> dict:
     names = outdir.written(job.out, job.stage.outputs)
     inputs = [
         {
-            "path": io.record_path(job.out, path),
+            "path": job.given.get(f) or _recorded(job, path),
             **({"stage": job.manifests[f]["stage"]} if job.manifests.get(f) else {}),
             **({"fingerprint": job.input_fingerprints[f]} if f in job.input_fingerprints else {}),
         }
         for f, path in job.inputs.items()
     ]
     fields = {"config": job.cfg.model_dump(), **fields}  # a stage may record its config resolved
+    fields["config"] = {**fields["config"], **job.given}  # never a working copy's path
     return io.write_manifest(
         job.out,
         job.stage.name,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .errors import CurateError
 from .extras import require
+from .storage import is_url
 
 BUILTIN_NAMES = {"", "default", "builtin", "smollm2-135m", "SmolLM2-135M-Instruct"}
 BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -123,7 +124,14 @@ def resolve_model(spec: str | None, log=lambda msg: print(msg, file=sys.stderr))
     if spec is None or spec in BUILTIN_NAMES:
         folder = ensure_builtin(log)
         return ResolvedModel(str(folder), BUILTIN_LABEL, _folder_hash(folder))
-    local = Path(spec).expanduser()
+    if is_url(spec):  # fetched into the cache (once: an unchanged copy is not fetched again), then hashed
+        from .storage import RemoteFolder
+
+        folder = RemoteFolder(spec).pull(log)
+        if not (folder / "config.json").exists():
+            raise CurateError(f"--model {spec}: no config.json there (not a transformers model folder)")
+        return ResolvedModel(str(folder), spec, _folder_hash(folder))
+    local = Path(spec.removeprefix("file://")).expanduser()
     if local.is_dir():
         if not (local / "config.json").exists():
             raise CurateError(f"--model {spec}: the folder has no config.json (not a transformers model folder)")
@@ -131,6 +139,20 @@ def resolve_model(spec: str | None, log=lambda msg: print(msg, file=sys.stderr))
     if local.exists() or spec.startswith((".", "/", "~")):
         raise CurateError(f"--model {spec}: no such model folder")
     return ResolvedModel(spec, spec, f"hub:{spec}")
+
+
+def model_on_this_node(spec: str, path: str, expected_hash: str) -> str:
+    """The model folder a run resolved, on this machine (a Ray worker's node may not have the driver's cache): a
+    model given as a URL is fetched here and must have the content hash the run recorded."""
+    if Path(path).exists() or not is_url(spec):
+        return path
+    model = resolve_model(spec, log=lambda msg: None)
+    if model.hash != expected_hash:
+        raise CurateError(
+            f"--model {spec} changed since this run started (content hash {model.hash}, the run has "
+            f"{expected_hash}); rerun to score with the new one"
+        )
+    return model.path
 
 
 def load_tokenizer(model: ResolvedModel):

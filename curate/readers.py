@@ -1,5 +1,11 @@
 """Raw input rows, read by ranges: JSONL, JSON arrays, Parquet and `datasets` save_to_disk folders.
 
+An input is a `Source`: one data file, a folder of data files laid out as a Hub dataset repo (its card's
+`configs:` pick the files of a subset and split; else `data/train-*` and the like), a glob, or a comma-separated
+list, each local or at an fsspec URL (`hf://datasets/ORG/NAME`, `s3://...`). Remote files are read by ranges:
+a Parquet shard fetches only its row groups, a JSONL shard only its bytes (the planner reads a JSONL file once, to
+find where each shard begins).
+
 A scoring run is cut into shards of consecutive input rows (`plan`), and each shard reads only its own rows
 (`read_range`), so any process (a Ray actor on another machine included) can read, convert and tokenise its
 shard without the others. A row that cannot be read or decoded comes back as a RowError in its place, so one
@@ -8,17 +14,21 @@ bad row never stops a file.
 
 from __future__ import annotations
 
+import glob as globbing
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+from . import storage
 from .errors import CurateError, RowError
 
 BOM = b"\xef\xbb\xbf"
 LINE_CAP = 1 << 30  # the most of one JSONL line ever held in memory, whatever --max-row-bytes says
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+DATA_SUFFIXES = (*JSONL_SUFFIXES, ".json", ".parquet")
+SAVE_TO_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
 @dataclass(frozen=True)
@@ -30,32 +40,193 @@ class RowRange:
     stop: int
     offset: int = 0  # JSONL: byte offset of row `start`
     line: int = 1  # JSONL: its 1-based line number
+    file: int = 0  # which of the source's files (rows are counted per file)
 
 
-def kind(path: Path) -> str:
-    if not path.exists():
-        raise CurateError(f"{path}: no such file or folder")
-    if path.is_dir():
+@dataclass(frozen=True)
+class Source:
+    """What a scoring run reads: its data files in order (paths or URLs), and how they were chosen."""
+
+    given: str
+    files: tuple[str, ...]
+    split: str | None = None
+    subset: str | None = None
+
+    def __str__(self) -> str:
+        return self.given
+
+    def entry(self) -> dict:
+        """The source as a manifest records it (the files pin it; a Hub URL's files carry their revision)."""
+        return {"given": self.given, "split": self.split, "subset": self.subset, "files": list(self.files)}
+
+
+def as_source(value: Source | str | Path) -> Source:
+    return value if isinstance(value, Source) else Source(str(value), (str(value),))
+
+
+def resolve(given: str | Path, split: str | None = None, subset: str | None = None) -> Source:
+    """The data files of an input: a file, a comma-separated list, a glob, a save_to_disk folder, or a folder laid
+    out as a Hub dataset repo (card `configs:` for `subset` and `split`, else the Hub's default file names)."""
+    given = str(given)
+    if "," in given and not _exists(given):
+        files = [f for part in given.split(",") if part.strip() for f in resolve(part.strip(), split, subset).files]
+        return Source(given, tuple(files), split, subset)
+    if any(c in given.split("://")[-1] for c in "*?["):
+        files = _glob(given)
+        if not files:
+            raise CurateError(f"{given}: the pattern matches no file")
+        return Source(given, tuple(files), split, subset)
+    if not _exists(given):
+        raise CurateError(f"{given}: no such file or folder")
+    if not _is_dir(given) or any(_exists(storage.join(given, m)) for m in SAVE_TO_DISK_MARKERS):
+        if split or subset:
+            raise CurateError(f"{given}: --split and --subset choose files in a dataset folder; this is one file")
+        return Source(given, (given,))
+    return Source(given, tuple(_hub_files(given, split, subset)), split, subset)
+
+
+def is_many_or_remote(given: str | Path) -> bool:
+    """Whether an input is more than one local path: a URL, a glob or a comma-separated list."""
+    text = str(given)
+    return storage.is_url(text) or any(c in text for c in "*?[") or ("," in text and not _exists(text))
+
+
+def fingerprint(given: str) -> str:
+    """The identity of a URL, glob or list input: its files' names and contents (remote ones by the ETags or
+    checksums the store keeps, never downloaded for this)."""
+    import hashlib
+
+    from .io import fingerprint_path
+
+    if storage.is_url(given) and not any(c in given for c in "*?[,"):
+        return storage.fingerprint(given)
+    h = hashlib.sha256()
+    for f in resolve(given).files:
+        h.update(
+            f"{f}\0{storage.fingerprint(f) if storage.is_url(f) else fingerprint_path(storage.local(f))}\0".encode()
+        )
+    return h.hexdigest()[:16]
+
+
+def _hub_files(root: str, split: str | None, subset: str | None) -> list[str]:
+    """The data files of one subset and split of a Hub-layout folder (`datasets`' own rules, in short)."""
+    configs = _card_configs(root)
+    if configs:
+        names = [c.get("config_name", "default") for c in configs]
+        chosen = subset or ("default" if "default" in names else names[0])
+        if chosen not in names:
+            raise CurateError(f"{root}: no subset {chosen!r} (its card names {', '.join(names)}); use --subset")
+        data_files = configs[names.index(chosen)].get("data_files", [])
+        if isinstance(data_files, (str, list)) and not (data_files and isinstance(data_files[0], dict)):
+            data_files = [{"split": "train", "path": data_files}]
+        splits = {d.get("split", "train"): d.get("path") for d in data_files if isinstance(d, dict)}
+        wanted = split or ("train" if "train" in splits else next(iter(splits), "train"))
+        if wanted not in splits:
+            raise CurateError(f"{root}: subset {chosen!r} has no split {wanted!r} (it has {', '.join(splits)})")
+        patterns = splits[wanted] if isinstance(splits[wanted], list) else [splits[wanted]]
+        files = sorted({f for p in patterns for f in _glob(storage.join(root, p))})
+        if not files:
+            raise CurateError(f"{root}: the card's files for {chosen}/{wanted} ({', '.join(patterns)}) are not there")
+        return files
+    if subset:
+        raise CurateError(f"{root}: --subset {subset}, but the folder's card (README.md) declares no configs")
+    wanted = split or "train"
+    for pattern in (
+        f"data/{wanted}-*",
+        f"data/{wanted}.*",
+        f"{wanted}/*",
+        f"{wanted}-*",
+        f"{wanted}.*",
+        f"*/{wanted}-*",
+    ):
+        files = [f for f in _glob(storage.join(root, pattern)) if f.lower().endswith(DATA_SUFFIXES)]
+        if files:
+            return files
+    everything = [f for f in _glob(storage.join(root, "**")) if f.lower().endswith(DATA_SUFFIXES)]
+    if split or not everything:
+        raise CurateError(
+            f"{root}: no data files for split {wanted!r} (looked for data/{wanted}-*.parquet and the like; "
+            "a `datasets` save_to_disk folder needs its dataset_info.json)"
+        )
+    return everything
+
+
+def _card_configs(root: str) -> list[dict]:
+    import yaml
+
+    card = storage.join(root, "README.md")
+    if not _exists(card):
+        return []
+    with storage.open_input(card) as f:
+        text = f.read().decode("utf-8", errors="replace")
+    if not text.startswith("---"):
+        return []
+    try:
+        header = yaml.safe_load(text.split("---", 2)[1]) or {}
+    except yaml.YAMLError as e:
+        raise CurateError(f"{card}: the card's YAML header is not valid ({e})") from None
+    configs = header.get("configs") if isinstance(header, dict) else None
+    return [c for c in configs if isinstance(c, dict)] if isinstance(configs, list) else []
+
+
+def _exists(loc: str) -> bool:
+    if storage.is_url(loc):
+        fs, path = storage.filesystem(loc)
+        return fs.exists(path)
+    return storage.local(loc).exists()
+
+
+def _is_dir(loc: str) -> bool:
+    if storage.is_url(loc):
+        fs, path = storage.filesystem(loc)
+        return fs.isdir(path)
+    return storage.local(loc).is_dir()
+
+
+def _glob(pattern: str) -> list[str]:
+    if storage.is_url(pattern):
+        fs, path = storage.filesystem(pattern)
+        protocol = pattern.split("://", 1)[0]
+        return sorted(f"{protocol}://{p.removeprefix(protocol + '://')}" for p in fs.glob(path) if fs.isfile(p))
+    return sorted(p for p in globbing.glob(str(storage.local(pattern)), recursive=True) if Path(p).is_file())
+
+
+def kind(path: str | Path) -> str:
+    loc = str(path)
+    if not _exists(loc):
+        raise CurateError(f"{loc}: no such file or folder")
+    if _is_dir(loc):
+        if storage.is_url(loc):
+            raise CurateError(f"{loc}: a save_to_disk folder is read from a local disk; give its data files instead")
         return "datasets"
-    suffix = path.suffix.lower()
+    suffix = PurePosixPath(loc).suffix.lower()
     if suffix in JSONL_SUFFIXES:
         return "jsonl"
     if suffix == ".parquet":
         return "parquet"
     if suffix == ".json":
-        with open(path, "rb") as f:
+        with storage.open_input(loc) as f:
             head = f.read(4096).removeprefix(BOM).lstrip()
         return "json-array" if head.startswith(b"[") else "jsonl"
-    raise CurateError(
-        f"{path}: unsupported input type {suffix!r}; use .jsonl, .json, .parquet or a save_to_disk folder"
-    )
+    raise CurateError(f"{loc}: unsupported input type {suffix!r}; use .jsonl, .json, .parquet or a save_to_disk folder")
 
 
 # ---------------------------------------------------------------- planning
 
 
-def plan(path: Path, shard_rows: int, limit: int | None = None) -> list[RowRange]:
-    """The shards of a scoring run: consecutive ranges of `shard_rows` input rows (the first `limit` rows)."""
+def plan(source: Source | str | Path, shard_rows: int, limit: int | None = None) -> list[RowRange]:
+    """The shards of a scoring run: consecutive ranges of `shard_rows` rows of each file, in order (the first
+    `limit` rows of the source)."""
+    ranges: list[RowRange] = []
+    for f, loc in enumerate(as_source(source).files):
+        left = None if limit is None else limit - sum(r.stop - r.start for r in ranges)
+        if left == 0:
+            break
+        ranges += [replace(r, index=len(ranges) + i, file=f) for i, r in enumerate(_plan_file(loc, shard_rows, left))]
+    return ranges
+
+
+def _plan_file(path: str, shard_rows: int, limit: int | None) -> list[RowRange]:
     k = kind(path)
     if k == "jsonl":
         return _plan_jsonl(path, shard_rows, limit)
@@ -84,10 +255,10 @@ def _is_row(line: bytes | None) -> bool:
     return line is None or bool(line.strip() and line.strip() != BOM)
 
 
-def _plan_jsonl(path: Path, shard_rows: int, limit: int | None) -> list[RowRange]:
+def _plan_jsonl(path: str, shard_rows: int, limit: int | None) -> list[RowRange]:
     starts: list[tuple[int, int]] = []  # (byte offset, line number) of each shard's first row
     rows, offset = 0, 0
-    with open(path, "rb") as f:
+    with storage.open_input(path) as f:
         for lineno, (line, size) in enumerate(_lines(f), start=1):
             if limit is not None and rows >= limit:
                 break
@@ -101,10 +272,10 @@ def _plan_jsonl(path: Path, shard_rows: int, limit: int | None) -> list[RowRange
     ]
 
 
-def count_rows(path: Path) -> int:
+def count_rows(path: str | Path) -> int:
     k = kind(path)
     if k == "jsonl":
-        with open(path, "rb") as f:
+        with storage.open_input(path) as f:
             return sum(1 for line, _ in _lines(f) if _is_row(line))
     if k == "parquet":
         return _parquet(path).metadata.num_rows
@@ -116,10 +287,14 @@ def count_rows(path: Path) -> int:
 # ---------------------------------------------------------------- reading
 
 
-def read_range(path: Path, rows: RowRange, max_row_bytes: int | None = None) -> Iterator[tuple[int, Any]]:
+def read_range(
+    source: Source | str | Path, rows: RowRange, max_row_bytes: int | None = None
+) -> Iterator[tuple[int, Any]]:
     """(row number, record or RowError) for every row of the range. Row numbers are 1-based line numbers for
-    JSONL and 0-based indices for JSON arrays, Parquet and datasets folders. A row above `max_row_bytes` is a
-    RowError (`row_too_large`): a JSONL line is measured before it is parsed, other rows by their text."""
+    JSONL and 0-based indices for JSON arrays, Parquet and datasets folders, counted in the range's file. A row
+    above `max_row_bytes` is a RowError (`row_too_large`): a JSONL line is measured before it is parsed, other
+    rows by their text."""
+    path = file_of(source, rows)
     k = kind(path)
     if k == "jsonl":
         yield from _read_jsonl(path, rows, max_row_bytes)
@@ -152,10 +327,15 @@ def text_bytes(record: Any) -> int:
     return 0
 
 
-def head(path: Path, n: int) -> list[Any]:
+def file_of(source: Source | str | Path, rows: RowRange) -> str:
+    """The file a range's rows are in."""
+    return as_source(source).files[rows.file]
+
+
+def head(source: Source | str | Path, n: int) -> list[Any]:
     """The first `n` records (RowErrors left out), for format detection."""
-    first = plan(path, n, n)
-    return [rec for _, rec in read_range(path, first[0]) if not isinstance(rec, RowError)] if first else []
+    first = plan(source, n, n)
+    return [rec for _, rec in read_range(source, first[0]) if not isinstance(rec, RowError)] if first else []
 
 
 def parse_json(text: str) -> Any:
@@ -167,10 +347,10 @@ def parse_json(text: str) -> Any:
         return RowError("invalid_json", "invalid JSON: nested too deeply to read")
 
 
-def _read_jsonl(path: Path, rows: RowRange, max_row_bytes: int | None) -> Iterator[tuple[int, Any]]:
+def _read_jsonl(path: str, rows: RowRange, max_row_bytes: int | None) -> Iterator[tuple[int, Any]]:
     wanted = rows.stop - rows.start
     cap = min(LINE_CAP, max_row_bytes) if max_row_bytes else LINE_CAP
-    with open(path, "rb") as f:
+    with storage.open_input(path) as f:
         f.seek(rows.offset)
         for lineno, (line, size) in enumerate(_lines(f, cap), start=rows.line):
             if wanted == 0:
@@ -198,23 +378,28 @@ def _read_jsonl(path: Path, rows: RowRange, max_row_bytes: int | None) -> Iterat
 _cache: dict[tuple, Any] = {}
 
 
-def _cached(path: Path, what: str, load):
+def _cached(path: str, what: str, load):
     """One loaded input per process (a worker reads many shards of the same file)."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_mtime_ns, st.st_size, what)
+    if storage.is_url(path):
+        key = (path, storage.tag(path), what)
+    else:
+        st = storage.local(path).stat()
+        key = (str(storage.local(path).resolve()), st.st_mtime_ns, st.st_size, what)
     if key not in _cache:
         _cache.clear()
         _cache[key] = load()
     return _cache[key]
 
 
-def _json_array(path: Path) -> list:
+def _json_array(path: str) -> list:
     """A JSON array as a list of thunks, one per element: each returns the element or its RowError."""
 
     def load():
         # surrogateescape: a byte that is not UTF-8 becomes a lone surrogate in its string, which the row's
         # own checks report (invalid_unicode), instead of failing the whole file.
-        text = path.read_bytes().removeprefix(BOM).decode("utf-8", errors="surrogateescape")
+        with storage.open_input(path) as f:
+            raw = f.read()
+        text = raw.removeprefix(BOM).decode("utf-8", errors="surrogateescape")
         try:
             data = json.loads(text)
         except (json.JSONDecodeError, RecursionError):
@@ -226,7 +411,7 @@ def _json_array(path: Path) -> list:
     return _cached(path, "json", load)
 
 
-def _split_array(path: Path, text: str) -> list[str]:
+def _split_array(path: str, text: str) -> list[str]:
     """The elements of a JSON array as text, by bracket matching, so that one bad element is one bad row."""
     i = len(text) - len(text.lstrip())
     if not text.startswith("[", i):
@@ -257,17 +442,23 @@ def _split_array(path: Path, text: str) -> list[str]:
     raise CurateError(f"{path}: the JSON array is not closed (the file is truncated?)")
 
 
-def _parquet(path: Path):
+def _parquet(path: str):
+    """The Parquet file, open (a remote one stays open, so each row group read is a ranged request)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    try:
-        return pq.ParquetFile(path)
-    except (OSError, pa.ArrowException) as e:
-        raise CurateError(f"{path}: not a readable Parquet file ({e})") from None
+    def load():
+        try:
+            return pq.ParquetFile(
+                storage.open_input(path, buffered=False) if storage.is_url(path) else storage.local(path)
+            )
+        except (OSError, pa.ArrowException) as e:
+            raise CurateError(f"{path}: not a readable Parquet file ({e})") from None
+
+    return _cached(path, "parquet", load)
 
 
-def _read_parquet(path: Path, rows: RowRange) -> Iterator[tuple[int, Any]]:
+def _read_parquet(path: str, rows: RowRange) -> Iterator[tuple[int, Any]]:
     pf = _parquet(path)
     first = 0
     for g in range(pf.metadata.num_row_groups):
@@ -281,7 +472,7 @@ def _read_parquet(path: Path, rows: RowRange) -> Iterator[tuple[int, Any]]:
             return
 
 
-def _dataset(path: Path):
+def _dataset(path: str):
     from .extras import require
 
     require("datasets", purpose=f"reading the save_to_disk folder {path}")
@@ -289,7 +480,7 @@ def _dataset(path: Path):
 
     def load():
         try:
-            ds = datasets.load_from_disk(str(path))
+            ds = datasets.load_from_disk(str(storage.local(path)))
         except Exception as e:  # datasets raises many types; the user needs the path and the reason
             raise CurateError(f"{path}: not a `datasets` save_to_disk folder ({e})") from None
         if isinstance(ds, datasets.DatasetDict):

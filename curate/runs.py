@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from . import io
+from . import io, storage
 from .errors import CurateError
 
 HINT = "run `curate score` and `curate prune` first (as `curate run` and `curate demo` do)"
@@ -33,7 +33,9 @@ class Run:
         return io.pruned_data_files(self.pruned, self.pruned_manifest)
 
 
-def locate(path: Path) -> Run:
+def locate(where: str | Path) -> Run:
+    """The run at `where` (a path or a URL: then the folders it needs are fetched into working copies)."""
+    path = storage.materialized(where)
     manifest = io.read_manifest(path) if path.is_dir() else None
     refresh = None
     if manifest and manifest["stage"] == "refresh":
@@ -41,19 +43,21 @@ def locate(path: Path) -> Run:
         path = path / refresh["rounds"][-1]["dir"]
         manifest = None
     if manifest and manifest["stage"] in ("prune", "retokenize"):
-        pruned = path
+        pruned, pruned_at = path, where
     elif manifest is None:
-        pruned = path / "pruned"
+        pruned_at = storage.join(where, "pruned")
+        pruned = storage.materialized(pruned_at) if storage.is_url(where) else path / "pruned"
     else:
         raise CurateError(
-            f"{path} holds the output of `curate {manifest['stage']}`; point at a run folder, a "
+            f"{where} holds the output of `curate {manifest['stage']}`; point at a run folder, a "
             "`curate prune` folder or a `curate refresh` folder"
         )
     pruned_manifest = io.verified(pruned, ("prune", "retokenize"), HINT)
     source = pruned_manifest["inputs"][0]
-    scores = io.recorded_path(pruned, source["path"])
+    scores_at = storage.resolve(pruned_at if storage.is_url(pruned_at) else pruned, source["path"])
     if source.get("stage") == "prune":  # a re-tokenised folder: the scores are those of the folder it came from
-        return locate(scores)
+        return locate(scores_at)
+    scores = storage.materialized(scores_at)
     scores_manifest = io.verified(scores, "score", HINT)
     return Run(pruned, scores, pruned_manifest, scores_manifest, refresh)
 

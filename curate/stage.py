@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -85,8 +84,9 @@ class Stage:
     cli_arguments: tuple[str, ...] = ()  # fields given positionally on the command line
     cli_first: tuple[str, ...] = ("out",)  # options listed first in --help
 
-    def output_folder(self, cfg: BaseModel) -> Path:
-        return Path(self.out(cfg))
+    def output_folder(self, cfg: BaseModel) -> str:
+        """Where a config's output goes: a path, or a URL (never folded through Path, which breaks `s3://`)."""
+        return str(self.out(cfg))
 
 
 def in_fingerprint(model: type[BaseModel], field: str) -> bool:

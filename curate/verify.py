@@ -4,9 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import io
+from . import io, readers, storage
 from .errors import CurateError
 from .schema import MANIFEST
+
+
+def verify_location(where: str) -> tuple[list[tuple[str, str, int, list]], bool]:
+    """`verify_tree` for a path or a URL (checked in its working copy; folders are named as the user gave them)."""
+    if not storage.is_url(where):
+        return verify_tree(storage.local(where))
+    remote = storage.RemoteFolder(where)
+    if not remote.exists():
+        raise CurateError(f"{where}: no such folder (nothing is stored there)")
+    root = remote.pull()
+    rows, bad = verify_tree(root)
+    named = [(where if f == root else storage.join(where, str(f.relative_to(root))), *rest) for f, *rest in rows]
+    return named, bad
 
 
 def verify_tree(path: Path) -> tuple[list[tuple[Path, str, int, list]], bool]:
@@ -35,6 +48,12 @@ def input_change(scores: Path, manifest: dict) -> str | None:
     source = (manifest.get("inputs") or [{}])[0]
     if "path" not in source or "fingerprint" not in source:  # synthetic scores read no input
         return None
+    if readers.is_many_or_remote(source["path"]):  # a URL, glob or list: compared by the store's checksums
+        try:
+            now = readers.fingerprint(source["path"])
+        except CurateError:  # no longer there: nothing to compare
+            return None
+        return None if now == source["fingerprint"] else f"{source['path']} changed after it was scored"
     path = io.recorded_path(scores, source["path"])
     if not path.exists() or io.fingerprint_path(path) == source["fingerprint"]:
         return None

@@ -246,3 +246,42 @@ def cpu_sft_args(output_dir: Path, max_steps: int, **overrides):
         disable_tqdm=True,
     )
     return SFTConfig(**(settings | overrides))
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3-compatible server on 127.0.0.1 (the one s3fs's own tests use), reached as the real S3 is: through
+    the environment (endpoint, credentials), which subprocesses and Ray workers inherit."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+@pytest.fixture
+def bucket(s3_server, request):
+    """A fresh bucket (s3://NAME) for one test."""
+    import s3fs
+
+    name = "t-" + request.node.name.lower().replace("_", "-")[:40].strip("-") + f"-{os.getpid()}"
+    fs = s3fs.S3FileSystem()
+    fs.mkdir(name)
+    return f"s3://{name}"

@@ -6,6 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from curate import io, schema
+from curate.backends import choose_dtype, cpu_bf16_feature
 from curate.cli import app
 from curate.config import ScoreConfig
 from curate.errors import CurateError
@@ -44,7 +45,9 @@ def test_score_writes_the_contract(tmp_path, tiny_model_dir):
         "entropy_method",
     ):
         assert meta[key], key
-    assert meta["backend"] == "hf" and meta["dtype"] == "float32" and meta["entropy_method"] == "exact"
+    # --dtype auto: bf16 where this CPU computes it natively, else fp32 (the detection is tested on its own)
+    expected_dtype = choose_dtype("auto", "cpu", cpu_bf16_feature())[0]
+    assert meta["backend"] == "hf" and meta["dtype"] == expected_dtype and meta["entropy_method"] == "exact"
     rows = read_all(out)
     assert len(rows) == 7 and manifest["counts"]["samples"] == 7
     assert manifest["skipped_by_reason"] == {"invalid_json": 1, "no_assistant_turn": 1}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from .. import readers
 from ..config import ScoreConfig
@@ -76,7 +75,7 @@ def score_locally(job: ScoreJob, todo, done, ranges, reporter: Reporter) -> dict
     tokens, seconds, timings = 0, 0.0, {}
     try:
         if worker:
-            refuse_mixed_methods(Path(job.cfg.out), done, worker.open())
+            refuse_mixed_methods(job.out(), done, worker.open())
         for r, tokenised in tokenised_shards(job, todo, tokenise_workers(job.cfg)):
             result = worker.run(r, batch_progress(reporter, rows_done, tokens), tokenised)
             rows_done += r.stop - r.start

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..errors import CurateError
 from ..progress import Reporter
+from ..storage import OPTIONS_ENV
 
 MAX_ATTEMPTS = 3  # a shard that fails this many times stops the run
 LOCAL_OBJECT_STORE = 200 * 1024**2  # we pass configs and summaries, never data, through the object store
@@ -30,12 +31,14 @@ def _actor_class():
         """One ShardWorker (tokenizer + scorer) in its own process, on its own GPU(s)."""
 
         def __init__(self, job, progress):
-            from ..models import BUILTIN_LABEL, ensure_builtin
+            from ..models import BUILTIN_LABEL, ensure_builtin, model_on_this_node
             from .shard import ShardWorker
 
             if job.model_name == BUILTIN_LABEL and not Path(job.model_path).exists():
                 # the built-in model lives in each node's cache; convert it here if this node has none yet
                 job = replace(job, model_path=str(ensure_builtin()))
+            elif job.cfg.model:  # a model given as a URL: fetched into this node's cache, checked by its hash
+                job = replace(job, model_path=model_on_this_node(job.cfg.model, job.model_path, job.model_hash))
             self.worker = ShardWorker(job)
             self.progress = progress
             self.tokens, self.seconds = 0, 0.0
@@ -102,13 +105,17 @@ def score_on_ray(job, todo, done, ranges, reporter: Reporter) -> dict:
     reporter.start("score", sum(sizes.values()))
     reporter.advance(rows_done, 0)
     progress = Queue()
-    actor_class = _actor_class().options(num_cpus=cfg.cpus_per_worker, num_gpus=gpus)
+    # storage options travel to every node by the environment (never through a config or a manifest)
+    env = {k: os.environ[k] for k in (OPTIONS_ENV,) if k in os.environ}
+    actor_class = _actor_class().options(
+        num_cpus=cfg.cpus_per_worker, num_gpus=gpus, **({"runtime_env": {"env_vars": env}} if env else {})
+    )
     actors: list = []
     try:
         actors = [actor_class.remote(job, progress) for _ in range(min(n_workers, max(1, len(todo))))] if todo else []
         methods = _open(actors, reporter)
         if methods:
-            refuse_mixed_methods(Path(cfg.out), done, methods[0])
+            refuse_mixed_methods(job.out(), done, methods[0])
         reporter.log(f"ray: {len(actors)} scorer actor(s), {gpus:g} GPU(s) and {cfg.cpus_per_worker:g} CPU(s) each")
         summary = _dispatch(job, todo, actors, actor_class, progress, rows_done, sizes, reporter)
     finally:

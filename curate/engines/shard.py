@@ -8,7 +8,7 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +33,17 @@ class ScoreJob:
     backend: str
     format: str  # resolved (never "auto")
     fingerprint: str
+    source: readers.Source | None = None  # the input's files (default: cfg.input, one file)
+    out_url: str | None = None  # OUT is this URL: each shard is written to its working copy, then uploaded
+
+    def input(self) -> readers.Source:
+        return self.source or readers.as_source(self.cfg.input)
+
+    def out(self) -> Path:
+        """Where shards are written: OUT, or on this node the working copy of OUT's URL (Ray: any node)."""
+        from ..storage import staging_dir
+
+        return staging_dir(self.out_url) if self.out_url else Path(self.cfg.out)
 
 
 @dataclass
@@ -109,9 +120,10 @@ class ShardWorker:
 
     def tokenise(self, rows: readers.RowRange) -> tuple[list, ShardCounts]:
         """The usable samples of the range, tokenised, and the counts of what was read and skipped."""
-        cfg, path = self.job.cfg, Path(self.job.cfg.input)
+        cfg, source = self.job.cfg, self.job.input()
+        path = readers.file_of(source, rows)
         counts, items = ShardCounts(), []
-        for row, record in readers.read_range(path, rows, cfg.max_row_bytes):
+        for row, record in readers.read_range(source, rows, cfg.max_row_bytes):
             counts.rows_read += 1
             item = to_sample(row, record, self.job.format, self.fields, cfg.keep_fields)
             if isinstance(item, Sample):
@@ -143,7 +155,8 @@ class ShardWorker:
             problem = score_problem(lp, ent, len(enc.input_ids), self.scorer.vocab_size, needed and needed[i])
             if problem:  # a numerical failure of the model on this row, not a reason to stop the run
                 counts.skip(
-                    self.job.cfg.input, Skip(sample.row, "invalid_scores", None, f"sample {sample.id}: {problem}")
+                    readers.file_of(self.job.input(), rows),
+                    Skip(sample.row, "invalid_scores", None, f"sample {sample.id}: {problem}"),
                 )
                 continue
             kept_items.append((sample, enc))
@@ -151,9 +164,13 @@ class ShardWorker:
         t0 = time.time()
         table = shard_table(kept_items, kept_scores, self.job.cfg.keep_fields)
         tokens = sum(len(enc.input_ids) for _, enc in items)
-        io.write_parquet_atomic(
-            table, Path(self.job.cfg.out) / schema.scores_shard(rows.index), self.metadata(rows, counts)
-        )
+        name = schema.scores_shard(rows.index)
+        self.job.out().mkdir(parents=True, exist_ok=True)
+        io.write_parquet_atomic(table, self.job.out() / name, self.metadata(rows, counts))
+        if self.job.out_url:  # one object, whole: a killed run keeps every shard it finished
+            from ..storage import RemoteFolder
+
+            RemoteFolder(self.job.out_url).upload(name)
         self.timings["write"] += time.time() - t0
         return {
             "index": rows.index,
@@ -182,6 +199,11 @@ class ShardWorker:
             "curate_version": __version__,
             "score_positions": job.cfg.positions,
             "input_rows": json.dumps([rows.start, rows.stop]),
+            **(
+                {"input_file": PurePosixPath(readers.file_of(job.input(), rows)).name}
+                if len(job.input().files) > 1
+                else {}
+            ),
             "counts": json.dumps(counts.as_dict()),
         }
         if scorer.entropy_max_error is not None:  # approximate entropies carry their error bound

@@ -17,7 +17,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .. import __version__, io, pruning, schema
+from .. import __version__, io, pruning, schema, storage
 from ..card import CARD, pruned_card, source_licence
 from ..config import PruneConfig, ReportConfig, RetokenizeConfig
 from ..errors import CurateError
@@ -590,7 +590,7 @@ def follow_ups(cfg: PruneConfig) -> list:
     steps = []
     if cfg.target_model:
         steps.append(
-            ("retokenize", RetokenizeConfig(pruned=cfg.out, model=cfg.target_model, out=str(Path(cfg.out) / TARGET)))
+            ("retokenize", RetokenizeConfig(pruned=cfg.out, model=cfg.target_model, out=storage.join(cfg.out, TARGET)))
         )
     if cfg.report:
         steps.append(("report", ReportConfig(run=cfg.out)))

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from .. import io, pruning, runs
+from .. import io, pruning, runs, storage
 from ..config import ReportConfig
 from ..executor import Job, runner
 from ..explore import INLINE_LIMIT, Explorer, self_contained_page
@@ -401,7 +401,7 @@ STAGE = register(
         inputs=(Input("run"),),
         outputs=("eu_plane.png", "histograms.png", "report.html", "explore.html"),
         needs=lambda cfg: ("matplotlib", "plotly", "transformers"),
-        out=lambda cfg: cfg.out or str(Path(cfg.run) / "report"),
+        out=lambda cfg: cfg.out or storage.join(cfg.run, "report"),
         result=ReportResult,
         summary=lambda m: [f"report: {m.report}"],
         cli_arguments=("run",),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pyarrow as pa
@@ -33,18 +33,28 @@ def identify(job: Job) -> dict:
     from ..backends import choose_backend
     from ..models import resolve_model
 
-    cfg, in_path = job.cfg, job.inputs["input"]
-    readers.kind(in_path)  # a supported type
+    cfg = job.cfg
+    source = readers.resolve(job.inputs["input"], cfg.split, cfg.subset)
+    for path in source.files:
+        readers.kind(path)  # a supported type
     backend, why = choose_backend(cfg.backend, cfg.device)
     model = resolve_model(cfg.model, log=job.log)
     fmt = (
         cfg.format
         if cfg.format != "auto"
-        else detect_format(in_path, readers.head(in_path, DETECT_ROWS), parse_fields(cfg.fields))
+        else detect_format(source, readers.head(source, DETECT_ROWS), parse_fields(cfg.fields))
     )
+    files = [PurePosixPath(f).name for f in source.files] if len(source.files) > 1 else []
 
     def identity(dtype: str) -> dict:
-        return {"dtype": dtype, "model": model.name, "model_hash": model.hash, "backend": backend, "format": fmt}
+        return {
+            "dtype": dtype,
+            "model": model.name,
+            "model_hash": model.hash,
+            "backend": backend,
+            "format": fmt,
+            **({"files": files} if files else {}),  # which files of a folder or pattern were read
+        }
 
     dtype, dtype_why = run_dtype(cfg, lambda d: job.fingerprint_with(identity(d)))
     job.context.update(
@@ -56,7 +66,8 @@ def identify(job: Job) -> dict:
             "backend_choice": why,
             "model": model.entry(),
         },
-        ranges=readers.plan(in_path, cfg.shard_size, cfg.limit),
+        source=source,
+        ranges=readers.plan(source, cfg.shard_size, cfg.limit),
     )
     return identity(dtype)
 
@@ -72,7 +83,7 @@ def run_dtype(cfg: ScoreConfig, fingerprint_with) -> tuple[str, str]:
 
     device = resolve_device(cfg.device)
     dtype, why = choose_dtype("auto", device, None if device.startswith("cuda") else cpu_bf16_feature())
-    for path in sorted(Path(cfg.out).glob("part-*.parquet"))[:1]:
+    for path in sorted(Path(cfg.out).glob(schema.SCORES_GLOB))[:1]:
         try:
             meta = io.parquet_metadata(path)
         except CurateError:
@@ -101,7 +112,15 @@ def compute(job: Job) -> dict:
     # every worker, local or Ray, scores in the run's dtype
     cfg = job.cfg.model_copy(update={"dtype": info["dtype"]["dtype"]})
     work = ScoreJob(
-        cfg, model.path, model.name, model.hash, job.context["backend"], job.context["format"], job.fingerprint
+        cfg,
+        model.path,
+        model.name,
+        model.hash,
+        job.context["backend"],
+        job.context["format"],
+        job.fingerprint,
+        job.context["source"],
+        job.given.get("out"),
     )
     done = [r.index for r in ranges if finished_shard(out, r.index, job.fingerprint)]
     todo = [r for r in ranges if r.index not in set(done)]
@@ -205,6 +224,7 @@ def finalize(job: Job, work: ScoreJob, ranges, info: dict, engine_info: dict) ->
     job.file_extras.update({n: {"rows": pq.read_metadata(out / n).num_rows} for n in names})
     return {
         "config": {**cfg.model_dump(), "model": work.model_name, "backend": work.backend, "format": work.format},
+        "source": work.source.entry(),
         "backend_choice": info["backend_choice"],
         "dtype": info["dtype"],
         "entropy": entropy,

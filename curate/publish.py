@@ -1,0 +1,90 @@
+"""`curate push PRUNED DEST`: a pruned dataset, verified, published where others train from it.
+
+What is uploaded is what the folder's manifest lists (the data, samples.parquet, stats.json, the card README.md)
+and the manifest itself, checked against their checksums first: a damaged or unfinished folder is never published.
+A Hub dataset repo gets them in one commit (the card's YAML header is what the Hub and `datasets.load_dataset`
+read); any other URL or path gets one object per file and the manifest last, as every stage writes a bucket.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import io, storage
+from .errors import CurateError
+from .schema import MANIFEST
+
+HINT = "push the output of `curate prune`"
+
+
+def files_to_push(folder: Path) -> list[str]:
+    """The names (relative to the folder) that make up a pruned dataset, the manifest last."""
+    manifest = io.verified(folder, ("prune", "retokenize"), HINT)
+    names = [f["name"] for f in manifest["files"]]
+    if "README.md" not in names:
+        raise CurateError(f"{folder}: no dataset card (README.md); prune it again with this q-curate to write one")
+    return [*names, MANIFEST]
+
+
+def hub_repo(dest: str) -> tuple[str, str | None, str]:
+    """(repo id, revision, folder in the repo) of `hf://datasets/ORG/NAME[@REVISION][/FOLDER]`."""
+    rest = dest.removeprefix("hf://")
+    if not rest.startswith("datasets/"):
+        raise CurateError(f"{dest}: push to a dataset repo, hf://datasets/ORG/NAME")
+    parts = rest.removeprefix("datasets/").split("/")
+    if len(parts) < 2 or not all(parts[:2]):
+        raise CurateError(f"{dest}: expected hf://datasets/ORG/NAME")
+    name, _, revision = parts[1].partition("@")
+    return f"{parts[0]}/{name}", revision or None, "/".join(parts[2:])
+
+
+def push(pruned: str, dest: str, log=lambda msg: None, private: bool = False, message: str | None = None) -> str:
+    folder = storage.materialized(pruned, log)
+    names = files_to_push(folder)
+    if dest.startswith("hf://"):
+        return _push_to_hub(folder, names, dest, private, message or f"q-curate: pruned dataset ({pruned})")
+    return _push_to_folder(folder, names, dest)
+
+
+def _push_to_hub(folder: Path, names: list[str], dest: str, private: bool, message: str) -> str:
+    from .extras import require
+
+    require("huggingface_hub", purpose="curate push to the Hub")
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    repo_id, revision, prefix = hub_repo(dest)
+    api = HfApi()
+    operations = [
+        CommitOperationAdd(path_in_repo="/".join(p for p in (prefix, name) if p), path_or_fileobj=str(folder / name))
+        for name in names
+    ]
+    try:
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        commit = api.create_commit(repo_id, operations, commit_message=message, repo_type="dataset", revision=revision)
+    except HfHubHTTPError as e:
+        raise CurateError(f"{dest}: the Hub refused the upload ({e}); is HF_TOKEN set, with write access?") from None
+    return commit.commit_url
+
+
+def _push_to_folder(folder: Path, names: list[str], dest: str) -> str:
+    if not storage.is_url(dest):
+        target = storage.local(dest)
+        if target.exists() and any(target.iterdir()) and not (target / MANIFEST).exists():
+            raise CurateError(f"{dest} holds files q-curate did not write; push into an empty or new folder")
+        import shutil
+
+        for name in names:
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(folder / name, target / name)
+        return str(target)
+    remote = storage.RemoteFolder(dest)
+    listing = remote.listing()
+    if listing and MANIFEST not in listing:
+        raise CurateError(f"{dest} holds objects q-curate did not write; push into an empty or new folder")
+    with remote.locked():
+        if MANIFEST in listing:
+            remote.fs.rm_file(f"{remote.root}/{MANIFEST}")  # uncommitted while the new files arrive
+        for name in names:
+            remote.fs.put_file(str(folder / name), f"{remote.root}/{name}")
+    return dest

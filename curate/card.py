@@ -8,26 +8,27 @@ from pathlib import Path
 
 import yaml
 
-from . import __version__, schema
+from . import __version__, schema, storage
 
 CARD = "README.md"
 
 
-def source_licence(source: Path) -> str | None:
-    """The licence the input's own card names (`license:` in the front matter of a README.md beside it)."""
-    folder = source if source.is_dir() else source.parent
-    try:
-        text = (folder / CARD).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return None
-    if not text.startswith("---"):
-        return None
-    try:
-        header = yaml.safe_load(text.split("---", 2)[1])
-    except yaml.YAMLError:
-        return None
-    licence = header.get("license") if isinstance(header, dict) else None
-    return licence if isinstance(licence, str) else None
+def source_licence(source: str | Path) -> str | None:
+    """The licence the input's own card names (`license:` in the front matter of its README.md): the card of a
+    dataset folder, or beside a data file, or one level up (a Hub repo's `data/train-*.parquet`)."""
+    if storage.is_url(source) and any(c in str(source) for c in "*?[,"):
+        source = str(source).split(",")[0].split("*")[0].rstrip("/")  # a pattern or list: its first folder
+    folder = str(source) if storage.exists(source) and storage.is_dir(source) else storage.parent(source)
+    for place in (folder, storage.parent(folder)):
+        text = storage.read_text(storage.join(place, CARD))
+        if text and text.startswith("---"):
+            try:
+                header = yaml.safe_load(text.split("---", 2)[1])
+            except yaml.YAMLError:
+                return None
+            licence = header.get("license") if isinstance(header, dict) else None
+            return licence if isinstance(licence, str) else None
+    return None
 
 
 def command_line(scores: str, options: dict) -> str:

@@ -68,7 +68,7 @@ def resolve(given: str | Path, split: str | None = None, subset: str | None = No
     """The data files of an input: a file, a comma-separated list, a glob, a save_to_disk folder, or a folder laid
     out as a Hub dataset repo (card `configs:` for `subset` and `split`, else the Hub's default file names)."""
     given = str(given)
-    if "," in given and not _exists(given):
+    if "," in given and not storage.exists(given):
         files = [f for part in given.split(",") if part.strip() for f in resolve(part.strip(), split, subset).files]
         return Source(given, tuple(files), split, subset)
     if any(c in given.split("://")[-1] for c in "*?["):
@@ -76,9 +76,9 @@ def resolve(given: str | Path, split: str | None = None, subset: str | None = No
         if not files:
             raise CurateError(f"{given}: the pattern matches no file")
         return Source(given, tuple(files), split, subset)
-    if not _exists(given):
+    if not storage.exists(given):
         raise CurateError(f"{given}: no such file or folder")
-    if not _is_dir(given) or any(_exists(storage.join(given, m)) for m in SAVE_TO_DISK_MARKERS):
+    if not storage.is_dir(given) or any(storage.exists(storage.join(given, m)) for m in SAVE_TO_DISK_MARKERS):
         if split or subset:
             raise CurateError(f"{given}: --split and --subset choose files in a dataset folder; this is one file")
         return Source(given, (given,))
@@ -88,7 +88,7 @@ def resolve(given: str | Path, split: str | None = None, subset: str | None = No
 def is_many_or_remote(given: str | Path) -> bool:
     """Whether an input is more than one local path: a URL, a glob or a comma-separated list."""
     text = str(given)
-    return storage.is_url(text) or any(c in text for c in "*?[") or ("," in text and not _exists(text))
+    return storage.is_url(text) or any(c in text for c in "*?[") or ("," in text and not storage.exists(text))
 
 
 def fingerprint(given: str) -> str:
@@ -155,11 +155,8 @@ def _card_configs(root: str) -> list[dict]:
     import yaml
 
     card = storage.join(root, "README.md")
-    if not _exists(card):
-        return []
-    with storage.open_input(card) as f:
-        text = f.read().decode("utf-8", errors="replace")
-    if not text.startswith("---"):
+    text = storage.read_text(card) if storage.exists(card) else None
+    if not text or not text.startswith("---"):
         return []
     try:
         header = yaml.safe_load(text.split("---", 2)[1]) or {}
@@ -167,20 +164,6 @@ def _card_configs(root: str) -> list[dict]:
         raise CurateError(f"{card}: the card's YAML header is not valid ({e})") from None
     configs = header.get("configs") if isinstance(header, dict) else None
     return [c for c in configs if isinstance(c, dict)] if isinstance(configs, list) else []
-
-
-def _exists(loc: str) -> bool:
-    if storage.is_url(loc):
-        fs, path = storage.filesystem(loc)
-        return fs.exists(path)
-    return storage.local(loc).exists()
-
-
-def _is_dir(loc: str) -> bool:
-    if storage.is_url(loc):
-        fs, path = storage.filesystem(loc)
-        return fs.isdir(path)
-    return storage.local(loc).is_dir()
 
 
 def _glob(pattern: str) -> list[str]:
@@ -193,9 +176,9 @@ def _glob(pattern: str) -> list[str]:
 
 def kind(path: str | Path) -> str:
     loc = str(path)
-    if not _exists(loc):
+    if not storage.exists(loc):
         raise CurateError(f"{loc}: no such file or folder")
-    if _is_dir(loc):
+    if storage.is_dir(loc):
         if storage.is_url(loc):
             raise CurateError(f"{loc}: a save_to_disk folder is read from a local disk; give its data files instead")
         return "datasets"

@@ -132,6 +132,33 @@ def open_input(path: str | Path, buffered: bool = True):
     return io.BufferedReader(f, buffer_size=1 << 20) if buffered else f
 
 
+def exists(loc: str | Path) -> bool:
+    if is_url(loc):
+        fs, path = filesystem(str(loc))
+        return fs.exists(path)
+    return local(loc).exists()
+
+
+def is_dir(loc: str | Path) -> bool:
+    if is_url(loc):
+        fs, path = filesystem(str(loc))
+        return fs.isdir(path)
+    return local(loc).is_dir()
+
+
+def parent(loc: str | Path) -> str:
+    return str(loc).rstrip("/").rsplit("/", 1)[0] if is_url(loc) else str(local(loc).parent)
+
+
+def read_text(loc: str | Path) -> str | None:
+    """A small text file's contents (a dataset card), or None when it is not there or not text."""
+    try:
+        with open_input(loc) as f:
+            return f.read().decode("utf-8")
+    except (OSError, CurateError, UnicodeDecodeError):
+        return None
+
+
 class RemoteFolder:
     """A folder at a URL and its working copy in the cache (see the module's docstring)."""
 

@@ -9,6 +9,9 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
@@ -147,3 +150,202 @@ def test_a_stale_lock_object_of_another_host_is_taken_over(bucket, tmp_path, mon
     folder.fs.pipe_file(f"{folder.root}/.curate.lock", json.dumps(holder).encode())
     with pytest.raises(CurateError, match="in use by process 1 on elsewhere"), folder.locked():
         pass
+
+
+@pytest.mark.slow
+def test_ray_workers_read_from_and_write_to_the_bucket_and_nothing_else_to_local_disk(
+    bucket, tiny_model_dir, tmp_path, monkeypatch
+):
+    import ray
+
+    from curate.config import ScoreConfig
+    from curate.stages import score
+
+    model = f"{bucket}/models/tiny"
+    fs, root = storage.filesystem(model)
+    fs.put(str(tiny_model_dir), root, recursive=True)  # no node needs a local model folder
+    data = put(DEMO, f"{bucket}/in/demo.jsonl")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("CURATE_CACHE", str(tmp_path / "cache"))
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024**2, log_to_driver=False)
+    try:
+        cfg = dict(input=data, limit=32, shard_size=8, dtype="float32")
+        manifest = score.run(ScoreConfig(out=f"{bucket}/scores", model=model, engine="ray", num_workers=2, **cfg))
+    finally:
+        ray.shutdown()
+    assert manifest["scoring"]["workers"] == 2 and manifest["model"]["name"] == model
+    local = score.run(ScoreConfig(out=str(tmp_path / "local"), model=str(tiny_model_dir), **cfg))
+    assert manifest["model"]["hash"] == local["model"]["hash"]  # the fetched model is the same, by content
+    remote = objects(f"{bucket}/scores")
+    for name in (f["name"] for f in local["files"]):  # the same rows and scores (metadata names the model's URL)
+        ours = pq.read_table(pa.BufferReader(remote[name])).to_pylist()
+        theirs = pq.read_table(tmp_path / "local" / name).to_pylist()
+        assert [r["id"] for r in ours] == [r["id"] for r in theirs]
+        for a, b in zip(ours, theirs):
+            assert a["input_ids"] == b["input_ids"]
+            assert np.allclose(a["logprob"], b["logprob"], atol=1e-6, equal_nan=True)
+    assert not any(work.iterdir())  # the run wrote nothing to local disk but its caches
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "local", "work"]
+
+
+def test_a_model_url_is_fetched_once_and_checked_by_content_hash(bucket, tiny_model_dir, tmp_path, monkeypatch):
+    from curate.models import model_on_this_node, resolve_model
+
+    monkeypatch.setenv("CURATE_CACHE", str(tmp_path / "cache"))
+    url = f"{bucket}/models/tiny"
+    fs, root = storage.filesystem(url)
+    fs.put(str(tiny_model_dir), root, recursive=True)
+    model = resolve_model(url)
+    assert model.hash == resolve_model(str(tiny_model_dir)).hash and model.name == url
+    # a node without the driver's copy fetches its own, and the run's hash must match it
+    assert model_on_this_node(url, str(tmp_path / "not-on-this-node"), model.hash) == model.path
+    fs.pipe_file(f"{root}/config.json", b'{"changed": true}')
+    with pytest.raises(CurateError, match="changed since this run started"):
+        model_on_this_node(url, str(tmp_path / "not-on-this-node"), model.hash)
+
+
+def hub_layout(root, rows: list[dict], licence: str = "mit"):
+    """A folder laid out as a Hub dataset repo: a card whose configs name two subsets, train in two files."""
+    root.mkdir(parents=True)
+    (root / "README.md").write_text(
+        f"""---
+license: {licence}
+configs:
+- config_name: main
+  data_files:
+  - split: train
+    path: main/train-*.parquet
+  - split: test
+    path: main/test-*.parquet
+- config_name: other
+  data_files: other/*.parquet
+---
+# a dataset
+"""
+    )
+    (root / "main").mkdir()
+    (root / "other").mkdir()
+    table = pa.Table.from_pylist(rows)
+    pq.write_table(table.slice(0, 10), root / "main" / "train-00000-of-00002.parquet", row_group_size=4)
+    pq.write_table(table.slice(10, 6), root / "main" / "train-00001-of-00002.parquet", row_group_size=4)
+    pq.write_table(table.slice(16, 5), root / "main" / "test-00000-of-00001.parquet")
+    pq.write_table(table.slice(21, 3), root / "other" / "all.parquet")
+    return root
+
+
+def demo_rows(n: int) -> list[dict]:
+    return [json.loads(line) for line in DEMO.read_text().splitlines()[:n]]
+
+
+def test_a_hub_layout_dataset_is_read_by_subset_and_split_and_its_licence_reaches_the_card(
+    bucket, tiny_model_dir, tmp_path, monkeypatch
+):
+    import datasets
+
+    monkeypatch.setenv("CURATE_CACHE", str(tmp_path / "cache"))
+    rows = demo_rows(24)
+    local = hub_layout(tmp_path / "hub" / "datasets" / "org" / "sft", rows)
+    url = f"{bucket}/datasets/org/sft"  # the same repo in a bucket: the same code reads both
+    fs, root = storage.filesystem(url)
+    fs.put(str(local), root, recursive=True)
+    for given in (f"file://{local}", url):
+        out = tmp_path / "scores" / given.split(":")[0]
+        curate(
+            "score",
+            given,
+            "--split",
+            "train",
+            "--subset",
+            "main",
+            "--out",
+            out,
+            "--model",
+            tiny_model_dir,
+            "--shard-size",
+            4,
+            "--dtype",
+            "float32",
+        )
+        manifest = json.loads((out / "_manifest.json").read_text())
+        assert [f.rsplit("/", 1)[1] for f in manifest["source"]["files"]] == [
+            "train-00000-of-00002.parquet",
+            "train-00001-of-00002.parquet",
+        ]
+        assert manifest["counts"]["rows_read"] == 16  # the train split only, both files
+        assert len(manifest["files"]) == 3 + 2  # shards never span files: 10 rows -> 3, 6 rows -> 2
+        ids = pq.read_table(sorted(out.glob("part-*.parquet")), columns=["id"]).column("id").to_pylist()
+        assert ids == [str(r.get("id")) for r in rows[:16]] or len(set(ids)) == 16
+    other = runner.invoke(
+        app, ["score", str(local), "--subset", "nope", "--out", str(tmp_path / "x"), "--model", str(tiny_model_dir)]
+    )
+    assert other.exit_code == 2 and "no subset 'nope'" in other.output and "main, other" in other.output
+
+    pruned = f"{bucket}/pruned"
+    curate("prune", tmp_path / "scores" / "s3", "--out", pruned, "--ratio", 0.5)
+    card = objects(pruned)["README.md"].decode()
+    assert "license: mit" in card
+    copy = tmp_path / "pushed"
+    curate("push", pruned, copy)
+    ds = datasets.load_dataset(str(copy), split="train")  # the card's config: the training data only
+    assert len(ds) == json.loads(objects(pruned)["stats.json"])["K"]
+    assert {"input_ids", "labels", "loss_mask"} <= set(ds.column_names)
+
+
+def test_push_to_a_bucket_and_to_the_hub(bucket, tiny_run, tmp_path, monkeypatch):
+    import base64
+
+    import httpx2
+    import huggingface_hub
+
+    monkeypatch.setenv("CURATE_CACHE", str(tmp_path / "cache"))
+    pruned = tiny_run / "pruned"
+    listed = [f["name"] for f in json.loads((pruned / "_manifest.json").read_text())["files"]]
+    curate("push", pruned, f"{bucket}/published")
+    assert sorted(objects(f"{bucket}/published")) == sorted([*listed, "_manifest.json"])
+    assert "ok" in curate("verify", f"{bucket}/published")
+
+    # The Hub: its client's own HTTP seam (huggingface_hub.set_client_factory) answers as the Hub does; the
+    # commit it receives is checked file by file against the folder.
+    requests = []
+
+    def hub(request: httpx2.Request) -> httpx2.Response:
+        requests.append(request)
+        path = request.url.path
+        if path == "/api/repos/create":
+            return httpx2.Response(
+                200, json={"url": "https://huggingface.co/datasets/org/pruned", "name": "org/pruned"}
+            )
+        if path == "/api/validate-yaml":  # the Hub checks a card's YAML header before the commit
+            return httpx2.Response(200, json={"errors": [], "warnings": []})
+        if "/preupload/" in path:
+            files = json.loads(request.content)["files"]
+            return httpx2.Response(
+                200,
+                json={"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]},
+            )
+        if "/commit/" in path:
+            return httpx2.Response(
+                200,
+                json={
+                    "commitUrl": "https://huggingface.co/datasets/org/pruned/commit/abc",
+                    "commitOid": "abc" * 13 + "a",
+                    "pullRequestUrl": None,
+                },
+            )
+        return httpx2.Response(404, json={"error": f"not answered here: {request.method} {path}"})
+
+    huggingface_hub.set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(hub)))
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    try:
+        output = curate("push", pruned, "hf://datasets/org/pruned")
+    finally:
+        huggingface_hub.set_client_factory(huggingface_hub.utils._http.default_client_factory)
+    assert "https://huggingface.co/datasets/org/pruned/commit/abc" in output
+    commit = next(r for r in requests if "/commit/" in r.url.path)
+    lines = [json.loads(line) for line in commit.content.decode().splitlines()]
+    uploaded = {x["value"]["path"]: base64.b64decode(x["value"]["content"]) for x in lines if x["key"] == "file"}
+    assert sorted(uploaded) == sorted([*listed, "_manifest.json"])
+    for name, content in uploaded.items():
+        assert content == (pruned / name).read_bytes()

@@ -340,7 +340,7 @@ def dataset_card(job: Job, stats: dict) -> str:
         if in_fingerprint(PruneConfig, k) and v != getattr(defaults, k, None)
     }
     source = (scores_manifest.get("inputs") or [{}])[0].get("path")
-    licence = source_licence(io.recorded_path(job.inputs["scores"], source)) if source else None
+    licence = source_licence(storage.resolve(job.inputs["scores"], source)) if source else None
     return pruned_card(stats, scores_manifest, changed, licence)
 
 

@@ -4,13 +4,53 @@ needs to trust it: source, reference model and its hash, the settings, what was 
 
 from __future__ import annotations
 
-from pathlib import Path
+import struct
+import zlib
+from pathlib import Path, PurePosixPath
 
+import numpy as np
 import yaml
 
 from . import __version__, schema, storage
 
 CARD = "README.md"
+PICTURE = "eu_plane.png"
+GREY, COLOURS = (
+    (170, 170, 170),
+    {"Q2": (214, 39, 40), "fill-Q2": (255, 152, 150), "Q4": (31, 119, 180), "fill-Q4": (174, 199, 232)},
+)  # schema.SELECTION_COLOURS, as RGB
+
+
+def plane_picture(ppl: np.ndarray, ent: np.ndarray, selection: list, width: int = 480, height: int = 360) -> bytes:
+    """The EU plane as a PNG for the card, drawn without a plotting library (prune needs none): every sample a grey
+    dot at (log ppl, entropy), the kept ones over them in their selection's colour; the same bytes for the same
+    samples. The axes run from the 0.5th to the 99.5th percentile."""
+    img = np.full((height, width, 3), 255, np.uint8)
+    x, y = np.log(np.asarray(ppl, float)), np.asarray(ent, float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y, sel = x[ok], y[ok], [s for s, good in zip(selection, ok) if good]
+    pad = 10
+
+    def scale(v: np.ndarray, n: int) -> np.ndarray:
+        lo, hi = np.percentile(v, [0.5, 99.5]) if len(v) else (0.0, 1.0)
+        hi = hi if hi > lo else lo + 1.0
+        return np.clip(np.round((v - lo) / (hi - lo) * (n - 1 - 2 * pad) + pad), 0, n - 1).astype(int)
+
+    px, py = scale(x, width), height - 1 - scale(y, height)
+    img[height - pad, pad : width - pad + 1] = img[pad : height - pad + 1, pad] = 0  # the axes
+    img[py, px] = GREY
+    for name, colour in COLOURS.items():
+        m = np.array([s == name for s in sel], bool)
+        for dx in (-1, 0, 1):
+            for dy in (-1, 0, 1):
+                img[np.clip(py[m] + dy, 0, height - 1), np.clip(px[m] + dx, 0, width - 1)] = colour
+    raw = b"".join(b"\x00" + row.tobytes() for row in img)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
 
 
 def source_licence(source: str | Path) -> str | None:
@@ -62,6 +102,11 @@ def pruned_card(stats: dict, scores_manifest: dict, changed: dict, licence: str 
     }
     model = scores_manifest["model"]
     source = (scores_manifest.get("inputs") or [{}])[0]
+    picked = scores_manifest.get("source") or {}
+    picked = ", ".join(f"{k} {picked[k]}" for k in ("subset", "split") if picked.get(k)) + (
+        f" ({len(picked['files'])} data files)" if len(picked.get("files", [])) > 1 else ""
+    )
+    picked = f" ({picked.strip()})" if picked.strip() else ""
     rows = "\n".join(
         f"| {q} | {schema.QUADRANT_NAMES[q]} | {stats['quadrants'][q]:,} | {stats['kept_by_quadrant'][q]:,} |"
         for q in schema.QUADRANTS
@@ -78,9 +123,13 @@ of {stats["N"]:,} samples kept; {stats["token_pruning"]["rule"] if stats.get("to
 |---|---|---:|---:|
 {rows}
 
+![The EU plane: log perplexity (x) against mean entropy (y); grey samples were dropped, red ones kept as Q2 (pale:
+fill), blue ones as Q4]({PICTURE})
+
 ## Provenance
 
-- source: `{Path(source.get("path", "?")).name}` (content fingerprint `{source.get("fingerprint", "?")}`)
+- source: `{PurePosixPath(str(source.get("path", "?"))).name}`{picked}, identified by its contents
+  (fingerprint `{source.get("fingerprint", "?")}`: a changed file is a different source)
 - reference model: `{model["name"]}` (content hash `{model["hash"]}`)
 - settings: `{command_line("SCORES", changed)}` (every other option at its default)
 - q-curate {__version__}

@@ -128,27 +128,15 @@ def _verified_inputs(stage: Stage, cfg: Any, out: Path, log) -> tuple[dict, dict
 
 
 def execute(stage: Stage, cfg: Any, reporter: Reporter | None = None, force: bool = False) -> Manifest:
-    """Run `stage` with `cfg` (see the module's docstring); returns its typed result."""
+    """Run `stage` with `cfg` (see the module's docstring); returns its typed result. A URL's working copy stands
+    in for OUT: pulled before and under the lock, pushed after every change."""
     reporter = reporter or Reporter()
-    require_stage(stage, cfg)
-    out = stage.output_folder(cfg)
-    if storage.is_url(out):
-        remote = storage.RemoteFolder(out)
-        with remote.locked(reporter.log):
-            result = _execute(stage, cfg, reporter, force, remote)
-    else:
-        with io.locked(Path(out), reporter.log):
-            result = _execute(stage, cfg, reporter, force, None)
-    for name, follow_up in stage.then(cfg):
-        execute(get(name), follow_up, reporter, force)
-    return result
-
-
-def _execute(stage: Stage, cfg: Any, reporter: Reporter, force: bool, remote) -> Manifest:
-    """The lifecycle under OUT's lock; a URL's working copy is pulled first and pushed after every change."""
     started = time.time()
-    given = {"out": str(stage.output_folder(cfg))} if remote else {}
+    require_stage(stage, cfg)
+    given = {}
+    remote = storage.RemoteFolder(stage.output_folder(cfg)) if storage.is_url(stage.output_folder(cfg)) else None
     if remote:
+        given["out"] = remote.url
         cfg = cfg.model_copy(update={"out": str(remote.pull(reporter.log))})
     out = Path(stage.output_folder(cfg))
     paths, manifests, fingerprints, from_urls = _verified_inputs(stage, cfg, out, reporter.log)
@@ -157,28 +145,42 @@ def _execute(stage: Stage, cfg: Any, reporter: Reporter, force: bool, remote) ->
     job = Job(stage, cfg, out, reporter, force, paths, manifests, fingerprints, started, remote=remote, given=given)
     identity = stage.identify(job) if stage.identify else {}
     job.fingerprint = job.fingerprint_with(identity)
+    with remote.locked(reporter.log) if remote else io.locked(out, reporter.log):
+        if remote:
+            remote.pull(reporter.log)  # what the bucket holds now that no one else writes it
+        manifest = _begin(job) or _compute(job)
+    result = stage.result.model_validate(_as_given(manifest, given))
+    for name, follow_up in stage.then(cfg.model_copy(update=given)):  # the URLs given, not working copies
+        execute(get(name), follow_up, reporter, force)
+    return result
+
+
+def _begin(job: Job) -> dict | None:
+    stage = job.stage
     done = outdir.begin(
-        out,
+        job.out,
         stage.name,
         job.fingerprint,
         outputs=stage.outputs,
-        reporter=reporter,
-        force=force,
+        reporter=job.reporter,
+        force=job.force,
         resumable=stage.resumable,
         expensive=stage.expensive,
         reusable=not stage.walks,
     )
-    if remote:
-        remote.push(reporter.log)  # what begin cleared goes from the bucket too, before any new file arrives
-    if done:
-        return stage.result.model_validate(_as_given(done, given))
-    fields = stage.compute(job)
-    if remote:
-        remote.fetch_missing(reporter.log)  # shards that workers on other machines uploaded
+    if job.remote:
+        job.remote.push(job.reporter.log)  # what begin cleared goes from the bucket too, before any new file
+    return done
+
+
+def _compute(job: Job) -> dict:
+    fields = job.stage.compute(job)
+    if job.remote:
+        job.remote.fetch_missing(job.reporter.log)  # shards that workers on other machines uploaded
     manifest = _finish(job, fields)
-    if remote:
-        remote.push(reporter.log)
-    return stage.result.model_validate(_as_given(manifest, given))
+    if job.remote:
+        job.remote.push(job.reporter.log)
+    return manifest
 
 
 def _recorded(job: Job, path) -> str:

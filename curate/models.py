@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .errors import CurateError
 from .extras import require
-from .storage import is_url
+from .storage import cache_dir, is_url
 
 BUILTIN_NAMES = {"", "default", "builtin", "smollm2-135m", "SmolLM2-135M-Instruct"}
 BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -33,13 +33,6 @@ class ResolvedModel:
     def entry(self) -> dict:
         """The model as a manifest records it."""
         return {"name": self.name, "path": self.path, "hash": self.hash}
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("CURATE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "q-curate"
-    )
-    return Path(root)
 
 
 def builtin_gguf() -> Path:

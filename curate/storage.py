@@ -111,10 +111,16 @@ def filesystem(url: str):
     return fs, path
 
 
+def cache_dir() -> Path:
+    """q-curate's cache: CURATE_CACHE, else ~/.cache/q-curate (converted models, digests, working copies)."""
+    root = os.environ.get("CURATE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "q-curate"
+    )
+    return Path(root)
+
+
 def staging_dir(url: str) -> Path:
     """The local working copy of a remote folder: in the user cache, one per URL (the same on every node)."""
-    from .models import cache_dir
-
     digest = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
     return cache_dir() / "staging" / f"{digest}-{url.rstrip('/').rsplit('/', 1)[-1][:40]}"
 

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import __version__, io, pruning, schema, storage
-from ..card import CARD, pruned_card, source_licence
+from ..card import CARD, PICTURE, plane_picture, pruned_card, source_licence
 from ..config import PruneConfig, ReportConfig, RetokenizeConfig
 from ..errors import CurateError
 from ..executor import Job, runner
@@ -430,6 +430,8 @@ def compute(job: Job) -> dict:
         reporter.log(line)
     io.write_json_atomic(out / schema.STATS, stats)
     io.write_bytes_atomic(out / CARD, dataset_card(job, stats).encode())
+    picture = plane_picture(samples["ppl"].to_numpy(), samples["ent"].to_numpy(), samples["selection"].to_list())
+    io.write_bytes_atomic(out / PICTURE, picture)
     return {
         "model": scores_manifest["model"],
         "counts": {"samples_in": samples.height, "samples_out": stats["K"], "dropped": samples.height - stats["K"]},
@@ -609,7 +611,7 @@ STAGE = register(
             Input("scores", stages=("score",), hint=SCORES_HINT),
             Input("exclude_ids", data=True, hint="the ids to leave out"),
         ),
-        outputs=(f"{schema.PRUNED_DATA}/{schema.PRUNED_GLOB}", schema.SAMPLES, schema.STATS, CARD),
+        outputs=(f"{schema.PRUNED_DATA}/{schema.PRUNED_GLOB}", schema.SAMPLES, schema.STATS, CARD, PICTURE),
         needs=lambda cfg: ("ray",) if cfg.engine == "ray" else (),
         then=follow_ups,
         result=PruneResult,

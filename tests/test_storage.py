@@ -349,3 +349,33 @@ def test_push_to_a_bucket_and_to_the_hub(bucket, tiny_run, tmp_path, monkeypatch
     assert sorted(uploaded) == sorted([*listed, "_manifest.json"])
     for name, content in uploaded.items():
         assert content == (pruned / name).read_bytes()
+
+
+def test_a_shard_reads_only_its_own_byte_ranges_of_a_remote_file(bucket, tmp_path, monkeypatch):
+    """A worker's shard fetches a fraction of a remote Parquet (its row groups) or JSONL file (its lines): what was
+    fetched is counted at s3fs's one ranged-read call, which still does the reading."""
+    import s3fs
+
+    from curate import readers
+
+    fetched = []
+    real = s3fs.core.S3File._fetch_range
+
+    def counted(self, start, end):
+        fetched.append(end - start)
+        return real(self, start, end)
+
+    monkeypatch.setattr(s3fs.core.S3File, "_fetch_range", counted)
+    monkeypatch.setattr(storage, "READ_BLOCK", 1 << 16)
+    rng = np.random.default_rng(0)
+    rows = [{"id": str(i), "text": "".join(rng.choice(list("abcdefgh"), 2000))} for i in range(800)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet", row_group_size=100, compression="none")
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name in ("d.parquet", "d.jsonl"):
+        url = put(tmp_path / name, f"{bucket}/{name}")
+        shards = readers.plan(url, 100)
+        fetched.clear()
+        got = [record for _, record in readers.read_range(url, shards[6])]
+        assert got == rows[600:700]
+        size = (tmp_path / name).stat().st_size
+        assert sum(fetched) < 0.3 * size, (name, sum(fetched), size)  # one eighth of the rows, and some framing

@@ -53,7 +53,7 @@ format: $(STAMP)
 clients: $(STAMP)
 	$(BIN)/python -m pytest -q tests/clients -m "llamafactory or axolotl"
 
-bench: $(STAMP)
+bench: $(STAMP) browser
 	$(BIN)/python scripts/bench.py
 
 clean:

@@ -71,6 +71,17 @@ def source_licence(source: str | Path) -> str | None:
     return None
 
 
+def features() -> dict:
+    """The card's `dataset_info: features`, as the installed `datasets` writes and reads them (its YAML for a
+    list changed between versions); nothing without `datasets`, whose readers then take them from the Parquet."""
+    try:
+        import datasets
+    except ImportError:
+        return {}
+    info = datasets.DatasetInfo(features=datasets.Features.from_arrow_schema(schema.PRUNED))
+    return {"dataset_info": {"features": info._to_yaml_dict()["features"]}}
+
+
 def command_line(scores: str, options: dict) -> str:
     """`curate prune SCORES --out OUT` with the options that differ from their defaults."""
     parts = ["curate prune", scores]
@@ -99,6 +110,7 @@ def pruned_card(stats: dict, scores_manifest: dict, changed: dict, licence: str 
         ],
         **({"license": licence} if licence else {}),
         "tags": ["q-curate", "sft", "data-pruning"],
+        **features(),
     }
     model = scores_manifest["model"]
     source = (scores_manifest.get("inputs") or [{}])[0]

@@ -228,13 +228,14 @@ def run_cmd(
     """Run the stages a pipeline YAML describes (score -> prune [-> train], or the refresh loop) into one run folder.
 
     Finished stages are skipped."""
+    from . import readers
     from .config import load_pipeline
     from .pipeline import run_pipeline
 
     with user_errors():
         p = load_pipeline(pipeline, set_)
         where = Path(p.score.input)
-        if p.score.input != "demo" and not where.exists():
+        if p.score.input != "demo" and not readers.is_many_or_remote(p.score.input) and not where.exists():
             raise CurateError(
                 f"{pipeline}: score.input: {where} does not exist (paths in a pipeline file are relative to the "
                 "file); get the data as the file's comment says, or give it: --set score.input=PATH"
@@ -296,7 +297,9 @@ def probe_cmd(cfg: ProbeConfig, force: bool = FORCE):
 
 @app.command("inspect")
 def inspect_cmd(
-    run_dir: Path = typer.Argument(..., help="A run folder (scores/ + pruned/) or a `curate prune` folder."),
+    run_dir: str = typer.Argument(
+        ..., help="A run folder (scores/ + pruned/) or a `curate prune` folder: a path or a URL."
+    ),
     id: str = typer.Option(..., "--id", help="Sample id to show."),
 ):
     """One sample's tokens with their masks, log-probs, entropies and pruning scores, in the terminal."""
@@ -310,8 +313,8 @@ def inspect_cmd(
 
 @app.command("explore")
 def explore_cmd(
-    run_dir: Path = typer.Argument(
-        ..., help="A run folder (scores/ + pruned/), a `curate prune` or a `refresh` folder."
+    run_dir: str = typer.Argument(
+        ..., help="A run folder (scores/ + pruned/), a `curate prune` or a `refresh` folder: a path or a URL."
     ),
     port: int = typer.Option(8765, "--port", min=0, max=65535, help="Port on 127.0.0.1 (0: any free one)."),
 ):

@@ -434,7 +434,9 @@ class TrainCommandConfig(Options):
 
 class RefreshConfig(RefreshOptions):
     input: str = Field(description="SFT data (as for `curate score`).")
-    out: str = Field(description="Run folder: round-NN/{scores,pruned,model}/ and _manifest.json with the summary.")
+    out: LocalFolder = Field(
+        description="Run folder: round-NN/{scores,pruned,model}/ and _manifest.json with the summary (local)."
+    )
     score: ScoreOptions = Field(default_factory=ScoreOptions)
     prune: PruneOptions = Field(default_factory=PruneOptions)
     train: TrainOptions = Field(default_factory=TrainOptions)
@@ -545,7 +547,7 @@ class RobustnessOptions(Options):
 
 
 class ExperimentConfig(Options):
-    run_dir: str = Field(description="Folder of the experiment: scores, one folder per arm, results.")
+    run_dir: LocalFolder = Field(description="Folder of the experiment: scores, one folder per arm, results.")
     train_data: str = Field(description="The training set (any input format).")
     score: ScoreOptions = Field(default_factory=ScoreOptions, description="Scoring (model, fields, limit, ...).")
     prune: PruneOptions = Field(
@@ -577,8 +579,19 @@ class ExperimentConfig(Options):
 # ---------------------------------------------------------------- pipelines
 
 
+def local_folder(value: str) -> str:
+    """A folder that holds several stages' folders (a run, a refresh loop, an experiment) is local; each stage's own
+    input and output may be a URL (`curate score ... --out s3://...`)."""
+    if "://" in value and not value.startswith("file://"):
+        raise ValueError("a run folder is local; give the stage commands URLs instead (curate score/prune --out URL)")
+    return value.removeprefix("file://")
+
+
+LocalFolder = Annotated[str, AfterValidator(local_folder)]
+
+
 class Pipeline(Options):
-    run_dir: str
+    run_dir: LocalFolder
     score: ScoreSection
     prune: PruneOptions | None = None
     train: TrainOptions | None = None  # without refresh: train once on the pruned data into RUN_DIR/model
@@ -643,8 +656,8 @@ def resolve_paths(raw: dict, base: Path) -> dict:
         for key in parents:
             section = section.get(key) if isinstance(section, dict) else None
         value = section.get(last) if isinstance(section, dict) else None
-        if not isinstance(value, str) or not value or value == "demo":
-            continue
+        if not isinstance(value, str) or not value or value == "demo" or "://" in value:
+            continue  # a URL is where it is
         local = Path(value).expanduser()
         if keys in MODEL_KEYS and not (value.startswith((".", "/", "~")) or (base / local).exists()):
             continue  # a hub id

@@ -5,7 +5,8 @@
 3. The fingerprint: the stage, its config (less the fields `curate.config` declares RUNTIME), its inputs'
    fingerprints, what `identify` adds (model hashes, resolved formats) and the q-curate version, always.
 4. Under OUT's lock: reuse a finished identical result, resume partial output of the same run, or refuse or
-   clear other output (`curate.outdir`); then compute.
+   clear other output (`curate.outdir`); then compute. An OUT at a URL is a working copy in the cache
+   (`curate.storage`), fetched under the bucket's lock object before step 2 and uploaded after every change.
 5. The manifest, written last: every output file with its size and checksum, the inputs (paths relative to OUT)
    and the output patterns, so `verify` knows what may be there. Then the stages the result asks for (`then`).
 """
@@ -128,31 +129,39 @@ def _verified_inputs(stage: Stage, cfg: Any, out: Path, log) -> tuple[dict, dict
 
 
 def execute(stage: Stage, cfg: Any, reporter: Reporter | None = None, force: bool = False) -> Manifest:
-    """Run `stage` with `cfg` (see the module's docstring); returns its typed result. A URL's working copy stands
-    in for OUT: pulled before and under the lock, pushed after every change."""
+    """Run `stage` with `cfg` (see the module's docstring); returns its typed result."""
     reporter = reporter or Reporter()
     started = time.time()
     require_stage(stage, cfg)
-    given = {}
-    remote = storage.RemoteFolder(stage.output_folder(cfg)) if storage.is_url(stage.output_folder(cfg)) else None
+    where = stage.output_folder(cfg)
+    if storage.is_url(where):
+        remote = storage.RemoteFolder(where)
+        # locked first: the working copy in the cache is shared by every run on this machine
+        with remote.locked(reporter.log):
+            local = remote.pull(reporter.log)
+            job = _prepare(stage, cfg.model_copy(update={"out": str(local)}), reporter, force, started, remote)
+            manifest = _begin(job) or _compute(job)
+    else:
+        job = _prepare(stage, cfg, reporter, force, started, None)
+        with io.locked(job.out, reporter.log):  # after identify: a refused run leaves no folder behind
+            manifest = _begin(job) or _compute(job)
+    result = stage.result.model_validate(_as_given(manifest, job.given))
+    for name, follow_up in stage.then(job.cfg.model_copy(update=job.given)):  # the URLs given, not working copies
+        execute(get(name), follow_up, reporter, force)
+    return result
+
+
+def _prepare(stage: Stage, cfg: Any, reporter: Reporter, force: bool, started: float, remote) -> Job:
+    """Steps 1-3: the inputs verified (a stage output at a URL through its working copy) and the run identified."""
+    out = Path(stage.output_folder(cfg))
+    paths, manifests, fingerprints, given = _verified_inputs(stage, cfg, out, reporter.log)
     if remote:
         given["out"] = remote.url
-        cfg = cfg.model_copy(update={"out": str(remote.pull(reporter.log))})
-    out = Path(stage.output_folder(cfg))
-    paths, manifests, fingerprints, from_urls = _verified_inputs(stage, cfg, out, reporter.log)
-    given.update(from_urls)
-    cfg = cfg.model_copy(update={f: str(paths[f]) for f in from_urls})
+    cfg = cfg.model_copy(update={f: str(paths[f]) for f in given if f != "out"})
     job = Job(stage, cfg, out, reporter, force, paths, manifests, fingerprints, started, remote=remote, given=given)
     identity = stage.identify(job) if stage.identify else {}
     job.fingerprint = job.fingerprint_with(identity)
-    with remote.locked(reporter.log) if remote else io.locked(out, reporter.log):
-        if remote:
-            remote.pull(reporter.log)  # what the bucket holds now that no one else writes it
-        manifest = _begin(job) or _compute(job)
-    result = stage.result.model_validate(_as_given(manifest, given))
-    for name, follow_up in stage.then(cfg.model_copy(update=given)):  # the URLs given, not working copies
-        execute(get(name), follow_up, reporter, force)
-    return result
+    return job
 
 
 def _begin(job: Job) -> dict | None:

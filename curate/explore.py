@@ -240,7 +240,7 @@ def make_server(explorer: Explorer, port: int = 0) -> ThreadingHTTPServer:
     return ThreadingHTTPServer(("127.0.0.1", port), Handler)
 
 
-def serve_in_background(run_dir: Path, port: int = 0) -> tuple[ThreadingHTTPServer, str]:
+def serve_in_background(run_dir: str | Path, port: int = 0) -> tuple[ThreadingHTTPServer, str]:
     """Start the server in a thread; returns it and its URL (tests and the command use this)."""
     server = make_server(Explorer(runs.locate(run_dir)), port)
     threading.Thread(target=server.serve_forever, daemon=True).start()

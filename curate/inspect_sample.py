@@ -13,7 +13,7 @@ from .errors import CurateError
 from .schema import SAMPLES, STATS
 
 
-def sample_table(run_dir: Path, sample_id: str) -> Table:
+def sample_table(run_dir: str | Path, sample_id: str) -> Table:
     found = runs.locate(run_dir)
     info = pl.read_parquet(found.pruned / SAMPLES, glob=False).filter(pl.col("id") == sample_id)
     if info.height == 0:

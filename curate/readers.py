@@ -51,13 +51,20 @@ class Source:
     files: tuple[str, ...]
     split: str | None = None
     subset: str | None = None
+    revision: str | None = None  # a Hub dataset's commit, which `files` are read at
 
     def __str__(self) -> str:
         return self.given
 
     def entry(self) -> dict:
         """The source as a manifest records it (the files pin it; a Hub URL's files carry their revision)."""
-        return {"given": self.given, "split": self.split, "subset": self.subset, "files": list(self.files)}
+        return {
+            "given": self.given,
+            "split": self.split,
+            "subset": self.subset,
+            "files": list(self.files),
+            **({"revision": self.revision} if self.revision else {}),
+        }
 
 
 def as_source(value: Source | str | Path) -> Source:
@@ -68,6 +75,9 @@ def resolve(given: str | Path, split: str | None = None, subset: str | None = No
     """The data files of an input: a file, a comma-separated list, a glob, a save_to_disk folder, or a folder laid
     out as a Hub dataset repo (card `configs:` for `subset` and `split`, else the Hub's default file names)."""
     given = str(given)
+    pinned, revision = storage.pin_hub_revision(given)
+    if revision:
+        return replace(resolve(pinned, split, subset), given=given, revision=revision)
     if "," in given and not storage.exists(given):
         files = [f for part in given.split(",") if part.strip() for f in resolve(part.strip(), split, subset).files]
         return Source(given, tuple(files), split, subset)
@@ -103,7 +113,8 @@ def fingerprint(given: str) -> str:
     h = hashlib.sha256()
     for f in resolve(given).files:
         h.update(
-            f"{f}\0{storage.fingerprint(f) if storage.is_url(f) else fingerprint_path(storage.local(f))}\0".encode()
+            f"{PurePosixPath(f).name}\0"  # names, not where they were named from: the same files are the same input
+            f"{storage.fingerprint(f) if storage.is_url(f) else fingerprint_path(storage.local(f))}\0".encode()
         )
     return h.hexdigest()[:16]
 

@@ -19,6 +19,7 @@ import io
 import json
 import os
 import posixpath
+import re
 import socket
 import sys
 import threading
@@ -245,8 +246,8 @@ class RemoteFolder:
             fetched += int(info.get("size") or 0)
         for path in sorted(self.local.rglob("*"), reverse=True):
             name = str(path.relative_to(self.local))
-            if path.is_file() and name not in listing:
-                path.unlink()  # the working copy is ours: it holds only what the bucket holds
+            if _ours(path) and name not in listing:
+                path.unlink()  # the working copy holds only what the bucket holds (and a writer's temporaries)
                 index.pop(name, None)
             elif path.is_dir() and not any(path.iterdir()):
                 path.rmdir()
@@ -382,6 +383,29 @@ def _gone(holder: dict) -> bool:
     if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
         return not _alive(holder["pid"])
     return time.time() - float(holder.get("heartbeat") or 0) > STALE_S
+
+
+HUB_DATASET = re.compile(r"hf://datasets/([^/@]+)/([^/@]+)(?:@([^/]+))?(/.*)?$")
+
+
+def pin_hub_revision(url: str) -> tuple[str, str | None]:
+    """(the URL at a commit, that commit) for a Hub dataset URL: `hf://datasets/ORG/NAME[@REVISION]/...` is read at
+    the commit its revision (default main) points to now, so every worker reads the same files and the manifest
+    can name them; other URLs and paths come back as they are."""
+    m = HUB_DATASET.match(str(url))
+    if not m:
+        return str(url), None
+    org, name, revision, rest = m.groups()
+    if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
+        return str(url), revision
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        sha = HfApi().dataset_info(f"{org}/{name}", revision=revision).sha
+    except HfHubHTTPError as e:
+        raise CurateError(f"{url}: the Hub did not answer for {org}/{name} ({e})") from None
+    return f"hf://datasets/{org}/{name}@{sha}{rest or ''}", sha
 
 
 def tag(url: str) -> str:

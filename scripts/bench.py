@@ -189,7 +189,7 @@ def child_bf16(n_rows: int = 32) -> dict:
     overlap = {}
     for ratio in (0.125, 0.25):
         (ka, _), (kb, _) = kept(a, ratio), kept(b, ratio)
-        overlap[ratio] = len(ka & kb) / len(ka)
+        overlap[str(ratio)] = len(ka & kb) / len(ka)  # JSON keys are text
     _, q2 = kept(a, 0.25)
     changed = 0
     for i in q2:  # the paper's token rule on the same Q2 samples, from each dtype's log-probs
@@ -611,8 +611,8 @@ def main() -> None:
         f"{'bfloat16' if bf['native'] else 'float32'} here. bf16 scoring runs at **{bf['speedup']:.2f}x** the fp32 "
         f"speed ({bf['rows']} GSM8K rows). Agreement with fp32: log-probs move by up to {bf['max_lp']:.3f} nats and "
         f"entropies by up to {bf['max_ent']:.3f}; rank correlation of the samples' ppl {bf['rank_ppl']:.4f}, of their "
-        f"entropy {bf['rank_ent']:.4f}; kept samples shared with fp32: {100 * bf['overlap'][0.125]:.0f}% at 12.5%, "
-        f"{100 * bf['overlap'][0.25]:.0f}% at 25%; token masks (paper rule, 50%) that change in the "
+        f"entropy {bf['rank_ent']:.4f}; kept samples shared with fp32: {100 * bf['overlap']['0.125']:.0f}% at 12.5%, "
+        f"{100 * bf['overlap']['0.25']:.0f}% at 25%; token masks (paper rule, 50%) that change in the "
         f"{bf['q2_samples']} Q2 samples: {bf['q2_masks_changed']}.",
         "",
     ]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -205,6 +207,20 @@ def restamp(folder: Path) -> None:
         for f in manifest["files"]
     ]
     io.write_json_atomic(folder / "_manifest.json", manifest)
+
+
+def kill_when(cmd: list[str], ready, timeout: float = 300) -> None:
+    """Start `cmd`, SIGKILL it as soon as `ready()` holds (it must not have finished by then)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    try:
+        while not ready():
+            assert proc.poll() is None, "the command finished before the point where it was to be killed"
+            assert time.time() < deadline, "the kill point was never reached"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
 
 
 def write_jsonl(path: Path, rows) -> Path:

@@ -4,8 +4,6 @@ has on a local disk: atomic shards, checksums verified, resume after kill -9, on
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 import sys
 import time
 
@@ -19,7 +17,7 @@ from curate import storage
 from curate.cli import app
 from curate.errors import CurateError
 
-from .conftest import DEMO
+from .conftest import DEMO, kill_when
 
 runner = CliRunner()
 
@@ -71,20 +69,8 @@ def test_score_prune_report_export_in_a_bucket(bucket, tiny_model_dir, tmp_path,
     assert "export/_manifest.json" in everything
     assert json.loads(everything["pruned/_manifest.json"])["inputs"][0]["path"] == f"{run}/scores"
     assert "ok" in curate("verify", run)
-
-
-def kill_when(cmd: list[str], ready, timeout: float = 300) -> None:
-    """Start `cmd`; SIGKILL it (by its pid) as soon as `ready()` holds, which must come before it finishes."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + timeout
-    try:
-        while not ready():
-            assert proc.poll() is None, "the command finished before the point where it was to be killed"
-            assert time.time() < deadline, "the kill point was never reached"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
+    some_id = pq.read_table(pa.BufferReader(everything["pruned/samples.parquet"])).column("id")[0].as_py()
+    assert some_id in curate("inspect", run, "--id", some_id)  # the run read from the bucket, as a user names it
 
 
 @pytest.mark.slow

@@ -2,10 +2,8 @@
 with no duplicate and no missing row, and equals an undisturbed run."""
 
 import json
-import signal
 import subprocess
 import sys
-import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -13,27 +11,13 @@ import pytest
 from curate import io
 from curate.synthetic import synthetic_scores
 
-from ..conftest import DEMO
+from ..conftest import DEMO, kill_when
 
 pytestmark = pytest.mark.slow  # real processes, killed at real moments: minutes
 
 
 def curate(*args) -> list[str]:
     return [sys.executable, "-m", "curate.cli", *map(str, args)]
-
-
-def kill_when(cmd: list[str], ready, timeout: float = 300) -> None:
-    """Start `cmd`, SIGKILL it as soon as `ready()` holds (it must not have finished by then)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + timeout
-    try:
-        while not ready():
-            assert proc.poll() is None, "the command finished before the point where it was to be killed"
-            assert time.time() < deadline, "the kill point was never reached"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
 
 
 def rows(folder, pattern="part-*.parquet"):

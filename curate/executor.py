@@ -46,6 +46,7 @@ class Job:
     file_extras: dict[str, dict] = field(default_factory=dict)  # output name -> extra fields of its entry
     remote: storage.RemoteFolder | None = None  # OUT is a URL: job.out is its working copy
     given: dict[str, str] = field(default_factory=dict)  # config field -> the URL given, where a copy stands in
+    remote_entries: dict[str, dict] = field(default_factory=dict)  # OUT's files that workers elsewhere uploaded
 
     def publish(self, name: str) -> None:
         """A finished output file (name relative to OUT) is uploaded now, where OUT is a URL, so that a killed run
@@ -183,10 +184,7 @@ def _begin(job: Job) -> dict | None:
 
 
 def _compute(job: Job) -> dict:
-    fields = job.stage.compute(job)
-    if job.remote:
-        job.remote.fetch_missing(job.reporter.log)  # shards that workers on other machines uploaded
-    manifest = _finish(job, fields)
+    manifest = _finish(job, job.stage.compute(job))
     if job.remote:
         job.remote.push(job.reporter.log)
     return manifest
@@ -221,7 +219,7 @@ def runner(stage: Stage):
 
 def _finish(job: Job, fields: dict) -> dict:
     """The manifest of a computed run: every output file that is there, with its checksum."""
-    names = outdir.written(job.out, job.stage.outputs)
+    names = sorted({*outdir.written(job.out, job.stage.outputs), *job.remote_entries})
     inputs = [
         {
             "path": job.given.get(f) or _recorded(job, path),
@@ -237,7 +235,12 @@ def _finish(job: Job, fields: dict) -> dict:
         job.stage.name,
         job.fingerprint,
         job.started,
-        files=[io.file_entry(job.out, n, **job.file_extras.get(n, {})) for n in names],
+        files=[
+            io.file_entry(job.out, n, **job.file_extras.get(n, {}))
+            if (job.out / n).exists()
+            else {**job.remote_entries[n], **job.file_extras.get(n, {})}  # checked where it was written
+            for n in names
+        ],
         inputs=inputs,
         outputs=list(job.stage.outputs),
         **fields,

@@ -256,18 +256,17 @@ class RemoteFolder:
             log(f"{self.url}: fetched {fetched / 1e6:,.1f} MB into the working copy {self.local}")
         return self.local
 
-    def fetch_missing(self, log=lambda msg: None) -> None:
-        """Download the objects the working copy lacks (shards that workers on other machines uploaded), and
-        nothing else: files written here and not uploaded yet stay as they are."""
+    def fetch(self, name: str) -> Path:
+        """One object into the working copy (a shard another node wrote, which this one must rewrite)."""
+        path = self.local / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.pull-{os.getpid()}")
+        self.fs.get_file(self._remote(name), str(tmp))
+        os.replace(tmp, path)
         index = self._index()
-        for name, info in sorted(self.listing().items()):
-            path = self.local / name
-            if not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                self.fs.get_file(self._remote(name), str(path))
-                index[name] = {"tag": self._tag(info), "stat": self._stat(path)}
-                log(f"{self.url}: fetched {name}")
+        index[name] = {"tag": self._tag(self.fs.info(self._remote(name))), "stat": self._stat(path)}
         self._save_index(index)
+        return path
 
     def upload(self, name: str) -> None:
         """One finished file of the working copy, as one object (whole or not at all)."""
@@ -280,7 +279,8 @@ class RemoteFolder:
 
     def push(self, log=lambda msg: None) -> None:
         """Make the folder what the working copy is: an old manifest is removed first (the folder is then
-        uncommitted), files the copy no longer has are deleted, changed ones uploaded, and the manifest last."""
+        uncommitted), files the copy had and no longer has are deleted, changed ones uploaded, and the manifest
+        last. Objects the copy never had (shards workers on other machines uploaded) stay."""
         listing, index = self.listing(), self._index()
         here = {str(p.relative_to(self.local)): p for p in self.local.rglob("*") if _ours(p)}
         manifest_changed = MANIFEST in listing and (
@@ -288,7 +288,7 @@ class RemoteFolder:
         )
         if manifest_changed:
             self.fs.rm_file(self._remote(MANIFEST))
-        for name in sorted(set(listing) - set(here) - {MANIFEST}):
+        for name in sorted((set(listing) & set(index)) - set(here) - {MANIFEST}):
             self.fs.rm_file(self._remote(name))
             index.pop(name, None)
         self._save_index(index)

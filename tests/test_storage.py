@@ -34,6 +34,13 @@ def put(local, url: str) -> str:
     return url
 
 
+def names(url: str) -> list[str]:
+    """The objects under a folder URL (what a poll may look at while a run writes there)."""
+    fs, path = storage.filesystem(url)
+    fs.invalidate_cache()
+    return [p[len(path) + 1 :] for p in fs.find(path)]
+
+
 def objects(url: str) -> dict[str, bytes]:
     fs, path = storage.filesystem(url)
     fs.invalidate_cache()
@@ -83,7 +90,7 @@ def test_killed_in_a_bucket_resumes_there_verify_finds_damage_and_a_lost_shard_i
     args = [data, "--model", tiny_model_dir, "--limit", 120, "--shard-size", 6, "--dtype", "float32"]
     curate("score", *args, "--out", tmp_path / "undisturbed")
     cmd = [sys.executable, "-m", "curate.cli", "score", *map(str, args), "--out", scores]
-    kill_when(cmd, lambda: sum(n.startswith("part-") for n in objects(scores)) >= 2)
+    kill_when(cmd, lambda: sum(n.startswith("part-") for n in names(scores)) >= 2)
     left = objects(scores)
     assert "_manifest.json" not in left and ".curate.lock" in left  # uncommitted, and the dead run's lock
     output = curate("score", *args, "--out", scores)
@@ -155,13 +162,26 @@ def test_ray_workers_read_from_and_write_to_the_bucket_and_nothing_else_to_local
     work.mkdir()
     monkeypatch.chdir(work)
     monkeypatch.setenv("CURATE_CACHE", str(tmp_path / "cache"))
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024**2, log_to_driver=False)
+    # the workers keep their working copies in another cache, as on other machines: the driver must not need them
+    workers_cache = {"env_vars": {"CURATE_CACHE": str(tmp_path / "workers-cache")}}
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=100 * 1024**2,
+        log_to_driver=False,
+        runtime_env=workers_cache,
+    )
     try:
         cfg = dict(input=data, limit=32, shard_size=8, dtype="float32")
         manifest = score.run(ScoreConfig(out=f"{bucket}/scores", model=model, engine="ray", num_workers=2, **cfg))
     finally:
         ray.shutdown()
     assert manifest["scoring"]["workers"] == 2 and manifest["model"]["name"] == model
+    assert "shard_summaries" not in manifest["scoring"]
+    # the driver read only what the workers reported: no shard in its working copy, the bucket has them all
+    assert not list(storage.staging_dir(f"{bucket}/scores").glob("part-*")), "the driver downloaded shards"
+    assert len(list((tmp_path / "workers-cache" / "staging").glob("*-scores/part-*.parquet"))) == 4
+    assert "ok" in curate("verify", f"{bucket}/scores")  # the entries the workers reported are the objects
     local = score.run(ScoreConfig(out=str(tmp_path / "local"), model=str(tiny_model_dir), **cfg))
     assert manifest["model"]["hash"] == local["model"]["hash"]  # the fetched model is the same, by content
     remote = objects(f"{bucket}/scores")
@@ -173,7 +193,7 @@ def test_ray_workers_read_from_and_write_to_the_bucket_and_nothing_else_to_local
             assert a["input_ids"] == b["input_ids"]
             assert np.allclose(a["logprob"], b["logprob"], atol=1e-6, equal_nan=True)
     assert not any(work.iterdir())  # the run wrote nothing to local disk but its caches
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "local", "work"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "local", "work", "workers-cache"]
 
 
 def test_a_model_url_is_fetched_once_and_checked_by_content_hash(bucket, tiny_model_dir, tmp_path, monkeypatch):

@@ -134,6 +134,7 @@ def score_on_ray(job, todo, done, ranges, reporter: Reporter) -> dict:
         "tokens_per_s": round(summary["tokens"] / seconds, 1) if summary["tokens"] else None,
         "worker_tokens_per_s": [round(v, 1) for v in summary["per_worker"].values()],
         "replaced_workers": summary["replaced"],
+        "shard_summaries": summary["summaries"],  # not for the manifest: the stage takes it out
     }
 
 
@@ -163,6 +164,7 @@ def _dispatch(job, todo, actors, actor_class, progress, rows_done, sizes, report
     failures: Counter = Counter()
     partial: dict[int, list[int]] = {}  # rows and tokens of the shards in flight
     tokens, replaced, per_worker, t0 = 0, 0, {}, time.time()
+    summaries: dict[int, dict] = {}  # shard -> what its worker read of it (an OUT at a URL: maybe on another node)
     while pending or running:
         while pending and idle:
             actor, rows = idle.pop(), pending.popleft()
@@ -198,10 +200,18 @@ def _dispatch(job, todo, actors, actor_class, progress, rows_done, sizes, report
             else:
                 rows_done += sizes[rows.index]
                 tokens += result["tokens"]
+                if "summary" in result:
+                    summaries[rows.index] = result["summary"]
                 per_worker[result["pid"]] = result["worker_tokens_per_s"]
             idle.append(actor)
         reporter.advance(rows_done + sum(p[0] for p in partial.values()), tokens + sum(p[1] for p in partial.values()))
-    return {"tokens": tokens, "wall_seconds": time.time() - t0, "per_worker": per_worker, "replaced": replaced}
+    return {
+        "tokens": tokens,
+        "wall_seconds": time.time() - t0,
+        "per_worker": per_worker,
+        "replaced": replaced,
+        "summaries": summaries,
+    }
 
 
 def run_tasks(fn, args: list, address: str | None, reporter: Reporter) -> list:

@@ -173,6 +173,7 @@ class ShardWorker:
             RemoteFolder(self.job.out_url).upload(name)
         self.timings["write"] += time.time() - t0
         return {
+            **({"summary": shard_summary(self.job.out(), name)} if self.job.out_url else {}),
             "index": rows.index,
             "rows": counts.rows_read,
             "samples": table.num_rows,
@@ -209,6 +210,25 @@ class ShardWorker:
         if scorer.entropy_max_error is not None:  # approximate entropies carry their error bound
             meta["entropy_max_error"] = str(scorer.entropy_max_error)
         return meta
+
+
+def shard_summary(folder: Path, name: str) -> dict:
+    """What the driver needs of a finished shard, read once where it was written: its manifest entry (size,
+    checksum, rows), its metadata, its ids and content hashes (for the duplicate pass) and its token counts. A Ray
+    worker sends it back, so a driver on another machine never downloads the shard."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(folder / name, columns=["id", "content_hash", "n_tokens", "n_trainable", "truncated"])
+    return {
+        "entry": io.file_entry(folder, name, rows=table.num_rows),
+        "meta": io.parquet_metadata(folder / name),
+        "ids": table.column("id").to_pylist(),
+        "content_hash": table.column("content_hash").to_pylist(),
+        "tokens": int(pc.sum(table.column("n_tokens")).as_py() or 0),
+        "trainable": int(pc.sum(table.column("n_trainable")).as_py() or 0),
+        "truncated": int(pc.sum(table.column("truncated")).as_py() or 0),
+    }
 
 
 def shard_schema(keep_fields: list[str]) -> pa.Schema:

@@ -19,7 +19,7 @@ import pyarrow as pa
 from .. import io, readers, schema
 from ..config import ScoreConfig
 from ..engines.local import score_locally
-from ..engines.shard import MAX_SKIP_EXAMPLES, ScoreJob
+from ..engines.shard import MAX_SKIP_EXAMPLES, ScoreJob, shard_summary
 from ..errors import CurateError
 from ..executor import Job, runner
 from ..formats import DETECT_ROWS, detect_format, parse_fields
@@ -163,65 +163,60 @@ def drop_rows(path: Path, drop: dict[int, str], examples: list) -> None:
     io.write_parquet_atomic(table.filter(pa.array(keep)), path, meta)
 
 
-def deduplicate(out: Path, ranges, dedup: bool) -> dict:
-    """Later rows with an id already used are dropped (duplicate_id); identical conversations are counted, and
-    with --dedup their later copies dropped (duplicate_content). Idempotent, so a rerun after a crash is safe."""
-    import pyarrow.parquet as pq
-
+def duplicate_drops(summaries: list[tuple[int, dict]], dedup: bool) -> tuple[dict, Counter]:
+    """Which rows to drop, per shard: later rows with an id already used (duplicate_id), and with --dedup later
+    copies of an identical conversation (duplicate_content, always counted: the groups)."""
     seen_ids, seen_content, groups = set(), {}, Counter()
     drops: dict[int, dict[int, str]] = {}
-    for r in ranges:
-        table = pq.read_table(out / schema.scores_shard(r.index), columns=["id", "content_hash"])
-        for pos, (sid, digest) in enumerate(
-            zip(table.column("id").to_pylist(), table.column("content_hash").to_pylist())
-        ):
+    for index, summary in summaries:
+        for pos, (sid, digest) in enumerate(zip(summary["ids"], summary["content_hash"])):
             if sid in seen_ids:
-                drops.setdefault(r.index, {})[pos] = "duplicate_id"
+                drops.setdefault(index, {})[pos] = "duplicate_id"
                 continue
             seen_ids.add(sid)
             if digest in seen_content:
                 groups[seen_content[digest]] += 1
                 if dedup:
-                    drops.setdefault(r.index, {})[pos] = "duplicate_content"
+                    drops.setdefault(index, {})[pos] = "duplicate_content"
             else:
                 seen_content[digest] = sid
-    examples: list = []
-    for index, drop in sorted(drops.items()):
-        drop_rows(out / schema.scores_shard(index), drop, examples)
-    return {
-        "duplicate_content": {
-            "groups": len(groups),
-            "later_copies": sum(groups.values()),
-            "dropped": dedup,
-            "first_ids": sorted(groups)[:MAX_SKIP_EXAMPLES],
-        },
-        "examples": examples,
-    }
+    return drops, groups
 
 
 def finalize(job: Job, work: ScoreJob, ranges, info: dict, engine_info: dict) -> dict:
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
+    """Drop duplicates (idempotent, so a rerun after a crash is safe) and sum up the shards for the manifest, from
+    what each shard's worker read of it where it was written (a shard on this disk is read here)."""
     out, cfg = job.out, work.cfg
-    duplicates = deduplicate(out, ranges, cfg.dedup)
-    names = [schema.scores_shard(r.index) for r in ranges]
-    metas = [io.parquet_metadata(out / n) for n in names]
+    reported = engine_info.pop("shard_summaries", {})
+    names = {r.index: schema.scores_shard(r.index) for r in ranges}
+
+    def summary_of(index: int) -> dict:
+        return shard_summary(out, names[index]) if (out / names[index]).exists() else reported[index]
+
+    summaries = {r.index: summary_of(r.index) for r in ranges}
+    drops, groups = duplicate_drops(sorted(summaries.items()), cfg.dedup)
+    dropped: list = []
+    for index, drop in sorted(drops.items()):
+        if job.remote and not (out / names[index]).exists():
+            job.remote.fetch(names[index])  # written on another node: rewritten here, then uploaded
+        drop_rows(out / names[index], drop, dropped)
+        summaries[index] = shard_summary(out, names[index])
+    metas = [summaries[r.index]["meta"] for r in ranges]
     skipped, examples, rows_read = Counter(), [], 0
     for m in metas:
         c = json.loads(m["counts"])
         rows_read += c["rows_read"]
         skipped.update(c["skipped"])
         examples += c["examples"][: MAX_SKIP_EXAMPLES - len(examples)]
-    table = pq.read_table([out / n for n in names], columns=["n_tokens", "n_trainable", "truncated"])
-    samples = table.num_rows
+    samples = sum(s["entry"]["rows"] for s in summaries.values())
     if samples == 0:
         raise CurateError(f"{cfg.input}: no usable rows (skipped: {dict(skipped) or 'none read'})")
     entropy = {"method": metas[0]["entropy_method"]}
     errors = [float(m["entropy_max_error"]) for m in metas if "entropy_max_error" in m]
     if errors:
         entropy["topk_max_error_nats"] = round(max(errors), 6)  # half-width of the widest tail-mass bound
-    job.file_extras.update({n: {"rows": pq.read_metadata(out / n).num_rows} for n in names})
+    job.file_extras.update({names[i]: {"rows": s["entry"]["rows"]} for i, s in summaries.items()})
+    job.remote_entries.update({names[i]: s["entry"] for i, s in summaries.items() if not (out / names[i]).exists()})
     return {
         "config": {**cfg.model_dump(), "model": work.model_name, "backend": work.backend, "format": work.format},
         "source": work.source.entry(),
@@ -237,13 +232,18 @@ def finalize(job: Job, work: ScoreJob, ranges, info: dict, engine_info: dict) ->
             "rows_read": rows_read,
             "samples": samples,
             "skipped": sum(skipped.values()),
-            "truncated": int(pc.sum(table.column("truncated")).as_py() or 0),
-            "tokens": int(pc.sum(table.column("n_tokens")).as_py()),
-            "trainable_tokens": int(pc.sum(table.column("n_trainable")).as_py()),
+            "truncated": sum(s["truncated"] for s in summaries.values()),
+            "tokens": sum(s["tokens"] for s in summaries.values()),
+            "trainable_tokens": sum(s["trainable"] for s in summaries.values()),
         },
         "skipped_by_reason": dict(skipped),
-        "skipped_examples": examples + duplicates["examples"],
-        "duplicates": duplicates["duplicate_content"],
+        "skipped_examples": examples + dropped,
+        "duplicates": {
+            "groups": len(groups),
+            "later_copies": sum(groups.values()),
+            "dropped": cfg.dedup,
+            "first_ids": sorted(groups)[:MAX_SKIP_EXAMPLES],
+        },
         "scoring": engine_info,
     }
 

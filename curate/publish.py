@@ -8,6 +8,7 @@ read); any other URL or path gets one object per file and the manifest last, as 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from . import io, storage
@@ -68,23 +69,30 @@ def _push_to_hub(folder: Path, names: list[str], dest: str, private: bool, messa
 
 
 def _push_to_folder(folder: Path, names: list[str], dest: str) -> str:
+    """Every file as one write (an object, or a file renamed into place), the manifest last; a dataset pushed there
+    before is replaced (only the files its manifest lists), anything else there is refused."""
     if not storage.is_url(dest):
         target = storage.local(dest)
-        if target.exists() and any(target.iterdir()) and not (target / MANIFEST).exists():
+        earlier = io.read_manifest(target) if target.is_dir() else None
+        if target.is_dir() and any(target.iterdir()) and earlier is None:
             raise CurateError(f"{dest} holds files q-curate did not write; push into an empty or new folder")
-        import shutil
-
+        (target / MANIFEST).unlink(missing_ok=True)
+        for entry in (earlier or {}).get("files", []):
+            (target / entry["name"]).unlink(missing_ok=True)
         for name in names:
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(folder / name, target / name)
+            io.write_bytes_atomic(target / name, (folder / name).read_bytes())
         return str(target)
     remote = storage.RemoteFolder(dest)
     listing = remote.listing()
     if listing and MANIFEST not in listing:
         raise CurateError(f"{dest} holds objects q-curate did not write; push into an empty or new folder")
     with remote.locked():
-        if MANIFEST in listing:
-            remote.fs.rm_file(f"{remote.root}/{MANIFEST}")  # uncommitted while the new files arrive
+        if MANIFEST in listing:  # uncommitted while the new files arrive; the old ones go
+            earlier = json.loads(remote.fs.cat_file(f"{remote.root}/{MANIFEST}"))
+            remote.fs.rm_file(f"{remote.root}/{MANIFEST}")
+            for entry in earlier.get("files", []):
+                if entry["name"] in listing and entry["name"] not in names:
+                    remote.fs.rm_file(f"{remote.root}/{entry['name']}")
         for name in names:
             remote.fs.put_file(str(folder / name), f"{remote.root}/{name}")
     return dest

@@ -385,3 +385,16 @@ def test_a_shard_reads_only_its_own_byte_ranges_of_a_remote_file(bucket, tmp_pat
         assert got == rows[600:700]
         size = (tmp_path / name).stat().st_size
         assert sum(fetched) < 0.3 * size, (name, sum(fetched), size)  # one eighth of the rows, and some framing
+
+
+def test_storage_options_reach_the_store_and_no_manifest_or_log(bucket, s3_server, tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("CURATE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(storage.OPTIONS_ENV, "")  # restored after the test: the CLI sets it for its run
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    options = {"s3": {"endpoint_url": s3_server["AWS_ENDPOINT_URL"], "key": "testing", "secret": "testing"}}
+    output = curate("--storage-options", json.dumps(options), "push", tiny_run / "pruned", f"{bucket}/via-options")
+    assert "testing" not in output
+    monkeypatch.setenv(storage.OPTIONS_ENV, json.dumps(options))
+    pushed = objects(f"{bucket}/via-options")
+    assert "_manifest.json" in pushed and all(b"testing" not in content for content in pushed.values())

@@ -301,7 +301,7 @@ def to_sample(row: int, record: Any, fmt: str, fields: dict[str, str], keep: lis
         return Skip(row, "malformed_row", None, f"cannot read this row as {fmt}: {type(e).__name__}: {e}")
 
 
-def read_samples(path: Path, fmt: str = "auto", fields: dict[str, str] | None = None) -> Iterator[Sample | Skip]:
+def read_samples(path: str | Path, fmt: str = "auto", fields: dict[str, str] | None = None) -> Iterator[Sample | Skip]:
     """Every row of a file as a Sample or a Skip, in order (the whole file in one pass: for tests and tools;
     `curate score` reads shard by shard)."""
     from . import readers

@@ -34,7 +34,7 @@ def clean_rows(cfg: ProbeConfig) -> list[dict]:
     from .formats import Sample, parse_fields, read_samples
 
     rows = []
-    for s in read_samples(Path(cfg.input), cfg.score.format, parse_fields(cfg.score.fields)):
+    for s in read_samples(cfg.input, cfg.score.format, parse_fields(cfg.score.fields)):
         if isinstance(s, Sample):
             rows.append({"id": s.id, "messages": s.messages})
             if cfg.score.limit is not None and len(rows) >= cfg.score.limit:

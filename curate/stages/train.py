@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .. import io
+from .. import io, storage
 from ..config import TrainConfig
 from ..errors import CurateError
 from ..executor import Job, identify_model, runner
@@ -22,9 +22,10 @@ PRUNED_STAGES = ("prune", "retokenize")
 CHECKPOINTS = "checkpoints"
 
 
-def training_files(data: Path) -> tuple[list[Path], str]:
+def training_files(data: str | Path) -> tuple[list[Path], str]:
     """The Parquet files to train on and a fingerprint of them: a finished, intact `curate prune` (or
-    `curate retokenize`) folder, or one Parquet file given explicitly."""
+    `curate retokenize`) folder, or one Parquet file given explicitly; a folder URL is fetched first."""
+    data = storage.materialized(data)
     if not data.exists():
         raise CurateError(
             f"{data}: no such file or folder, so no Parquet files to train on (give a `curate prune` "

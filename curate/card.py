@@ -16,7 +16,7 @@ from . import __version__, schema, storage
 CARD = "README.md"
 PICTURE = "eu_plane.png"
 GREY, COLOURS = (
-    (170, 170, 170),
+    (140, 140, 140),
     {"Q2": (214, 39, 40), "fill-Q2": (255, 152, 150), "Q4": (31, 119, 180), "fill-Q4": (174, 199, 232)},
 )  # schema.SELECTION_COLOURS, as RGB
 

@@ -369,7 +369,7 @@ def push_cmd(
     from .publish import push
 
     with user_errors():
-        where = quiet(push, pruned, dest, console.print, private, message)
+        where = quiet(push, pruned, dest, lambda line: console.print(escape(line)), private, message)
         out.print(f"pushed {pruned} to {where}")
 
 

@@ -9,11 +9,12 @@ read); any other URL or path gets one object per file and the manifest last, as 
 from __future__ import annotations
 
 import json
+from fnmatch import fnmatch
 from pathlib import Path
 
 from . import io, storage
 from .errors import CurateError
-from .schema import MANIFEST
+from .schema import MANIFEST, PRUNED_DATA, PRUNED_GLOB
 
 HINT = "push the output of `curate prune`"
 
@@ -51,17 +52,26 @@ def _push_to_hub(folder: Path, names: list[str], dest: str, private: bool, messa
     from .extras import require
 
     require("huggingface_hub", purpose="curate push to the Hub")
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
     repo_id, revision, prefix = hub_repo(dest)
     api = HfApi()
-    operations = [
-        CommitOperationAdd(path_in_repo="/".join(p for p in (prefix, name) if p), path_or_fileobj=str(folder / name))
-        for name in names
-    ]
+
+    def in_repo(name: str) -> str:
+        return "/".join(p for p in (prefix, name) if p)
+
+    operations = [CommitOperationAdd(path_in_repo=in_repo(name), path_or_fileobj=str(folder / name)) for name in names]
     try:
         api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        # the data shards of an earlier push go (3 old shards beside 1 new one would all be read as the data)
+        ours = {in_repo(name) for name in names}
+        stale = [
+            f
+            for f in api.list_repo_files(repo_id, repo_type="dataset", revision=revision)
+            if fnmatch(f, in_repo(f"{PRUNED_DATA}/{PRUNED_GLOB}")) and f not in ours
+        ]
+        operations += [CommitOperationDelete(path_in_repo=f) for f in stale]
         commit = api.create_commit(repo_id, operations, commit_message=message, repo_type="dataset", revision=revision)
     except HfHubHTTPError as e:
         raise CurateError(f"{dest}: the Hub refused the upload ({e}); is HF_TOKEN set, with write access?") from None

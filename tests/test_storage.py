@@ -331,6 +331,14 @@ def test_push_to_a_bucket_and_to_the_hub(bucket, tiny_run, tmp_path, monkeypatch
                 200,
                 json={"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]},
             )
+        if "/tree/" in path:  # the repo's files: one data shard left by an earlier push, and its card
+            return httpx2.Response(
+                200,
+                json=[
+                    {"type": "file", "path": "data/train-00000-of-00009.parquet", "oid": "1", "size": 1},
+                    {"type": "file", "path": "README.md", "oid": "2", "size": 1},
+                ],
+            )
         if "/commit/" in path:
             return httpx2.Response(
                 200,
@@ -353,6 +361,8 @@ def test_push_to_a_bucket_and_to_the_hub(bucket, tiny_run, tmp_path, monkeypatch
     lines = [json.loads(line) for line in commit.content.decode().splitlines()]
     uploaded = {x["value"]["path"]: base64.b64decode(x["value"]["content"]) for x in lines if x["key"] == "file"}
     assert sorted(uploaded) == sorted([*listed, "_manifest.json"])
+    deleted = [x["value"]["path"] for x in lines if x["key"] == "deletedFile"]
+    assert deleted == ["data/train-00000-of-00009.parquet"]  # the stale shard goes, the card is replaced
     for name, content in uploaded.items():
         assert content == (pruned / name).read_bytes()
 

@@ -1,10 +1,11 @@
 """`curate score --engine ray`: a pool of Ray actors, one scorer each, over the GPUs of one machine or many.
 
 The unit of work is the shard, exactly as in the local engine: an actor reads its shard's input rows,
-tokenises them, scores them and writes the shard atomically into the shared `--out`. The driver only plans
-the shards, hands them out, draws one progress bar over all actors, and replaces an actor that dies (its shard
-is redone, by another actor or by the replacement); a shard that fails 3 times stops the run with its error.
-`--out` and the input must be on storage that every node sees (NFS, a mounted bucket).
+tokenises them, scores them and writes the shard atomically into `--out`: a folder every node sees (NFS), or a
+bucket URL, where it writes into its node's working copy and uploads the shard as one object, then reports what
+the driver needs of it (`shard_summary`). The driver only plans the shards, hands them out, draws one progress
+bar over all actors, and replaces an actor that dies (its shard is redone, by another actor or by the
+replacement); a shard that fails 3 times stops the run with its error.
 """
 
 from __future__ import annotations

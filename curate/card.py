@@ -38,7 +38,8 @@ def plane_picture(ppl: np.ndarray, ent: np.ndarray, selection: list, width: int 
 
     px, py = scale(x, width), height - 1 - scale(y, height)
     img[height - pad, pad : width - pad + 1] = img[pad : height - pad + 1, pad] = 0  # the axes
-    img[py, px] = GREY
+    for d in ((0, 0), (0, 1), (1, 0), (1, 1)):  # dropped samples as 2x2 dots, kept ones 3x3 over them
+        img[np.clip(py + d[0], 0, height - 1), np.clip(px + d[1], 0, width - 1)] = GREY
     for name, colour in COLOURS.items():
         m = np.array([s == name for s in sel], bool)
         for dx in (-1, 0, 1):

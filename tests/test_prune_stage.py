@@ -333,6 +333,27 @@ def test_a_pruned_folder_loads_by_name_with_its_card(tmp_path, tiny_run):
     manifest = io.verified(pruned, "prune", "")
     assert "README.md" in {f["name"] for f in manifest["files"]}  # listed, with its checksum
     assert manifest["model"]["hash"] in card and "--ratio 0.5" in card and "--token-ratio" not in card
+    assert "](eu_plane.png)" in card and "eu_plane.png" in {f["name"] for f in manifest["files"]}
+
+
+def test_the_cards_picture_shows_every_sample_and_the_kept_ones_in_their_colours():
+    import io as bytes_io
+
+    import numpy as np
+    from PIL import Image
+
+    from curate.card import COLOURS, GREY, plane_picture
+
+    ppl = np.array([2.0, 30.0, 3.0, 10.0, np.nan])  # a sample without a place is left out, not an error
+    ent = np.array([2.5, 0.2, 1.0, 1.5, 1.0])
+    selection = ["Q4", "Q2", None, None, None]
+    png = plane_picture(ppl, ent, selection)
+    assert png == plane_picture(ppl, ent, selection)  # the same bytes for the same samples
+    pixels = np.asarray(Image.open(bytes_io.BytesIO(png)).convert("RGB")).reshape(-1, 3)
+    counts = {name: int((pixels == colour).all(axis=1).sum()) for name, colour in {**COLOURS, "grey": GREY}.items()}
+    assert counts["Q2"] == counts["Q4"] == 9 and counts["grey"] == 8 and counts["fill-Q2"] == 0
+    top_left = np.asarray(Image.open(bytes_io.BytesIO(png)).convert("RGB"))[:60, :60]
+    assert (top_left == COLOURS["Q4"]).all(axis=-1).any()  # low perplexity, high entropy: Q4's corner
 
 
 def test_the_card_carries_the_licence_the_inputs_card_names(tmp_path, tiny_model_dir):

@@ -43,10 +43,11 @@ class Job:
     started: float = field(default_factory=time.time)
     fingerprint: str = ""
     context: dict = field(default_factory=dict)  # what identify resolved, for compute (models, plans)
-    file_extras: dict[str, dict] = field(default_factory=dict)  # output name -> extra fields of its entry
     remote: storage.RemoteFolder | None = None  # OUT is a URL: job.out is its working copy
     given: dict[str, str] = field(default_factory=dict)  # config field -> the URL given, where a copy stands in
-    remote_entries: dict[str, dict] = field(default_factory=dict)  # OUT's files that workers elsewhere uploaded
+    # output name -> its manifest entry where the stage has it already (a shard checksummed where it was written,
+    # on this machine or another): not read and hashed a second time
+    entries: dict[str, dict] = field(default_factory=dict)
 
     def publish(self, name: str) -> None:
         """A finished output file (name relative to OUT) is uploaded now, where OUT is a URL, so that a killed run
@@ -219,7 +220,7 @@ def runner(stage: Stage):
 
 def _finish(job: Job, fields: dict) -> dict:
     """The manifest of a computed run: every output file that is there, with its checksum."""
-    names = sorted({*outdir.written(job.out, job.stage.outputs), *job.remote_entries})
+    names = sorted({*outdir.written(job.out, job.stage.outputs), *job.entries})
     inputs = [
         {
             "path": job.given.get(f) or _recorded(job, path),
@@ -235,12 +236,7 @@ def _finish(job: Job, fields: dict) -> dict:
         job.stage.name,
         job.fingerprint,
         job.started,
-        files=[
-            io.file_entry(job.out, n, **job.file_extras.get(n, {}))
-            if (job.out / n).exists()
-            else {**job.remote_entries[n], **job.file_extras.get(n, {})}  # checked where it was written
-            for n in names
-        ],
+        files=[job.entries.get(n) or io.file_entry(job.out, n) for n in names],
         inputs=inputs,
         outputs=list(job.stage.outputs),
         **fields,

@@ -238,11 +238,7 @@ class RemoteFolder:
             seen = index.get(name)
             if path.is_file() and seen and seen["tag"] == tag and seen["stat"] == self._stat(path):
                 continue
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.pull-{os.getpid()}")
-            self.fs.get_file(self._remote(name), str(tmp))
-            os.replace(tmp, path)
-            index[name] = {"tag": tag, "stat": self._stat(path)}
+            index[name] = {"tag": tag, "stat": self._stat(self._download(name))}
             fetched += int(info.get("size") or 0)
         for path in sorted(self.local.rglob("*"), reverse=True):
             name = str(path.relative_to(self.local))
@@ -256,13 +252,18 @@ class RemoteFolder:
             log(f"{self.url}: fetched {fetched / 1e6:,.1f} MB into the working copy {self.local}")
         return self.local
 
-    def fetch(self, name: str) -> Path:
-        """One object into the working copy (a shard another node wrote, which this one must rewrite)."""
+    def _download(self, name: str) -> Path:
+        """One object into the working copy, under its name only once complete."""
         path = self.local / name
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.pull-{os.getpid()}")
         self.fs.get_file(self._remote(name), str(tmp))
         os.replace(tmp, path)
+        return path
+
+    def fetch(self, name: str) -> Path:
+        """One object into the working copy (a shard another node wrote, which this one must rewrite)."""
+        path = self._download(name)
         index = self._index()
         index[name] = {"tag": self._tag(self.fs.info(self._remote(name))), "stat": self._stat(path)}
         self._save_index(index)

@@ -215,8 +215,7 @@ def finalize(job: Job, work: ScoreJob, ranges, info: dict, engine_info: dict) ->
     errors = [float(m["entropy_max_error"]) for m in metas if "entropy_max_error" in m]
     if errors:
         entropy["topk_max_error_nats"] = round(max(errors), 6)  # half-width of the widest tail-mass bound
-    job.file_extras.update({names[i]: {"rows": s["entry"]["rows"]} for i, s in summaries.items()})
-    job.remote_entries.update({names[i]: s["entry"] for i, s in summaries.items() if not (out / names[i]).exists()})
+    job.entries.update({names[i]: s["entry"] for i, s in summaries.items()})
     return {
         "config": {**cfg.model_dump(), "model": work.model_name, "backend": work.backend, "format": work.format},
         "source": work.source.entry(),

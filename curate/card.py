@@ -4,6 +4,7 @@ needs to trust it: source, reference model and its hash, the settings, what was 
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import zlib
 from pathlib import Path, PurePosixPath
@@ -72,15 +73,29 @@ def source_licence(source: str | Path) -> str | None:
     return None
 
 
-def features() -> dict:
-    """The card's `dataset_info: features`, as the installed `datasets` writes and reads them (its YAML for a
-    list changed between versions); nothing without `datasets`, whose readers then take them from the Parquet."""
+def data_identity(entries: list[dict]) -> str:
+    """A fingerprint of the training data files (their names and checksums, as the manifest lists them)."""
+    h = hashlib.sha256()
+    for e in sorted(entries, key=lambda e: e["name"]):
+        h.update(f"{e['name']}\0{e['blake2b']}\0".encode())
+    return h.hexdigest()[:16]
+
+
+def dataset_info(rows: int, data_bytes: int) -> dict:
+    """The card's `dataset_info`: the features as the installed `datasets` writes and reads them (its YAML for a
+    list changed between versions; none without `datasets`, whose readers then take them from the Parquet), the
+    split's size and the bytes of its files, as the Hub writes them."""
+    info: dict = {}
     try:
         import datasets
+
+        features = datasets.DatasetInfo(features=datasets.Features.from_arrow_schema(schema.PRUNED))
+        info["features"] = features._to_yaml_dict()["features"]
     except ImportError:
-        return {}
-    info = datasets.DatasetInfo(features=datasets.Features.from_arrow_schema(schema.PRUNED))
-    return {"dataset_info": {"features": info._to_yaml_dict()["features"]}}
+        pass
+    info["splits"] = [{"name": "train", "num_examples": rows}]
+    info["download_size"] = data_bytes
+    return {"dataset_info": info}
 
 
 def command_line(scores: str, options: dict) -> str:
@@ -99,19 +114,27 @@ def command_line(scores: str, options: dict) -> str:
     return " ".join(parts)
 
 
-def pruned_card(stats: dict, scores_manifest: dict, changed: dict, licence: str | None) -> str:
+def pruned_card(stats: dict, scores_manifest: dict, changed: dict, licence: str | None, data_files: list[dict]) -> str:
     """The card's text; it depends on the data and the settings only (not on where the folder is), so two runs
-    of the same prune write the same bytes."""
+    of the same prune write the same bytes. `data_files`: the manifest entries of the training data files.
+
+    `datasets.load_dataset(folder)` caches a local folder under its name, the card's config and a hash of the
+    card's `configs` and `dataset_info`, not of the files: two folders named `pruned` (or one pruned again) with
+    the same card would read back the first one's cached rows. The config's description names the data files'
+    fingerprint, so the cache key changes exactly when the data does.
+    """
+    identity = data_identity(data_files)
     header = {
         "configs": [
             {
                 "config_name": "default",
                 "data_files": [{"split": "train", "path": f"{schema.PRUNED_DATA}/{schema.PRUNED_GLOB}"}],
+                "description": f"q-curate pruned data, files {identity}",
             }
         ],
         **({"license": licence} if licence else {}),
         "tags": ["q-curate", "sft", "data-pruning"],
-        **features(),
+        **dataset_info(stats["K"], sum(e["bytes"] for e in data_files)),
     }
     model = scores_manifest["model"]
     source = (scores_manifest.get("inputs") or [{}])[0]

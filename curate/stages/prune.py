@@ -341,7 +341,8 @@ def dataset_card(job: Job, stats: dict) -> str:
     }
     source = (scores_manifest.get("inputs") or [{}])[0].get("path")
     licence = source_licence(storage.resolve(job.inputs["scores"], source)) if source else None
-    return pruned_card(stats, scores_manifest, changed, licence)
+    data = [job.entries[n] for n in sorted(job.entries) if n.startswith(f"{schema.PRUNED_DATA}/")]
+    return pruned_card(stats, scores_manifest, changed, licence, data)
 
 
 def excluded_ids(job: Job, known: pl.Series) -> list[str]:
@@ -422,6 +423,8 @@ def compute(job: Job) -> dict:
         tasks.append((shards[shard], out / name, fate, cfg, fingerprint, scores_manifest["model"]))
     effect = sum(write_masks(tasks, cfg, reporter), Counter())
     loss_tokens = effect.pop("loss_tokens", 0)
+    for name in names:  # hashed once: for the card's identity and for the manifest
+        job.entries[name] = io.file_entry(out, name)
 
     samples = chosen.with_columns(kept=pl.col("selection").is_not_null())
     samples.write_parquet(out / schema.SAMPLES)

@@ -229,13 +229,47 @@ def parse_group_ratios(v: Any) -> Any:
     return out
 
 
+# `--preset paper`: the paper's rule (arXiv 2509.23873) where q-curate's defaults differ from it, and the official
+# code's min-max fill (docs/algorithm.md says where and why each default differs).
+PRESETS = {
+    "paper": {
+        "token_unit": "token",
+        "protect": [],
+        "token_order": "drop-high",
+        "token_budget": "sample",
+        "token_score": "ppl",
+        "lam": 0.5,
+        "placement": "conversation",
+        "fill": "minmax",
+    }
+}
+
+
 class PruneOptions(Options):
     ratio: Ratio = Field(0.125, description="Fraction of samples to keep, in (0, 1]: exactly max(1, round(ratio*N)).")
     token_ratio: Ratio = Field(
         0.5, description="Fraction of trainable tokens kept in Q2 (misconception) samples, in (0, 1]."
     )
+    preset: Literal["paper"] | None = Field(
+        None,
+        description="paper: every option of the paper's rule at once (--token-unit token --protect none "
+        "--token-order drop-high --token-budget sample --token-score ppl --lam 0.5 --placement conversation "
+        "--fill minmax); options given beside it still apply.",
+        json_schema_extra=RUNTIME,  # a shorthand: the options it sets are fingerprinted themselves
+    )
     lam: float = Field(
-        0.5, ge=0, le=1, description="Context weight of the token score: (1-lam)*ppl_i + lam*(ppl_i-1 + ppl_i+1)."
+        0.5, ge=0, le=1, description="Context weight of the token score: (1-lam)*x_i + lam*(x_i-1 + x_i+1)."
+    )
+    token_score: Literal["ppl", "nll"] = Field(
+        "ppl",
+        description="The x of the token score: ppl (exp(-log-prob), the paper's formula) or nll (-log-prob: one "
+        "surprising neighbour cannot outweigh the token itself by orders of magnitude).",
+    )
+    token_budget: Literal["turn", "sample"] = Field(
+        "turn",
+        description="turn: every assistant turn keeps its protected spans and end-of-turn marker plus "
+        "--token-ratio of its other tokens (at least one word of every reply); sample: --token-ratio of all the "
+        "sample's trainable tokens, protected ones counted in it (the paper's budget: tool calls use it up).",
     )
     scope: Literal["global", "batch"] = Field(
         "global",
@@ -348,6 +382,14 @@ class PruneOptions(Options):
             except re.error as e:
                 raise ValueError(f"not a regular expression: {e}") from None
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, values: Any) -> Any:
+        """A preset fills in the options it names that were not given (the ones given win)."""
+        if isinstance(values, dict) and values.get("preset") in PRESETS:
+            return {**PRESETS[values["preset"]], **values}
+        return values
 
     @model_validator(mode="after")
     def _ratios_need_groups(self):
@@ -503,6 +545,11 @@ Arm = Literal[
     "qtuning-words",
     "qtuning-words-final",
     "qtuning-words-final-droplow",
+    "qtuning-sample-budget",
+    "qtuning-turn-budget",
+    "qtuning-turn-nll",
+    "qtuning-turn-lam0",
+    "paper",
     "qtuning-samples",
     "ppl-high",
     "ppl-low",
@@ -521,6 +568,9 @@ class Budget(Options):
 class EvalOptions(Options):
     data: str = Field(description="Held-out question/answer rows (e.g. GSM8K test.jsonl).")
     fields: FieldNames = None
+    skip: NonNegInt = Field(
+        0, description="Skip the first N usable rows: hold out the end of the training file (train on score.limit)."
+    )
     limit: PosInt | None = Field(None, description="Rows for the answer NLL (default: all).")
     em_limit: int | None = Field(None, ge=0, description="Rows for GSM8K exact match (default: limit; 0: none).")
     max_new_tokens: PosInt = Field(320, description="Longest generated answer.")

@@ -23,7 +23,7 @@ import numpy as np
 import polars as pl
 
 from . import io, wiring
-from .config import Budget, EvaluateConfig, ExperimentConfig, PruneConfig, TrainConfig
+from .config import PRESETS, Budget, EvaluateConfig, ExperimentConfig, PruneConfig, TrainConfig
 from .corrupt import corrupt
 from .executor import require_stage
 from .progress import Reporter
@@ -33,16 +33,22 @@ from .stages import prune, score, train
 # arm -> the prune settings it sets; `full` keeps every sample whole. `qtuning` is `curate prune` as its defaults
 # stand; the `qtuning-*` token arms keep qtuning's samples and pin the whole token rule, so a later change of a
 # default neither changes them nor makes a finished experiment redo them.
-PAPER_TOKENS = {"token_unit": "token", "protect": [], "token_order": "drop-high"}
+PAPER_TOKENS = {"token_unit": "token", "protect": [], "token_order": "drop-high", "token_budget": "sample"}
+DEFAULT_PROTECT = ["final-answer", "tool-calls"]
 
 
-def token_rule(unit: str, protect: list[str], order: str = "drop-high") -> dict:
+def token_rule(
+    unit: str, protect: list[str], order: str = "drop-high", budget: str = "sample", score: str = "ppl", lam=0.5
+) -> dict:
     return {
         "strategy": "qtuning",
         "token_strategy": "qtuning",
         "token_unit": unit,
         "protect": protect,
         "token_order": order,
+        "token_budget": budget,
+        "token_score": score,
+        "lam": lam,
     }
 
 
@@ -54,8 +60,15 @@ ARMS = {
     "qtuning-words": token_rule("word", []),
     "qtuning-words-final": token_rule("word", ["final-answer"]),
     "qtuning-words-final-droplow": token_rule("word", ["final-answer"], "drop-low"),
+    # the budget over all of a sample's tokens (protected ones counted in it) against the budget per turn, and the
+    # context-aware score on the NLL scale and without its context (lam 0)
+    "qtuning-sample-budget": token_rule("word", DEFAULT_PROTECT, "drop-low", "sample"),
+    "qtuning-turn-budget": token_rule("word", DEFAULT_PROTECT, "drop-low", "turn"),
+    "qtuning-turn-nll": token_rule("word", DEFAULT_PROTECT, "drop-low", "turn", "nll"),
+    "qtuning-turn-lam0": token_rule("word", DEFAULT_PROTECT, "drop-low", "turn", "ppl", 0.0),
+    "paper": {"strategy": "qtuning", "token_strategy": "qtuning", "preset": "paper", **PRESETS["paper"]},
     # no token pruning: the token settings are inert, pinned to the values this arm first ran with
-    "qtuning-samples": {**token_rule("word", ["final-answer", "tool-calls"]), "token_strategy": "none"},
+    "qtuning-samples": {**token_rule("word", DEFAULT_PROTECT), "token_strategy": "none"},
     "ppl-high": {"strategy": "ppl-high", "token_strategy": "none"},
     "ppl-low": {"strategy": "ppl-low", "token_strategy": "none"},
     "entropy-high": {"strategy": "entropy-high", "token_strategy": "none"},

@@ -172,12 +172,23 @@ def _from_sharegpt(record: dict, fields: dict[str, str]) -> list[dict[str, str]]
     return _with_tools(record, messages)
 
 
+def no_tools(tools: Any) -> bool:
+    """Missing, null, an empty list or object, or text that is one of those as JSON (glaive writes `"[]"`): no tools,
+    so no tools text in the prompt."""
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools) if tools.strip() else None
+        except ValueError:
+            return False  # text that is not JSON: the prompt names tools in its own words
+    return not tools
+
+
 def _with_tools(record: dict, messages: list[dict[str, str]]) -> list[dict[str, str]]:
     """Tool schemas are part of the prompt the assistant saw: they lead the conversation as a `tools` message
     (JSON text), which the chat encoder gives the template (its `tools=`) or writes into the system prompt. A
     system prompt beside them is kept (LLaMA-Factory's shape has both: neither may be lost)."""
     tools = record.get("tools")
-    if not tools:
+    if no_tools(tools):
         return messages
     tool_text = tools if isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)
     return [{"role": TOOLS_ROLE, "content": _text(tool_text, "tools")}, *messages]

@@ -36,13 +36,17 @@ def exact_match(prediction: str, gold: str) -> bool:
     return want is not None and parse_number(prediction) == want
 
 
-def eval_rows(path: Path, fields: str | None, limit: int | None) -> list[dict]:
-    """The first `limit` usable rows as {id, messages}; the answer is the last assistant turn."""
+def eval_rows(path: Path, fields: str | None, limit: int | None, skip: int = 0) -> list[dict]:
+    """The first `limit` usable rows after the first `skip` as {id, messages}; the answer is the last assistant
+    turn."""
     from .formats import Sample, parse_fields, read_samples
 
-    rows = []
+    rows, usable = [], 0
     for s in read_samples(path, fields=parse_fields(fields)):
         if isinstance(s, Sample):
+            usable += 1
+            if usable <= skip:
+                continue
             rows.append({"id": s.id, "messages": s.messages})
             if limit is not None and len(rows) >= limit:
                 break

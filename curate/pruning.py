@@ -344,16 +344,22 @@ def protected_positions(trainable: np.ndarray, truncated: bool) -> np.ndarray:
     return last
 
 
-def context_scores(logprob: np.ndarray, trainable: np.ndarray, lam: float) -> np.ndarray:
-    """s[i] = (1 - lam) * ppl_i + lam * (ppl_{i-1} + ppl_{i+1}); non-trainable neighbours count 0.
+TOKEN_SCALES = ("ppl", "nll")
 
-    Token perplexities are exp(-logprob) in float64 (float32 overflows for logprob < -88).
+
+def context_scores(logprob: np.ndarray, trainable: np.ndarray, lam: float, scale: str = "ppl") -> np.ndarray:
+    """s[i] = (1 - lam) * x_i + lam * (x_{i-1} + x_{i+1}); non-trainable neighbours count 0.
+
+    x is the token's perplexity exp(-logprob) (`scale="ppl"`, the paper's formula), in float64 (float32 overflows
+    for logprob < -88), or its negative log-prob (`scale="nll"`), on which one surprising neighbour moves a
+    token's score by its NLL, not by its exponential.
     """
     t = trainable.astype(bool)
-    tok_ppl = np.where(t, np.exp(np.minimum(-logprob.astype(np.float64), 700.0)), 0.0)
-    left = np.concatenate([[0.0], tok_ppl[:-1]])
-    right = np.concatenate([tok_ppl[1:], [0.0]])
-    return np.where(t, (1 - lam) * tok_ppl + lam * (left + right), 0.0)
+    nll = -logprob.astype(np.float64)
+    tok = np.where(t, np.exp(np.minimum(nll, 700.0)) if scale == "ppl" else nll, 0.0)
+    left = np.concatenate([[0.0], tok[:-1]])
+    right = np.concatenate([tok[1:], [0.0]])
+    return np.where(t, (1 - lam) * tok + lam * (left + right), 0.0)
 
 
 def kept_first(trainable: np.ndarray, truncated: bool, units: np.ndarray, protect: np.ndarray | None) -> np.ndarray:
@@ -365,6 +371,17 @@ def kept_first(trainable: np.ndarray, truncated: bool, units: np.ndarray, protec
         protected |= t & np.asarray(protect, dtype=bool)
         protected |= t & np.isin(units, units[protected & t])
     return protected
+
+
+def turn_index(trainable: np.ndarray) -> np.ndarray:
+    """int64 per position: the assistant turn (maximal run of trainable tokens, counted from 0) it belongs to;
+    -1 outside the turns."""
+    t = trainable.astype(bool)
+    starts = t & ~np.concatenate([[False], t[:-1]])
+    return np.where(t, np.cumsum(starts) - 1, -1)
+
+
+TOKEN_BUDGETS = ("turn", "sample")
 
 
 def token_keep_mask(
@@ -379,40 +396,88 @@ def token_keep_mask(
     seed: int = 0,
     units: np.ndarray | None = None,
     protect: np.ndarray | None = None,
+    budget_scope: str = "sample",
+    scale: str = "ppl",
+    content: np.ndarray | None = None,
 ) -> np.ndarray:
     """int8 mask over positions: 1 where the token stays in the loss.
 
-    The budget is k = max(1, round(ratio * |T|)) trainable tokens. End-of-turn tokens and `protect`ed tokens are
-    kept first and count towards k. The rest is kept or dropped by unit (`units`: a unit id per position, -1
-    where not trainable; None: every token is its own unit, the paper's rule): units are taken in order (lowest
-    mean score first for drop-high, a seeded shuffle for random) while fewer than k tokens are kept, so a sample
-    keeps max(k, protected) tokens, or fewer than one unit more. A unit that holds a protected token is kept whole.
+    End-of-turn tokens and `protect`ed tokens are kept first (`kept_first`); the other trainable tokens are the
+    prunable ones, kept or dropped by unit (`units`: a unit id per position, -1 where not trainable; None: every
+    token is its own unit, the paper's rule). Units are ranked (lowest mean score first for drop-high, highest for
+    drop-low, a seeded shuffle for random) and taken in that order while fewer than k tokens are kept, so the
+    budget is met exactly, or exceeded by fewer than one unit's tokens:
+
+    - `budget_scope="sample"` (the paper): k = max(1, round(ratio * |T|)) over all trainable tokens, the kept-first
+      tokens counted in it, so protected spans use up the budget of the free text beside them.
+    - `budget_scope="turn"`: per assistant turn, k = max(1, round(ratio * prunable tokens of the turn)) on top of its
+      kept-first tokens (none for a turn with nothing prunable). `content` (bool per position: the token covers a
+      letter or digit) then makes the turn's best-ranked unit holding content its first pick, so a reply never
+      keeps only its punctuation.
     """
     t = trainable.astype(bool)
     keep = t.copy()
     n_train = int(t.sum())
     if strategy == "none" or n_train == 0:
         return keep.astype(np.int8)
-    k = budget(token_ratio, n_train)
     unit = np.where(t, np.arange(len(t)), -1) if units is None else np.asarray(units)
     protected = kept_first(trainable, truncated, unit, protect)
     candidates = np.flatnonzero(t & ~protected)
-    free_slots = max(0, k - int(protected.sum()))
+    keep[candidates] = False
+    if not len(candidates):
+        return keep.astype(np.int8)
     # candidate units, numbered in text order (a unit's tokens are consecutive)
-    first = np.concatenate([[True], unit[candidates][1:] != unit[candidates][:-1]]) if len(candidates) else []
+    first = np.concatenate([[True], unit[candidates][1:] != unit[candidates][:-1]])
     member = np.cumsum(first) - 1
-    sizes = np.bincount(member) if len(candidates) else np.zeros(0, dtype=np.int64)
+    sizes = np.bincount(member)
     if strategy == "random":
         ranked = np.random.default_rng(seed).permutation(len(sizes))
     else:
-        s = context_scores(logprob, trainable, 0.0 if strategy == "ppl" else lam)[candidates]
-        unit_score = np.bincount(member, weights=s) / sizes if len(candidates) else s
+        s = context_scores(logprob, trainable, 0.0 if strategy == "ppl" else lam, scale)[candidates]
+        unit_score = np.bincount(member, weights=s) / sizes
         # drop-high keeps the lowest scores; ties by position (stable sort)
         ranked = np.argsort(unit_score if order == "drop-high" else -unit_score, kind="stable")
-    before = np.cumsum(sizes[ranked]) - sizes[ranked]  # tokens kept before each unit in turn
-    chosen = ranked[: int(np.searchsorted(before, free_slots, side="left"))]
+    if budget_scope == "sample":
+        group = np.zeros(len(sizes), dtype=np.int64)
+        quota = np.array([max(0, budget(token_ratio, n_train) - int(protected.sum()))])
+    else:
+        group = turn_index(trainable)[candidates][first]
+        prunable = np.bincount(group, weights=sizes).astype(np.int64)
+        quota = np.array([budget(token_ratio, int(n)) if n else 0 for n in prunable])
+        if content is not None and np.asarray(content, dtype=bool)[candidates].any():
+            # each turn's best-ranked unit with a word or number in it goes first
+            rank = np.empty(len(ranked), dtype=np.int64)
+            rank[ranked] = np.arange(len(ranked))
+            wordy = np.flatnonzero(np.bincount(member, weights=np.asarray(content, dtype=bool)[candidates]) > 0)
+            by_turn = wordy[np.lexsort((rank[wordy], group[wordy]))]
+            rank[by_turn[np.concatenate([[True], group[by_turn][1:] != group[by_turn][:-1]])]] = -1
+            ranked = np.argsort(rank, kind="stable")
+    chosen = take_units(ranked, sizes, group, quota)
     keep[candidates] = np.isin(member, chosen)
     return keep.astype(np.int8)
+
+
+def budget_floor(trainable: np.ndarray, kept: np.ndarray, token_ratio: float, budget_scope: str) -> int:
+    """The tokens `token_keep_mask` must keep at least, given the kept-first ones (`kept`): max(k, kept) over the
+    sample, or per turn its kept-first tokens plus max(1, round(ratio * prunable)) when it has prunable ones."""
+    t = trainable.astype(bool)
+    if budget_scope == "sample":
+        return max(budget(token_ratio, int(t.sum())), int(kept.sum()))
+    turn = turn_index(trainable)
+    prunable = np.bincount(turn[t & ~kept], minlength=int(turn.max()) + 1)
+    return int(kept.sum()) + sum(budget(token_ratio, int(n)) for n in prunable if n)
+
+
+def take_units(ranked: np.ndarray, sizes: np.ndarray, group: np.ndarray, quota: np.ndarray) -> np.ndarray:
+    """The units taken, in rank order within each group, while fewer than its quota of tokens are taken."""
+    position = np.empty(len(ranked), dtype=np.int64)
+    position[ranked] = np.arange(len(ranked))
+    order = np.lexsort((position, group))  # by group, then by rank
+    size = sizes[order]
+    before = np.cumsum(size) - size  # tokens taken before each unit, counted over all groups
+    starts = np.concatenate([[True], group[order][1:] != group[order][:-1]])
+    before -= np.maximum.accumulate(np.where(starts, before, 0))  # ... and within its own group
+    return order[before < quota[group[order]]]
 
 
 def sample_seed(seed: int, sample_id: str) -> int:

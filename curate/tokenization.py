@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import RowError
+from .formats import no_tools
 from .schema import TOOLS_ROLE
 
 # ChatML, used (with a warning) when the tokenizer has no chat template of its own.
@@ -253,6 +254,8 @@ def template_inputs(messages: list[dict[str, str]], tools_in_template: bool) -> 
     if not messages or messages[0]["role"] != TOOLS_ROLE:
         return messages, None
     text, rest = messages[0]["content"], messages[1:]
+    if no_tools(text):  # an empty list scored by an earlier version: no tools, no tools text
+        return rest, None
     if tools_in_template:
         try:
             tools = json.loads(text)

@@ -123,3 +123,25 @@ def test_unrecognised_format_and_bad_fields_are_clear_errors(tmp_path):
         parse_fields("prompt=question")
     with pytest.raises(CurateError, match="no such file"):
         list(read_samples(tmp_path / "missing.jsonl"))
+
+
+@pytest.mark.parametrize("tools", [[], None, "[]", " [] ", "null", "", {}, "{}"])
+@pytest.mark.parametrize("shape", ["openai", "sharegpt"])
+def test_no_tools_means_no_tools_text(tmp_path, tools, shape):
+    """glaive writes `"tools": "[]"` for conversations without tools: no tools message, so the template renders no
+    `You can call these tools:` prompt."""
+    from curate.tokenization import ChatEncoder
+
+    from .conftest import build_tiny_tokenizer
+
+    if shape == "openai":
+        row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    else:
+        row = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
+    (only,) = samples(write_jsonl(tmp_path / "rows.jsonl", [{**row, "tools": tools}]))
+    assert [m["role"] for m in only.messages] == ["user", "assistant"]
+    text = ChatEncoder(build_tiny_tokenizer()).render(only.messages).text
+    assert "tools" not in text
+    # scores written before this fix carry an empty tools message: it renders no text either
+    old = [{"role": "tools", "content": "[]"}, *only.messages]
+    assert ChatEncoder(build_tiny_tokenizer()).render(old).text == text

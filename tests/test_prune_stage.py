@@ -53,16 +53,18 @@ def check_pruned(scores_dir, out, cfg):
         if r["selection"] in ("Q4", "fill-Q4") or cfg.token_strategy == "none":
             assert (mask == trainable).all()
         else:
-            n_t = int(trainable.sum())
-            floor = max(pruning.budget(cfg.token_ratio, n_t), int(pruning.protected_positions(trainable, False).sum()))
+            ends = pruning.protected_positions(trainable, False)
+            floor = pruning.budget_floor(trainable, ends, cfg.token_ratio, cfg.token_budget)
             if cfg.token_unit == "word" or cfg.protect:  # whole units: k tokens or fewer than one unit more
                 assert mask.sum() >= floor
                 continue
             assert mask.sum() == floor
             if cfg.token_strategy == "qtuning":
-                assert mask.tolist() == bf_token_mask(
-                    np.array(s["logprob"], dtype=np.float64), trainable, cfg.token_ratio, cfg.lam, cfg.token_order
+                logprob = np.array(s["logprob"], dtype=np.float64)
+                want = bf_token_mask(
+                    logprob, trainable, cfg.token_ratio, cfg.lam, cfg.token_order, cfg.token_budget, cfg.token_score
                 )
+                assert mask.tolist() == want
     return rows
 
 

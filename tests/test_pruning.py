@@ -205,15 +205,32 @@ def test_baselines_pick_extremes():
 # ---------------------------------------------------------------- token masks
 
 
-def bf_token_mask(logprob, trainable, ratio, lam, order):
+def bf_token_mask(logprob, trainable, ratio, lam, order, budget="sample", scale="ppl"):
+    """The spec, one token at a time: per sample (the paper) or per assistant turn."""
     n = len(trainable)
-    tp = [math.exp(-logprob[i]) if trainable[i] else 0.0 for i in range(n)]
+    x = [(math.exp(-logprob[i]) if scale == "ppl" else -logprob[i]) if trainable[i] else 0.0 for i in range(n)]
     T = [i for i in range(n) if trainable[i]]
     protected = {i for i in T if i + 1 == n or not trainable[i + 1]}
-    k = max(1, int(math.floor(ratio * len(T) + 0.5)))
-    s = {i: (1 - lam) * tp[i] + lam * ((tp[i - 1] if i > 0 else 0) + (tp[i + 1] if i + 1 < n else 0)) for i in T}
-    cands = sorted((i for i in T if i not in protected), key=lambda i: ((s[i] if order == "drop-high" else -s[i]), i))
-    keep = protected | set(cands[: max(0, k - len(protected))])
+    s = {i: (1 - lam) * x[i] + lam * ((x[i - 1] if i > 0 else 0) + (x[i + 1] if i + 1 < n else 0)) for i in T}
+
+    def ranked(positions):
+        return sorted(positions, key=lambda i: ((s[i] if order == "drop-high" else -s[i]), i))
+
+    keep = set(protected)
+    if budget == "sample":
+        k = max(1, int(math.floor(ratio * len(T) + 0.5)))
+        keep |= set(ranked(i for i in T if i not in protected)[: max(0, k - len(protected))])
+    else:
+        turns, run = [], []
+        for i in range(n):
+            if trainable[i]:
+                run.append(i)
+            elif run:
+                turns, run = turns + [run], []
+        for turn in turns + ([run] if run else []):
+            free = [i for i in turn if i not in protected]
+            k = max(1, int(math.floor(ratio * len(free) + 0.5))) if free else 0
+            keep |= set(ranked(free)[:k])
     return [1 if i in keep else 0 for i in range(n)]
 
 
@@ -379,3 +396,90 @@ def test_single_token_units_are_the_paper_rule_exactly(tokens, ratio, strategy):
         protect=np.zeros_like(own, bool),
     )
     assert paper.tobytes() == units.tobytes()
+
+
+# ---------------------------------------------------------------- the per-turn budget
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sample=unit_samples(),
+    ratio=st.floats(0.01, 1.0),
+    lam=st.sampled_from([0.0, 0.5, 1.0]),
+    order=st.sampled_from(["drop-high", "drop-low"]),
+    strategy=st.sampled_from(["qtuning", "random", "ppl"]),
+    scale=st.sampled_from(["ppl", "nll"]),
+    data=st.data(),
+)
+def test_per_turn_budget_keeps_protected_plus_its_share_of_each_turn(sample, ratio, lam, order, strategy, scale, data):
+    """Per turn: kept = protected + max(1, round(ratio * prunable)), or fewer than one unit more; a turn with a
+    word or number outside its protected spans keeps one of them."""
+    trainable, logprob, units, protect = sample
+    content = np.array(data.draw(st.lists(st.booleans(), min_size=len(trainable), max_size=len(trainable))))
+    mask = pruning.token_keep_mask(
+        logprob,
+        trainable,
+        token_ratio=ratio,
+        lam=lam,
+        order=order,
+        strategy=strategy,
+        seed=2,
+        units=units,
+        protect=protect,
+        budget_scope="turn",
+        scale=scale,
+        content=content,
+    )
+    t = trainable.astype(bool)
+    must = pruning.protected_positions(trainable, False) | (protect & t)
+    must |= np.isin(units, units[must]) & t
+    assert mask[must].all() and not (mask.astype(bool) & ~t).any()
+    for u in set(units[t].tolist()):
+        assert len(set(mask[units == u].tolist())) == 1
+    turn = pruning.turn_index(trainable)
+    for j in set(turn[t].tolist()):
+        here = turn == j
+        free = here & ~must
+        kept = int(mask[here].sum())
+        if not free.any():
+            assert kept == int(must[here].sum())
+            continue
+        floor = int(must[here].sum()) + pruning.budget(ratio, int(free.sum()))
+        largest = np.bincount(units[free]).max()
+        assert floor <= kept < floor + largest
+        if (content & free).any():
+            assert mask[content & free].any()  # never a reply of punctuation alone
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    tokens=masks,
+    ratio=st.floats(0.01, 1.0),
+    lam=st.sampled_from([0.0, 0.25, 0.5, 1.0]),
+    order=st.sampled_from(["drop-high", "drop-low"]),
+    scale=st.sampled_from(["ppl", "nll"]),
+)
+def test_per_turn_token_masks_match_the_brute_force(tokens, ratio, lam, order, scale):
+    trainable = np.array([t for t, _ in tokens], dtype=np.int8)
+    trainable[0] = 0
+    if not trainable.any():
+        trainable[-1] = 1
+    logprob = np.array([lp for _, lp in tokens], dtype=np.float32)
+    kw = dict(token_ratio=ratio, lam=lam, order=order, scale=scale)
+    mask = pruning.token_keep_mask(logprob, trainable, budget_scope="turn", **kw)
+    want = bf_token_mask(logprob.astype(np.float64), trainable, ratio, lam, order, "turn", scale)
+    assert mask.tolist() == want
+    sample = pruning.token_keep_mask(logprob, trainable, budget_scope="sample", **kw)
+    assert sample.tolist() == bf_token_mask(logprob.astype(np.float64), trainable, ratio, lam, order, "sample", scale)
+
+
+def test_a_surprising_neighbour_outweighs_the_word_on_the_ppl_scale_but_not_on_nll():
+    """The issue's Alpaca example: ` demonstrated` (log-prob -5.4) beside ` been` (-0.38)."""
+    lp = np.array([np.nan, -0.4, -0.38, -5.4, -0.3, -0.2], dtype=np.float32)
+    t = np.array([0, 1, 1, 1, 1, 1], dtype=np.int8)
+    ppl = pruning.context_scores(lp, t, 0.5, "ppl")
+    nll = pruning.context_scores(lp, t, 0.5, "nll")
+    assert ppl[2] > ppl[3]  # ` been` scores above the surprising word itself, by the neighbour's exp(5.4)
+    # on NLL the neighbour adds its log-prob, not its exponential: the two words are within 0.05 of each other
+    assert nll[3] == pytest.approx(0.5 * 5.4 + 0.5 * (0.38 + 0.3), rel=1e-6) and abs(nll[2] - nll[3]) < 0.06
+    assert pruning.context_scores(lp, t, 0.0, "ppl").argmax() == 3  # lam 0: the word alone decides

@@ -21,7 +21,7 @@ def compute(job: Job) -> dict:
     from .. import held_out as ev
 
     cfg, model = job.cfg, job.context["model"]
-    nll_rows = ev.eval_rows(job.inputs["data"], cfg.fields, cfg.limit)
+    nll_rows = ev.eval_rows(job.inputs["data"], cfg.fields, cfg.limit, cfg.skip)
     em_limit = cfg.limit if cfg.em_limit is None else cfg.em_limit
     em_rows = nll_rows[:em_limit] if em_limit is not None else nll_rows
     job.log(f"evaluating {model.name} on {len(nll_rows)} rows (NLL) and {len(em_rows)} rows (EM)")

@@ -216,6 +216,8 @@ def mask_sample(
         # protected span can be trusted, so the sample keeps every token (counted).
         effect["samples_without_text"] += 1
         return trainable.copy()
+    kinds = token_kinds(view[0], view[1], view[2]) if view is not None else None
+    content = kinds < 2 if kinds is not None else None  # a token covering a digit or a letter
     mask = pruning.token_keep_mask(
         logprob,
         trainable,
@@ -227,12 +229,15 @@ def mask_sample(
         seed=pruning.sample_seed(cfg.seed, sid),
         units=units,
         protect=protect,
+        budget_scope=cfg.token_budget,
+        scale=cfg.token_score,
+        content=content,
     )
     masked = (trainable == 1) & (mask == 0)
     n_t = int(trainable.sum())
     own = np.where(trainable == 1, np.arange(len(trainable)), -1)
     first = pruning.kept_first(trainable, truncated, own if units is None else units, protect)
-    floor = max(pruning.budget(cfg.token_ratio, n_t), int(first.sum()))  # what the rule must keep
+    floor = pruning.budget_floor(trainable, first, cfg.token_ratio, cfg.token_budget)  # what the rule must keep
     effect["samples"] += 1
     effect["tokens_trainable"] += n_t
     effect["tokens_kept"] += int(mask.sum())
@@ -240,10 +245,15 @@ def mask_sample(
     effect["samples_over_budget"] += int(mask.sum() > floor)
     if view is not None:
         text, starts, ends, contents = view
-        kinds = token_kinds(text, starts[masked], ends[masked])
         for i, kind in enumerate(KINDS):
-            effect[f"masked_{kind}"] += int((kinds == i).sum())
+            effect[f"masked_{kind}"] += int((kinds[masked] == i).sum())
         effect["tokens_protected"] += int(first.sum())
+        # replies: turns with a word or number outside their protected spans; which of them train none of it
+        turn = pruning.turn_index(trainable)
+        free_content = content & (trainable == 1) & ~first
+        turns_with = np.unique(turn[free_content])
+        effect["replies"] += len(turns_with)
+        effect["replies_without_content"] += len(np.setdiff1d(turns_with, turn[free_content & (mask == 1)]))
         for name in WATCHED:
             found = [sp for sp in spans if sp[2] == name]
             if found:
@@ -454,7 +464,14 @@ def rule_in_words(cfg: PruneConfig) -> str:
         how = f"the most surprising {what} (highest context-aware perplexity)"
     else:
         how = f"the least surprising {what} (lowest context-aware perplexity: what the model already predicts)"
-    return f"drop {how}, keep {cfg.token_ratio:g} of the trainable tokens"
+    if cfg.token_strategy == "qtuning" and cfg.token_score == "nll":
+        how = how.replace("context-aware perplexity", "context-aware NLL")
+    if cfg.token_budget == "turn":
+        return (
+            f"drop {how}, keep {cfg.token_ratio:g} of each assistant turn's prunable tokens (its protected spans "
+            "and end-of-turn marker besides)"
+        )
+    return f"drop {how}, keep {cfg.token_ratio:g} of the trainable tokens (protected ones counted in it)"
 
 
 def token_pruning_stats(cfg: PruneConfig, effect: Counter) -> dict:
@@ -473,7 +490,14 @@ def token_pruning_stats(cfg: PruneConfig, effect: Counter) -> dict:
         "samples_over_budget": effect["samples_over_budget"],
         "tokens_protected": effect["tokens_protected"],
         "samples_without_text": effect["samples_without_text"],
+        "budget": cfg.token_budget,
+        "score": cfg.token_score,
+        "lam": cfg.lam,
     }
+    if effect["replies"]:  # what a user reads to know every reply is still taught (0 by construction per turn)
+        out["protected_share"] = effect["tokens_protected"] / max(1, effect["tokens_trainable"])
+        out["replies"] = effect["replies"]
+        out["replies_without_content"] = effect["replies_without_content"]
     if any(effect[f"masked_{k}"] for k in KINDS) or effect["samples_with_final-answer"]:
         out["masked_by_kind"] = {k: effect[f"masked_{k}"] for k in KINDS}
         for name in WATCHED:
@@ -506,6 +530,12 @@ def effect_lines(tp: dict) -> list[str]:
                     f"  {tp[name]['samples_lost_part']:,} of {tp[name]['samples_with']:,} pruned samples with a "
                     f"{name.replace('-', ' ')} lost part of it"
                 )
+    if "replies" in tp:
+        lines.append(
+            f"  {tp['replies_without_content']:,} of {tp['replies']:,} replies train no word or number "
+            f"({tp['protected_share']:.0%} of the pruned samples' tokens are protected or end a turn; "
+            f"budget per {tp['budget']})"
+        )
     if tp["samples_without_text"]:
         lines.append(f"  {tp['samples_without_text']:,} samples kept whole: their tokens' text could not be recovered")
     return lines

@@ -276,17 +276,19 @@ def experiment_cmd(
 @sectioned_command(
     ProbeConfig,
     [
-        (None, ProbeConfig, ("input", "out", "fraction", "corruptions", "ratio", "seed", "random_seeds")),
+        (None, ProbeConfig, ("input", "out", "fraction", "corruptions", "ratio", "seeds", "random_seeds")),
         ("score", ScoreOptions, ("model", "format", "fields", "limit", "max_length", "backend", "device", "dtype")),
         ("prune", PruneOptions, ("entropy_positions", "fill", "keep_duplicates")),
     ],
     arguments=("input",),
 )
 def probe_cmd(cfg: ProbeConfig, force: bool = FORCE):
-    """How much broken data does each strategy keep? Corrupt a copy of INPUT, score it once, select with every
-    strategy and placement at the same budget, and tabulate the corrupted share kept (no training: minutes).
+    """How much broken data does each strategy keep? Corrupt a copy of INPUT (once per corruption seed), score it
+    (the answers alone too, for IFD), select with every registered strategy and placement at the same budget, and
+    tabulate the corrupted share kept, mean and sd over the seeds (no training: minutes).
 
-    Writes OUT/probe.md (the table), OUT/probe.json, and the corrupted copy with its list of corrupted ids."""
+    Writes OUT/probe.md (the table), OUT/probe.json, and per seed OUT/seed-S/ with the corrupted copy, its list of
+    corrupted ids and its scores."""
     from . import probe
 
     with user_errors():

@@ -105,6 +105,12 @@ class ScoreOptions(Options):
         default_factory=list,
         description="Input fields to carry into the scores (e.g. source), comma-separated on the CLI.",
     )
+    signals: list[Literal["ifd"]] = Field(
+        default_factory=list,
+        description="Extra scores, comma-separated: ifd (each assistant turn's text also scored alone, with the "
+        "tokenizer's defaults and no template, for IFD = ppl / ppl_alone and `prune --strategy ifd`; costs about "
+        "the answers' share of the tokens again).",
+    )
     dedup: bool = Field(
         False,
         description="Drop later copies of an identical conversation (reason duplicate_content); always counted.",
@@ -179,7 +185,7 @@ class ScoreOptions(Options):
     def _canonical_dtype(cls, v: str) -> str:
         return DTYPE_ALIASES.get(v, v)
 
-    @field_validator("keep_fields", mode="before")
+    @field_validator("keep_fields", "signals", mode="before")
     @classmethod
     def _comma_list(cls, v: Any) -> Any:
         if isinstance(v, str):
@@ -229,20 +235,10 @@ def parse_group_ratios(v: Any) -> Any:
     return out
 
 
-# `--preset paper`: the paper's rule (arXiv 2509.23873) where q-curate's defaults differ from it, and the official
-# code's min-max fill (docs/algorithm.md says where and why each default differs).
-PRESETS = {
-    "paper": {
-        "token_unit": "token",
-        "protect": [],
-        "token_order": "drop-high",
-        "token_budget": "sample",
-        "token_score": "ppl",
-        "lam": 0.5,
-        "placement": "conversation",
-        "fill": "minmax",
-    }
-}
+def _strategy_docs() -> list[tuple[str, str]]:
+    from . import strategies
+
+    return [(s.name, s.doc) for s in strategies.REGISTRY.values()]
 
 
 class PruneOptions(Options):
@@ -322,8 +318,11 @@ class PruneOptions(Options):
         "scores describe the old rows; score again instead).",
         json_schema_extra=RUNTIME,
     )
-    strategy: Literal["qtuning", "random", "ppl-high", "ppl-low", "entropy-high", "entropy-low"] = Field(
-        "qtuning", description="Sample strategy: Q-Tuning or a baseline."
+    strategy: str = Field(
+        "qtuning",
+        description="Sample strategy (curate.strategies; a strategy registered there from Python is allowed too): "
+        + "; ".join(f"{name}: {doc}" for name, doc in _strategy_docs())
+        + ".",
     )
     token_strategy: Literal["qtuning", "random", "ppl", "none"] = Field(
         "qtuning", description="Token strategy: Q-Tuning, random, ppl (drop highest token PPL), or none."
@@ -366,6 +365,15 @@ class PruneOptions(Options):
     def _parse_group_ratios(cls, v: Any) -> Any:
         return parse_group_ratios(v)
 
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, v: str) -> str:
+        from . import strategies
+
+        if v not in strategies.REGISTRY:
+            raise ValueError(f"must be one of {', '.join(strategies.names())}")
+        return v
+
     @field_validator("protect", mode="before")
     @classmethod
     def _parse_protect(cls, v: Any) -> Any:
@@ -387,6 +395,8 @@ class PruneOptions(Options):
     @classmethod
     def _apply_preset(cls, values: Any) -> Any:
         """A preset fills in the options it names that were not given (the ones given win)."""
+        from .arms import PRESETS
+
         if isinstance(values, dict) and values.get("preset") in PRESETS:
             return {**PRESETS[values["preset"]], **values}
         return values
@@ -493,13 +503,25 @@ class ProbeOptions(Options):
         "conversation's), arguments (the numbers in a tool call's arguments are changed).",
     )
     ratio: Ratio = Field(0.25, description="Sample budget of every strategy, as `curate prune --ratio`.")
-    seed: NonNegInt = Field(0, description="Which rows are corrupted and how; also the seed of the strategies.")
-    random_seeds: PosInt = Field(20, description="Draws of the random strategy; the table shows their mean.")
+    seeds: list[NonNegInt] = Field(
+        default_factory=lambda: [0, 1, 2],
+        min_length=1,
+        description="Corruption seeds, comma-separated: each corrupts other rows (scored once per seed); the table "
+        "shows the mean and sd over them. Each is also the seed of the strategies.",
+    )
+    random_seeds: PosInt = Field(20, description="Draws of the random strategy per seed; the table shows their mean.")
 
     @field_validator("corruptions", mode="before")
     @classmethod
     def _parse_corruptions(cls, v: Any) -> Any:
         return [p.strip() for p in v.split(",") if p.strip()] if isinstance(v, str) else v
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _parse_seeds(cls, v: Any) -> Any:
+        if isinstance(v, str):  # `--seeds 0,1,2`
+            return [int(p) if p.strip().isdigit() else p for p in v.split(",") if p.strip()]
+        return v
 
 
 class ProbeConfig(ProbeOptions):
@@ -537,25 +559,17 @@ class RetokenizeConfig(Options):
 
 # ---------------------------------------------------------------- experiments
 
-Arm = Literal[
-    "full",
-    "random",
-    "qtuning",
-    "qtuning-tokens",
-    "qtuning-words",
-    "qtuning-words-final",
-    "qtuning-words-final-droplow",
-    "qtuning-sample-budget",
-    "qtuning-turn-budget",
-    "qtuning-turn-nll",
-    "qtuning-turn-lam0",
-    "paper",
-    "qtuning-samples",
-    "ppl-high",
-    "ppl-low",
-    "entropy-high",
-    "entropy-low",
-]
+
+def _known_arm(v: str) -> str:
+    from .arms import arm_names
+
+    if v not in arm_names():
+        raise ValueError(f"no arm named {v!r} (arms: {', '.join(arm_names())})")
+    return v
+
+
+# An arm: one of the experiment's fixed rules (curate.arms.ARMS) or any registered sample strategy.
+Arm = Annotated[str, AfterValidator(_known_arm)]
 ALL_ARMS = ["full", "random", "qtuning", "qtuning-samples", "ppl-high", "ppl-low", "entropy-high", "entropy-low"]
 
 

@@ -22,59 +22,14 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from . import io, wiring
-from .config import PRESETS, Budget, EvaluateConfig, ExperimentConfig, PruneConfig, TrainConfig
+from . import io, strategies, wiring
+from .arms import arm_settings
+from .config import Budget, EvaluateConfig, ExperimentConfig, PruneConfig, TrainConfig
 from .corrupt import corrupt
 from .executor import require_stage
 from .progress import Reporter
 from .stages import evaluate as evaluate_stage
 from .stages import prune, score, train
-
-# arm -> the prune settings it sets; `full` keeps every sample whole. `qtuning` is `curate prune` as its defaults
-# stand; the `qtuning-*` token arms keep qtuning's samples and pin the whole token rule, so a later change of a
-# default neither changes them nor makes a finished experiment redo them.
-PAPER_TOKENS = {"token_unit": "token", "protect": [], "token_order": "drop-high", "token_budget": "sample"}
-DEFAULT_PROTECT = ["final-answer", "tool-calls"]
-
-
-def token_rule(
-    unit: str, protect: list[str], order: str = "drop-high", budget: str = "sample", score: str = "ppl", lam=0.5
-) -> dict:
-    return {
-        "strategy": "qtuning",
-        "token_strategy": "qtuning",
-        "token_unit": unit,
-        "protect": protect,
-        "token_order": order,
-        "token_budget": budget,
-        "token_score": score,
-        "lam": lam,
-    }
-
-
-ARMS = {
-    "full": {"strategy": "random", "token_strategy": "none"},
-    "random": {"strategy": "random", "token_strategy": "random", **PAPER_TOKENS},  # the paper's random baseline
-    "qtuning": {"strategy": "qtuning", "token_strategy": "qtuning"},
-    "qtuning-tokens": token_rule("token", []),
-    "qtuning-words": token_rule("word", []),
-    "qtuning-words-final": token_rule("word", ["final-answer"]),
-    "qtuning-words-final-droplow": token_rule("word", ["final-answer"], "drop-low"),
-    # the budget over all of a sample's tokens (protected ones counted in it) against the budget per turn, and the
-    # context-aware score on the NLL scale and without its context (lam 0)
-    "qtuning-sample-budget": token_rule("word", DEFAULT_PROTECT, "drop-low", "sample"),
-    "qtuning-turn-budget": token_rule("word", DEFAULT_PROTECT, "drop-low", "turn"),
-    "qtuning-turn-nll": token_rule("word", DEFAULT_PROTECT, "drop-low", "turn", "nll"),
-    "qtuning-turn-lam0": token_rule("word", DEFAULT_PROTECT, "drop-low", "turn", "ppl", 0.0),
-    "paper": {"strategy": "qtuning", "token_strategy": "qtuning", "preset": "paper", **PRESETS["paper"]},
-    # no token pruning: the token settings are inert, pinned to the values this arm first ran with
-    "qtuning-samples": {**token_rule("word", DEFAULT_PROTECT), "token_strategy": "none"},
-    "ppl-high": {"strategy": "ppl-high", "token_strategy": "none"},
-    "ppl-low": {"strategy": "ppl-low", "token_strategy": "none"},
-    "entropy-high": {"strategy": "entropy-high", "token_strategy": "none"},
-    "entropy-low": {"strategy": "entropy-low", "token_strategy": "none"},
-}
-ROBUSTNESS_STRATEGIES = ("qtuning", "random", "ppl-high", "ppl-low", "entropy-high", "entropy-low")
 
 
 def arm_name(arm: str, budget: Budget | None) -> str:
@@ -99,7 +54,7 @@ def prune_config(
     cfg: ExperimentConfig, arm: str, budget: Budget | None, seed: int, scores: Path, out: Path
 ) -> PruneConfig:
     ratio, token_ratio = (1.0, 1.0) if budget is None else (budget.ratio, budget.token_ratio)
-    changes = {**ARMS[arm], "ratio": ratio, "token_ratio": token_ratio, "seed": seed}
+    changes = {**arm_settings(arm), "ratio": ratio, "token_ratio": token_ratio, "seed": seed}
     return wiring.prune_config(cfg.prune, scores, out, **changes)
 
 
@@ -182,7 +137,8 @@ def robustness(cfg: ExperimentConfig, clean_rows: list[dict], reporter: Reporter
     budget = Budget(ratio=rc.ratio, token_ratio=rc.token_ratio)
     bad = set(bad_ids)
     kept_share = {}
-    for strategy in ROBUSTNESS_STRATEGIES:
+    scored_signals = set(cfg.score.signals)
+    for strategy in [s.name for s in strategies.REGISTRY.values() if set(s.signals) <= scored_signals]:
         d = folder / "strategies" / strategy
         prune.run(prune_config(cfg, strategy, budget, cfg.seeds[0], folder / "scores", d), reporter, force)
         kept = (

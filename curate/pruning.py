@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 
 import numpy as np
 import polars as pl
 
-SAMPLE_STRATEGIES = ("qtuning", "random", "ppl-high", "ppl-low", "entropy-high", "entropy-low")
 TOKEN_STRATEGIES = ("qtuning", "random", "ppl", "none")
 BISECT_STEPS = 60  # alpha in [0, 0.5]; 60 halvings reach float64 resolution
 
@@ -167,9 +166,10 @@ def quadrant_labels(ppl: np.ndarray, ent: np.ndarray, median: dict[str, float]) 
 
 @dataclass(frozen=True)
 class Triage:
-    selection: np.ndarray  # object array: "Q2", "Q4", "fill-Q2", "fill-Q4", or None (dropped)
+    selection: np.ndarray  # object array: "Q2", "Q4", "fill-Q2", "fill-Q4" or a strategy's name; None: dropped
     alpha: float | None
     thresholds: dict[str, float]
+    notes: dict = field(default_factory=dict)  # what a strategy has to say about its choice (counts, for stats)
 
 
 def _thresholds(sorted_ppl, sorted_ent, alpha) -> dict[str, float]:
@@ -271,31 +271,6 @@ def qtuning_triage(ids: np.ndarray, ppl: np.ndarray, ent: np.ndarray, k: int, fi
         order = free[np.lexsort((ids[free], -gap[free]))][:remaining]
         selection[order] = np.where(ppl_n[order] >= ent_n[order], "fill-Q2", "fill-Q4")
     return Triage(selection, lo, thresholds)
-
-
-def baseline_triage(strategy: str, ids: np.ndarray, ppl: np.ndarray, ent: np.ndarray, k: int, seed: int) -> Triage:
-    """The paper's comparison strategies; `selection` holds the strategy name for every kept sample."""
-    if strategy == "random":
-        chosen = np.random.default_rng(seed).permutation(len(ids))[:k]
-    else:
-        key = {"ppl-high": -ppl, "ppl-low": ppl, "entropy-high": -ent, "entropy-low": ent}[strategy]
-        chosen = np.lexsort((ids, key))[:k]
-    selection = np.full(len(ids), None, dtype=object)
-    selection[chosen] = strategy
-    return Triage(selection, None, {})
-
-
-def triage(strategy: str, ids, ppl, ent, k: int, seed: int, fill: str = "rank") -> Triage:
-    if k == 0:  # a batch whose share of the budget rounds to nothing
-        return Triage(np.full(len(ids), None, dtype=object), None, {})
-    if strategy == "qtuning":
-        return qtuning_triage(ids, ppl, ent, k, fill)
-    return baseline_triage(strategy, ids, ppl, ent, k, seed)
-
-
-def prunes_tokens(selection: str) -> bool:
-    """Token pruning applies to Q2 and fill-Q2 samples, and to every sample a baseline strategy keeps."""
-    return selection in ("Q2", "fill-Q2") or selection in SAMPLE_STRATEGIES
 
 
 def unique_in_order(values: np.ndarray) -> list:

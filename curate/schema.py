@@ -24,6 +24,10 @@ SCORES = pa.schema(
     ]
 )
 
+# With `score --signals ifd`: each assistant turn's text scored alone (no template), its tokens after the first,
+# pooled over the turns: the summed NLL (nats) and the number of tokens. ppl_alone = exp(alone_nll / alone_tokens).
+ALONE = [("alone_nll", pa.float64()), ("alone_tokens", pa.int32())]
+
 PRUNED = pa.schema(
     [
         ("id", pa.string()),

@@ -104,26 +104,34 @@ def test_corruptions_are_real_errors_of_the_documented_kinds():
 
 
 def test_probe_command_tables_every_strategy_and_placement(mixed_scores, tmp_path, tiny_model_dir):
+    from curate import strategies
+
     out = tmp_path / "probe"
     args = ["probe", str(mixed_scores / "mixed.jsonl"), "--out", str(out), "--model", str(tiny_model_dir)]
-    res = CliRunner().invoke(app, [*args, "--fraction", "0.3", "--random-seeds", "5"])
+    res = CliRunner().invoke(app, [*args, "--fraction", "0.3", "--random-seeds", "5", "--seeds", "0,1"])
     assert res.exit_code == 0, res.output
     result = json.loads((out / "probe.json").read_text())
-    bad = json.loads((out / "corrupted.json").read_text())
-    assert result["corrupted"] == len(bad) == 18 and result["samples"] == 60
-    assert set(result["placements"]) == set(pruning.PLACEMENTS)
-    for rows in result["placements"].values():
-        assert set(rows) == set(pruning.SAMPLE_STRATEGIES)
-        assert all(r["kept"] == 15 for r in rows.values())
-        sel = rows["qtuning"]["by_selection"]
-        assert sum(s["corrupted"] for s in sel.values()) == rows["qtuning"]["corrupted"]
-    # the table's Q-Tuning row is what `curate prune` keeps from the same scores
-    pruned = tmp_path / "pruned"
-    prune.run(PruneConfig(scores=str(out / "scores"), out=str(pruned), ratio=0.25, placement="worst-turn"))
-    kept = {s["id"] for s in pq.read_table(pruned / "samples.parquet").to_pylist() if s["kept"]}
-    assert len(kept & set(bad)) == result["placements"]["worst-turn"]["qtuning"]["corrupted"]
+    assert result["seeds"] == [0, 1] and result["samples"] == 60
+    for seed in (0, 1):
+        bad = json.loads((out / f"seed-{seed}" / "corrupted.json").read_text())
+        one = result["per_seed"][str(seed)]
+        assert one["corrupted"] == len(bad) == 18
+        assert set(one["placements"]) == set(pruning.PLACEMENTS)
+        for rows in one["placements"].values():
+            assert set(rows) == set(strategies.names())  # IFD included: the probe scores the answers alone too
+            assert all(r["kept"] == 15 for r in rows.values())
+            sel = rows["qtuning"]["by_selection"]
+            assert sum(s["corrupted"] for s in sel.values()) == rows["qtuning"]["corrupted"]
+        # the table's Q-Tuning row is what `curate prune` keeps from the same scores
+        pruned = tmp_path / f"pruned-{seed}"
+        scores = out / f"seed-{seed}" / "scores"
+        prune.run(PruneConfig(scores=str(scores), out=str(pruned), ratio=0.25, placement="worst-turn", seed=seed))
+        kept = {s["id"] for s in pq.read_table(pruned / "samples.parquet").to_pylist() if s["kept"]}
+        assert len(kept & set(bad)) == one["placements"]["worst-turn"]["qtuning"]["corrupted"]
+    shares = [result["per_seed"][s]["placements"]["max-turn"]["ifd"]["share"] for s in ("0", "1")]
+    assert result["placements"]["max-turn"]["ifd"]["mean"] == pytest.approx(sum(shares) / 2)
     md = (out / "probe.md").read_text()
-    assert "| worst-turn | qtuning |" in md and "| conversation | random |" in md and "corrupted among kept" in md
+    assert "| qtuning |" in md and "| ifd |" in md and "| (the input) |" in md and "±" in md
 
 
 def test_report_shows_a_multi_turn_sample_turns(mixed_scores, tmp_path):

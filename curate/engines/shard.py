@@ -161,8 +161,9 @@ class ShardWorker:
                 continue
             kept_items.append((sample, enc))
             kept_scores.append((lp, ent))
+        alone = self.score_alone(kept_items, on_batch) if "ifd" in self.job.cfg.signals else None
         t0 = time.time()
-        table = shard_table(kept_items, kept_scores, self.job.cfg.keep_fields)
+        table = shard_table(kept_items, kept_scores, self.job.cfg.keep_fields, alone)
         tokens = sum(len(enc.input_ids) for _, enc in items)
         name = schema.scores_shard(rows.index)
         self.job.out().mkdir(parents=True, exist_ok=True)
@@ -180,6 +181,26 @@ class ShardWorker:
             "tokens": tokens,
             "seconds": time.time() - started,
         }
+
+    def score_alone(self, items: list, on_batch) -> list[tuple[float | None, int]]:
+        """Per sample (`score --signals ifd`): every assistant turn's text scored by itself, tokenised with the
+        tokenizer's defaults and no chat template, over its tokens after the first (Superfiltering's whole-text
+        perplexity); the summed NLL and the token count, pooled over the turns (None, 0 when no turn has two
+        tokens)."""
+        owner, seqs = [], []
+        for i, (sample, _) in enumerate(items):
+            for m in sample.messages:
+                if m["role"] == "assistant":
+                    ids = self.tokenizer(m["content"])["input_ids"][: self.job.cfg.max_length]
+                    if len(ids) > 1:
+                        owner.append(i)
+                        seqs.append(np.asarray(ids, dtype=np.int32))
+        scores = self.scorer.score(seqs, on_batch=lambda rows, tokens: on_batch(0, tokens)) if seqs else []
+        total, count = [0.0] * len(items), [0] * len(items)
+        for i, (lp, _) in zip(owner, scores):
+            total[i] -= float(np.asarray(lp[1:], dtype=np.float64).sum())
+            count[i] += len(lp) - 1
+        return [(t, n) if n and math.isfinite(t) else (None, 0) for t, n in zip(total, count)]
 
     def metadata(self, rows: readers.RowRange, counts: ShardCounts) -> dict:
         job, scorer = self.job, self.scorer
@@ -231,11 +252,12 @@ def shard_summary(folder: Path, name: str) -> dict:
     }
 
 
-def shard_schema(keep_fields: list[str]) -> pa.Schema:
-    return pa.schema(list(schema.SCORES) + [pa.field(name, pa.string()) for name in keep_fields])
+def shard_schema(keep_fields: list[str], signals: list[str] = ()) -> pa.Schema:
+    alone = schema.ALONE if "ifd" in signals else []
+    return pa.schema(list(schema.SCORES) + alone + [pa.field(name, pa.string()) for name in keep_fields])
 
 
-def shard_table(items: list, scores: list, keep_fields: list[str]) -> pa.Table:
+def shard_table(items: list, scores: list, keep_fields: list[str], alone: list | None = None) -> pa.Table:
     cols = {
         "id": [s.id for s, _ in items],
         "messages": [s.messages for s, _ in items],
@@ -247,9 +269,10 @@ def shard_table(items: list, scores: list, keep_fields: list[str]) -> pa.Table:
         "n_trainable": [int(e.trainable.sum()) for _, e in items],
         "truncated": [e.truncated for _, e in items],
         "content_hash": [s.content_hash for s, _ in items],
+        **({"alone_nll": [a[0] for a in alone], "alone_tokens": [a[1] for a in alone]} if alone is not None else {}),
         **{name: [s.extra.get(name) for s, _ in items] for name in keep_fields},
     }
-    return pa.Table.from_pydict(cols, schema=shard_schema(keep_fields))
+    return pa.Table.from_pydict(cols, schema=shard_schema(keep_fields, ["ifd"] if alone is not None else []))
 
 
 # ---------------------------------------------------------------- the driver

@@ -17,7 +17,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .. import __version__, io, pruning, schema, storage
+from .. import __version__, io, pruning, schema, storage, strategies
 from ..card import CARD, PICTURE, plane_picture, pruned_card, source_licence
 from ..config import PruneConfig, ReportConfig, RetokenizeConfig
 from ..errors import CurateError
@@ -40,11 +40,14 @@ def score_files(scores_dir: Path, manifest: dict) -> list[Path]:
 
 
 def collect_coordinates(
-    shards: list[Path], cfg: PruneConfig, vocab_size: int | None, positions: str = "all"
+    shards: list[Path], cfg: PruneConfig, vocab_size: int | None, positions: str = "all", signals: list[str] = ()
 ) -> pl.DataFrame:
-    """id, ppl, ent, n_trainable, shard (and group) of every sample; every score checked on the way."""
+    """id, ppl, ent, n_trainable, shard (and group) of every sample, and with `signals` ifd their ppl_alone and
+    ifd; every score checked on the way."""
     frames = []
     extra = [cfg.group_by] if cfg.group_by else []
+    alone = [name for name, _ in schema.ALONE] if "ifd" in signals else []
+    extra += alone
     for i, path in enumerate(shards):
         try:
             df = pl.read_parquet(  # glob=False: a folder named `s[1]` is a path, not a pattern
@@ -61,8 +64,11 @@ def collect_coordinates(
                 "shard); the scores are damaged: rescore with `curate score --force`"
             )
         coords = coords.drop("problem").with_columns(shard=pl.lit(i, pl.Int32), content_hash=df["content_hash"])
-        if extra:
+        if cfg.group_by:
             coords = coords.with_columns(group=df[cfg.group_by].fill_null("(none)"))
+        if alone:  # IFD from the conversation's perplexity, before any placement moves it
+            ppl_alone = (df["alone_nll"] / df["alone_tokens"].cast(pl.Float64)).exp()
+            coords = coords.with_columns(ppl_alone=ppl_alone).with_columns(ifd=pl.col("ppl") / pl.col("ppl_alone"))
         frames.append(coords)
     coords = pl.concat(frames)
     dup = coords.filter(pl.col("id").is_duplicated())
@@ -118,17 +124,23 @@ def select(coords: pl.DataFrame, cfg: PruneConfig) -> tuple[pl.DataFrame, dict]:
     selection = np.full(len(ids), None, dtype=object)
     part = partitions(coords, cfg)
     budgets = partition_budgets(part, groups, cfg)
-    alphas, thresholds = [], None
+    alphas, thresholds, notes = [], None, Counter()
+    strategy = strategies.get(cfg.strategy)
+    columns = {"id": ids, **{c: coords[c].to_numpy() for c in (*strategies.BASE_COLUMNS[1:], *strategy.needs)}}
     # One stable sort groups every partition's indices (ascending) without an O(N) scan per partition.
     order = np.argsort(part, kind="stable")
     starts = np.flatnonzero(np.diff(part[order], prepend=-1))
     for idx in np.split(order, starts[1:]):
         k = int(budgets[part[idx[0]]])
-        result = pruning.triage(cfg.strategy, ids[idx], ppl[idx], ent[idx], k, cfg.seed + int(part[idx[0]]), cfg.fill)
+        if k == 0:  # a batch whose share of the budget rounds to nothing
+            continue
+        seed = cfg.seed + int(part[idx[0]])
+        result = strategy.select({c: v[idx] for c, v in columns.items()}, k, seed, cfg.fill)
         selection[idx] = result.selection
         if result.alpha is not None:
             alphas.append(result.alpha)
         thresholds = result.thresholds
+        notes.update(result.notes)
     one_triage = cfg.scope == "global" and groups is None
     out = coords.with_columns(
         pl.Series("quadrant", quadrant),
@@ -144,6 +156,7 @@ def select(coords: pl.DataFrame, cfg: PruneConfig) -> tuple[pl.DataFrame, dict]:
             else None
         ),
         "medians": median,
+        **({"strategy_notes": dict(notes)} if notes else {}),
     }
     return out, summary
 
@@ -274,7 +287,7 @@ def prune_rows(rows: pa.Table, fate: dict[str, tuple], cfg: PruneConfig, model: 
         quadrant, selection, ppl, ent = fate[sid]
         ids = np.asarray(data["input_ids"][i], dtype=np.int32)
         trainable = np.asarray(data["trainable"][i], dtype=np.int8)
-        if pruning.prunes_tokens(selection) and cfg.token_strategy != "none":
+        if strategies.tokens_pruned(selection) and cfg.token_strategy != "none":
             view = view or text_view(model, needs_text(cfg)) or False
             spans = view.spans(data["messages"][i], ids) if view else None
             logprob = np.asarray(data["logprob"][i], dtype=np.float32)
@@ -332,6 +345,12 @@ def identify(job: Job) -> dict:
         if not cfg.allow_changed_input:
             raise CurateError(f"{changed}: score it again, or prune the old scores with --allow-changed-input")
         job.log(f"warning: {changed}; pruning the scores of the old rows (--allow-changed-input)")
+    missing = [x for x in strategies.get(cfg.strategy).signals if x not in scores_manifest.get("signals", [])]
+    if missing:
+        raise CurateError(
+            f"--strategy {cfg.strategy} needs the scores' {', '.join(missing)} signal, and {scores_dir} has none: "
+            f"score with --signals {','.join(missing)}"
+        )
     if cfg.group_by and cfg.group_by not in scores_manifest.get("keep_fields", []):
         raise CurateError(
             f"--group-by {cfg.group_by}: the scores in {scores_dir} do not carry that field; score with "
@@ -389,7 +408,8 @@ def compute(job: Job) -> dict:
     if needs_text(cfg):
         text_view(scores_manifest["model"], required=True)  # a missing tokenizer stops the run before any work
     shards = score_files(scores_dir, scores_manifest)
-    coords = collect_coordinates(shards, cfg, scores_manifest.get("vocab_size"), positions)
+    signals = scores_manifest.get("signals", [])
+    coords = collect_coordinates(shards, cfg, scores_manifest.get("vocab_size"), positions, signals)
     if cfg.group_ratios:
         unknown = sorted(set(cfg.group_ratios) - set(coords["group"].unique().to_list()))
         if unknown:
@@ -606,6 +626,12 @@ def summary(m: PruneResult) -> list:
     lines += [
         f"group {g}: kept {v['K']:,} of {v['N']:,} (ratio {v['ratio']})" for g, v in (st.get("groups") or {}).items()
     ]
+    notes = st.get("strategy_notes") or {}
+    if notes.get("kept_with_ifd_at_least_1"):
+        lines.append(
+            f"only {notes['ifd_below_1']:,} samples have IFD < 1: {notes['kept_with_ifd_at_least_1']:,} with IFD >= 1 "
+            "(misaligned, by Cherry's rule) were kept to fill the budget"
+        )
     tok = st["trainable_tokens"]
     lines += [
         f"kept {st['K']:,} of {st['N']:,} samples ({st['sample_ratio']:.1%}): {st['selection']}",

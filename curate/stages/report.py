@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from .. import io, pruning, runs, storage
+from .. import io, pruning, runs, storage, strategies
 from ..config import ReportConfig
 from ..executor import Job, runner
 from ..explore import INLINE_LIMIT, Explorer, self_contained_page
@@ -93,6 +93,12 @@ def plot_eu_plane(samples: pl.DataFrame, stats: dict, path: Path, picks: list[di
                 ax.scatter(
                     x[m], y[m], s=22, c=color, edgecolors="black", linewidths=0.3, label=f"kept {name} ({m.sum():,})"
                 )
+        others = [s for s in dict.fromkeys(sel) if s is not None and s not in SELECTION_COLOURS]
+        for name in others:  # kept by another strategy: its name and what it keeps, from the registry
+            m = np.array([s == name for s in sel])
+            doc = strategies.REGISTRY[name].doc.split(";")[0] if name in strategies.REGISTRY else ""
+            label = f"kept by {plain(name)} ({m.sum():,})" + (f": {plain(doc)}" if doc else "")
+            ax.scatter(x[m], y[m], s=22, c="#2ca02c", edgecolors="black", linewidths=0.3, label=label[:90])
     draw_turns(ax, picks)
     med = stats["medians"]
     ax.axvline(np.log(med["ppl"]), color="black", ls="--", lw=1, label="medians")

@@ -225,6 +225,7 @@ def finalize(job: Job, work: ScoreJob, ranges, info: dict, engine_info: dict) ->
         "model": info["model"],
         "vocab_size": int(metas[0]["vocab_size"]),
         "keep_fields": cfg.keep_fields,
+        "signals": cfg.signals,
         "score_positions": cfg.positions,
         "tool_rendering": metas[0].get("tool_rendering"),  # how rows' tool schemas reached the model
         "counts": {

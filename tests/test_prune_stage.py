@@ -369,3 +369,58 @@ def test_the_card_carries_the_licence_the_inputs_card_names(tmp_path, tiny_model
     score.run(ScoreConfig(input=str(data / "rows.jsonl"), out=str(tmp_path / "s"), model=str(tiny_model_dir)))
     run(PruneConfig(scores=str(tmp_path / "s"), out=str(tmp_path / "p"), ratio=0.5))
     assert "license: cc-by-4.0" in (tmp_path / "p" / "README.md").read_text()
+
+
+@needs_shared
+@pytest.mark.slow
+def test_every_reply_of_a_pruned_glaive_conversation_keeps_content_and_calls_stay_whole(tmp_path, smollm2_dir):
+    """Held-out glaive conversations (the last 40 rows), the built-in model, prune's defaults: in every token-pruned
+    sample each free-text reply trains at least one word or number, each tool call is trained whole, and a
+    conversation whose tool list is empty is rendered with no tools text."""
+    from transformers import AutoTokenizer
+
+    from curate.config import ScoreConfig
+    from curate.stages import score
+    from curate.tokenization import TokenText
+    from curate.units import is_tool_call
+
+    from .conftest import GLAIVE
+
+    rows = json.load(open(GLAIVE))[-40:]
+    assert any(r["tools"] == "[]" for r in rows)
+    data = tmp_path / "glaive.json"
+    data.write_text(json.dumps(rows))
+    score.run(ScoreConfig(input=str(data), out=str(tmp_path / "s")))
+    manifest = run(PruneConfig(scores=str(tmp_path / "s"), out=str(tmp_path / "p"), ratio=0.5))
+    tp = manifest["stats"]["token_pruning"]
+    assert tp["replies"] > 0 and tp["replies_without_content"] == 0 and tp["budget"] == "turn"
+    view = TokenText(AutoTokenizer.from_pretrained(smollm2_dir))
+    src = {r["id"]: r for r in pq.read_table(sorted((tmp_path / "s").glob("part-*.parquet"))).to_pylist()}
+    replies = calls = 0
+    for r in pq.read_table(sorted((tmp_path / "p" / "data").glob("train-*.parquet"))).to_pylist():
+        text, starts, ends, contents = view.spans(r["messages"], np.array(r["input_ids"], np.int32))
+        assert "You can call these tools:\n[]" not in text
+        if r["messages"][0]["role"] != "tools":
+            assert "You can call these tools" not in text
+        if r["selection"] not in ("Q2", "fill-Q2"):
+            continue
+        mask, trainable = np.array(r["loss_mask"]), np.array(src[r["id"]]["trainable"])
+        for lo, hi in contents:
+            turn = (starts >= lo) & (starts < hi) & (trainable == 1)
+            try:
+                call = is_tool_call(json.loads(text[lo:hi]))
+            except ValueError:
+                call = False
+            if call:
+                calls += 1
+                assert mask[turn].all(), text[lo:hi]
+            else:
+                replies += 1
+                wordy = np.array([any(c.isalnum() for c in text[a:b]) for a, b in zip(starts, ends)])
+                assert (mask[turn] & wordy[turn]).any(), masked_text((text, starts, ends, None), r | src[r["id"]])
+    assert replies >= 10 and calls >= 3
+    # the budget over the whole sample (the paper's, the old default): the calls use it up, replies lose all content
+    paper_budget = run(
+        PruneConfig(scores=str(tmp_path / "s"), out=str(tmp_path / "q"), ratio=0.5, token_budget="sample")
+    )
+    assert paper_budget["stats"]["token_pruning"]["replies_without_content"] > 0

@@ -5,6 +5,7 @@ needs to trust it: source, reference model and its hash, the settings, what was 
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
 import zlib
 from pathlib import Path, PurePosixPath
@@ -13,6 +14,7 @@ import numpy as np
 import yaml
 
 from . import __version__, schema, storage
+from .errors import CurateError
 
 CARD = "README.md"
 PICTURE = "eu_plane.png"
@@ -55,6 +57,34 @@ def plane_picture(ppl: np.ndarray, ent: np.ndarray, selection: list, width: int 
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
 
 
+# The front matter as the Hub finds it: a first line `---`, then everything up to the next line that is `---`.
+FRONT_MATTER = re.compile(r"\A\s*---[ \t]*\r?\n(.*?)(?:\r?\n)?^---[ \t]*(?:\r?\n|\Z)", re.S | re.M)
+
+
+class _CardLoader(yaml.SafeLoader):
+    """A safe loader that refuses aliases: a card needs none, and `*x` repeated in nested lists expands a few
+    hundred bytes into billions of items (a "billion laughs")."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, "uses an alias (*name), which a card never needs", mark)
+        return super().compose_node(parent, index)
+
+
+def front_matter(text: str | None, where: str) -> dict:
+    """The YAML header of a dataset card (its `---` block), parsed safely; {} without one. One-line errors."""
+    found = FRONT_MATTER.match(text or "")
+    if not found:
+        return {}
+    try:
+        header = yaml.load(found.group(1), Loader=_CardLoader)
+    except yaml.YAMLError as e:
+        problem = " ".join(str(e).split())
+        raise CurateError(f"{where}: the card's YAML header is not valid ({problem})") from None
+    return header if isinstance(header, dict) else {}
+
+
 def source_licence(source: str | Path) -> str | None:
     """The licence the input's own card names (`license:` in the front matter of its README.md): the card of a
     dataset folder, or beside a data file, or one level up (a Hub repo's `data/train-*.parquet`)."""
@@ -62,13 +92,13 @@ def source_licence(source: str | Path) -> str | None:
         source = str(source).split(",")[0].split("*")[0].rstrip("/")  # a pattern or list: its first folder
     folder = str(source) if storage.exists(source) and storage.is_dir(source) else storage.parent(source)
     for place in (folder, storage.parent(folder)):
-        text = storage.read_text(storage.join(place, CARD))
-        if text and text.startswith("---"):
+        card = storage.join(place, CARD)
+        text = storage.read_text(card)
+        if text and FRONT_MATTER.match(text):
             try:
-                header = yaml.safe_load(text.split("---", 2)[1])
-            except yaml.YAMLError:
-                return None
-            licence = header.get("license") if isinstance(header, dict) else None
+                licence = front_matter(text, card).get("license")
+            except CurateError:
+                return None  # the card is the input's; score reads its configs and says what is wrong there
             return licence if isinstance(licence, str) else None
     return None
 

@@ -41,7 +41,8 @@ def storage_options(
         "--storage-options",
         help="fsspec options for URLs (s3://, gs://, hf://) as JSON, for all protocols or per protocol "
         '(\'{"s3": {"endpoint_url": "http://..."}}\'); credentials otherwise come from the environment and the '
-        "fsspec config. Never written to a manifest or a log.",
+        "fsspec config. @FILE reads the JSON from a file (keeps secrets off the command line, which `ps` shows). "
+        "Never written to a manifest, a lock or a log.",
     ),
 ):
     """Q-Tuning data curation for SFT: score, prune, and write trainer-ready Parquet."""
@@ -65,18 +66,25 @@ OS_HINTS = {
 }
 
 
+def typed(text: str) -> str:
+    """A message naming the URLs the user typed, not the working copies that stood in for them."""
+    from .storage import as_typed
+
+    return as_typed(text)
+
+
 @contextmanager
 def user_errors():
     """Errors a user can act on become one line and exit code 2; Ctrl-C says how to resume."""
     try:
         yield
     except CurateError as e:
-        console.print(f"[bold red]error:[/] {escape(str(e))}")
+        console.print(f"[bold red]error:[/] {escape(typed(str(e)))}")
         raise typer.Exit(2) from None
     except OSError as e:  # at the edges: disks, permissions, paths
-        where = e.filename or ""
+        where = f"{typed(str(e.filename))}: " if e.filename else ""
         hint = OS_HINTS.get(e.errno, "check the path")
-        console.print(f"[bold red]error:[/] {escape(str(where))}: {escape(e.strerror or str(e))} ({hint})")
+        console.print(f"[bold red]error:[/] {escape(where)}{escape(typed(e.strerror or str(e)))} ({hint})")
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         console.print("[bold yellow]interrupted[/]: finished shards are kept; run the same command again to resume")
@@ -93,7 +101,7 @@ class RichReporter(Reporter):
         self.tokens0 = None
 
     def log(self, message: str) -> None:
-        console.print(escape(message))  # paths and messages may hold brackets; stages write plain text
+        console.print(escape(typed(message)))  # paths and messages may hold brackets; stages write plain text
 
     def start(self, label: str, total: int | None, unit: str = "rows") -> None:
         self.finish()
@@ -132,7 +140,8 @@ def reporter() -> Reporter:
     if console.is_terminal:
         return RichReporter()
     interval = float(os.environ.get("CURATE_PROGRESS_INTERVAL", "30"))
-    return LineReporter(lambda line: console.print(line, markup=False, highlight=False), interval, min(5.0, interval))
+    write = lambda line: console.print(typed(line), markup=False, highlight=False)
+    return LineReporter(write, interval, min(5.0, interval))
 
 
 def quiet(fn, *args):
@@ -155,6 +164,7 @@ FORCE = typer.Option(
 
 def show(stage, result) -> None:
     for line in stage.summary(result):  # text unwrapped, so that a config or a path can be pasted from a log
+        line = typed(line) if isinstance(line, str) else line
         out.print(line, highlight=False, soft_wrap=isinstance(line, str))
 
 
@@ -328,7 +338,7 @@ def explore_cmd(
     with user_errors():
         require("plotly", "transformers", purpose="curate explore")
         try:
-            server, url = serve_in_background(run_dir, port)
+            server, url = serve_in_background(run_dir, port, lambda m: console.print(m, markup=False))
         except OSError as e:
             raise CurateError(f"--port {port}: {e.strerror}; choose another port (or --port 0)") from None
         out.print(f"exploring {run_dir} at {url} (Ctrl-C stops)", soft_wrap=True)

@@ -385,9 +385,11 @@ class PruneOptions(Options):
     @classmethod
     def _compiles(cls, v: str | None) -> str | None:
         if v is not None:
+            import regex
+
             try:
-                re.compile(v)
-            except re.error as e:
+                regex.compile(v)
+            except regex.error as e:
                 raise ValueError(f"not a regular expression: {e}") from None
         return v
 

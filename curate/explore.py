@@ -176,9 +176,16 @@ def _number(x) -> float | None:
     return round(float(x), 6) if x is not None and np.isfinite(x) else None
 
 
+def inline_json(obj) -> str:
+    """JSON to put inside a <script>: every `<` escaped, so no text from the data (`</script>`, or `<!--` then
+    `<script>`, which sends the HTML parser into its escaped state and swallows the page's own `</script>`) can end
+    or change the script; the JSON reads back the same."""
+    return json.dumps(obj).replace("<", "\\u003c")
+
+
 def self_contained_page(explorer: Explorer) -> str:
     """The explorer page with its library and the run's data inline (no server): for runs up to INLINE_LIMIT."""
-    data = json.dumps(explorer.inline()).replace("</", "<\\/")  # JSON inside <script>: no `</script>` in it
+    data = inline_json(explorer.inline())
     library = plotly_js().decode().replace("</script", "<\\/script")
     page = page_html()
     page = page.replace('<script src="/plotly.js"></script>', f"<script>{library}</script>", 1)
@@ -188,9 +195,12 @@ def self_contained_page(explorer: Explorer) -> str:
 # ---------------------------------------------------------------- the server
 
 
-def make_server(explorer: Explorer, port: int = 0) -> ThreadingHTTPServer:
-    """The explorer's server on 127.0.0.1:`port` (0: any free port), not yet serving."""
+def make_server(explorer: Explorer, port: int = 0, log=lambda msg: None) -> ThreadingHTTPServer:
+    """The explorer's server on 127.0.0.1:`port` (0: any free port), not yet serving. It answers only requests
+    addressed to itself (Host 127.0.0.1, localhost or [::1] with its port): a page elsewhere that points its own
+    name at 127.0.0.1 (DNS rebinding) gets 403, never the data."""
     library, page = plotly_js(), page_html().encode()
+    server: ThreadingHTTPServer
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):  # the terminal shows the URL, not every request
@@ -208,9 +218,16 @@ def make_server(explorer: Explorer, port: int = 0) -> ThreadingHTTPServer:
         def send_json(self, obj, status: int = 200) -> None:
             self.send(status, json.dumps(obj).encode(), "application/json")
 
+        def addressed_to_us(self) -> bool:
+            port = server.server_address[1]
+            return self.headers.get("Host", "") in {f"{h}:{port}" for h in ("127.0.0.1", "localhost", "[::1]")}
+
         def do_GET(self):
             url = urlparse(self.path)
             query = {k: v[0] for k, v in parse_qs(url.query).items()}
+            if not self.addressed_to_us():
+                self.send_json({"error": "this server answers requests to 127.0.0.1 and localhost only"}, 403)
+                return
             try:
                 if url.path == "/":
                     self.send(200, page, "text/html; charset=utf-8")
@@ -232,17 +249,22 @@ def make_server(explorer: Explorer, port: int = 0) -> ThreadingHTTPServer:
                     self.send_json({"error": "not found"}, 404)
             except KeyError:
                 self.send_json({"error": "no such sample or column"}, 404)
-            except CurateError as e:  # e.g. the scoring model's tokenizer is gone: the page says so
-                self.send_json({"error": str(e)}, 500)
             except (BrokenPipeError, ConnectionResetError):
                 pass
+            except CurateError as e:  # e.g. the scoring model's tokenizer is gone: the page says so
+                self.send_json({"error": str(e)}, 500)
+            except Exception as e:  # a file of the run changed under us (a shard deleted): say which, keep serving
+                message = f"cannot read the run's files: {' '.join(str(e).split())}"
+                log(f"warning: {url.path}: {message}")
+                self.send_json({"error": message}, 500)
 
-    return ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    return server
 
 
-def serve_in_background(run_dir: str | Path, port: int = 0) -> tuple[ThreadingHTTPServer, str]:
+def serve_in_background(run_dir: str | Path, port: int = 0, log=lambda msg: None) -> tuple[ThreadingHTTPServer, str]:
     """Start the server in a thread; returns it and its URL (tests and the command use this)."""
-    server = make_server(Explorer(runs.locate(run_dir)), port)
+    server = make_server(Explorer(runs.locate(run_dir)), port, log)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     host, port = server.server_address[:2]
     return server, f"http://{host}:{port}/"

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import socket
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import __version__
+from . import __version__, redact
 from .errors import CurateError
 from .schema import LOCK, MANIFEST, PRUNED_DATA, RUN_STAMP
 
@@ -293,7 +292,7 @@ def locked(folder: Path, log=lambda msg: None) -> Iterator[None]:
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": " ".join(sys.argv),
+        "command": redact.command_line(),
     }
     while True:
         try:
@@ -311,8 +310,8 @@ def locked(folder: Path, log=lambda msg: None) -> Iterator[None]:
             elif holder["host"] != me["host"] or _alive(holder["pid"]):
                 raise CurateError(
                     f"{folder} is in use by process {holder['pid']} on {holder['host']} since "
-                    f"{holder.get('since')} ({holder.get('command', '')}); wait for it to finish, or delete "
-                    f"{path} if that process is gone"
+                    f"{holder.get('since')} ({redact.text(str(holder.get('command', '')))}); wait for it to finish, or "
+                    f"delete {path} if that process is gone"
                 ) from None
             _take_over(path, holder, log)
             continue

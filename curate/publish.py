@@ -9,6 +9,7 @@ read); any other URL or path gets one object per file and the manifest last, as 
 from __future__ import annotations
 
 import json
+import posixpath
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -40,7 +41,22 @@ def hub_repo(dest: str) -> tuple[str, str | None, str]:
     return f"{parts[0]}/{name}", revision or None, "/".join(parts[2:])
 
 
+def overlapping(source: str, dest: str) -> bool:
+    """Whether `dest` is `source`, inside it or around it (after resolving `..`, trailing slashes and symlinks):
+    pushing there would delete the source's own files before copying them."""
+    if storage.is_url(source) != storage.is_url(dest):
+        return False
+    if storage.is_url(source):
+        a, b = (posixpath.normpath(u.split("://", 1)[1]).strip("/") for u in (source, dest))
+        same_scheme = source.split("://", 1)[0] == dest.split("://", 1)[0]
+        return same_scheme and (a == b or a.startswith(b + "/") or b.startswith(a + "/"))
+    a, b = storage.local(source).resolve(), storage.local(dest).resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
 def push(pruned: str, dest: str, log=lambda msg: None, private: bool = False, message: str | None = None) -> str:
+    if overlapping(pruned, dest):
+        raise CurateError(f"{dest}: the destination is {pruned} itself, inside it or holds it; push somewhere else")
     folder = storage.materialized(pruned, log)
     names = files_to_push(folder)
     if dest.startswith("hf://"):

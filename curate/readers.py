@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob as globbing
 import json
+import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
@@ -135,7 +136,8 @@ def _hub_files(root: str, split: str | None, subset: str | None) -> list[str]:
         if wanted not in splits:
             raise CurateError(f"{root}: subset {chosen!r} has no split {wanted!r} (it has {', '.join(splits)})")
         patterns = splits[wanted] if isinstance(splits[wanted], list) else [splits[wanted]]
-        files = sorted({f for p in patterns for f in _glob(storage.join(root, p))})
+        card = storage.join(root, "README.md")
+        files = _inside(root, sorted({f for p in patterns for f in _glob(storage.join(root, p))}), card)
         if not files:
             raise CurateError(f"{root}: the card's files for {chosen}/{wanted} ({', '.join(patterns)}) are not there")
         return files
@@ -163,18 +165,44 @@ def _hub_files(root: str, split: str | None, subset: str | None) -> list[str]:
 
 
 def _card_configs(root: str) -> list[dict]:
-    import yaml
+    """The card's `configs`, each checked for the shapes `datasets` reads (names and paths are text)."""
+    from .card import front_matter
 
     card = storage.join(root, "README.md")
     text = storage.read_text(card) if storage.exists(card) else None
-    if not text or not text.startswith("---"):
+    configs = front_matter(text, card).get("configs")
+    if configs is None:
         return []
-    try:
-        header = yaml.safe_load(text.split("---", 2)[1]) or {}
-    except yaml.YAMLError as e:
-        raise CurateError(f"{card}: the card's YAML header is not valid ({e})") from None
-    configs = header.get("configs") if isinstance(header, dict) else None
-    return [c for c in configs if isinstance(c, dict)] if isinstance(configs, list) else []
+    if not isinstance(configs, list) or not all(isinstance(c, dict) for c in configs):
+        raise CurateError(f"{card}: the card's `configs` must be a list of mappings")
+    for c in configs:
+        name, files = c.get("config_name", "default"), c.get("data_files", [])
+        entries = files if isinstance(files, list) else [files]
+        paths = [p for e in entries for p in (e.get("path") if isinstance(e, dict) else e,)]
+        paths = [q for p in paths for q in (p if isinstance(p, list) else [p])]
+        if not isinstance(name, str) or not all(isinstance(p, str) for p in paths):
+            raise CurateError(f"{card}: config {name!r}: config_name and data file paths must be text")
+        for p in paths:
+            if p.startswith("/") or "://" in p or ".." in PurePosixPath(p).parts:
+                raise CurateError(
+                    f"{card}: config {name!r} names the data file {p!r}, outside the dataset folder; a card's data "
+                    "files are paths inside its folder"
+                )
+    return configs
+
+
+def _inside(root: str, files: list[str], card: str) -> list[str]:
+    """`files` if each lies inside `root` (symlinks resolved for local folders), else an error naming the first."""
+    base = storage.local(root).resolve() if not storage.is_url(root) else None
+    prefix = posixpath.normpath(str(root).split("://", 1)[-1]) + "/"
+    for f in files:
+        if base is not None:
+            inside = base in storage.local(f).resolve().parents
+        else:
+            inside = posixpath.normpath(f.split("://", 1)[-1]).startswith(prefix)
+        if not inside:
+            raise CurateError(f"{card}: the data file {f} lies outside the dataset folder {root}; refused")
+    return files
 
 
 def _glob(pattern: str) -> list[str]:

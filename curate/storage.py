@@ -21,13 +21,13 @@ import os
 import posixpath
 import re
 import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from . import redact
 from .errors import CurateError
 from .schema import LOCK, MANIFEST
 
@@ -91,7 +91,14 @@ def options(protocol: str) -> dict:
 
 
 def set_options(text: str | None) -> None:
-    """`--storage-options`: checked now, then passed to every stage and worker (Ray ones too) by the environment."""
+    """`--storage-options`: checked now, then passed to every stage and worker (Ray ones too) by the environment,
+    never on a command line. `@FILE` reads the JSON from a file, so that no secret is in this process's own
+    command line either (which `ps` shows every user of the machine)."""
+    if text and text.startswith("@"):
+        try:
+            text = Path(text[1:]).expanduser().read_text()
+        except OSError as e:
+            raise CurateError(f"--storage-options {text}: cannot read {text[1:]} ({e.strerror})") from None
     if text:
         os.environ[OPTIONS_ENV] = text
         options("")
@@ -124,7 +131,20 @@ def cache_dir() -> Path:
 def staging_dir(url: str) -> Path:
     """The local working copy of a remote folder: in the user cache, one per URL (the same on every node)."""
     digest = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
-    return cache_dir() / "staging" / f"{digest}-{url.rstrip('/').rsplit('/', 1)[-1][:40]}"
+    path = cache_dir() / "staging" / f"{digest}-{url.rstrip('/').rsplit('/', 1)[-1][:40]}"
+    _TYPED[str(path)] = url.rstrip("/")
+    return path
+
+
+_TYPED: dict[str, str] = {}  # working copy -> the URL it stands in for, in this process
+
+
+def as_typed(text: str) -> str:
+    """A message with every working copy this process used replaced by the URL the user typed: errors and
+    summaries name what the user knows, not a folder in the cache."""
+    for path in sorted(_TYPED, key=len, reverse=True):
+        text = text.replace(path, _TYPED[path])
+    return text
 
 
 def open_input(path: str | Path, buffered: bool = True):
@@ -187,7 +207,9 @@ class RemoteFolder:
         self.fs.invalidate_cache(self.root)  # other processes (workers, other runs) write here too
         try:
             found = self.fs.find(self.root, detail=True)
-        except FileNotFoundError:
+        except FileNotFoundError as e:
+            if "bucket" in str(e).lower():  # the store has no such bucket: not an empty folder
+                raise CurateError(f"{self.url}: {' '.join(str(e).split())}") from None
             return {}
         listing = {}
         for path, info in found.items():
@@ -249,7 +271,7 @@ class RemoteFolder:
                 path.rmdir()
         self._save_index({k: v for k, v in index.items() if k in listing})
         if fetched:
-            log(f"{self.url}: fetched {fetched / 1e6:,.1f} MB into the working copy {self.local}")
+            log(f"{self.url}: fetched {fetched / 1e6:,.1f} MB into its working copy in the cache")
         return self.local
 
     def _download(self, name: str) -> Path:
@@ -298,7 +320,7 @@ class RemoteFolder:
             if name in listing and seen and seen["stat"] == self._stat(path):
                 continue
             self.upload(name)
-        log(f"{self.url}: in step with {self.local}")
+        log(f"{self.url}: uploaded; in step with its working copy in the cache")
 
     # ------------------------------------------------------------ one writer per folder
 
@@ -312,18 +334,18 @@ class RemoteFolder:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "command": " ".join(sys.argv),
+            "command": redact.command_line(),
             "token": os.urandom(8).hex(),
         }
-        while not self._create_lock(path, me):
+        while not self._create(path, me):
             holder = self._read_lock(path)
             if holder is None:
                 continue  # released meanwhile
             if not _gone(holder):
                 raise CurateError(
                     f"{self.url} is in use by process {holder.get('pid')} on {holder.get('host')} since "
-                    f"{holder.get('since')} ({holder.get('command', '')}); wait for it to finish, or delete "
-                    f"{self.url}/{LOCK} if that run is gone"
+                    f"{holder.get('since')} ({redact.text(str(holder.get('command', '')))}); wait for it to finish, or "
+                    f"delete {self.url}/{LOCK} if that run is gone"
                 )
             log(f"warning: taking over {self.url}/{LOCK}: the run that held it is gone")
             self.fs.rm_file(path)
@@ -338,6 +360,12 @@ class RemoteFolder:
             holder = self._read_lock(path)
             if holder and holder.get("token") == me["token"]:
                 self.fs.rm_file(path)
+
+    def _create(self, path: str, me: dict) -> bool:
+        try:
+            return self._create_lock(path, me)
+        except OSError as e:  # no such bucket, no permission: say where
+            raise CurateError(f"{self.url}: cannot write there ({' '.join(str(e.strerror or e).split())})") from None
 
     def _create_lock(self, path: str, me: dict) -> bool:
         body = json.dumps({**me, "heartbeat": time.time()}).encode()
@@ -419,7 +447,10 @@ def fingerprint(url: str) -> str:
     """Identity of a remote file or folder from its objects' names, sizes and ETags or checksums (the store
     computed them; the data is not downloaded to be identified)."""
     fs, path = filesystem(url)
-    files = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
+    try:
+        files = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
+    except FileNotFoundError:
+        raise CurateError(f"{url}: no such file or folder") from None
     h = hashlib.sha256()
     for name, info in sorted(files.items()):
         if info.get("type", "file") == "file":

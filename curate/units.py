@@ -10,6 +10,7 @@ import json
 import re
 
 import numpy as np
+import regex
 
 # A number with its separators (12, 1,234.5) first, so `1,234` is one unit and not three; else a run of word
 # characters (letters, digits, underscore: `calculate_discount` is one identifier).
@@ -118,8 +119,19 @@ def protected_spans(
                 found = [m.span() for m in CODE_FENCE.finditer(text, lo, hi)]
             spans += [(a, b, name) for a, b in found if b > a]
         for pattern in patterns:  # searched in the turn's content alone (pos/endpos: absolute offsets)
-            spans += [(*m.span(), pattern) for m in re.compile(pattern).finditer(text, lo, hi) if m.end() > m.start()]
+            try:
+                found = list(regex.compile(pattern).finditer(text, lo, hi, timeout=REGEX_TIMEOUT_S))
+            except TimeoutError:
+                raise RegexTimeout(pattern) from None
+            spans += [(*m.span(), pattern) for m in found if m.end() > m.start()]
     return spans
+
+
+REGEX_TIMEOUT_S = 1.0  # per assistant turn: a user's pattern that backtracks without end stops the run, named
+
+
+class RegexTimeout(Exception):
+    """A --protect-regex search ran past REGEX_TIMEOUT_S on one turn (the caller names the sample)."""
 
 
 def tokens_touching(starts: np.ndarray, ends: np.ndarray, spans: list[tuple[int, int, str]]) -> np.ndarray:

@@ -25,7 +25,7 @@ from ..executor import Job, runner
 from ..progress import Reporter
 from ..registry import register
 from ..stage import Input, Manifest, Stage, in_fingerprint
-from ..units import KINDS, protected_spans, token_kinds, tokens_touching, unit_ids
+from ..units import KINDS, REGEX_TIMEOUT_S, RegexTimeout, protected_spans, token_kinds, tokens_touching, unit_ids
 from ..verify import input_change
 from ..wiring import TARGET
 
@@ -221,7 +221,13 @@ def mask_sample(
             units = unit_ids(text, starts, ends, trainable)
         # one scan finds the protected spans and the ones the summary reports on (final answers, tool calls)
         presets = tuple(dict.fromkeys([*cfg.protect, *WATCHED]))
-        spans = protected_spans(text, contents, presets, (cfg.protect_regex,) if cfg.protect_regex else ())
+        try:
+            spans = protected_spans(text, contents, presets, (cfg.protect_regex,) if cfg.protect_regex else ())
+        except RegexTimeout:
+            raise CurateError(
+                f"--protect-regex {cfg.protect_regex!r} ran over {REGEX_TIMEOUT_S:g} s on sample {sid!r} (it "
+                "backtracks without end on that text); simplify the pattern (no nested repeats such as (a|aa)+)"
+            ) from None
         kept_whole = [sp for sp in spans if sp[2] in cfg.protect or sp[2] == cfg.protect_regex]
         protect = tokens_touching(starts, ends, kept_whole) if kept_whole else None
     elif needs_text(cfg):
@@ -381,7 +387,7 @@ def excluded_ids(job: Job, known: pl.Series) -> list[str]:
     if path is None:
         return []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte order mark is not part of an id
     except UnicodeDecodeError:
         raise CurateError(f"{path}: --exclude-ids must be UTF-8 text, one id per line") from None
     ids = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
@@ -586,9 +592,25 @@ def build_stats(cfg: PruneConfig, samples: pl.DataFrame, summary: dict, loss_tok
         "config": cfg.model_dump(),
     }
     if "group" in samples.columns:
-        per = samples.group_by("group").agg(N=pl.len(), K=pl.col("kept").sum()).sort("group")
+        # A later copy of a conversation counts in the group of its first copy (the smallest id), which takes part
+        # in that group's triage; the copy's own group loses the row, and says so.
+        first_group = dict(zip(samples["id"].to_list(), samples["group"].to_list()))
+        copy = pl.col("duplicate_of").is_not_null()
+        elsewhere = copy & (pl.col("duplicate_of").replace_strict(first_group, default=None) != pl.col("group"))
+        per = (
+            samples.group_by("group")
+            .agg(N=pl.len(), K=pl.col("kept").sum(), copies=copy.sum(), elsewhere=elsewhere.sum())
+            .sort("group")
+        )
         stats["groups"] = {
-            g: {"N": n, "K": k, "ratio": cfg.group_ratios.get(g, cfg.ratio)} for g, n, k in per.iter_rows()
+            g: {
+                "N": n,
+                "K": k,
+                "ratio": cfg.group_ratios.get(g, cfg.ratio),
+                "duplicates_left_out": copies,
+                "duplicates_of_other_groups": other,
+            }
+            for g, n, k, copies, other in per.iter_rows()
         }
     return stats
 
@@ -623,9 +645,14 @@ def summary(m: PruneResult) -> list:
     elif st.get("alpha_per_batch"):
         a = st["alpha_per_batch"]
         lines.append(f"alpha per batch or group: min {a['min']:.3f}, mean {a['mean']:.3f}, max {a['max']:.3f}")
-    lines += [
-        f"group {g}: kept {v['K']:,} of {v['N']:,} (ratio {v['ratio']})" for g, v in (st.get("groups") or {}).items()
-    ]
+    for g, v in (st.get("groups") or {}).items():
+        line = f"group {g}: kept {v['K']:,} of {v['N']:,} (ratio {v['ratio']})"
+        if v.get("duplicates_left_out"):
+            line += (
+                f"; {v['duplicates_left_out']:,} of its rows are later copies of identical conversations, left out "
+                f"({v['duplicates_of_other_groups']:,} of them count in the group of their first copy)"
+            )
+        lines.append(line)
     notes = st.get("strategy_notes") or {}
     if notes.get("kept_with_ifd_at_least_1"):
         lines.append(
@@ -637,12 +664,13 @@ def summary(m: PruneResult) -> list:
         f"kept {st['K']:,} of {st['N']:,} samples ({st['sample_ratio']:.1%}): {st['selection']}",
         f"loss tokens: {tok['after']:,} of {tok['all_samples']:,} trainable ({st['loss_token_ratio']:.1%}; "
         f"{st['loss_token_ratio_in_kept']:.1%} of the kept samples' {tok['kept_samples']:,})",
-        f"pruned data: {Path(m.config['out']) / schema.PRUNED_DATA}/train-*.parquet",
+        f"pruned data: {storage.join(m.config['out'], schema.PRUNED_DATA, schema.PRUNED_GLOB)}",
     ]
     if m.config.get("target_model"):
-        lines.append(f"for {m.config['target_model']}: {Path(m.config['out']) / TARGET}/data/train-*.parquet")
+        target = storage.join(m.config["out"], TARGET, schema.PRUNED_DATA, schema.PRUNED_GLOB)
+        lines.append(f"for {m.config['target_model']}: {target}")
     if m.config.get("report"):
-        lines.append(f"report: {Path(m.config['out']) / 'report' / 'report.html'}")
+        lines.append(f"report: {storage.join(m.config['out'], 'report', 'report.html')}")
     return lines
 
 

@@ -10,9 +10,14 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
 import numpy as np
-import polars as pl
+
+from .schema import ENTROPY_SLACK, LOGPROB_SLACK
+
+if TYPE_CHECKING:  # the EU-plane functions use polars, imported when called: scoring needs none
+    import polars as pl
 
 TOKEN_STRATEGIES = ("qtuning", "random", "ppl", "none")
 BISECT_STEPS = 60  # alpha in [0, 0.5]; 60 halvings reach float64 resolution
@@ -24,10 +29,6 @@ def budget(ratio: float, n: int) -> int:
 
 
 # ---------------------------------------------------------------- EU plane
-
-
-LOGPROB_SLACK = 1e-3  # float rounding can put log p(token) a hair above 0
-ENTROPY_SLACK = 1e-3
 
 
 def sample_coordinates(
@@ -46,6 +47,8 @@ def sample_coordinates(
     the trainable ones (`scored_positions="trainable"`). Returns id, ppl, ent, n_trainable, problem, and per
     assistant turn the lists turn_ppl and turn_ent (`turn_coordinates`).
     """
+    import polars as pl
+
     lens = [pl.col(c).list.len() for c in ("trainable", "logprob", "entropy")]
     ragged = pl.any_horizontal([n.is_null() | (n != pl.col("n_tokens")) for n in lens]) | pl.col("id").is_null()
     checked = scores.select("id", "n_tokens", "trainable", "logprob", "entropy").with_columns(ragged=ragged)
@@ -100,6 +103,8 @@ def sample_coordinates(
 def turn_coordinates(tokens: pl.DataFrame) -> pl.DataFrame:
     """Per sample, lists over its assistant turns (each maximal run of trainable tokens, in order): `turn_ppl`
     (exp of the turn's mean -logprob) and `turn_ent` (its mean entropy), from the exploded token frame."""
+    import polars as pl
+
     train = pl.col("trainable") == 1
     starts = train & ~(pl.col("trainable").shift(1).over("id") == 1).fill_null(False)
     return (
@@ -128,6 +133,8 @@ def place(coords: pl.DataFrame, placement: str) -> pl.DataFrame:
     conversation with a confidently wrong call look certain. A sample with one turn keeps its conversation values,
     bit for bit, under every rule.
     """
+    import polars as pl
+
     if placement == "conversation":
         return coords
     multi = pl.col("turn_ppl").list.len() > 1

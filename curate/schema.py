@@ -46,6 +46,10 @@ PRUNED = pa.schema(
 
 IGNORE_INDEX = -100
 
+# Possible scores: float rounding can put log p(token) a hair above 0, or an entropy a hair outside [0, log V].
+LOGPROB_SLACK = 1e-3
+ENTROPY_SLACK = 1e-3
+
 # Files and folders. A stage's outputs are listed, with sizes and checksums, in its OUT/_manifest.json.
 MANIFEST = "_manifest.json"
 LOCK = ".curate.lock"

@@ -140,6 +140,8 @@ class HFScorer:
             mask[row, : len(s)] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        if self.device.startswith("cuda"):  # kernels run asynchronously: time the forward to its end
+            torch.cuda.synchronize(self.device)
         t1 = time.perf_counter()
         # Position t predicts token t+1. Score the targets that are needed (all but the first, by default): the LM
         # head and the reduction then skip the rest (with trainable-only scores, the whole prompt).

@@ -17,7 +17,7 @@ from .. import __version__, io, readers, schema
 from ..config import ScoreConfig
 from ..errors import CurateError, RowError
 from ..formats import Sample, Skip, parse_fields, to_sample
-from ..pruning import ENTROPY_SLACK, LOGPROB_SLACK
+from ..schema import ENTROPY_SLACK, LOGPROB_SLACK
 
 MAX_SKIP_EXAMPLES = 20
 

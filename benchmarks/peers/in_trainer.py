@@ -29,10 +29,11 @@ def score(model, sequences: list[np.ndarray], pad_id: int = 0) -> list[tuple[np.
         for r, s in enumerate(batch):
             ids[r, : len(s)] = torch.from_numpy(s.astype(np.int64))
             mask[r, : len(s)] = 1
+        ids, mask = ids.to(model.device), mask.to(model.device)
         logits = model(input_ids=ids, attention_mask=mask).logits.float()  # [B, T, V], all of it
         logp = torch.log_softmax(logits, dim=-1)
-        lp = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
-        ent = -(logp.exp() * logp).sum(-1)[:, :-1]
+        lp = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0].cpu()
+        ent = (-(logp.exp() * logp).sum(-1)[:, :-1]).cpu()
         for r, s in enumerate(batch):
             n = len(s)
             nan = np.array([np.nan], dtype=np.float32)

@@ -17,11 +17,11 @@ import torch
 def score(model, sequences: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
     out = []
     for seq in sequences:
-        ids = torch.from_numpy(seq.astype(np.int64))[None]
+        ids = torch.from_numpy(seq.astype(np.int64))[None].to(model.device)
         logits = model(input_ids=ids).logits[0].float()  # [T, V], all of it
         logp = torch.log_softmax(logits, dim=-1)
         lp = logp[:-1].gather(-1, ids[0, 1:, None])[:, 0]
         ent = -(logp.exp() * logp).sum(-1)[:-1]
-        nan = torch.tensor([float("nan")])
-        out.append((torch.cat([nan, lp]).numpy(), torch.cat([nan, ent]).numpy()))
+        nan = torch.tensor([float("nan")], device=lp.device)
+        out.append((torch.cat([nan, lp]).cpu().numpy(), torch.cat([nan, ent]).cpu().numpy()))
     return out

@@ -18,7 +18,18 @@ from .errors import CurateError
 
 PosInt = Annotated[int, Field(ge=1)]
 NonNegInt = Annotated[int, Field(ge=0)]
-Ratio = Annotated[float, Field(gt=0, le=1)]
+
+
+def _fraction(v: float) -> float:
+    """A share in (0, 1]; a percentage (12.5) is a likely slip, named."""
+    if 1 < v <= 100:
+        raise ValueError(f"is a fraction in (0, 1]: did you mean {v / 100:g}?")
+    if not 0 < v <= 1:
+        raise ValueError("must be a fraction in (0, 1]")
+    return v
+
+
+Ratio = Annotated[float, AfterValidator(_fraction)]
 
 
 # Declared on a field that says how or where a stage runs, not what it computes: it is left out of the run's

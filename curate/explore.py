@@ -100,6 +100,10 @@ class Explorer:
         return self.stats["config"]["lam"]
 
     @cached_property
+    def _scale(self) -> str:
+        return self.stats["config"].get("token_score", "ppl")
+
+    @cached_property
     def _tokenizer(self):
         return runs.scoring_tokenizer(self.run)
 
@@ -113,7 +117,9 @@ class Explorer:
         pruned = runs.rows_by_id(self.run.pruned_files(), [sample_id], ["id", "loss_mask"]).get(sample_id)
         tokens = [
             {"t": t["t"], "k": t["k"], "lp": _number(t["lp"]), "ent": _number(t["ent"]), "s": _number(t["s"])}
-            for t in runs.token_rows(self._tokenizer, row, pruned["loss_mask"] if pruned else None, self._lam)
+            for t in runs.token_rows(
+                self._tokenizer, row, pruned["loss_mask"] if pruned else None, self._lam, self._scale
+            )
         ]
         trainable = sum(t["k"] != "prompt" for t in tokens)
         kept = sum(t["k"] == "kept" for t in tokens)

@@ -183,6 +183,18 @@ def no_tools(tools: Any) -> bool:
     return not tools
 
 
+def split_tools(messages: list[dict]) -> tuple[list[dict], str | None]:
+    """(the turns, the tool schemas as JSON text or None): the scores' leading `tools` message as its own field."""
+    if messages and messages[0]["role"] == TOOLS_ROLE:
+        return list(messages[1:]), messages[0]["content"]
+    return list(messages), None
+
+
+def join_tools(messages: list[dict], tools: str | None) -> list[dict]:
+    """The inverse of `split_tools`: the conversation as the chat encoder renders it."""
+    return [{"role": TOOLS_ROLE, "content": tools}, *messages] if tools else list(messages)
+
+
 def _with_tools(record: dict, messages: list[dict[str, str]]) -> list[dict[str, str]]:
     """Tool schemas are part of the prompt the assistant saw: they lead the conversation as a `tools` message
     (JSON text), which the chat encoder gives the template (its `tools=`) or writes into the system prompt. A

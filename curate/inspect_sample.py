@@ -22,16 +22,19 @@ def sample_table(run_dir: str | Path, sample_id: str) -> Table:
     row = runs.rows_by_id(found.score_files(), [sample_id])[sample_id]
     kept = runs.rows_by_id(found.pruned_files(), [sample_id], ["id", "loss_mask"])
     mask = kept[sample_id]["loss_mask"] if kept else None  # None: the sample was dropped
-    lam = io.read_json(found.pruned / STATS)["config"]["lam"]
+    config = io.read_json(found.pruned / STATS)["config"]
+    lam, scale = config["lam"], config.get("token_score", "ppl")
     title = (
         f"{sample_id!r}: {info['quadrant']}, {info['selection'] or 'dropped'}, "  # repr: no raw control characters
         f"ppl {info['ppl']:.3f}, ent {info['ent']:.3f}"
     )
-    t = Table(title=Text(title))  # Text, not markup: an id may spell `[/]`
+    model = found.scores_manifest["model"]
+    caption = Text(f"scored by {model['name']} ({model['path']}); score: the context-aware {scale} of the token")
+    t = Table(title=Text(title), caption=caption)  # Text, not markup: an id may spell `[/]`
     for col in ("pos", "token", "role", "in loss", "logprob", "entropy", "score"):
         t.add_column(col, justify="right" if col not in ("token", "role") else "left")
     roles = {"prompt": Text("prompt", "dim"), "pruned": Text("pruned", "red")}
-    for i, tok in enumerate(runs.token_rows(runs.scoring_tokenizer(found), row, mask, lam)):
+    for i, tok in enumerate(runs.token_rows(runs.scoring_tokenizer(found), row, mask, lam, scale)):
         t.add_row(
             str(i),
             repr(tok["t"]),

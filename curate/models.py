@@ -131,7 +131,46 @@ def resolve_model(spec: str | None, log=lambda msg: print(msg, file=sys.stderr))
         return ResolvedModel(str(local.resolve()), spec, _folder_hash(local))
     if local.exists() or spec.startswith((".", "/", "~")):
         raise CurateError(f"--model {spec}: no such model folder")
+    if not _in_hub_cache(spec):
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        if offline or not hub_reachable():
+            why = "HF_HUB_OFFLINE is set" if offline else f"the Hub ({hub_endpoint()}) cannot be reached from here"
+            raise CurateError(
+                f"--model {spec}: not a local folder, not in the Hub cache, and {why}: pass a local model folder to "
+                "--model (or leave --model out for the built-in SmolLM2-135M-Instruct)"
+            )
+    elif not hub_reachable():  # in the cache: read it from there at once, not after the Hub client's retries
+        os.environ["HF_HUB_OFFLINE"] = "1"
     return ResolvedModel(spec, spec, f"hub:{spec}")
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a connection to the Hub opens within `timeout` seconds (a machine without network says so at once;
+    the Hub client would retry for a minute before failing)."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(hub_endpoint())
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an id the Hub client refuses (bad characters): not cached
+        return False
 
 
 def model_on_this_node(spec: str, path: str, expected_hash: str) -> str:

@@ -79,7 +79,7 @@ def scoring_tokenizer(run: Run):
     return load_tokenizer_from(model["path"], model["name"])
 
 
-def token_rows(tokenizer, score_row: dict, loss_mask: list | None, lam: float) -> list[dict]:
+def token_rows(tokenizer, score_row: dict, loss_mask: list | None, lam: float, scale: str = "ppl") -> list[dict]:
     """A scored sample token by token, as every view shows it: its text (`t`), id, kind (`k`: prompt, kept,
     pruned, or dropped for a response whose sample was not kept, `loss_mask` None), log-prob, entropy and, on
     trainable tokens, the pruning score (`s`)."""
@@ -90,7 +90,7 @@ def token_rows(tokenizer, score_row: dict, loss_mask: list | None, lam: float) -
     trainable = np.asarray(score_row["trainable"], dtype=np.int8)
     lp = np.asarray(score_row["logprob"], dtype=np.float32)
     ent = np.asarray(score_row["entropy"], dtype=np.float32)
-    score = context_scores(np.nan_to_num(lp), trainable, lam)
+    score = context_scores(np.nan_to_num(lp), trainable, lam, scale)
     rows = []
     for i, tid in enumerate(score_row["input_ids"]):
         if not trainable[i]:

@@ -6,7 +6,8 @@ List columns are `pa.list_` (32-bit offsets), never `large_list`: `datasets` ref
 import pyarrow as pa
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
-TOOLS_ROLE = "tools"  # a first message of this role holds the conversation's tool schemas (JSON text)
+TOOLS_ROLE = "tools"  # in scores, a first message of this role holds the tool schemas (JSON text); pruned data has
+# them in its `tools` column instead
 MESSAGES = pa.list_(MESSAGE)
 
 SCORES = pa.schema(
@@ -31,7 +32,8 @@ ALONE = [("alone_nll", pa.float64()), ("alone_tokens", pa.int32())]
 PRUNED = pa.schema(
     [
         ("id", pa.string()),
-        ("messages", MESSAGES),
+        ("messages", MESSAGES),  # system/user/assistant/tool turns, as TRL's conversational format has them
+        ("tools", pa.string()),  # the conversation's tool schemas as JSON text (TRL reads it so), null without tools
         ("input_ids", pa.list_(pa.int32())),
         ("attention_mask", pa.list_(pa.int8())),
         ("labels", pa.list_(pa.int32())),  # token id where it counts in the loss, -100 elsewhere

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from . import io, readers, storage
 from .errors import CurateError
-from .schema import MANIFEST
+from .schema import LOCK, MANIFEST, RUN_STAMP
 
 
 def verify_location(where: str) -> tuple[list[tuple[str, str, int, list]], bool]:
@@ -40,7 +40,35 @@ def verify_tree(path: Path) -> tuple[list[tuple[Path, str, int, list]], bool]:
         rows.append((folder, manifest["stage"], len(manifest.get("files", [])), problems))
     if not rows:
         raise CurateError(f"{path}: no {MANIFEST} anywhere below; nothing q-curate finished is there")
+    unlisted = unlisted_files(path)
+    if unlisted:
+        rows.append((path, "(none)", 0, [(str(f.relative_to(path)), UNLISTED) for f in unlisted]))
     return rows, any(problems for *_, problems in rows)
+
+
+UNLISTED = "no manifest lists this file (not written by q-curate, or left by a run that did not finish)"
+
+
+def unlisted_files(path: Path) -> list[Path]:
+    """Files under `path` that no manifest there lists (a user's notes beside the data, a half-written export): the
+    card of a pruned folder says its data is all there is, so anything else is named."""
+    accounted = set()
+    for manifest_path in path.rglob(MANIFEST):
+        accounted.add(manifest_path)
+        try:
+            manifest = io.read_json(manifest_path)
+        except CurateError:  # a damaged manifest: its own row says so
+            continue
+        for entry in manifest.get("files", []) if isinstance(manifest, dict) else []:
+            accounted.add(manifest_path.parent / str(entry.get("name", "")))
+    return sorted(
+        f
+        for f in path.rglob("*")
+        if f.is_file() and f not in accounted and f.name not in OURS and not io.is_temporary(f)
+    )
+
+
+OURS = (LOCK, LOCK + ".takeover", RUN_STAMP)  # a run's lock and start stamp: present while it runs
 
 
 def input_change(scores: Path, manifest: dict) -> str | None:

@@ -241,6 +241,60 @@ def child_end_to_end() -> dict:
     }
 
 
+def child_ifd(data: str, fields: str | None, limit: int) -> dict:
+    """`curate score` with and without `--signals ifd` on the same rows (fp32): the cost of scoring every answer
+    alone, against the answers' share of the tokens."""
+    import pyarrow.parquet as pq
+
+    from curate.config import ScoreConfig
+    from curate.stages import score
+
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        for signals in ([], ["ifd"], [], ["ifd"]):  # twice each, interleaved: the machine's speed drifts
+            cfg = ScoreConfig(input=data, out=f"{d}/s", fields=fields, limit=limit, dtype="float32", signals=signals)
+            manifest = score.run(cfg, force=True)
+            key = "ifd" if signals else "plain"
+            out.setdefault(key, []).append(manifest["scoring"]["seconds"])
+            table = pq.read_table(sorted(Path(f"{d}/s").glob("part-*.parquet")))
+            out["tokens"] = manifest["counts"]["tokens"]
+            out["trainable"] = manifest["counts"]["trainable_tokens"]
+            if signals:
+                out["alone_tokens"] = int(sum(table.column("alone_tokens").to_pylist()))
+    return {**out, "plain_s": min(out.pop("plain")), "ifd_s": min(out.pop("ifd"))}
+
+
+def ifd_section(results: dict) -> list[str]:
+    lines = [
+        "## IFD's extra pass (`curate score --signals ifd`)",
+        "",
+        "`curate score` on the same rows with and without `--signals ifd` (each assistant turn also scored alone, "
+        "with no template), built-in SmolLM2-135M, fp32, CPU; the faster of two runs of each, interleaved.",
+        "",
+        "| rows | tokens | answer tokens scored alone | their share | scoring (s) | with ifd (s) | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in results.items():
+        lines.append(
+            f"| {name} | {r['tokens']:,} | {r['alone_tokens']:,} | {r['alone_tokens'] / r['tokens']:.0%} | "
+            f"{r['plain_s']:.1f} | {r['ifd_s']:.1f} | {r['ifd_s'] / r['plain_s']:.2f}x |"
+        )
+    lines += [
+        "",
+        "The extra cost follows the answers' share of the tokens (a forward over the answers alone, short rows with "
+        "no prompt), not a second full pass.",
+        "",
+    ]
+    return lines
+
+
+def ifd_results() -> dict:
+    return {
+        "64 GSM8K test rows": run_child("ifd", str(GSM8K), FIELDS, 64),
+        "32 glaive conversations (tool calls)": run_child("ifd", str(GLAIVE), None, 32),
+    }
+
+
 def child_tokenise() -> dict:
     """Tokenisation on one core: single-turn (GSM8K) and multi-turn with tool calls (glaive)."""
     import torch
@@ -481,6 +535,7 @@ def child_explore(n_samples: int) -> dict:
 
 
 CHILDREN = {
+    "ifd": child_ifd,
     "explore": child_explore,
     "scoring": child_scoring,
     "bf16": child_bf16,
@@ -762,6 +817,8 @@ def main() -> None:
         )
     print("explorer ...", flush=True)
     md += explore_section([run_child("explore", n) for n in (10_000, 1_000_000)])
+    print("ifd ...", flush=True)
+    md += ifd_section(ifd_results())
     gpu = ROOT / "benchmarks" / "gpu_check.md"
     md += [
         "",
@@ -777,9 +834,31 @@ def main() -> None:
     print("\n".join(md))
 
 
+SECTIONS = {"ifd": lambda: ifd_section(ifd_results())}  # `bench.py --only NAME`: one section measured again
+
+
+def replace_section(lines: list[str]) -> None:
+    """BENCHMARKS.md with the section whose heading is lines[0] measured anew (the rest as it was)."""
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text()
+    heading = lines[0]
+    note = f"(`python scripts/bench.py --only`, {time.strftime('%Y-%m-%d')}, {platform.machine()}, {cpu_flags()})"
+    body = "\n".join([heading, "", note, *lines[1:]]).rstrip() + "\n\n"
+    if heading in text:
+        start = text.index(heading)
+        end = text.find("\n## ", start + len(heading))
+        text = text[:start] + body + (text[end + 1 :] if end >= 0 else "")
+    else:
+        marker = "## GPU check"
+        text = text.replace(marker, body + marker, 1) if marker in text else text + "\n" + body
+    path.write_text(text)
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     if sys.argv[1:2] == ["--child"]:
         print(json.dumps(CHILDREN[sys.argv[2]](*json.loads(sys.argv[3]))))
+    elif sys.argv[1:2] == ["--only"]:
+        replace_section(SECTIONS[sys.argv[2]]())
     else:
         main()

@@ -119,8 +119,8 @@ def test_datasets_loads_and_concatenates_shards(tmp_path, scores):
 
 
 def test_bad_inputs_are_clear_errors(tmp_path, scores):
-    res = CliRunner().invoke(app, ["prune", str(scores), "--out", str(tmp_path / "x"), "--ratio", "1.5", "--lam", "2"])
-    assert res.exit_code == 2 and "--ratio: Input should be less than or equal to 1" in res.output
+    res = CliRunner().invoke(app, ["prune", str(scores), "--out", str(tmp_path / "x"), "--ratio", "12.5", "--lam", "2"])
+    assert res.exit_code == 2 and "--ratio: is a fraction in (0, 1]: did you mean 0.125?" in res.output
     assert "--lam: Input should be less than or equal to 1" in res.output
     with pytest.raises(CurateError, match="no such folder"):
         run(PruneConfig(scores=str(tmp_path / "missing"), out=str(tmp_path / "x")))

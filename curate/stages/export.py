@@ -22,7 +22,7 @@ from ..registry import register
 from ..stage import Input, Manifest, Stage
 
 TOKENIZED = ["input_ids", "attention_mask", "labels"]
-JSONL_COLUMNS = ["id", "messages", "input_ids", "labels", "loss_mask", "quadrant", "selection"]
+JSONL_COLUMNS = ["id", "messages", "tools", "input_ids", "labels", "loss_mask", "quadrant", "selection"]
 UNKNOWN_MODEL = "PATH/TO/THE/SCORING/MODEL"  # the model whose tokenizer made the data: train it (or a sibling)
 
 
@@ -135,8 +135,8 @@ def _jsonl(table: pa.Table, out: Path, model: str, max_len: int) -> tuple[str, s
         "load.py",
         f"""\
 # python {yml(out / "load.py")}
-# One JSON object per sample: id, messages, input_ids, labels (-100 = not in the loss), loss_mask, quadrant,
-# selection. Tokens come from {yml(model)}.
+# One JSON object per sample: id, messages, tools (JSON text or null), input_ids, labels (-100 = not in the
+# loss), loss_mask, quadrant, selection. Tokens come from {yml(model)}.
 from datasets import load_dataset
 
 dataset = load_dataset("json", data_files={py(out / "data.jsonl")}, split="train")

@@ -22,6 +22,7 @@ from ..card import CARD, PICTURE, plane_picture, pruned_card, source_licence
 from ..config import PruneConfig, ReportConfig, RetokenizeConfig
 from ..errors import CurateError
 from ..executor import Job, runner
+from ..formats import split_tools
 from ..progress import Reporter
 from ..registry import register
 from ..stage import Input, Manifest, Stage, in_fingerprint
@@ -302,9 +303,11 @@ def prune_rows(rows: pa.Table, fate: dict[str, tuple], cfg: PruneConfig, model: 
             mask = trainable.copy()
         labels = np.where(mask == 1, ids, schema.IGNORE_INDEX).astype(np.int32)
         effect["loss_tokens"] += int(mask.sum())
+        turns, tools = split_tools(data["messages"][i])
         for name, value in (
             ("id", sid),
-            ("messages", data["messages"][i]),
+            ("messages", turns),
+            ("tools", tools),
             ("input_ids", ids),
             ("attention_mask", np.ones(len(ids), dtype=np.int8)),
             ("labels", labels),

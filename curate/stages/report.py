@@ -157,12 +157,12 @@ def plot_histograms(samples: pl.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def token_view(tokenizer, score_row: dict, pruned_row: dict | None, lam: float) -> str:
+def token_view(tokenizer, score_row: dict, pruned_row: dict | None, lam: float, scale: str = "ppl") -> str:
     """One sample as HTML spans: prompt, kept loss tokens, pruned tokens, or the response of a dropped sample,
     with scores on hover (data-tip). `pruned_row` is None for a dropped sample."""
     parts = []
     mask = pruned_row["loss_mask"] if pruned_row else None
-    for i, tok in enumerate(runs.token_rows(tokenizer, score_row, mask, lam)):
+    for i, tok in enumerate(runs.token_rows(tokenizer, score_row, mask, lam, scale)):
         tip = f"token {i} (id {tok['id']}, {tok['k']}) | logprob {tok['lp']:.3f} | entropy {tok['ent']:.3f}"
         if tok["s"] is not None:
             tip += f" | score {tok['s']:.3g}"
@@ -379,7 +379,13 @@ def compute(job: Job) -> dict:
     bodies = [
         (
             {**p, "fate": fate(p, pruned_rows.get(p["id"]))},
-            token_view(tokenizer, score_rows[p["id"]], pruned_rows.get(p["id"]), stats["config"]["lam"]),
+            token_view(
+                tokenizer,
+                score_rows[p["id"]],
+                pruned_rows.get(p["id"]),
+                stats["config"]["lam"],
+                stats["config"].get("token_score", "ppl"),
+            ),
         )
         for p in picks
     ]

@@ -20,6 +20,7 @@ from .. import __version__, io, schema
 from ..config import RetokenizeConfig
 from ..errors import CurateError, RowError
 from ..executor import Job, identify_model, runner
+from ..formats import join_tools
 from ..registry import register
 from ..stage import Input, Manifest, Stage
 from ..tokenization import ChatEncoder, Rendered, in_span
@@ -67,7 +68,8 @@ def project(src: Rendered, src_kept: list[np.ndarray], tgt: Rendered, starts, en
 
 
 def retokenize_row(row: dict, source: ChatEncoder, target: ChatEncoder) -> dict:
-    src = source.render(row["messages"])
+    conversation = join_tools(row["messages"], row.get("tools"))
+    src = source.render(conversation)
     src_ids, src_starts, src_ends = source.tokenize(src.text)
     n = len(row["input_ids"])
     if not np.array_equal(src_ids[:n], np.asarray(row["input_ids"])):
@@ -75,7 +77,7 @@ def retokenize_row(row: dict, source: ChatEncoder, target: ChatEncoder) -> dict:
     loss = np.zeros(len(src_ids), dtype=np.int8)
     loss[:n] = row["loss_mask"]  # tokens cut by truncation were never in the loss
     kept = kept_characters(src, src_starts, src_ends, loss)
-    tgt = target.render(row["messages"])
+    tgt = target.render(conversation)
     ids, starts, ends = target.tokenize(tgt.text)
     mask = project(src, kept, tgt, starts, ends)
     if target.max_length is not None and len(ids) > target.max_length:
@@ -100,6 +102,7 @@ def retokenize_row(row: dict, source: ChatEncoder, target: ChatEncoder) -> dict:
     return {
         "id": row["id"],
         "messages": row["messages"],
+        "tools": row.get("tools"),
         "input_ids": ids,
         "attention_mask": np.ones(len(ids), np.int8),
         "labels": labels,

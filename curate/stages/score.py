@@ -210,7 +210,7 @@ def finalize(job: Job, work: ScoreJob, ranges, info: dict, engine_info: dict) ->
         examples += c["examples"][: MAX_SKIP_EXAMPLES - len(examples)]
     samples = sum(s["entry"]["rows"] for s in summaries.values())
     if samples == 0:
-        raise CurateError(f"{cfg.input}: no usable rows (skipped: {dict(skipped) or 'none read'})")
+        raise CurateError(no_usable_rows(cfg, work, dict(skipped), examples))
     entropy = {"method": metas[0]["entropy_method"]}
     errors = [float(m["entropy_max_error"]) for m in metas if "entropy_max_error" in m]
     if errors:
@@ -248,6 +248,30 @@ def finalize(job: Job, work: ScoreJob, ranges, info: dict, engine_info: dict) ->
     }
 
 
+def no_usable_rows(cfg: ScoreConfig, work: ScoreJob, skipped: dict, examples: list) -> str:
+    """Why nothing could be scored, in terms a user can act on: the field the rows lack, the fields they have,
+    and the --fields that would read them."""
+    message = f"{cfg.input}: no usable rows (skipped: {skipped or 'none read'})"
+    missing = [e for e in examples if e.get("reason") == "missing_field" and e.get("field")]
+    if not missing:
+        return message
+    first = next(iter(readers.read_range(work.input(), readers.plan(work.input(), 1, limit=1)[0])), (None, None))[1]
+    have = list(first) if isinstance(first, dict) else []
+    lacking = sorted({e["field"] for e in missing})
+    message += f": the rows have no field {', '.join(map(repr, lacking))}"
+    if have:
+        message += f"; the first row's fields are {', '.join(have)}"
+        texts = [k for k in have if isinstance(first.get(k), str)]
+        prompt = next((k for k in texts if k.lower() in PROMPT_NAMES), "FIELD")
+        response = next((k for k in texts if k.lower() in RESPONSE_NAMES), "FIELD")
+        message += f". Name the fields with --fields, e.g. --fields prompt={prompt},response={response}"
+    return message
+
+
+PROMPT_NAMES = ("question", "instruction", "prompt", "input", "query", "problem", "text")
+RESPONSE_NAMES = ("answer", "output", "response", "completion", "solution", "target")
+
+
 class ScoreResult(Manifest):
     model: dict
     counts: dict[str, int]
@@ -267,7 +291,7 @@ def summary(m: ScoreResult) -> list:
 
     c = m.counts
     t = Table(title=f"scores: {m.config['out']}", show_header=False)
-    t.add_row("model", m.model["name"])
+    t.add_row("model", f"{m.model['name']} ({m.model['path']})")
     t.add_row("backend", f"{m.config['backend']} ({m.get('backend_choice', '')})")
     t.add_row("dtype", f"{m.dtype['dtype']} ({m.dtype['why']})")
     bound = f" (max error {m.entropy['topk_max_error_nats']:.3g} nats)" if "topk_max_error_nats" in m.entropy else ""

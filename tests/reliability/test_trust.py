@@ -173,7 +173,7 @@ def test_many_groups_with_mathtext_names_and_a_ratio_typo(tmp_path, tiny_model_d
     out = " ".join(res.output.split())
     assert res.exit_code != 0 and "g1" in out and "no sample has" in out  # a typo of g01 is not silently ignored
     res = runner.invoke(app, ["prune", str(scores), "--out", "q", "--group-by", "source", "--group-ratios", "g01:0"])
-    assert res.exit_code == 2 and "--group-ratios g01: Input should be greater than 0" in res.output  # not `--g01`
+    assert res.exit_code == 2 and "--group-ratios g01: must be a fraction in (0, 1]" in res.output  # not `--g01`
 
 
 def test_malformed_files_are_one_line_errors(tmp_path, tiny_model_dir, tiny_run):

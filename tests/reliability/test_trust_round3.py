@@ -489,3 +489,26 @@ def test_bucket_runs_name_the_urls_the_user_typed(tmp_path, bucket, scores, monk
     res = cli.invoke(app, ["score", f"{bucket}/none.jsonl", "--out", f"{bucket}/s"])
     assert res.exit_code == 2 and f"error: {bucket}/none.jsonl: no such file or folder" in res.output
     assert "staging" not in res.output
+
+
+# ---------------------------------------------------------------- #36: verify names what no manifest lists
+
+
+def test_verify_names_a_file_no_manifest_lists(tmp_path, scores):
+    from typer.testing import CliRunner
+
+    from curate.cli import app
+
+    pruned = tmp_path / "run" / "pruned"
+    prune(PruneConfig(scores=str(scores), out=str(pruned), ratio=0.5, **PER_TOKEN))
+    res = CliRunner().invoke(app, ["verify", str(pruned)])
+    assert res.exit_code == 0, res.output
+    (pruned / "notes.txt").write_text("my notes")
+    (pruned / "data" / "extra.json").write_text("{}")
+    (tmp_path / "run" / "readme.txt").write_text("beside the stage folders")
+    for where in (pruned, tmp_path / "run"):
+        res = CliRunner().invoke(app, ["verify", str(where)], env={"COLUMNS": "400"})
+        text = " ".join(res.output.split())
+        assert res.exit_code != 0 and "notes.txt" in text and "extra.json" in text, res.output
+        assert "no manifest lists this file" in text
+    assert "readme.txt" in " ".join(CliRunner().invoke(app, ["verify", str(tmp_path / "run")]).output.split())

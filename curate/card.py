@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shlex
 import struct
 import zlib
 from pathlib import Path, PurePosixPath
@@ -85,9 +86,10 @@ def front_matter(text: str | None, where: str) -> dict:
     return header if isinstance(header, dict) else {}
 
 
-def source_licence(source: str | Path) -> str | None:
-    """The licence the input's own card names (`license:` in the front matter of its README.md): the card of a
-    dataset folder, or beside a data file, or one level up (a Hub repo's `data/train-*.parquet`)."""
+def source_card(source: str | Path) -> dict:
+    """What the input's own card says that the pruned data inherits: `license` and `language` (from the front
+    matter of its README.md: the card of a dataset folder, or beside a data file, or one level up, as a Hub repo's
+    `data/train-*.parquet` has it); {} without a card."""
     if storage.is_url(source) and any(c in str(source) for c in "*?[,"):
         source = str(source).split(",")[0].split("*")[0].rstrip("/")  # a pattern or list: its first folder
     folder = str(source) if storage.exists(source) and storage.is_dir(source) else storage.parent(source)
@@ -96,11 +98,24 @@ def source_licence(source: str | Path) -> str | None:
         text = storage.read_text(card)
         if text and FRONT_MATTER.match(text):
             try:
-                licence = front_matter(text, card).get("license")
+                header = front_matter(text, card)
             except CurateError:
-                return None  # the card is the input's; score reads its configs and says what is wrong there
-            return licence if isinstance(licence, str) else None
-    return None
+                return {}  # the card is the input's; score reads its configs and says what is wrong there
+            return {k: header[k] for k in ("license", "language") if isinstance(header.get(k), (str, list))}
+    return {}
+
+
+def source_licence(source: str | Path) -> str | None:
+    licence = source_card(source).get("license")
+    return licence if isinstance(licence, str) else None
+
+
+def size_category(n: int) -> str:
+    """The Hub's `size_categories` bucket for n rows."""
+    for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
+        if n < limit:
+            return name
+    return "1M<n<10M" if n < 10_000_000 else "10M<n<100M"
 
 
 def data_identity(entries: list[dict]) -> str:
@@ -144,7 +159,24 @@ def command_line(scores: str, options: dict) -> str:
     return " ".join(parts)
 
 
-def pruned_card(stats: dict, scores_manifest: dict, changed: dict, licence: str | None, data_files: list[dict]) -> str:
+def score_command(source: str, config: dict, manifest: dict) -> str:
+    """`curate score SOURCE` with what decided the scores: the model, the dtype it ran in, the row limit and the
+    length cut."""
+    dtype = (manifest.get("dtype") or {}).get("dtype") or config.get("dtype", "auto")
+    from .models import BUILTIN_LABEL
+
+    model = config.get("model") or "builtin"
+    model = "builtin" if model == BUILTIN_LABEL else model  # the label names the built-in model for people
+    parts = ["curate score", source, "--model", shlex.quote(str(model)), "--dtype", str(dtype)]
+    for key in ("limit", "max_length", "fields", "subset", "split"):
+        if config.get(key) is not None and not (key == "max_length" and config[key] == 2048):
+            parts += [f"--{key.replace('_', '-')}", shlex.quote(str(config[key]))]
+    if config.get("signals"):
+        parts += ["--signals", ",".join(config["signals"])]
+    return " ".join(parts)
+
+
+def pruned_card(stats: dict, scores_manifest: dict, changed: dict, inherited: dict, data_files: list[dict]) -> str:
     """The card's text; it depends on the data and the settings only (not on where the folder is), so two runs
     of the same prune write the same bytes. `data_files`: the manifest entries of the training data files.
 
@@ -162,7 +194,9 @@ def pruned_card(stats: dict, scores_manifest: dict, changed: dict, licence: str 
                 "description": f"q-curate pruned data, files {identity}",
             }
         ],
-        **({"license": licence} if licence else {}),
+        **inherited,  # the source card's licence and language
+        "task_categories": ["text-generation"],
+        "size_categories": [size_category(stats["K"])],
         "tags": ["q-curate", "sft", "data-pruning"],
         **dataset_info(stats["K"], sum(e["bytes"] for e in data_files)),
     }
@@ -176,6 +210,28 @@ def pruned_card(stats: dict, scores_manifest: dict, changed: dict, licence: str 
     rows = "\n".join(
         f"| {q} | {schema.QUADRANT_NAMES[q]} | {stats['quadrants'][q]:,} | {stats['kept_by_quadrant'][q]:,} |"
         for q in schema.QUADRANTS
+    )
+    source_name = PurePosixPath(str(source.get("path", "?"))).name
+    score_config = scores_manifest.get("config", {})
+    notes = []
+    if not inherited.get("license"):
+        notes.append(f"- licence: the source's card names none; check the terms of `{source_name}` before you publish")
+    if score_config.get("limit"):
+        notes.append(f"- only the first {score_config['limit']:,} rows of the source were read (`--limit`)")
+    left_out = stats.get("duplicates_left_out", 0)
+    if left_out:
+        notes.append(
+            f"- {left_out:,} later copies of identical conversations were left out before the triage (they are "
+            "counted in the quadrant table above and never kept; `--keep-duplicates` keeps them)"
+        )
+    if stats.get("excluded"):
+        notes.append(f"- {stats['excluded']:,} samples were left out as `--exclude-ids` asked")
+    scored_with = score_command(source_name, score_config, scores_manifest)
+    notes_text = ("\n" + "\n".join(notes)) if notes else ""
+    template = (
+        f"; chat template `{scores_manifest['chat_template_hash']}`"
+        if scores_manifest.get("chat_template_hash")
+        else ""
     )
     return f"""---
 {yaml.safe_dump(header, sort_keys=False).strip()}
@@ -196,9 +252,10 @@ fill), blue ones as Q4]({PICTURE})
 
 - source: `{PurePosixPath(str(source.get("path", "?"))).name}`{picked}, identified by its contents
   (fingerprint `{source.get("fingerprint", "?")}`: a changed file is a different source)
-- reference model: `{model["name"]}` (content hash `{model["hash"]}`)
-- settings: `{command_line("SCORES", changed)}` (every other option at its default)
-- q-curate {__version__}
+- reference model: `{model["name"]}` (content hash `{model["hash"]}`{template})
+- scored with: `{scored_with}`
+- pruned with: `{command_line("SCORES", changed)}` (every other option at its default)
+- q-curate {__version__}{notes_text}
 
 ## Use
 
@@ -208,7 +265,9 @@ ds = datasets.load_dataset("PATH/TO/THIS/FOLDER", split="train")
 ```
 
 Columns: `input_ids`, `attention_mask`, `labels` (-100 where a token is not in the loss: prompts, and the pruned
-tokens of Q2 samples), `loss_mask` and `assistant_masks` (the same as 0/1), `messages`, `quadrant`, `selection`,
-`ppl`, `ent`. Train the reference model's tokenizer family, or carry the data over with `curate retokenize`.
-`samples.parquet` (every sample's place on the plane and fate) and `stats.json` sit beside the data.
+tokens of Q2 samples), `loss_mask` and `assistant_masks` (the same as 0/1), `messages` (system, user, assistant and
+tool turns) with `tools` (the tool schemas as JSON text, or null: TRL's conversational format), `quadrant`,
+`selection`, `ppl`, `ent`. Train the reference model's tokenizer family, or carry the data over with
+`curate retokenize`. `samples.parquet` (every sample's place on the plane and fate) and `stats.json` sit beside
+the data.
 """

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import __version__, io, pruning, schema, storage, strategies
-from ..card import CARD, PICTURE, plane_picture, pruned_card, source_licence
+from ..card import CARD, PICTURE, plane_picture, pruned_card, source_card
 from ..config import PruneConfig, ReportConfig, RetokenizeConfig
 from ..errors import CurateError
 from ..executor import Job, runner
@@ -378,9 +378,9 @@ def dataset_card(job: Job, stats: dict) -> str:
         if in_fingerprint(PruneConfig, k) and v != getattr(defaults, k, None)
     }
     source = (scores_manifest.get("inputs") or [{}])[0].get("path")
-    licence = source_licence(storage.resolve(job.inputs["scores"], source)) if source else None
+    inherited = source_card(storage.resolve(job.inputs["scores"], source)) if source else {}
     data = [job.entries[n] for n in sorted(job.entries) if n.startswith(f"{schema.PRUNED_DATA}/")]
-    return pruned_card(stats, scores_manifest, changed, licence, data)
+    return pruned_card(stats, scores_manifest, changed, inherited, data)
 
 
 def excluded_ids(job: Job, known: pl.Series) -> list[str]:

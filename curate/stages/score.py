@@ -228,6 +228,7 @@ def finalize(job: Job, work: ScoreJob, ranges, info: dict, engine_info: dict) ->
         "signals": cfg.signals,
         "score_positions": cfg.positions,
         "tool_rendering": metas[0].get("tool_rendering"),  # how rows' tool schemas reached the model
+        "chat_template_hash": metas[0].get("chat_template_hash"),
         "counts": {
             "rows_read": rows_read,
             "samples": samples,

@@ -166,3 +166,5 @@ def test_the_exported_trl_script_trains_on_a_cpu_as_written(tiny_run, tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert any((tmp_path / "q-curate-sft").glob("checkpoint-*/model.safetensors"))
+    logged = [line for line in (run.stdout + run.stderr).splitlines() if "'loss'" in line]
+    assert logged and "'epoch'" in logged[0]  # a loss line from the first step (one row a step on a CPU)

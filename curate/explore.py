@@ -64,6 +64,11 @@ class Explorer:
             group=pl.col("group").cast(pl.String) if "group" in samples.columns else blank,
         )
         self.row_of = {sid: i for i, sid in enumerate(self.samples["id"].to_list())}
+        # which shard holds a sample: one file read per request, not all of them (seconds on a large run)
+        self.shard = self.samples["shard"].to_list() if "shard" in self.samples.columns else None
+        kept_shards = sorted({sh for sh, k in zip(self.shard or [], self.samples["kept"].to_list()) if k})
+        pruned = self.run.pruned_files()
+        self.pruned_of = dict(zip(kept_shards, pruned)) if len(kept_shards) == len(pruned) else None
         self.groups = sorted(g for g in self.samples["group"].unique().to_list() if g is not None)
 
     def plane(self) -> dict:
@@ -113,8 +118,8 @@ class Explorer:
         if sample_id not in self.row_of:
             raise KeyError(sample_id)
         info = self.samples.row(self.row_of[sample_id], named=True)
-        row = runs.rows_by_id(self.run.score_files(), [sample_id])[sample_id]
-        pruned = runs.rows_by_id(self.run.pruned_files(), [sample_id], ["id", "loss_mask"]).get(sample_id)
+        row = runs.rows_by_id(self._score_files(sample_id), [sample_id])[sample_id]
+        pruned = runs.rows_by_id(self._pruned_files(sample_id), [sample_id], ["id", "loss_mask"]).get(sample_id)
         tokens = [
             {"t": t["t"], "k": t["k"], "lp": _number(t["lp"]), "ent": _number(t["ent"]), "s": _number(t["s"])}
             for t in runs.token_rows(
@@ -140,10 +145,21 @@ class Explorer:
         """The start of the sample's last response, for the tooltip."""
         if sample_id not in self.row_of:
             raise KeyError(sample_id)
-        row = runs.rows_by_id(self.run.score_files(), [sample_id], ["id", "messages"])[sample_id]
+        row = runs.rows_by_id(self._score_files(sample_id), [sample_id], ["id", "messages"])[sample_id]
         answers = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
         text = " ".join((answers[-1] if answers else "").split())
         return text[:160] + ("…" if len(text) > 160 else "")
+
+    def _score_files(self, sample_id: str) -> list[Path]:
+        files = self.run.score_files()
+        shard = self.shard[self.row_of[sample_id]] if self.shard else None
+        return [files[shard]] if shard is not None and 0 <= shard < len(files) else files
+
+    def _pruned_files(self, sample_id: str) -> list[Path]:
+        shard = self.shard[self.row_of[sample_id]] if self.shard else None
+        if self.pruned_of is None:
+            return self.run.pruned_files()
+        return [self.pruned_of[shard]] if shard in self.pruned_of else []
 
     def search(self, query: str) -> list[str]:
         """Ids equal to `query`, then ids and conversations that contain it (case-insensitive), up to SEARCH_LIMIT."""

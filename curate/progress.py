@@ -38,16 +38,21 @@ class LineReporter(Reporter):
         self.label, self.total, self.unit = label, total, unit
         self.t0 = self.last = self.clock()
         self.first: tuple[int, int] | None = None  # (done, tokens) when this run began: resumed work is no rate
+        # (done, tokens, time) after the first piece of work, which paid for the warm-up (loading a model, the first
+        # batch): estimates measure the rate from there, or a 25-minute run is first announced as 3 hours
+        self.warm: tuple[int, int, float] | None = None
         self.now_done, self.now_tokens, self.estimated = 0, 0, False
 
     def advance(self, done: int, tokens: int = 0) -> None:
         if not self.label:
             return
+        now = self.clock()
         if self.first is None:
             self.first = (done, tokens)
+        elif self.warm is None and done > self.first[0]:
+            self.warm = (done, tokens, now)
         self.now_done, self.now_tokens = done, tokens
-        now = self.clock()
-        if not self.estimated and done > self.first[0] and now - self.t0 >= self.early:
+        if not self.estimated and self.warm and done > self.warm[0] and now - self.t0 >= self.early:
             self.estimated, self.last = True, now
             self.write(self.line(now, "estimate: "))
         elif now - self.last >= self.interval:
@@ -63,6 +68,9 @@ class LineReporter(Reporter):
         """`score: 1,024/4,096 rows (25%), 51.2 rows/s, 9,800 tokens/s, ETA 1m 0s`."""
         elapsed = max(now - self.t0, 1e-9)
         done0, tokens0 = self.first or (self.now_done, self.now_tokens)
+        if prefix != "done: " and self.warm and now > self.warm[2]:  # the steady rate, after the warm-up
+            done0, tokens0, since = self.warm
+            elapsed = now - since
         rate = (self.now_done - done0) / elapsed
         of = f"/{self.total:,}" if self.total else ""
         share = f" ({self.now_done / self.total:.0%})" if self.total else ""
@@ -70,7 +78,7 @@ class LineReporter(Reporter):
         if self.now_tokens:
             text += f", {(self.now_tokens - tokens0) / elapsed:,.0f} tokens/s"
         if prefix == "done: ":
-            return text + f", {duration(elapsed)}"
+            return text + f", {duration(now - self.t0)}"
         if self.total and rate > 0:
             text += f", ETA {duration((self.total - self.now_done) / rate)}"
         return text

@@ -103,6 +103,8 @@ def exercise(page, samples, tmp_path, name: str) -> None:
     # click it: its tokens, with their kinds and scores
     page.mouse.click(x, y)
     page.wait_for_selector(f"#sample[data-id='{target['id']}']")
+    page.wait_for_selector(f"#plane[data-chosen='{target['id']}']")  # and the plane points to it
+    assert page.locator("#plane .annotation-text").first.text_content() == "shown below"
     kinds = set(page.locator("#sample .tokens span").evaluate_all("s => s.map(e => e.className)"))
     assert {"prompt", "kept"} <= kinds
     assert "logprob" in page.locator("#sample .tokens span.kept").first.get_attribute("title")

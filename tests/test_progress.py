@@ -16,12 +16,25 @@ def test_lines_at_a_steady_interval_with_an_early_estimate():
         now[0] = t
         rep.advance(done, tokens=done * 50)
     rep.finish()
+    # resumed 100 rows are no rate, and the first batch (to t=2) paid for the warm-up: estimates start after it
     assert lines == [
-        "score: estimate: 200/1,000 rows (20%), 16.7 rows/s, 833 tokens/s, ETA 48s",  # resumed 100 are no rate
-        "score: 600/1,000 rows (60%), 13.9 rows/s, 694 tokens/s, ETA 29s",
-        "score: 1,000/1,000 rows (100%), 13.6 rows/s, 682 tokens/s, ETA 0s",
+        "score: estimate: 200/1,000 rows (20%), 12.5 rows/s, 625 tokens/s, ETA 1m 4s",
+        "score: 600/1,000 rows (60%), 13.2 rows/s, 662 tokens/s, ETA 30s",
+        "score: 1,000/1,000 rows (100%), 13.3 rows/s, 664 tokens/s, ETA 0s",
         "score: done: 1,000/1,000 rows (100%), 13.6 rows/s, 682 tokens/s, 1m 6s",
     ]
+
+
+def test_the_first_estimate_leaves_the_warm_up_out():
+    """A model that takes 60 s to load, then 10 rows/s: the first estimate says 10 rows/s, not 1.6."""
+    now, lines = [0.0], []
+    rep = LineReporter(lines.append, interval=1000, early=5, clock=lambda: now[0])
+    rep.start("score", 1000)
+    rep.advance(0)
+    for t, done in ((60, 10), (61, 20), (62, 30)):
+        now[0] = t
+        rep.advance(done, tokens=done * 100)
+    assert lines == ["score: estimate: 20/1,000 rows (2%), 10.0 rows/s, 1,000 tokens/s, ETA 1m 38s"]
 
 
 def test_the_cli_writes_progress_lines_when_its_output_is_a_log(tmp_path, tiny_model_dir, monkeypatch):

@@ -544,7 +544,8 @@ def effect_lines(tp: dict) -> list[str]:
     masked = tp["tokens_trainable"] - tp["tokens_kept"]
     lines = [
         f"token pruning: {tp['rule']}; protected: {', '.join(tp['protect']) or 'nothing'}",
-        f"  {tp['samples']:,} samples pruned: {masked:,} of {tp['tokens_trainable']:,} tokens out of the loss "
+        f"  {tp['samples']:,} sample{'' if tp['samples'] == 1 else 's'} pruned: {masked:,} of "
+        f"{tp['tokens_trainable']:,} tokens out of the loss "
         f"({tp['tokens_over_budget']:,} kept above the budget to keep words whole)",
     ]
     if "masked_by_kind" in tp:

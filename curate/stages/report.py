@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +22,13 @@ from ..registry import register
 from ..schema import QUADRANT_NAMES, QUADRANTS, SAMPLES, SELECTION_COLOURS, STATS
 from ..stage import Input, Manifest, Stage
 
+# Quadrant names sit outside the plot area (above it for the high-entropy quadrants, below the axis for the low
+# ones), where they cover no sample: inside the corners they hid the most extreme points.
 CORNERS = {
-    "Q1": (0.98, 0.98, "right", "top"),
-    "Q2": (0.98, 0.02, "right", "bottom"),
-    "Q3": (0.02, 0.02, "left", "bottom"),
-    "Q4": (0.02, 0.98, "left", "top"),
+    "Q1": (1.0, 1.01, "right", "bottom"),
+    "Q2": (1.0, -0.12, "right", "top"),
+    "Q3": (0.0, -0.12, "left", "top"),
+    "Q4": (0.0, 1.01, "left", "bottom"),
 }
 
 
@@ -114,16 +115,16 @@ def plot_eu_plane(samples: pl.DataFrame, stats: dict, path: Path, picks: list[di
         ax.text(
             cx,
             cy,
-            f"{q} {QUADRANT_NAMES[q]}\n{stats['quadrants'][q]:,} samples",
+            f"{q} {QUADRANT_NAMES[q]}: {stats['quadrants'][q]:,} samples",
             transform=ax.transAxes,
             ha=ha,
             va=va,
-            fontsize=10,
-            bbox=dict(boxstyle="round", fc="white", ec="#cccccc", alpha=0.9),
+            fontsize=9,
+            clip_on=False,
         )
     ax.set_xlabel("log perplexity of the response (error)")
     ax.set_ylabel("mean predictive entropy, nats (uncertainty)")
-    ax.set_title(f"EU plane: kept {stats['K']:,} of {stats['N']:,} samples ({stats['sample_ratio']:.1%})")
+    ax.set_title(f"EU plane: kept {stats['K']:,} of {stats['N']:,} samples ({stats['sample_ratio']:.1%})", pad=18)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
@@ -178,6 +179,28 @@ def fate(sample: dict, pruned_row: dict | None) -> str:
     return f"pruned {n - kept:,} of {n:,} tokens" if kept < n else f"kept all {n:,} tokens"
 
 
+def plural(n: int, one: str, many: str | None = None) -> str:
+    return f"{n:,} {one if n == 1 else many or one + 's'}"
+
+
+def thresholds_html(stats: dict) -> str:
+    """The triage's thresholds in words, to 3 decimals: where Q2 and Q4 begin at the alpha the bisection found."""
+    th = stats.get("thresholds")
+    if th:
+        return (
+            f"<p>Thresholds at alpha {th['alpha']:.3f}: Q2 = perplexity above {th['ppl_high']:.3f} and mean entropy "
+            f"at most {th['ent_low']:.3f}; Q4 = perplexity at most {th['ppl_low']:.3f} and mean entropy above "
+            f"{th['ent_high']:.3f}. The rest of the budget was filled by percentile ranks.</p>"
+        )
+    batch = stats.get("alpha_per_batch")
+    if batch:
+        return (
+            f"<p>Thresholds per batch or group: alpha from {batch['min']:.3f} to {batch['max']:.3f} "
+            f"(mean {batch['mean']:.3f}).</p>"
+        )
+    return ""
+
+
 def token_pruning_html(stats: dict) -> str:
     """The token rule in plain words and what it took out, by kind (stats.json `token_pruning`)."""
     tp = stats.get("token_pruning")
@@ -188,8 +211,9 @@ def token_pruning_html(stats: dict) -> str:
         f"<p>Rule: <b>{html.escape(tp['rule'])}</b>. The score of a token is the reference model's surprise at it "
         "(its perplexity, with its neighbours'). Never removed: end-of-turn tokens"
         + "".join(f", {html.escape(p)}" for p in tp["protect"])
-        + f".</p><p>{tp['samples']:,} samples pruned: {masked:,} of {tp['tokens_trainable']:,} of their tokens left "
-        f"the loss; {tp['tokens_over_budget']:,} tokens were kept above the budget to keep words whole.</p>"
+        + f".</p><p>{plural(tp['samples'], 'sample')} pruned: {masked:,} of {tp['tokens_trainable']:,} of their "
+        f"tokens left the loss; {plural(tp['tokens_over_budget'], 'token was', 'tokens were')} kept above the "
+        "budget to keep words whole.</p>"
     ]
     if "masked_by_kind" in tp:
         kinds = tp["masked_by_kind"]
@@ -296,7 +320,8 @@ def build_html(
     tok = stats["trainable_tokens"]
     summary = (
         f"<p>Kept <b>{stats['K']:,}</b> of {stats['N']:,} samples ({stats['sample_ratio']:.1%}); "
-        f"selection {html.escape(json.dumps(stats['selection']))}. Loss tokens {tok['after']:,} of "
+        f"selection {html.escape(', '.join(f'{k} {v:,}' for k, v in stats['selection'].items()))}. Loss tokens "
+        f"{tok['after']:,} of "
         f"{tok['all_samples']:,} trainable ({stats['loss_token_ratio']:.1%}).</p>"
     )
     groups = ""
@@ -333,7 +358,7 @@ font-size:12px}}
 <h1>q-curate report</h1>{refresh_html(refresh) if refresh else ""}
 <h2 id="summary">Summary{" of the last round" if refresh else ""}</h2>{summary}
 <table><tr><th>quadrant</th><th>meaning</th><th>samples</th><th>kept</th></tr>{rows}</table>{groups}
-<p>alpha {stats.get("alpha")}, thresholds {html.escape(json.dumps(stats.get("thresholds")))}</p>
+{thresholds_html(stats)}
 {duplicates_html(duplicates)}{token_pruning_html(stats)}
 <h2 id="pictures">Pictures</h2>{imgs}
 <h2 id="examples">Examples</h2>
@@ -368,7 +393,7 @@ def compute(job: Job) -> dict:
     stats = io.read_json(found.pruned / STATS)
     picks = examples(samples, cfg.examples)
     try:
-        plot_eu_plane(samples, stats, out / "eu_plane.png", picks)
+        plot_eu_plane(samples, stats, out / "eu_plane.png", picks if cfg.turns else ())
         plot_histograms(samples, out / "histograms.png")
     except OSError as e:  # matplotlib's writers lose the file name (a full disk said "error: : No space left")
         raise OSError(e.errno, e.strerror, str(e.filename or out)) from None

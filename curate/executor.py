@@ -97,15 +97,22 @@ def identify_model(job: Job, key: str = "model") -> dict:
     return {key: model.hash}
 
 
+def field_value(cfg: Any, field: str) -> Any:
+    """A config field by name, dotted for a section's (`eval.data`)."""
+    for part in field.split("."):
+        cfg = getattr(cfg, part, None) if cfg is not None else None
+    return cfg
+
+
 def _verified_inputs(stage: Stage, cfg: Any, out: Path, log) -> tuple[dict, dict, dict, dict]:
     """(paths, manifests, fingerprints, given): a stage output at a URL is verified in its working copy, which
     then stands in for it (`given` keeps the URL); user data at a URL is read where it is, by ranges."""
     paths, manifests, fingerprints, given = {}, {}, {}, {}
     for spec in stage.inputs:
-        value = getattr(cfg, spec.field)
+        value = field_value(cfg, spec.field)
         if value is None or spec.model:
             continue
-        if storage.is_url(value) and spec.stages and not spec.data:
+        if storage.is_url(value) and spec.kind and not spec.data:
             given[spec.field] = value
             value = storage.RemoteFolder(value).pull(log)
         if spec.data and readers.is_many_or_remote(value):  # a URL, glob or list: identified by its files
@@ -119,8 +126,10 @@ def _verified_inputs(stage: Stage, cfg: Any, out: Path, log) -> tuple[dict, dict
             continue
         path = paths[spec.field] = storage.local(value)
         outdir.check_not_input(out, path)
-        if spec.stages and not (spec.file_ok and path.is_file()):
-            manifests[spec.field] = io.verified(path, spec.stages, spec.hint)
+        if spec.file_ok and not path.exists():
+            raise CurateError(f"{path}: no such file or folder ({spec.hint})")
+        if spec.kind and not (spec.file_ok and path.is_file()):
+            manifests[spec.field] = io.verified(path, spec.kind, spec.hint)
             fingerprints[spec.field] = manifests[spec.field]["fingerprint"]
         elif spec.data or spec.file_ok:
             if not path.exists():
@@ -159,7 +168,7 @@ def _prepare(stage: Stage, cfg: Any, reporter: Reporter, force: bool, started: f
     paths, manifests, fingerprints, given = _verified_inputs(stage, cfg, out, reporter.log)
     if remote:
         given["out"] = remote.url
-    cfg = cfg.model_copy(update={f: str(paths[f]) for f in given if f != "out"})
+    cfg = cfg.model_copy(update={f: str(paths[f]) for f in given if f != "out" and "." not in f})
     job = Job(stage, cfg, out, reporter, force, paths, manifests, fingerprints, started, remote=remote, given=given)
     identity = stage.identify(job) if stage.identify else {}
     job.fingerprint = job.fingerprint_with(identity)
@@ -224,7 +233,11 @@ def _finish(job: Job, fields: dict) -> dict:
     inputs = [
         {
             "path": job.given.get(f) or _recorded(job, path),
-            **({"stage": job.manifests[f]["stage"]} if job.manifests.get(f) else {}),
+            **(
+                {"stage": job.manifests[f]["stage"], "kind": io.manifest_kind(job.manifests[f])}
+                if job.manifests.get(f)
+                else {}
+            ),
             **({"fingerprint": job.input_fingerprints[f]} if f in job.input_fingerprints else {}),
         }
         for f, path in job.inputs.items()
@@ -237,6 +250,7 @@ def _finish(job: Job, fields: dict) -> dict:
         job.fingerprint,
         job.started,
         files=[job.entries.get(n) or io.file_entry(job.out, n) for n in names],
+        kind=job.stage.kind,
         inputs=inputs,
         outputs=list(job.stage.outputs),
         **fields,

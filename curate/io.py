@@ -231,19 +231,32 @@ def file_problems(folder: Path, manifest: dict) -> list[tuple[str, str]]:
     return problems
 
 
-def verified(folder: Path, stage: str | tuple[str, ...], hint: str) -> dict:
-    """The manifest of `folder` after checking that a `stage` run finished there and its files are intact."""
-    stages = (stage,) if isinstance(stage, str) else stage
+# The kind of output of a manifest written before manifests named it (q-curate < 0.1 of 2026-12).
+LEGACY_KINDS = {
+    "score": "scores",
+    "prune": "pruned",
+    "retokenize": "pruned",
+    "train": "model",
+    "train-command": "model",
+}
+
+
+def manifest_kind(manifest: dict) -> str:
+    """What a finished stage produced (scores, pruned, model...): what a consumer asks for, whichever stage made it."""
+    return manifest.get("kind") or LEGACY_KINDS.get(manifest["stage"], manifest["stage"])
+
+
+def verified(folder: Path, kind: str, hint: str) -> dict:
+    """The manifest of `folder` after checking that a run producing `kind` finished there and its files are intact."""
     if not folder.is_dir():
         raise CurateError(f"{folder}: no such folder ({hint})")
     manifest = read_manifest(folder)
     if manifest is None:
+        raise CurateError(f"{folder}: no {MANIFEST}, so the run there is unfinished or never started ({hint})")
+    if manifest_kind(manifest) != kind:
         raise CurateError(
-            f"{folder}: no {MANIFEST}, so the {'/'.join(stages)} run there is unfinished or never started ({hint})"
-        )
-    if manifest["stage"] not in stages:
-        raise CurateError(
-            f"{folder} holds the output of `curate {manifest['stage']}`, not of `curate {'/'.join(stages)}` ({hint})"
+            f"{folder} holds the output of `curate {manifest['stage']}` ({manifest_kind(manifest)}), not {kind} "
+            f"({hint})"
         )
     problems = file_problems(folder, manifest)
     if problems:

@@ -22,7 +22,7 @@ HINT = "push the output of `curate prune`"
 
 def files_to_push(folder: Path) -> list[str]:
     """The names (relative to the folder) that make up a pruned dataset, the manifest last."""
-    manifest = io.verified(folder, ("prune", "retokenize"), HINT)
+    manifest = io.verified(folder, "pruned", HINT)
     names = [f["name"] for f in manifest["files"]]
     if "README.md" not in names:
         raise CurateError(f"{folder}: no dataset card (README.md); prune it again with this q-curate to write one")

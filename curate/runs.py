@@ -42,7 +42,7 @@ def locate(where: str | Path) -> Run:
         refresh = manifest["summary"]
         path = path / refresh["rounds"][-1]["dir"]
         manifest = None
-    if manifest and manifest["stage"] in ("prune", "retokenize"):
+    if manifest and io.manifest_kind(manifest) == "pruned":
         pruned, pruned_at = path, where
     elif manifest is None:
         pruned_at = storage.join(where, "pruned")
@@ -52,13 +52,14 @@ def locate(where: str | Path) -> Run:
             f"{where} holds the output of `curate {manifest['stage']}`; point at a run folder, a "
             "`curate prune` folder or a `curate refresh` folder"
         )
-    pruned_manifest = io.verified(pruned, ("prune", "retokenize"), HINT)
+    pruned_manifest = io.verified(pruned, "pruned", HINT)
     source = pruned_manifest["inputs"][0]
     scores_at = storage.resolve(pruned_at if storage.is_url(pruned_at) else pruned, source["path"])
-    if source.get("stage") == "prune":  # a re-tokenised folder: the scores are those of the folder it came from
+    if (source.get("kind") or io.LEGACY_KINDS.get(source.get("stage"))) == "pruned":
+        # a re-tokenised folder: the scores are those of the pruned folder it came from
         return locate(scores_at)
     scores = storage.materialized(scores_at)
-    scores_manifest = io.verified(scores, "score", HINT)
+    scores_manifest = io.verified(scores, "scores", HINT)
     return Run(pruned, scores, pruned_manifest, scores_manifest, refresh)
 
 

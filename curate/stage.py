@@ -18,14 +18,15 @@ from pydantic import BaseModel, ConfigDict
 
 @dataclass(frozen=True)
 class Input:
-    """A config field that names an input. `stages`: whose output it must be (verified against that stage's
-    manifest before anything else); `data`: user data, identified by its contents; `file_ok`: a plain file is
-    taken as data too; `model`: a model folder or hub id, which the stage identifies by its content hash
-    (`identify`); none of these: the stage finds and identifies it itself. Either way the field's text is not
-    part of the fingerprint: the same input named from another folder is the same run."""
+    """A config field that names an input. `kind`: the kind of output it must be (scores, pruned, model, ...),
+    whichever stage produced it, verified against that stage's manifest before anything else; `data`: user data,
+    identified by its contents; `file_ok`: a plain file is taken as data too; `model`: a model folder or hub id,
+    which the stage identifies by its content hash (`identify`); none of these: the stage finds and identifies it
+    itself. Either way the field's text is not part of the fingerprint: the same input named from another folder is
+    the same run. `field` may be dotted (`eval.data`) for a sectioned config."""
 
     field: str
-    stages: tuple[str, ...] = ()
+    kind: str | None = None
     data: bool = False
     file_ok: bool = False
     model: bool = False
@@ -68,6 +69,7 @@ class Stage:
     name: str
     config: type[BaseModel]
     compute: Callable[[Any], dict]  # (Job) -> the manifest's own fields; writes the outputs into job.out
+    produces: str = ""  # the kind of output (scores, pruned, model...) that consumers ask for; default: the name
     doc: str = ""  # one line for `--help`
     inputs: tuple[Input, ...] = ()
     outputs: tuple[str, ...] = ()  # file patterns, `folder/` for a folder only this stage writes
@@ -83,6 +85,10 @@ class Stage:
     step: int = 99  # its place in `curate --help`: the order a run goes through the stages
     cli_arguments: tuple[str, ...] = ()  # fields given positionally on the command line
     cli_first: tuple[str, ...] = ("out",)  # options listed first in --help
+
+    @property
+    def kind(self) -> str:
+        return self.produces or self.name
 
     def output_folder(self, cfg: BaseModel) -> str:
         """Where a config's output goes: a path, or a URL (never folded through Path, which breaks `s3://`)."""

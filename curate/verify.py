@@ -35,7 +35,7 @@ def verify_tree(path: Path) -> tuple[list[tuple[Path, str, int, list]], bool]:
             rows.append((folder, "?", 0, [(MANIFEST, str(e))]))
             continue
         problems = io.file_problems(folder, manifest)
-        if manifest["stage"] == "score" and (changed := input_change(folder, manifest)):
+        if io.manifest_kind(manifest) == "scores" and (changed := input_change(folder, manifest)):
             problems.append(("input", changed))
         rows.append((folder, manifest["stage"], len(manifest.get("files", [])), problems))
     if not rows:
@@ -74,8 +74,8 @@ OURS = (LOCK, LOCK + ".takeover", RUN_STAMP)  # a run's lock and start stamp: pr
 def input_change(scores: Path, manifest: dict) -> str | None:
     """What changed in the input a score run read, when it is still there and no longer what was scored."""
     source = (manifest.get("inputs") or [{}])[0]
-    if "path" not in source or "fingerprint" not in source:  # synthetic scores read no input
-        return None
+    if "path" not in source or "fingerprint" not in source or source.get("stage"):
+        return None  # synthetic scores read no input; scores made from other scores were verified when read
     if readers.is_many_or_remote(source["path"]):  # a URL, glob or list: compared by the store's checksums
         try:
             now = readers.fingerprint(source["path"])

@@ -332,7 +332,7 @@ def test_a_pruned_folder_loads_by_name_with_its_card(tmp_path, tiny_run):
     stats = json.loads((pruned / "stats.json").read_text())
     assert ds.num_rows == stats["K"] and {"input_ids", "labels", "loss_mask"} <= set(ds.column_names)
     card = (pruned / "README.md").read_text()
-    manifest = io.verified(pruned, "prune", "")
+    manifest = io.verified(pruned, "pruned", "")
     assert "README.md" in {f["name"] for f in manifest["files"]}  # listed, with its checksum
     assert manifest["model"]["hash"] in card and "--ratio 0.5" in card and "--token-ratio" not in card
     assert "](eu_plane.png)" in card and "eu_plane.png" in {f["name"] for f in manifest["files"]}

@@ -113,7 +113,7 @@ def test_a_refresh_round_trained_by_a_user_command_lists_its_files(tmp_path, tin
     args = ["refresh", str(DEMO), "--out", str(out), "--rounds", "1", "--model", str(tiny_model_dir), "--limit", "8"]
     res = cli.invoke(curate.cli.app, [*args, "--train-cmd", cmd])
     assert res.exit_code == 0, res.output
-    manifest = io.verified(out / "round-01" / "model", "train-command", "")
+    manifest = io.verified(out / "round-01" / "model", "model", "")
     assert {"config.json", "model.safetensors"} <= {f["name"] for f in manifest["files"]}
     weights = out / "round-01" / "model" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1] + b"\0")

@@ -51,6 +51,7 @@ def summary(m: EvaluateResult) -> list:
 STAGE = register(
     Stage(
         name="evaluate",
+        produces="eval",
         step=8,
         config=EvaluateConfig,
         doc="A model's answer NLL on held-out rows and GSM8K exact match, into OUT/eval.json.",

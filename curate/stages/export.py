@@ -196,12 +196,13 @@ def summary(m: ExportResult) -> list:
 STAGE = register(
     Stage(
         name="export",
+        produces="export",
         step=6,
         config=ExportConfig,
         doc="Write the pruned data in the shape a training framework accepts, with a ready-to-paste config.",
         compute=compute,
         identify=identify,
-        inputs=(Input("pruned", stages=("prune", "retokenize"), hint="export the output of `curate prune`"),),
+        inputs=(Input("pruned", kind="pruned", hint="export the output of `curate prune`"),),
         outputs=OUTPUTS,
         needs=lambda cfg: ("datasets",) if cfg.format == "llamafactory" else (),
         result=ExportResult,

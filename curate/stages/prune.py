@@ -693,13 +693,14 @@ def follow_ups(cfg: PruneConfig) -> list:
 STAGE = register(
     Stage(
         name="prune",
+        produces="pruned",
         step=2,
         config=PruneConfig,
         doc="Keep the valuable samples (Q2, Q4) to an exact budget and mask noisy tokens in Q2 samples.",
         compute=compute,
         identify=identify,
         inputs=(
-            Input("scores", stages=("score",), hint=SCORES_HINT),
+            Input("scores", kind="scores", hint=SCORES_HINT),
             Input("exclude_ids", data=True, hint="the ids to leave out"),
         ),
         outputs=(f"{schema.PRUNED_DATA}/{schema.PRUNED_GLOB}", schema.SAMPLES, schema.STATS, CARD, PICTURE),

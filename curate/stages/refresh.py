@@ -66,13 +66,14 @@ def train_with_command(job: Job) -> dict:
 TRAIN_COMMAND = register(
     Stage(
         name="train-command",
+        produces="model",
         step=5,
         config=TrainCommandConfig,
         doc="Train with your own command (as `curate refresh --train-cmd` does each round).",
         compute=train_with_command,
         identify=identify_model,
         inputs=(
-            Input("data", stages=("prune", "retokenize"), hint="train on the output of `curate prune`"),
+            Input("data", kind="pruned", hint="train on the output of `curate prune`"),
             Input("model", model=True),
         ),
         outputs=train.MODEL_FILES,
@@ -172,6 +173,7 @@ def needs(cfg: RefreshConfig) -> tuple[str, ...]:
 STAGE = register(
     Stage(
         name="refresh",
+        produces="refresh",
         step=9,
         config=RefreshConfig,
         doc="The dynamic loop: each round re-scores the full input with the latest model, prunes and trains.",

@@ -430,6 +430,7 @@ class ReportResult(Manifest):
 STAGE = register(
     Stage(
         name="report",
+        produces="report",
         step=7,
         config=ReportConfig,
         doc="Draw the EU plane (eu_plane.png, histograms.png) and write a self-contained report.html.",

@@ -192,6 +192,7 @@ def summary(m: RetokenizeResult) -> list:
 STAGE = register(
     Stage(
         name="retokenize",
+        produces="pruned",
         step=3,
         config=RetokenizeConfig,
         doc="Carry a pruned dataset over to another model's tokenizer and chat template "
@@ -199,7 +200,7 @@ STAGE = register(
         compute=compute,
         identify=lambda job: identify_model(job, "target"),
         inputs=(
-            Input("pruned", stages=("prune",), hint="retokenize the output of `curate prune`"),
+            Input("pruned", kind="pruned", hint="retokenize the output of `curate prune`"),
             Input("model", model=True),
         ),
         outputs=(f"{schema.PRUNED_DATA}/{schema.PRUNED_GLOB}", schema.STATS),

@@ -333,6 +333,7 @@ def needs(cfg: ScoreConfig) -> tuple[str, ...]:
 STAGE = register(
     Stage(
         name="score",
+        produces="scores",
         step=1,
         config=ScoreConfig,
         doc="Score every token of INPUT with a reference model: log-prob and entropy per token, as Parquet.",

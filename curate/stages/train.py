@@ -11,35 +11,27 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .. import io, storage
+from .. import io
 from ..config import TrainConfig
 from ..errors import CurateError
 from ..executor import Job, identify_model, runner
 from ..registry import register
 from ..stage import Input, Manifest, Stage
 
-PRUNED_STAGES = ("prune", "retokenize")
 CHECKPOINTS = "checkpoints"
 
 
-def training_files(data: str | Path) -> tuple[list[Path], str]:
-    """The Parquet files to train on and a fingerprint of them: a finished, intact `curate prune` (or
-    `curate retokenize`) folder, or one Parquet file given explicitly; a folder URL is fetched first."""
-    data = storage.materialized(data)
-    if not data.exists():
-        raise CurateError(
-            f"{data}: no such file or folder, so no Parquet files to train on (give a `curate prune` "
-            "folder or one .parquet file with input_ids and labels)"
-        )
-    if data.is_file():
+def training_files(data: Path, manifest: dict | None) -> list[Path]:
+    """The Parquet files to train on: those of a pruned folder (its manifest verified by the executor), or one Parquet
+    file given explicitly."""
+    if manifest is None:
         if data.suffix != ".parquet":
             raise CurateError(f"{data}: expected a .parquet file or a `curate prune` folder")
-        return [data], io.fingerprint_path(data)
-    manifest = io.verified(data, PRUNED_STAGES, "train on the output of `curate prune`")
+        return [data]
     files = io.pruned_data_files(data, manifest)
     if not files:
         raise CurateError(f"{data}: the pruned dataset is empty")
-    return files, manifest["fingerprint"]
+    return files
 
 
 def load_training_table(files: list[Path]):
@@ -115,7 +107,7 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, dataset, work_dir: Path, c
 
 
 def identify(job: Job) -> dict:
-    job.context["files"], job.input_fingerprints["data"] = training_files(job.inputs["data"])
+    job.context["files"] = training_files(job.inputs["data"], job.manifests.get("data"))
     return identify_model(job)
 
 
@@ -224,13 +216,23 @@ MODEL_FILES = (
 STAGE = register(
     Stage(
         name="train",
+        produces="model",
         step=4,
         config=TrainConfig,
         doc="Fine-tune a model on pruned data with the built-in transformers trainer "
         "(labels = -100 are not in the loss).",
         compute=compute,
         identify=identify,
-        inputs=(Input("data", hint="train on the output of `curate prune`"), Input("model", model=True)),
+        inputs=(
+            Input(
+                "data",
+                kind="pruned",
+                file_ok=True,
+                hint="no Parquet files to train on: give a `curate prune` folder or one .parquet file with input_ids "
+                "and labels",
+            ),
+            Input("model", model=True),
+        ),
         outputs=(*MODEL_FILES, CHECKPOINTS + "/"),
         needs=lambda cfg: ("torch", "transformers", "datasets", *(("peft",) if cfg.lora_rank else ())),
         result=TrainResult,

@@ -89,7 +89,7 @@ def test_a_stage_never_writes_over_its_input_or_another_stage(tmp_path, referenc
     assert res.exit_code == 2 and "no such folder" in text(res)
     assert runner.invoke(app, ["prune", str(scores), "--out", str(tmp_path / "p")]).exit_code == 0
     res = runner.invoke(app, ["prune", str(tmp_path / "p"), "--out", str(tmp_path / "q")])  # a prune folder as scores
-    assert res.exit_code == 2 and "not of `curate score`" in text(res)
+    assert res.exit_code == 2 and "holds the output of `curate prune` (pruned), not scores" in text(res)
 
 
 def test_unfinished_or_stale_pruned_folders_are_not_consumed(tmp_path, reference):

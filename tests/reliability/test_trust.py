@@ -264,7 +264,7 @@ def test_force_deletes_only_what_the_tool_wrote(tmp_path, tiny_run):
         assert (proj / "notes" / "deep" / ".draft.tmp-1").exists() and (proj / "README").exists()
     from curate import io
 
-    assert io.verified(proj, "prune", "")["config"]["ratio"] == 0.25  # the output is whole, with no stray shard
+    assert io.verified(proj, "pruned", "")["config"]["ratio"] == 0.25  # the output is whole, with no stray shard
 
 
 def test_a_stage_removes_only_its_own_files_when_settings_change(tmp_path):

@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .config import ProbeConfig, PruneOptions, RefreshConfig, ReportConfig, ScoreOptions, TrainOptions
+from .config import ReportConfig
 from .errors import CurateError
 from .executor import execute, require_stage
 from .options import command, sectioned_command
@@ -177,136 +177,51 @@ def run_with_progress(stage, cfg, force: bool):
 
 
 def add_stage_command(stage) -> None:
-    """`curate NAME`: the stage's options from its config model, `--force`, and its summary."""
+    """`curate NAME`: the stage's options from its config model (or the sections it exposes, or a YAML file of its
+    config), `--force`, and its summary."""
+    if stage.cli_file:
+        add_file_command(stage)
+        return
 
     def cmd(cfg, force: bool = FORCE):
         with user_errors():
             show(stage, run_with_progress(stage, cfg, force))
 
     cmd.__doc__ = stage.doc
-    app.command(stage.name)(command(stage.config, arguments=stage.cli_arguments, first=stage.cli_first)(cmd))
+    if stage.cli_sections:
+        declared = sectioned_command(stage.config, list(stage.cli_sections), arguments=stage.cli_arguments)
+    else:
+        declared = command(stage.config, arguments=stage.cli_arguments, first=stage.cli_first)
+    app.command(stage.name)(declared(cmd))
+
+
+def add_file_command(stage) -> None:
+    """`curate NAME FILE.yaml [--set k=v]`: a config with sections and lists is a file, its paths relative to it."""
+    from .config import load_model
+
+    def cmd(
+        path: Path = typer.Argument(..., help=stage.cli_file, metavar="CONFIG"),
+        set_: list[str] = typer.Option(
+            [], "--set", help="Override a config value, e.g. --set prune.ratio=0.25 (repeatable)."
+        ),
+        force: bool = FORCE,
+    ):
+        with user_errors():
+            cfg = load_model(stage.config, path, set_, f"{stage.name} config")
+            show(stage, run_with_progress(stage, cfg, force))
+
+    cmd.__doc__ = stage.doc
+    app.command(stage.name)(cmd)
 
 
 for _stage in sorted(all_stages().values(), key=lambda s: s.step):
-    if _stage.name != "refresh":  # its command exposes the sections of its config: below
-        add_stage_command(_stage)
+    add_stage_command(_stage)
 
 
-def print_results(results: dict) -> None:
-    for name, result in results.items():
-        show(get(name), result)
+# ---------------------------------------------------------------- commands that are not stages
 
 
-def write_report(run: Path, rep: Reporter) -> str:
-    return quiet(execute, get("report"), ReportConfig(run=str(run)), rep)["report"]
-
-
-# ---------------------------------------------------------------- commands
-
-
-@app.command("refresh")
-@sectioned_command(
-    RefreshConfig,
-    [
-        (None, RefreshConfig, ("input", "out", "rounds", "train_cmd")),
-        ("score", ScoreOptions, ("model", "format", "fields", "limit", "max_length", "backend", "device", "dtype")),
-        ("prune", PruneOptions, ("ratio", "token_ratio")),
-        ("train", TrainOptions, ("epochs", "max_steps", "lr", "batch_size", "lora_rank")),
-    ],
-    arguments=("input",),
-)
-def refresh_cmd(cfg: RefreshConfig, force: bool = FORCE):
-    """The dynamic loop: score with the current model, prune, train, and re-score with the new checkpoint.
-
-    Every other stage setting (scope, lam, LoRA alpha, ...) is available in a pipeline config with a refresh
-    section: see pipelines/refresh.yaml and `curate run`."""
-    with user_errors():
-        require_stage("report")  # drawn at the end: fail now, not after the loop
-        rep = reporter()
-        show(get("refresh"), run_with_progress(get("refresh"), cfg, force))
-        out.print(f"report: {write_report(Path(cfg.out), rep)}")
-
-
-@app.command("run")
-def run_cmd(
-    pipeline: Path = typer.Argument(..., help="Pipeline YAML (see pipelines/)."),
-    set_: list[str] = typer.Option(
-        [], "--set", help="Override a config value, e.g. --set prune.ratio=0.25 (repeatable)."
-    ),
-    force: bool = FORCE,
-):
-    """Run the stages a pipeline YAML describes (score -> prune [-> train], or the refresh loop) into one run folder.
-
-    Finished stages are skipped."""
-    from . import readers
-    from .config import load_pipeline
-    from .pipeline import run_pipeline
-
-    with user_errors():
-        p = load_pipeline(pipeline, set_)
-        where = Path(p.score.input)
-        if p.score.input != "demo" and not readers.is_many_or_remote(p.score.input) and not where.exists():
-            raise CurateError(
-                f"{pipeline}: score.input: {where} does not exist (paths in a pipeline file are relative to the "
-                "file); get the data as the file's comment says, or give it: --set score.input=PATH"
-            )
-        if p.refresh:
-            require_stage("report")
-        rep = reporter()
-        results = quiet(run_pipeline, p, rep, force)
-        print_results(results)
-        if "refresh" in results:
-            out.print(f"report: {write_report(Path(p.run_dir), rep)}")
-        out.print(f"run folder: {p.run_dir} (resolved config: {Path(p.run_dir) / 'config.yaml'})")
-
-
-@app.command("experiment")
-def experiment_cmd(
-    config: Path = typer.Argument(..., help="Experiment YAML (see pipelines/experiments/)."),
-    set_: list[str] = typer.Option([], "--set", help="Override a config value, e.g. --set eval.limit=50 (repeatable)."),
-    force: bool = FORCE,
-):
-    """Does the pruning pay off? Score once, prune every arm from the same scores, train each identically, evaluate.
-
-    Writes RUN/results.json, results.md (the tables) and results.png; finished arms are not retrained."""
-    from . import experiment
-    from .config import ExperimentConfig, load_model
-
-    with user_errors():
-        cfg = load_model(ExperimentConfig, config, set_, "experiment config")
-        manifest = quiet(experiment.run, cfg, reporter(), force)
-        out.print((Path(cfg.run_dir) / "results.md").read_text(), markup=False, highlight=False)
-        out.print(
-            f"results: {cfg.run_dir}/results.json, results.md, results.png "
-            f"({manifest['results']['wall_time_s'] / 60:.1f} min)"
-        )
-
-
-@app.command("probe")
-@sectioned_command(
-    ProbeConfig,
-    [
-        (None, ProbeConfig, ("input", "out", "fraction", "corruptions", "ratio", "seeds", "random_seeds")),
-        ("score", ScoreOptions, ("model", "format", "fields", "limit", "max_length", "backend", "device", "dtype")),
-        ("prune", PruneOptions, ("entropy_positions", "fill", "keep_duplicates")),
-    ],
-    arguments=("input",),
-)
-def probe_cmd(cfg: ProbeConfig, force: bool = FORCE):
-    """How much broken data does each strategy keep? Corrupt a copy of INPUT (once per corruption seed), score it
-    (the answers alone too, for IFD), select with every registered strategy and placement at the same budget, and
-    tabulate the corrupted share kept, mean and sd over the seeds (no training: minutes).
-
-    Writes OUT/probe.md (the table), OUT/probe.json, and per seed OUT/seed-S/ with the corrupted copy, its list of
-    corrupted ids and its scores."""
-    from . import probe
-
-    with user_errors():
-        quiet(probe.run, cfg, reporter(), force)
-        out.print((Path(cfg.out) / "probe.md").read_text(), markup=False, highlight=False)
-        out.print(f"results: {Path(cfg.out) / 'probe.md'}, probe.json")
-
-
+# Not a stage: a view of one sample in the terminal; it writes nothing.
 @app.command("inspect")
 def inspect_cmd(
     run_dir: str = typer.Argument(
@@ -323,6 +238,7 @@ def inspect_cmd(
         out.print(sample_table(run_dir, id))
 
 
+# Not a stage: a server over a finished run; it writes nothing.
 @app.command("explore")
 def explore_cmd(
     run_dir: str = typer.Argument(
@@ -348,6 +264,7 @@ def explore_cmd(
             server.shutdown()
 
 
+# Not a stage: it checks the manifests of every stage under a folder; it writes nothing.
 @app.command("verify")
 def verify_cmd(
     path: str = typer.Argument(..., help="Any folder q-curate wrote (a stage or a whole run folder): a path or a URL."),
@@ -369,6 +286,7 @@ def verify_cmd(
         raise typer.Exit(1)
 
 
+# Not a stage: it copies a finished folder, as its manifest lists it, to a destination that is no stage's output.
 @app.command("push")
 def push_cmd(
     pruned: str = typer.Argument(..., help="A `curate prune` (or retokenize) folder: a path or a URL."),
@@ -385,6 +303,7 @@ def push_cmd(
         out.print(f"pushed {pruned} to {where}")
 
 
+# Not a stage of its own: it runs the `run` stage on the built-in pipeline (a stale demo folder is recomputed).
 @app.command("demo")
 def demo_cmd(
     out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Run folder for the demo."),
@@ -393,13 +312,13 @@ def demo_cmd(
     """Run the whole pipeline on the built-in demo data with the built-in SmolLM2-135M model.
 
     A demo folder left by other settings or an older q-curate is recomputed (a minute on CPU)."""
-    from .pipeline import run_demo
+    from .stages.run import run_demo
 
     with user_errors():
         require_stage("report")
         rep = reporter()
-        print_results(quiet(run_demo, out_dir, rep, force))
-        report_path = write_report(out_dir, rep)
+        show(get("run"), quiet(run_demo, out_dir, rep, force))
+        report_path = quiet(execute, get("report"), ReportConfig(run=str(out_dir)), rep)["report"]
     out.print("\nDemo finished.", style="bold green")
     out.print(
         f"Results in {out_dir}/:\n"

@@ -214,6 +214,10 @@ class ScoreOptions(Options):
         return v
 
 
+# The score options the commands with sections (`refresh`, `probe`) expose; the rest is set in their YAML form.
+SCORE_OPTIONS = ("model", "format", "fields", "limit", "max_length", "backend", "device", "dtype")
+
+
 class ScoreSection(ScoreOptions):
     input: str = Field(
         description="SFT data: a .jsonl, .json or .parquet file, a glob or comma-separated list of them, a folder laid "
@@ -673,14 +677,26 @@ LocalFolder = Annotated[str, AfterValidator(local_folder)]
 
 
 class Pipeline(Options):
-    run_dir: LocalFolder
-    score: ScoreSection
+    run_dir: LocalFolder = Field(description="The run folder: one folder per stage inside it.")
+    score: ScoreSection | None = None
     prune: PruneOptions | None = None
     train: TrainOptions | None = None  # without refresh: train once on the pruned data into RUN_DIR/model
     refresh: RefreshOptions | None = None  # the loop: RUN_DIR/round-NN/{scores,pruned,model}
+    # Or any registered stages, in order: [{STAGE: {options}}, ...]; each one's inputs are the latest outputs of
+    # the kinds it asks for (a stage producing scores between score and prune is pruned from), its folder
+    # RUN_DIR/KIND (RUN_DIR/STAGE when an earlier step took that name).
+    steps: list[dict[str, dict[str, Any]]] | None = None
 
     @model_validator(mode="after")
     def _stages_fit_together(self):
+        if self.steps is not None:
+            if any(getattr(self, s) is not None for s in ("score", "prune", "train", "refresh")):
+                raise ValueError("give either steps or the score/prune/train/refresh sections, not both")
+            if not self.steps or any(len(step) != 1 for step in self.steps):
+                raise ValueError("steps is a list of {STAGE: {options}}, one stage each")
+            return self
+        if self.score is None:
+            raise ValueError("a pipeline needs a score section (or steps)")
         if (self.train or self.refresh) and self.prune is None:
             raise ValueError("train and refresh need a prune section (they train on the pruned data)")
         return self

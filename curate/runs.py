@@ -42,6 +42,12 @@ def locate(where: str | Path) -> Run:
         refresh = manifest["summary"]
         path = path / refresh["rounds"][-1]["dir"]
         manifest = None
+    if manifest and io.manifest_kind(manifest) == "run":  # a pipeline's folder: its last step that produced pruned data
+        pruned_steps = [s for s in manifest.get("steps", []) if s["kind"] in ("pruned", "refresh")]
+        if not pruned_steps:
+            raise CurateError(f"{where}: the pipeline run there has no prune step; nothing to show")
+        step = pruned_steps[-1]
+        return locate(storage.join(where, step["out"]) if storage.is_url(where) else path / step["out"])
     if manifest and io.manifest_kind(manifest) == "pruned":
         pruned, pruned_at = path, where
     elif manifest is None:

@@ -85,6 +85,10 @@ class Stage:
     step: int = 99  # its place in `curate --help`: the order a run goes through the stages
     cli_arguments: tuple[str, ...] = ()  # fields given positionally on the command line
     cli_first: tuple[str, ...] = ("out",)  # options listed first in --help
+    # A config with sections (score/prune/train): the options the command exposes, as (section or None for the top
+    # level, its model, field names); every other setting is in the stage's YAML form
+    cli_sections: tuple = ()
+    cli_file: str | None = None  # the config is a YAML file (`curate NAME FILE --set k=v`); the argument's help
 
     @property
     def kind(self) -> str:

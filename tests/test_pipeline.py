@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from curate.cli import app
 from curate.config import load_pipeline
 from curate.errors import CurateError
-from curate.pipeline import stage_configs
+from curate.stages.run import stage_configs
 
 from .conftest import DEMO, ROOT, Recorder, write_jsonl
 
@@ -70,10 +70,10 @@ def test_run_pipeline_end_to_end_then_noop(tmp_path, tiny_model_dir):
     runner = CliRunner()
     res = runner.invoke(app, ["run", str(cfg), "--set", "prune.token_ratio=0.5"])
     assert res.exit_code == 0, res.output
-    assert "EU plane" in res.output and (tmp_path / "run" / "config.yaml").exists()
+    assert "EU plane" in res.output and (tmp_path / "run" / "pipeline.yaml").exists()
     kept = pq.read_table(sorted((tmp_path / "run" / "pruned" / "data").glob("*.parquet")))
     assert kept.num_rows == 6
-    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    saved = yaml.safe_load((tmp_path / "run" / "pipeline.yaml").read_text())
     assert saved["prune"]["token_ratio"] == 0.5 and saved["prune"]["lam"] == 0.5
     res = runner.invoke(app, ["run", str(cfg), "--set", "prune.token_ratio=0.5"])
     assert res.exit_code == 0 and res.output.count("nothing to do") == 2, res.output
@@ -167,7 +167,7 @@ def test_the_demo_runs_with_the_builtin_model(tmp_path, smollm2_dir):
 def test_demo_recomputes_a_demo_from_other_settings_where_a_pipeline_refuses(tmp_path, tiny_model_dir):
     """The demo's own branch, run with the tiny model: the same pipeline, the same code as `curate demo`."""
     from curate.demo import demo_pipeline
-    from curate.pipeline import run_demo
+    from curate.stages.run import run_demo
 
     out = tmp_path / "demo"
     pipeline = demo_pipeline(out).model_copy(deep=True)
@@ -179,7 +179,7 @@ def test_demo_recomputes_a_demo_from_other_settings_where_a_pipeline_refuses(tmp
     fingerprint = manifest["fingerprint"]
     manifest["fingerprint"] = "0" * 16  # as an older q-curate version would have written it
     manifest_path.write_text(json.dumps(manifest))
-    res = CliRunner().invoke(app, ["run", str(out / "config.yaml")])  # the same pipeline, not as the demo
+    res = CliRunner().invoke(app, ["run", str(out / "pipeline.yaml")])  # the same pipeline, not as the demo
     assert res.exit_code == 2 and "other inputs or settings" in res.output  # hours of scoring are never replaced
     run_demo(out, rec, pipeline=pipeline)
     assert any("recomputing it" in line for line in rec.logs)

@@ -116,7 +116,7 @@ def test_a_strategy_registered_from_outside_is_in_prune_probe_and_experiment(tmp
     from curate.arms import arm_settings
     from curate.cli import app
     from curate.config import ExperimentConfig
-    from curate.probe import probe_table
+    from curate.stages.probe import probe_table
 
     toy = strategies.Strategy(
         "shortest-toy",

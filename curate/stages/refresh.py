@@ -16,7 +16,15 @@ from pathlib import Path
 import polars as pl
 
 from .. import schema, wiring
-from ..config import RefreshConfig, TrainCommandConfig
+from ..config import (
+    SCORE_OPTIONS,
+    PruneOptions,
+    RefreshConfig,
+    ReportConfig,
+    ScoreOptions,
+    TrainCommandConfig,
+    TrainOptions,
+)
 from ..errors import CurateError
 from ..executor import Job, execute, identify_model, runner
 from ..registry import register
@@ -160,6 +168,7 @@ def summary_lines(m: RefreshResult) -> list:
             f"{tr['kept_both']:,} were kept in both rounds",
         ]
     lines.append(f"rounds: {run_dir}/round-NN/{{scores,pruned,model}}; summary: {run_dir}/_manifest.json")
+    lines.append(f"report: {run_dir / 'report' / 'report.html'}")
     return lines
 
 
@@ -176,14 +185,23 @@ STAGE = register(
         produces="refresh",
         step=9,
         config=RefreshConfig,
-        doc="The dynamic loop: each round re-scores the full input with the latest model, prunes and trains.",
+        doc="The dynamic loop: score with the current model, prune, train, and re-score with the new checkpoint; "
+        "then the report. Every other stage setting (scope, lam, LoRA alpha, ...) is available in a pipeline config "
+        "with a refresh section: see pipelines/refresh.yaml and `curate run`.",
         compute=rounds,
         inputs=(Input("input", data=True, hint="the SFT data to score each round"),),
-        needs=needs,
+        needs=lambda cfg: (*needs(cfg), "matplotlib", "plotly"),  # the report follows: fail now, not after the loop
         walks=True,  # an interrupted loop resumes at the round and stage where it stopped
+        then=lambda cfg: [("report", ReportConfig(run=cfg.out))],
         result=RefreshResult,
         summary=summary_lines,
         cli_arguments=("input",),
+        cli_sections=(
+            (None, RefreshConfig, ("input", "out", "rounds", "train_cmd")),
+            ("score", ScoreOptions, SCORE_OPTIONS),
+            ("prune", PruneOptions, ("ratio", "token_ratio")),
+            ("train", TrainOptions, ("epochs", "max_steps", "lr", "batch_size", "lora_rank")),
+        ),
     )
 )
 run = runner(STAGE)

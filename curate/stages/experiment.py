@@ -5,11 +5,12 @@ random samples x random tokens, Q-Tuning, Q-Tuning samples only, and the sample 
 scores, trained with identical settings and seeds, and evaluated on the same held-out rows (answer NLL and GSM8K
 exact match). The robustness part corrupts a share of the training rows (`curate.corrupt`: another row's answer, on
 multi-turn rows another reply or changed tool-call arguments) and reports, per strategy, how many corrupted rows
-each one keeps, and how the trained arms fare. Every step is a stage with its own manifest, so an interrupted
+each one keeps, and how the trained arms fare. Every step is a stage with its own manifest, and the experiment is one
+too (the executor's lifecycle: inputs verified, a fingerprint, a lock, the manifest last), so an interrupted
 experiment resumes where it stopped and a finished arm is not retrained.
 
-Layout: RUN/scores, RUN/arms/ARM/seed-S/{pruned,model,eval}, RUN/base/eval, RUN/corrupted/{train.jsonl,scores},
-RUN/robustness/..., RUN/results.{json,md,png} and RUN/_manifest.json.
+Layout: RUN/scores, RUN/arms/ARM/seed-S/{pruned,model,eval}, RUN/base/eval, RUN/robustness/{data/train-
+corrupted.jsonl,scores,strategies,arms}, RUN/results.{json,md,png} and RUN/_manifest.json.
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from . import io, strategies, wiring
-from .arms import arm_settings
-from .config import Budget, EvaluateConfig, ExperimentConfig, PruneConfig, TrainConfig
-from .corrupt import corrupt
-from .executor import require_stage
-from .progress import Reporter
-from .stages import evaluate as evaluate_stage
-from .stages import prune, score, train
+from .. import io, strategies, wiring
+from ..arms import arm_settings
+from ..config import Budget, EvaluateConfig, ExperimentConfig, PruneConfig, TrainConfig
+from ..corrupt import corrupt
+from ..executor import Job, runner
+from ..progress import Reporter
+from ..registry import register
+from ..stage import Input, Manifest, Stage
+from . import evaluate as evaluate_stage
+from . import prune, score, train
 
 
 def arm_name(arm: str, budget: Budget | None) -> str:
@@ -130,7 +133,7 @@ def robustness(cfg: ExperimentConfig, clean_rows: list[dict], reporter: Reporter
     rc, folder = cfg.robustness, Path(cfg.run_dir) / "robustness"
     rows, corrupted = corrupt(clean_rows, rc.fraction, rc.seed)
     bad_ids = sorted(corrupted)
-    data = folder / "train-corrupted.jsonl"
+    data = folder / CORRUPTED
     if not data.exists() or force:
         write_rows(data, rows)
     scored = score.run(wiring.written_rows_config(cfg.score, data, folder / "scores"), reporter, force)
@@ -173,55 +176,52 @@ def robustness(cfg: ExperimentConfig, clean_rows: list[dict], reporter: Reporter
     }
 
 
-def run(cfg: ExperimentConfig, reporter: Reporter | None = None, force: bool = False) -> dict:
-    reporter = reporter or Reporter()
-    started = time.time()
+CORRUPTED = "data/train-corrupted.jsonl"  # in RUN/robustness: the corrupted copy of the training set
+
+
+def needs(cfg: ExperimentConfig) -> tuple[str, ...]:
+    score_cfg = wiring.score_config(cfg.score, cfg.train_data, Path(cfg.run_dir) / "scores")
+    return (*score.STAGE.needs(score_cfg), *train.STAGE.needs(cfg.train), "matplotlib")
+
+
+def compute(job: Job) -> dict:
+    """Score once, then each arm's prune, train and evaluation (stages of their own, each reusing its finished
+    result), then the tables; the manifest's fields."""
+    cfg, reporter, force = job.cfg, job.reporter, job.force
     folder = Path(cfg.run_dir)
     score_cfg = wiring.score_config(cfg.score, cfg.train_data, folder / "scores")
-    for name, stage_cfg in (("score", score_cfg), ("prune", None), ("train", cfg.train), ("report", None)):
-        require_stage(name, stage_cfg)
-    with io.locked(folder, reporter.log):
-        scored = score.run(score_cfg, reporter, force)
-        base_model = cfg.train.model or cfg.score.model or "builtin"
-        baseline = evaluate(cfg, base_model, folder / "base" / "eval", reporter, force)["result"]
-        arms = {}
-        for name, arm, budget in planned_arms(cfg):
-            runs = run_arm(cfg, arm, budget, folder / "scores", folder / "arms" / name, reporter, force)
-            arms[name] = {
-                "arm": arm,
-                "budget": budget.model_dump(exclude={"arms"}) if budget else None,
-                "runs": runs,
-                **summarise(runs),
-            }
-        results = {
-            "base": {
-                "nll": baseline["nll"]["nll"],
-                "final_nll": baseline["nll"].get("final_nll"),
-                "em": baseline.get("em", {}).get("em"),
-            },
-            "arms": arms,
-            "train_rows": scored["counts"]["samples"],
-            "eval_rows": baseline["rows"],
-            "seeds": cfg.seeds,
-            "equal": cfg.equal,
+    scored = score.run(score_cfg, reporter, force)
+    base_model = cfg.train.model or cfg.score.model or "builtin"
+    baseline = evaluate(cfg, base_model, folder / "base" / "eval", reporter, force)["result"]
+    arms = {}
+    for name, arm, budget in planned_arms(cfg):
+        runs = run_arm(cfg, arm, budget, folder / "scores", folder / "arms" / name, reporter, force)
+        arms[name] = {
+            "arm": arm,
+            "budget": budget.model_dump(exclude={"arms"}) if budget else None,
+            "runs": runs,
+            **summarise(runs),
         }
-        if cfg.robustness:
-            clean = [{"id": r["id"], "messages": r["messages"]} for r in training_rows(folder / "scores", scored)]
-            results["robustness"] = robustness(cfg, clean, reporter, force)
-        results["wall_time_s"] = round(time.time() - started, 1)
-        io.write_json_atomic(folder / "results.json", results)
-        io.write_bytes_atomic(folder / "results.md", results_markdown(cfg, results).encode())
-        plot_results(results, folder / "results.png")
-        files = [io.file_entry(folder, n) for n in ("results.json", "results.md", "results.png")]
-        return io.write_manifest(
-            folder,
-            "experiment",
-            io.fingerprint_config(cfg.model_dump()),
-            started,
-            files=files,
-            config=cfg.model_dump(),
-            results=results,
-        )
+    results = {
+        "base": {
+            "nll": baseline["nll"]["nll"],
+            "final_nll": baseline["nll"].get("final_nll"),
+            "em": baseline.get("em", {}).get("em"),
+        },
+        "arms": arms,
+        "train_rows": scored["counts"]["samples"],
+        "eval_rows": baseline["rows"],
+        "seeds": cfg.seeds,
+        "equal": cfg.equal,
+    }
+    if cfg.robustness:
+        clean = [{"id": r["id"], "messages": r["messages"]} for r in training_rows(folder / "scores", scored)]
+        results["robustness"] = robustness(cfg, clean, reporter, force)
+    results["wall_time_s"] = round(time.time() - job.started, 1)
+    io.write_json_atomic(folder / "results.json", results)
+    io.write_bytes_atomic(folder / "results.md", results_markdown(cfg, results).encode())
+    plot_results(results, folder / "results.png")
+    return {"results": results}
 
 
 def training_rows(scores: Path, manifest: dict) -> list[dict]:
@@ -289,7 +289,7 @@ def results_markdown(cfg: ExperimentConfig, results: dict) -> str:
 
 
 def plot_results(results: dict, path: Path) -> None:
-    from .stages.report import _pyplot
+    from .report import _pyplot
 
     plt = _pyplot()
     names = ["base"] + list(results["arms"])
@@ -314,3 +314,40 @@ def plot_results(results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+class ExperimentResult(Manifest):
+    results: dict
+
+
+def summary(m: ExperimentResult) -> list:
+    folder = Path(m.config["run_dir"])
+    return [
+        (folder / "results.md").read_text(),
+        f"results: {folder}/results.json, results.md, results.png ({m.results['wall_time_s'] / 60:.1f} min)",
+    ]
+
+
+STAGE = register(
+    Stage(
+        name="experiment",
+        produces="experiment",
+        step=11,
+        config=ExperimentConfig,
+        doc="Does the pruning pay off? Score once, prune every arm from the same scores, train each identically, "
+        "evaluate; finished arms are not retrained.",
+        compute=compute,
+        inputs=(
+            Input("train_data", data=True, hint="the training set"),
+            Input("eval.data", data=True, hint="the held-out rows"),
+        ),
+        outputs=("results.json", "results.md", "results.png", f"robustness/{CORRUPTED}"),
+        needs=needs,
+        walks=True,  # its arms are stages: a rerun walks them, each reusing its finished result
+        out=lambda cfg: cfg.run_dir,
+        result=ExperimentResult,
+        summary=summary,
+        cli_file="Experiment YAML (see pipelines/experiments/)",
+    )
+)
+run = runner(STAGE)

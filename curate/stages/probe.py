@@ -6,33 +6,34 @@ is run under every placement (`pruning.PLACEMENTS`) at the same budget, exactly 
 among the kept ones, beside the input's share and the mean over many random draws; for Q-Tuning also where the
 corrupted samples were kept (Q2, Q4, fills) and which corruptions got through. No training: minutes, not hours.
 
-Layout: OUT/corrupted.jsonl (the corrupted copy), OUT/corrupted.json ({id: kind}), OUT/scores/, OUT/probe.json,
-OUT/probe.md and OUT/_manifest.json.
+Layout: per corruption seed OUT/seed-S/{corrupted.jsonl (the corrupted copy), corrupted.json ({id: kind}),
+scores/}, then OUT/probe.json, OUT/probe.md and OUT/_manifest.json.
 """
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from . import __version__, io, pruning, strategies, wiring
-from .config import ProbeConfig, PruneConfig
-from .corrupt import corrupt
-from .executor import require_stage
+from .. import io, pruning, strategies, wiring
+from ..config import SCORE_OPTIONS, ProbeConfig, PruneConfig, PruneOptions, ScoreOptions
+from ..corrupt import corrupt
+from ..errors import CurateError
+from ..executor import Job, runner
+from ..registry import register
+from ..stage import Input, Manifest, Stage
+from . import prune, score
 from .experiment import write_rows
-from .progress import Reporter
-from .stages import prune, score
 
 SELECTIONS = ("Q2", "Q4", "fill-Q2", "fill-Q4")
 
 
 def clean_rows(cfg: ProbeConfig) -> list[dict]:
     """The usable rows of the input, canonical, in order (as `curate score` would read them)."""
-    from .formats import Sample, parse_fields, read_samples
+    from ..formats import Sample, parse_fields, read_samples
 
     rows = []
     for s in read_samples(cfg.input, cfg.score.format, parse_fields(cfg.score.fields)):
@@ -151,50 +152,82 @@ def probe_markdown(cfg: ProbeConfig, r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(cfg: ProbeConfig, reporter: Reporter | None = None, force: bool = False) -> dict:
-    reporter = reporter or Reporter()
-    started = time.time()
-    out = Path(cfg.out)
-    # every strategy is tabled, IFD included: the answers are scored alone too
-    options = cfg.score.model_copy(update={"signals": sorted({*cfg.score.signals, "ifd"})})
-    require_stage("score", wiring.written_rows_config(options, out / "corrupted.jsonl", out / "scores"))
-    require_stage("prune")
-    with io.locked(out, reporter.log):
-        clean = clean_rows(cfg)
-        per_seed, files = {}, []
-        for seed in cfg.seeds:
-            folder = out / f"seed-{seed}"
-            rows, bad = corrupt(clean, cfg.fraction, seed, tuple(cfg.corruptions))
-            if not bad:
-                from .errors import CurateError
+def score_options(cfg: ProbeConfig):
+    """The probe's scoring: every strategy is tabled, IFD included, so the answers are scored alone too."""
+    return cfg.score.model_copy(update={"signals": sorted({*cfg.score.signals, "ifd"})})
 
-                raise CurateError(f"{cfg.input}: no row can be corrupted with {', '.join(cfg.corruptions)}")
-            reporter.log(f"seed {seed}: corrupted {len(bad):,} of {len(rows):,} rows: {dict(Counter(bad.values()))}")
-            folder.mkdir(parents=True, exist_ok=True)
-            write_rows(folder / "corrupted.jsonl", rows)
-            io.write_json_atomic(folder / "corrupted.json", bad)
-            score_cfg = wiring.written_rows_config(options, folder / "corrupted.jsonl", folder / "scores")
-            scored = score.run(score_cfg, reporter, force)
-            prune_cfg = PruneConfig(**cfg.prune.model_dump(), scores=str(folder / "scores"), out="")
-            coords = prune.collect_coordinates(
-                prune.score_files(folder / "scores", scored),
-                prune_cfg,
-                scored.get("vocab_size"),
-                scored.get("score_positions", "all"),
-                scored.get("signals", []),
-            )
-            coords = prune.mark_duplicates(coords, prune_cfg.keep_duplicates)
-            per_seed[seed] = probe_table(coords, bad, cfg, seed, scored.get("signals", []))
-            files += [f"seed-{seed}/corrupted.jsonl", f"seed-{seed}/corrupted.json"]
-        result = combine(per_seed)
-        io.write_json_atomic(out / "probe.json", result)
-        io.write_bytes_atomic(out / "probe.md", probe_markdown(cfg, result).encode())
-        return io.write_manifest(
-            out,
-            "probe",
-            io.fingerprint_config({"config": cfg.model_dump(), "version": __version__}),
-            started,
-            files=[io.file_entry(out, n) for n in (*files, "probe.json", "probe.md")],
-            config=cfg.model_dump(),
-            result=result,
+
+def needs(cfg: ProbeConfig) -> tuple[str, ...]:
+    out = Path(cfg.out)
+    return score.STAGE.needs(wiring.written_rows_config(score_options(cfg), out / "corrupted.jsonl", out / "scores"))
+
+
+def compute(job: Job) -> dict:
+    """Per corruption seed: the corrupted copy, its scores (a stage of its own: a probe killed after scoring resumes
+    at the selection) and the table; then the seeds' tables as one."""
+    cfg, out, reporter, force = job.cfg, job.out, job.reporter, job.force
+    options = score_options(cfg)
+    clean = clean_rows(cfg)
+    per_seed = {}
+    for seed in cfg.seeds:
+        folder = out / f"seed-{seed}"
+        rows, bad = corrupt(clean, cfg.fraction, seed, tuple(cfg.corruptions))
+        if not bad:
+            raise CurateError(f"{cfg.input}: no row can be corrupted with {', '.join(cfg.corruptions)}")
+        reporter.log(f"seed {seed}: corrupted {len(bad):,} of {len(rows):,} rows: {dict(Counter(bad.values()))}")
+        write_rows(folder / "corrupted.jsonl", rows)
+        io.write_json_atomic(folder / "corrupted.json", bad)
+        scored = score.run(
+            wiring.written_rows_config(options, folder / "corrupted.jsonl", folder / "scores"), reporter, force
         )
+        prune_cfg = PruneConfig(**cfg.prune.model_dump(), scores=str(folder / "scores"), out="")
+        coords = prune.collect_coordinates(
+            prune.score_files(folder / "scores", scored),
+            prune_cfg,
+            scored.get("vocab_size"),
+            scored.get("score_positions", "all"),
+            scored.get("signals", []),
+        )
+        coords = prune.mark_duplicates(coords, prune_cfg.keep_duplicates)
+        per_seed[seed] = probe_table(coords, bad, cfg, seed, scored.get("signals", []))
+    result = combine(per_seed)
+    io.write_json_atomic(out / "probe.json", result)
+    io.write_bytes_atomic(out / "probe.md", probe_markdown(cfg, result).encode())
+    return {"result": result}
+
+
+class ProbeResult(Manifest):
+    result: dict
+
+
+def summary(m: ProbeResult) -> list:
+    out = Path(m.config["out"])
+    return [(out / "probe.md").read_text(), f"results: {out / 'probe.md'}, probe.json"]
+
+
+STAGE = register(
+    Stage(
+        name="probe",
+        produces="probe",
+        step=10,
+        config=ProbeConfig,
+        doc="How much broken data does each strategy keep? Corrupt a copy of INPUT (once per corruption seed), score "
+        "it (the answers alone too, for IFD), select with every registered strategy and placement at the same budget, "
+        "and tabulate the corrupted share kept, mean and sd over the seeds (no training: minutes). Writes "
+        "OUT/probe.md, OUT/probe.json, and per seed OUT/seed-S/ with the corrupted copy, its ids and its scores.",
+        compute=compute,
+        inputs=(Input("input", data=True, hint="the data set to probe"),),
+        outputs=("seed-*/corrupted.jsonl", "seed-*/corrupted.json", "probe.json", "probe.md"),
+        needs=needs,
+        walks=True,  # its scoring runs are stages: a rerun walks them, each reusing its finished result
+        result=ProbeResult,
+        summary=summary,
+        cli_arguments=("input",),
+        cli_sections=(
+            (None, ProbeConfig, ("input", "out", "fraction", "corruptions", "ratio", "seeds", "random_seeds")),
+            ("score", ScoreOptions, SCORE_OPTIONS),
+            ("prune", PruneOptions, ("entropy_positions", "fill", "keep_duplicates")),
+        ),
+    )
+)
+run = runner(STAGE)

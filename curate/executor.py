@@ -194,10 +194,28 @@ def _begin(job: Job) -> dict | None:
 
 
 def _compute(job: Job) -> dict:
-    manifest = _finish(job, job.stage.compute(job))
+    fields = run_shards(job) if job.stage.shards else job.stage.compute(job)
+    manifest = _finish(job, fields)
     if job.remote:
         job.remote.push(job.reporter.log)
     return manifest
+
+
+def run_shards(job: Job) -> dict:
+    """A sharded stage's work: the shards this run finished before are kept, the others run on the stage's engine,
+    then every shard's result is reduced into the manifest's fields."""
+    sh = job.stage.shards
+    shards = sh.plan(job)
+    todo = [s for s in shards if not sh.done(job, s)]
+    if len(todo) < len(shards):
+        job.log(f"resuming: {len(shards) - len(todo)} of {len(shards)} shards are already done")
+    work = sh.work(job)
+    if sh.engine(job.cfg) == "ray":
+        from .engines.ray import run_shards as engine
+    else:
+        from .engines.local import run_shards as engine
+    results, info = engine(job.stage.name, sh, work, shards, todo, job.cfg, job.reporter)
+    return sh.reduce(job, shards, results, info)
 
 
 def _recorded(job: Job, path) -> str:

@@ -65,10 +65,35 @@ Summary = Callable[[Manifest], list]  # lines (str) and Rich renderables for the
 
 
 @dataclass(frozen=True)
+class Shards:
+    """Work in independent shards, declared by the stage and run by the executor: it plans the shards, keeps the
+    ones a run with this fingerprint finished (an interrupted run redoes only the rest), hands the others to the
+    local engine (this process, or `local_workers` processes) or the Ray engine, and reduces every shard's result
+    into the manifest's fields. Shards and `work` travel to Ray workers: both must pickle.
+
+    A worker (`worker(work, gpus)`) has `run(shard, progress) -> dict` (what `reduce` needs of the shard, small:
+    it may come back from another machine; `progress(units, tokens)` adds what the shard has done so far) and
+    `close()`; optionally `open()` (a value logged once its model is loaded), `stream(shards, progress_for)` to
+    work ahead (tokenise the next shards while one is scored) and `info()` (where its time went)."""
+
+    plan: Callable[[Any], list]  # (Job) -> the shards, each with an `index`
+    done: Callable[[Any, Any], bool]  # (Job, shard) -> its output is there, from this run
+    work: Callable[[Any], Any]  # (Job) -> what every worker needs, once
+    worker: Callable[[Any, float], Any]  # (work, GPUs it may use) -> a worker
+    reduce: Callable[[Any, list, dict, dict], dict]  # (Job, shards, {index: result}, engine info) -> fields
+    size: Callable[[Any], int] = lambda shard: 1  # progress units of a shard (rows for score)
+    unit: str = "shards"
+    engine: Callable[[Any], str] = lambda cfg: "local"  # "local" or "ray", for these settings
+    local_workers: Callable[[Any], int] = lambda cfg: 1  # processes of the local engine (stateless workers)
+    pool: Callable[[Any, dict], tuple] = lambda cfg, resources: (1, 0.0, 1.0)  # Ray: (workers, GPUs, CPUs each)
+    address: Callable[[Any], str | None] = lambda cfg: None  # Ray: the cluster to join
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str
     config: type[BaseModel]
-    compute: Callable[[Any], dict]  # (Job) -> the manifest's own fields; writes the outputs into job.out
+    compute: Callable[[Any], dict] | None = None  # (Job) -> the manifest's own fields; writes the outputs into job.out
     produces: str = ""  # the kind of output (scores, pruned, model...) that consumers ask for; default: the name
     doc: str = ""  # one line for `--help`
     inputs: tuple[Input, ...] = ()
@@ -81,6 +106,7 @@ class Stage:
     resumable: bool = False  # keeps partial output of the same run (shards, checkpoints)
     expensive: bool = False  # refuses to replace other settings' output without --force
     walks: bool = False  # runs other stages: a rerun walks them again (each reuses its own finished result)
+    shards: Shards | None = None  # work in shards that the executor runs (`compute` is then not called)
     out: Callable[[Any], str] = lambda cfg: cfg.out  # where a config's output goes
     step: int = 99  # its place in `curate --help`: the order a run goes through the stages
     cli_arguments: tuple[str, ...] = ()  # fields given positionally on the command line

@@ -380,9 +380,12 @@ def test_every_reply_of_a_pruned_glaive_conversation_keeps_content_and_calls_sta
     from transformers import AutoTokenizer
 
     from curate.config import ScoreConfig
+    from curate.formats import join_tools
     from curate.stages import score
     from curate.tokenization import TokenText
     from curate.units import is_tool_call
+
+    TURN_ROLES = {"system", "user", "assistant", "tool"}  # noqa: N806
 
     from .conftest import GLAIVE
 
@@ -398,9 +401,10 @@ def test_every_reply_of_a_pruned_glaive_conversation_keeps_content_and_calls_sta
     src = {r["id"]: r for r in pq.read_table(sorted((tmp_path / "s").glob("part-*.parquet"))).to_pylist()}
     replies = calls = 0
     for r in pq.read_table(sorted((tmp_path / "p" / "data").glob("train-*.parquet"))).to_pylist():
-        text, starts, ends, contents = view.spans(r["messages"], np.array(r["input_ids"], np.int32))
-        assert "You can call these tools:\n[]" not in text
-        if r["messages"][0]["role"] != "tools":
+        conversation = join_tools(r["messages"], r["tools"])  # the tool schemas are their own column
+        text, starts, ends, contents = view.spans(conversation, np.array(r["input_ids"], np.int32))
+        assert "You can call these tools:\n[]" not in text and {m["role"] for m in r["messages"]} <= TURN_ROLES
+        if r["tools"] is None:
             assert "You can call these tools" not in text
         if r["selection"] not in ("Q2", "fill-Q2"):
             continue

@@ -63,7 +63,7 @@ def test_two_actors_equal_the_local_engine(tmp_path, tiny_model_dir, local_score
 
 def worker_pids(logs: list[str]) -> list[int]:
     """The scorer workers' pids, as this run logged them."""
-    return [int(p) for m in logs if m.startswith("ray: scorer worker pid(s) ") for p in m.split(") ")[1].split(", ")]
+    return [int(p) for m in logs if m.startswith("ray: score worker pid(s) ") for p in m.split(") ")[1].split(", ")]
 
 
 def test_a_killed_worker_is_replaced_and_its_shard_redone(tmp_path, tiny_model_dir, local_scores, local_ray):

@@ -1,100 +1,84 @@
-"""The local engine: the shards of a scoring run in this process, with optional tokenising processes ahead."""
+"""The local engine: a sharded stage's shards in this process (a stateful worker: a loaded model), or in local worker
+processes (stateless workers: prune's masks). The executor decides which shards are left; this runs them and draws
+the progress; it never imports a stage."""
 
 from __future__ import annotations
 
-import os
-
-from .. import readers
-from ..config import ScoreConfig
 from ..progress import Reporter
-from .shard import ScoreJob, ShardCounts, ShardWorker, refuse_mixed_methods
 
 
-def batch_progress(reporter: Reporter, rows: int, tokens: int):
-    """An on_batch callback that advances the bar from where this shard started (scored rows and tokens)."""
-    done = [rows, tokens]
+def progress_from(reporter: Reporter, base: list[int]):
+    """`progress_for(shard)`: a callback adding a shard's units and tokens, as they come, to what is done."""
 
-    def on_batch(batch_rows: int, batch_tokens: int) -> None:
-        done[0] += batch_rows
-        done[1] += batch_tokens
-        reporter.advance(*done)
+    def progress_for(shard):
+        partial = [0, 0]
 
-    return on_batch
+        def progress(units: int, tokens: int = 0) -> None:
+            partial[0] += units
+            partial[1] += tokens
+            reporter.advance(base[0] + partial[0], base[1] + partial[1])
 
+        return progress
 
-_TOKENISER: ShardWorker | None = None  # in a tokenising process: the worker whose tokenizer it uses
-
-
-def _start_tokeniser(job: ScoreJob) -> None:
-    global _TOKENISER
-    _TOKENISER = ShardWorker(job)
+    return progress_for
 
 
-def _tokenise_ahead(rows: readers.RowRange) -> tuple[list, ShardCounts]:
-    return _TOKENISER.tokenise(rows)
+def run_shards(label: str, sh, work, shards: list, todo: list, cfg, reporter: Reporter) -> tuple[dict, dict]:
+    """({index: result} of the shards in `todo`, the engine's info)."""
+    sizes = {s.index: sh.size(s) for s in shards}
+    left = {s.index for s in todo}
+    base = [sum(n for i, n in sizes.items() if i not in left), 0]  # units and tokens done
+    reporter.start(label, sum(sizes.values()), sh.unit)
+    reporter.advance(*base)
+    results, info, processes = {}, {}, min(sh.local_workers(cfg), len(todo))
+    try:
+        if processes > 1:
+            for shard, result in _in_processes(sh.worker, work, todo, processes):
+                results[shard.index] = result
+                base[0] += sizes[shard.index]
+                reporter.advance(*base)
+        elif todo:
+            worker = sh.worker(work, 0)
+            try:
+                progress_for = progress_from(reporter, base)
+                if hasattr(worker, "stream"):
+                    stream = worker.stream(todo, progress_for)
+                else:
+                    stream = ((s, worker.run(s, progress_for(s))) for s in todo)
+                for shard, result in stream:
+                    results[shard.index] = result
+                    base[0] += sizes[shard.index]
+                    base[1] += result.get("tokens", 0)
+                    reporter.advance(*base)
+                info = worker.info() if hasattr(worker, "info") else {}
+            finally:
+                worker.close()
+    finally:
+        reporter.finish()
+    return results, {"engine": "local", "workers": max(processes, 1), **info}
 
 
-def tokenise_workers(cfg: ScoreConfig) -> int:
-    """Tokenising processes for the local engine: none on CPUs (they would share the scorer's cores); with a GPU,
-    enough to keep a small model's scoring rate fed (BENCHMARKS.md: a core tokenises ~100k tokens/s)."""
-    if cfg.tokenize_workers is not None:
-        return cfg.tokenize_workers
-    from ..backends import resolve_device
-
-    gpu = resolve_device(cfg.device).startswith("cuda")
-    return min(4, max(0, (os.cpu_count() or 1) - 1)) if gpu else 0
+_WORKER = None  # in a worker process: the one worker it built
 
 
-def tokenised_shards(job: ScoreJob, todo: list, workers: int):
-    """(shard, None) in order, or (shard, (items, counts)) tokenised by `workers` processes ahead of scoring."""
-    if not workers or len(todo) < 2:
-        yield from ((r, None) for r in todo)
-        return
+def _start(factory, work) -> None:
+    global _WORKER
+    _WORKER = factory(work, 0)
+
+
+def _run_one(shard) -> dict:
+    return _WORKER.run(shard, lambda units, tokens=0: None)
+
+
+def _in_processes(factory, work, todo: list, processes: int):
+    """(shard, result) as each finishes, from `processes` spawned processes, each with the worker `factory` (a
+    module-level function: it is pickled by name) built once (forking a process that runs polars' thread pool can
+    deadlock)."""
     import multiprocessing
-    from collections import deque
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start_tokeniser, initargs=(job,)) as pool:
-        ahead = deque((r, pool.submit(_tokenise_ahead, r)) for r in todo[: workers + 1])
-        upcoming = iter(todo[workers + 1 :])
-        while ahead:
-            r, future = ahead.popleft()
-            nxt = next(upcoming, None)
-            if nxt is not None:
-                ahead.append((nxt, pool.submit(_tokenise_ahead, nxt)))
-            yield r, future.result()
-
-
-def score_locally(job: ScoreJob, todo, done, ranges, reporter: Reporter) -> dict:
-    total_rows = sum(r.stop - r.start for r in ranges)
-    rows_done = sum(ranges[i].stop - ranges[i].start for i in done)
-    reporter.start("score", total_rows)
-    reporter.advance(rows_done, 0)
-    worker = ShardWorker(job, log=reporter.log) if todo else None
-    tokens, seconds, timings = 0, 0.0, {}
-    try:
-        if worker:
-            refuse_mixed_methods(job.out(), done, worker.open())
-        for r, tokenised in tokenised_shards(job, todo, tokenise_workers(job.cfg)):
-            result = worker.run(r, batch_progress(reporter, rows_done, tokens), tokenised)
-            rows_done += r.stop - r.start
-            tokens += result["tokens"]
-            seconds += result["seconds"]
-            reporter.advance(rows_done, tokens)
-        if worker:
-            timings = worker.time_spent()
-    finally:
-        if worker:
-            worker.close()
-        reporter.finish()
-    rate = round(tokens / seconds, 1) if seconds else None
-    return {
-        "engine": "local",
-        "workers": 1,
-        "tokens_scored_this_run": tokens,
-        "seconds": round(seconds, 3),
-        "tokens_per_s": rate,
-        "worker_tokens_per_s": [rate] if rate else [],
-        "time_spent_s": timings,
-    }
+    with ProcessPoolExecutor(processes, mp_context=ctx, initializer=_start, initargs=(factory, work)) as pool:
+        futures = {pool.submit(_run_one, s): s for s in todo}
+        for future in as_completed(futures):
+            yield futures[future], future.result()

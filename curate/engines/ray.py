@@ -1,10 +1,11 @@
-"""`curate score --engine ray`: a pool of Ray actors, one scorer each, over the GPUs of one machine or many.
+"""The Ray engine: a sharded stage's shards (`curate.stage.Shards`) on a pool of Ray actors, one worker each (for
+`curate score --engine ray`, a scorer), over the GPUs of one machine or many.
 
-The unit of work is the shard, exactly as in the local engine: an actor reads its shard's input rows,
+The unit of work is the shard, exactly as in the local engine: a scoring actor reads its shard's input rows,
 tokenises them, scores them and writes the shard atomically into `--out`: a folder every node sees (NFS), or a
 bucket URL, where it writes into its node's working copy and uploads the shard as one object, then reports what
-the driver needs of it (`shard_summary`). The driver only plans the shards, hands them out, draws one progress
-bar over all actors, and replaces an actor that dies (its shard is redone, by another actor or by the
+the driver needs of it (`shard_summary`). The driver only hands the shards the executor left out, draws one
+progress bar over all actors, and replaces an actor that dies (its shard is redone, by another actor or by the
 replacement); a shard that fails 3 times stops the run with its error.
 """
 
@@ -13,8 +14,6 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter, deque
-from dataclasses import replace
-from pathlib import Path
 
 from ..errors import CurateError
 from ..progress import Reporter
@@ -28,38 +27,30 @@ def _actor_class():
     import ray
 
     @ray.remote(max_restarts=0)
-    class ScoreActor:
-        """One ShardWorker (tokenizer + scorer) in its own process, on its own GPU(s)."""
+    class ShardActor:
+        """One worker of a sharded stage (a scorer: tokenizer and model) in its own process, on its own GPU(s)."""
 
-        def __init__(self, job, progress):
-            from ..models import BUILTIN_LABEL, ensure_builtin, model_on_this_node
-            from .shard import ShardWorker
-
-            if job.model_name == BUILTIN_LABEL and not Path(job.model_path).exists():
-                # the built-in model lives in each node's cache; convert it here if this node has none yet
-                job = replace(job, model_path=str(ensure_builtin()))
-            elif job.cfg.model:  # a model given as a URL: fetched into this node's cache, checked by its hash
-                job = replace(job, model_path=model_on_this_node(job.cfg.model, job.model_path, job.model_hash))
-            self.worker = ShardWorker(job)
+        def __init__(self, factory, work, gpus, progress):
+            self.worker = factory(work, gpus)
             self.progress = progress
             self.tokens, self.seconds = 0, 0.0
 
-        def open(self) -> tuple[str, int]:
-            """The entropy method once the model is loaded, and this worker's pid (logged, so that an operator or a
-            test can act on this run's workers only)."""
-            return self.worker.open(), os.getpid()
+        def open(self) -> tuple:
+            """(what the worker says once loaded, this worker's pid): the pid is logged, so that an operator or a test
+            can act on this run's workers only."""
+            return (self.worker.open() if hasattr(self.worker, "open") else None), os.getpid()
 
-        def run(self, rows) -> dict:
-            def on_batch(n_rows: int, n_tokens: int) -> None:
-                self.progress.put_nowait((rows.index, n_rows, n_tokens))
+        def run(self, shard) -> dict:
+            def progress(units: int, tokens: int = 0) -> None:
+                self.progress.put_nowait((shard.index, units, tokens))
 
-            result = self.worker.run(rows, on_batch)
-            self.tokens += result["tokens"]
-            self.seconds += result["seconds"]
+            result = self.worker.run(shard, progress)
+            self.tokens += result.get("tokens", 0)
+            self.seconds += result.get("seconds", 0.0)
             # the pid travels with the result: asking the actor afterwards fails if it died just after this shard
             return {**result, "pid": os.getpid(), "worker_tokens_per_s": self.tokens / max(self.seconds, 1e-9)}
 
-    return ScoreActor
+    return ShardActor
 
 
 def _connect(address: str | None, reporter: Reporter) -> bool:
@@ -78,160 +69,132 @@ def _connect(address: str | None, reporter: Reporter) -> bool:
     return True
 
 
-def pool_size(cfg, resources: dict) -> tuple[int, float]:
-    """(actors, GPUs per actor): one actor per GPU (or per --gpus-per-worker GPUs), 1 actor without GPUs."""
+def pool_size(cfg, resources: dict) -> tuple[int, float, float]:
+    """(actors, GPUs and CPUs per actor) for scoring: one actor per GPU (or per --gpus-per-worker GPUs), 1 actor
+    without GPUs."""
     gpus = resources.get("GPU", 0)
     per = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else (1.0 if gpus else 0.0)
     n = cfg.num_workers or (max(1, int(gpus // per)) if per else 1)
-    return n, per
+    return n, per, cfg.cpus_per_worker
 
 
 def _cause(error) -> BaseException:
     return getattr(error, "cause", None) or error
 
 
-def score_on_ray(job, todo, done, ranges, reporter: Reporter) -> dict:
+def run_shards(label: str, sh, work, shards: list, todo: list, cfg, reporter: Reporter) -> tuple[dict, dict]:
+    """({index: result} of the shards in `todo`, the engine's info): a pool of actors, each with one worker."""
     import ray
     from ray.util.queue import Queue
 
-    from .shard import refuse_mixed_methods
-
-    cfg = job.cfg
-    connected = _connect(cfg.address, reporter)
-    n_workers, gpus = pool_size(cfg, ray.cluster_resources())
-    if cfg.backend == "vllm" and gpus > 1:
-        job = replace(job, cfg=cfg.model_copy(update={"tensor_parallel_size": int(gpus)}))  # TP inside the actor
-    sizes = {r.index: r.stop - r.start for r in ranges}
-    rows_done = sum(sizes[i] for i in done)
-    reporter.start("score", sum(sizes.values()))
-    reporter.advance(rows_done, 0)
+    connected = _connect(sh.address(cfg), reporter)
+    n_workers, gpus, cpus = sh.pool(cfg, ray.cluster_resources())
+    sizes = {s.index: sh.size(s) for s in shards}
+    left = {s.index for s in todo}
+    units_done = sum(n for i, n in sizes.items() if i not in left)
+    reporter.start(label, sum(sizes.values()), sh.unit)
+    reporter.advance(units_done, 0)
     progress = Queue()
     # storage options travel to every node by the environment (never through a config or a manifest)
     env = {k: os.environ[k] for k in (OPTIONS_ENV,) if k in os.environ}
     actor_class = _actor_class().options(
-        num_cpus=cfg.cpus_per_worker, num_gpus=gpus, **({"runtime_env": {"env_vars": env}} if env else {})
+        num_cpus=cpus, num_gpus=gpus, **({"runtime_env": {"env_vars": env}} if env else {})
     )
+
+    def start():
+        return actor_class.remote(sh.worker, work, gpus, progress)
+
     actors: list = []
     try:
-        actors = [actor_class.remote(job, progress) for _ in range(min(n_workers, max(1, len(todo))))] if todo else []
-        methods = _open(actors, reporter)
-        if methods:
-            refuse_mixed_methods(job.out(), done, methods[0])
-        reporter.log(f"ray: {len(actors)} scorer actor(s), {gpus:g} GPU(s) and {cfg.cpus_per_worker:g} CPU(s) each")
-        summary = _dispatch(job, todo, actors, actor_class, progress, rows_done, sizes, reporter)
+        actors = [start() for _ in range(min(n_workers, max(1, len(todo))))] if todo else []
+        _open(actors, label, reporter)
+        reporter.log(f"ray: {len(actors)} {label} worker(s), {gpus:g} GPU(s) and {cpus:g} CPU(s) each")
+        summary = _dispatch(start, todo, actors, progress, units_done, sizes, label, reporter)
     finally:
         for a in actors:
             ray.kill(a)
         reporter.finish()
         if connected:
             ray.shutdown()
-    seconds = max(summary["wall_seconds"], 1e-9)
-    return {
+    info = {
         "engine": "ray",
         "workers": len(actors),
         "gpus_per_worker": gpus,
-        "tokens_scored_this_run": summary["tokens"],
         "seconds": round(summary["wall_seconds"], 3),
-        "tokens_per_s": round(summary["tokens"] / seconds, 1) if summary["tokens"] else None,
         "worker_tokens_per_s": [round(v, 1) for v in summary["per_worker"].values()],
         "replaced_workers": summary["replaced"],
-        "shard_summaries": summary["summaries"],  # not for the manifest: the stage takes it out
     }
+    return summary["results"], info
 
 
-def _open(actors, reporter: Reporter) -> list[str]:
-    """Each actor's entropy method once its model is loaded (its pid logged); a model that cannot load stops the
-    run here."""
+def _open(actors, label: str, reporter: Reporter) -> None:
+    """Start each actor's worker (its pid logged); a model that cannot load stops the run here."""
     import ray
 
     try:
         opened = ray.get([a.open.remote() for a in actors])
         if opened:
-            reporter.log(f"ray: scorer worker pid(s) {', '.join(str(pid) for _, pid in opened)}")
-        return [method for method, _ in opened]
+            reporter.log(f"ray: {label} worker pid(s) {', '.join(str(pid) for _, pid in opened)}")
     except ray.exceptions.RayError as e:
         cause = _cause(e)
         if isinstance(cause, CurateError):
             raise CurateError(str(cause)) from None
-        raise CurateError(f"a Ray worker could not start its scorer: {cause}") from None
+        raise CurateError(f"a Ray worker could not start: {cause}") from None
 
 
-def _dispatch(job, todo, actors, actor_class, progress, rows_done, sizes, reporter: Reporter) -> dict:
-    """Hand shards to idle actors until all are written; replace dead actors (appended to `actors`); retry
-    failed shards."""
+def _dispatch(start, todo, actors, progress, units_done, sizes, label: str, reporter: Reporter) -> dict:
+    """Hand shards to idle actors until all are done; replace dead actors (appended to `actors`); retry failed
+    shards."""
     import ray
 
     pending, idle, running = deque(todo), list(actors), {}
     failures: Counter = Counter()
-    partial: dict[int, list[int]] = {}  # rows and tokens of the shards in flight
+    partial: dict[int, list[int]] = {}  # units and tokens of the shards in flight
     tokens, replaced, per_worker, t0 = 0, 0, {}, time.time()
-    summaries: dict[int, dict] = {}  # shard -> what its worker read of it (an OUT at a URL: maybe on another node)
+    results: dict[int, dict] = {}
     while pending or running:
         while pending and idle:
-            actor, rows = idle.pop(), pending.popleft()
-            running[actor.run.remote(rows)] = (actor, rows)
-            partial[rows.index] = [0, 0]
+            actor, shard = idle.pop(), pending.popleft()
+            running[actor.run.remote(shard)] = (actor, shard)
+            partial[shard.index] = [0, 0]
         ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
-        for index, n_rows, n_tokens in progress.get_nowait_batch(progress.qsize()):
+        for index, n_units, n_tokens in progress.get_nowait_batch(progress.qsize()):
             if index in partial:
-                partial[index][0] += n_rows
+                partial[index][0] += n_units
                 partial[index][1] += n_tokens
         for ref in ready:
-            actor, rows = running.pop(ref)
-            partial.pop(rows.index, None)
+            actor, shard = running.pop(ref)
+            partial.pop(shard.index, None)
             try:
                 result = ray.get(ref)
             except ray.exceptions.RayActorError as e:  # the process or its node died: replace it, redo the shard
-                failures[rows.index] += 1
-                _give_up_after(failures[rows.index], rows, f"its worker died ({_cause(e)})")
-                reporter.log(f"warning: a Ray worker died on shard {rows.index}; starting another and redoing it")
+                failures[shard.index] += 1
+                _give_up_after(failures[shard.index], shard, f"its worker died ({_cause(e)})")
+                reporter.log(f"warning: a Ray worker died on shard {shard.index}; starting another and redoing it")
                 ray.kill(actor)
-                actor = actor_class.remote(job, progress)
+                actor = start()
                 actors.append(actor)  # so that it is stopped at the end, as the others
-                _open([actor], reporter)
+                _open([actor], label, reporter)
                 replaced += 1
-                pending.appendleft(rows)
+                pending.appendleft(shard)
             except ray.exceptions.RayTaskError as e:
                 cause = _cause(e)
                 if isinstance(cause, CurateError):  # a user-facing error (e.g. --on-bad-row fail): as it is
                     raise CurateError(str(cause)) from None
-                failures[rows.index] += 1
-                _give_up_after(failures[rows.index], rows, f"{type(cause).__name__}: {cause}")
-                pending.appendleft(rows)
+                failures[shard.index] += 1
+                _give_up_after(failures[shard.index], shard, f"{type(cause).__name__}: {cause}")
+                pending.appendleft(shard)
             else:
-                rows_done += sizes[rows.index]
-                tokens += result["tokens"]
-                if "summary" in result:
-                    summaries[rows.index] = result["summary"]
+                units_done += sizes[shard.index]
+                tokens += result.get("tokens", 0)
+                results[shard.index] = result
                 per_worker[result["pid"]] = result["worker_tokens_per_s"]
             idle.append(actor)
-        reporter.advance(rows_done + sum(p[0] for p in partial.values()), tokens + sum(p[1] for p in partial.values()))
-    return {
-        "tokens": tokens,
-        "wall_seconds": time.time() - t0,
-        "per_worker": per_worker,
-        "replaced": replaced,
-        "summaries": summaries,
-    }
+        reporter.advance(units_done + sum(p[0] for p in partial.values()), tokens + sum(p[1] for p in partial.values()))
+    return {"wall_seconds": time.time() - t0, "per_worker": per_worker, "replaced": replaced, "results": results}
 
 
-def run_tasks(fn, args: list, address: str | None, reporter: Reporter) -> list:
-    """fn(arg) for every arg as Ray tasks (one CPU each), results in order: `curate prune --engine ray` pass 2."""
-    import ray
-
-    connected = _connect(address, reporter)
-    try:
-        remote = ray.remote(num_cpus=1, max_retries=MAX_ATTEMPTS - 1)(fn)
-        return ray.get([remote.remote(a) for a in args])
-    except ray.exceptions.RayError as e:
-        raise CurateError(f"a Ray task failed {MAX_ATTEMPTS} times: {_cause(e)}") from None
-    finally:
-        if connected:
-            ray.shutdown()
-
-
-def _give_up_after(attempts: int, rows, error: str) -> None:
+def _give_up_after(attempts: int, shard, error: str) -> None:
     if attempts >= MAX_ATTEMPTS:
-        raise CurateError(
-            f"shard {rows.index} (input rows {rows.start}-{rows.stop - 1}) failed {attempts} times; last error: {error}"
-        )
+        where = f" (input rows {shard.start}-{shard.stop - 1})" if hasattr(shard, "start") else ""
+        raise CurateError(f"shard {shard.index}{where} failed {attempts} times; last error: {error}")

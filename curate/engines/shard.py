@@ -35,6 +35,7 @@ class ScoreJob:
     fingerprint: str
     source: readers.Source | None = None  # the input's files (default: cfg.input, one file)
     out_url: str | None = None  # OUT is this URL: each shard is written to its working copy, then uploaded
+    resumed: tuple[int, ...] = ()  # the shards an earlier attempt of this run finished: their entropy method holds
 
     def input(self) -> readers.Source:
         return self.source or readers.as_source(self.cfg.input)
@@ -99,14 +100,26 @@ class ShardWorker:
         self.timings = {"load": 0.0, "tokenise": 0.0, "write": 0.0}  # seconds: where a run's time goes
 
     def open(self):
-        """Build the scorer (slow: loads the model); returns its entropy method."""
+        """Build the scorer (slow: loads the model); returns its entropy method, which must be the one of the
+        shards this run finished before (a run never mixes exact and approximate entropies)."""
         if self.scorer is None:
             from ..backends import make_scorer
 
             t0 = time.time()
             self.scorer = make_scorer(self.job.backend, self.job.model_path, self.job.cfg, log=self.log)
             self.timings["load"] = time.time() - t0
+            refuse_mixed_methods(self.job.out(), list(self.job.resumed), self.scorer.entropy_method)
         return self.scorer.entropy_method
+
+    def stream(self, todo: list, progress_for):
+        """(shard, result) for each of `todo` in order, the next shards tokenised ahead by worker processes where the
+        run has them (a GPU scores faster than one core tokenises)."""
+        self.open()
+        for rows, tokenised in tokenised_shards(self.job, todo, tokenise_workers(self.job.cfg)):
+            yield rows, self.run(rows, progress_for(rows), tokenised)
+
+    def info(self) -> dict:
+        return {"time_spent_s": self.time_spent()}
 
     def time_spent(self) -> dict:
         """Seconds in model loading, tokenisation, the forward pass, the log-prob/entropy reduction and writing."""
@@ -141,7 +154,7 @@ class ShardWorker:
             counts.skip(str(path), item)
         return items, counts
 
-    def run(self, rows: readers.RowRange, on_batch=lambda rows, tokens: None, tokenised=None) -> dict:
+    def run(self, rows: readers.RowRange, on_batch=lambda rows, tokens=0: None, tokenised=None) -> dict:
         """Produce shard `rows.index` (atomically); returns its summary. `tokenised`: (items, counts) made ahead."""
         started = time.time()
         items, counts = tokenised or self.tokenise(rows)
@@ -275,6 +288,72 @@ def shard_table(items: list, scores: list, keep_fields: list[str], alone: list |
     return pa.Table.from_pydict(cols, schema=shard_schema(keep_fields, ["ifd"] if alone is not None else []))
 
 
+# ---------------------------------------------------------------- workers, wherever they run
+
+
+def score_worker(job: ScoreJob, gpus: float = 0) -> ShardWorker:
+    """The scoring worker of `curate.stage.Shards` (local or in a Ray actor, maybe on another machine): the model
+    on this node (the built-in one converted here, one given as a URL fetched and checked by its hash), and with
+    vLLM on several GPUs, tensor parallelism over them."""
+    from dataclasses import replace
+
+    from ..models import BUILTIN_LABEL, ensure_builtin, model_on_this_node
+
+    if job.model_name == BUILTIN_LABEL and not Path(job.model_path).exists():
+        job = replace(job, model_path=str(ensure_builtin()))
+    elif job.cfg.model:
+        job = replace(job, model_path=model_on_this_node(job.cfg.model, job.model_path, job.model_hash))
+    if job.backend == "vllm" and gpus > 1:
+        job = replace(job, cfg=job.cfg.model_copy(update={"tensor_parallel_size": int(gpus)}))
+    return ShardWorker(job)
+
+
+_TOKENISER: ShardWorker | None = None  # in a tokenising process: the worker whose tokenizer it uses
+
+
+def _start_tokeniser(job: ScoreJob) -> None:
+    global _TOKENISER
+    _TOKENISER = ShardWorker(job)
+
+
+def _tokenise_ahead(rows: readers.RowRange) -> tuple[list, ShardCounts]:
+    return _TOKENISER.tokenise(rows)
+
+
+def tokenise_workers(cfg: ScoreConfig) -> int:
+    """Tokenising processes for the local engine: none on CPUs (they would share the scorer's cores); with a GPU,
+    enough to keep a small model's scoring rate fed (BENCHMARKS.md: a core tokenises ~100k tokens/s)."""
+    import os
+
+    if cfg.tokenize_workers is not None:
+        return cfg.tokenize_workers
+    from ..backends import resolve_device
+
+    gpu = resolve_device(cfg.device).startswith("cuda")
+    return min(4, max(0, (os.cpu_count() or 1) - 1)) if gpu else 0
+
+
+def tokenised_shards(job: ScoreJob, todo: list, workers: int):
+    """(shard, None) in order, or (shard, (items, counts)) tokenised by `workers` processes ahead of scoring."""
+    if not workers or len(todo) < 2:
+        yield from ((r, None) for r in todo)
+        return
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start_tokeniser, initargs=(job,)) as pool:
+        ahead = deque((r, pool.submit(_tokenise_ahead, r)) for r in todo[: workers + 1])
+        upcoming = iter(todo[workers + 1 :])
+        while ahead:
+            r, future = ahead.popleft()
+            nxt = next(upcoming, None)
+            if nxt is not None:
+                ahead.append((nxt, pool.submit(_tokenise_ahead, nxt)))
+            yield r, future.result()
+
+
 # ---------------------------------------------------------------- the driver
 
 
@@ -282,6 +361,8 @@ def refuse_mixed_methods(out: Path, done: list[int], method: str) -> None:
     """A resumed run must compute entropies the way its finished shards did (exact vs top-k approximation)."""
     for i in done:
         path = out / schema.scores_shard(i)
+        if not path.exists():  # on a Ray node whose working copy does not hold it: the driver's node checks it
+            continue
         earlier = io.parquet_metadata(path).get("entropy_method")
         if earlier != method:
             raise CurateError(

@@ -9,7 +9,9 @@ its coordinates, quadrant and fate), `OUT/stats.json`, and `OUT/_manifest.json` 
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +25,8 @@ from ..config import PruneConfig, ReportConfig, RetokenizeConfig
 from ..errors import CurateError
 from ..executor import Job, runner
 from ..formats import split_tools
-from ..progress import Reporter
 from ..registry import register
-from ..stage import Input, Manifest, Stage, in_fingerprint
+from ..stage import Input, Manifest, Shards, Stage, in_fingerprint
 from ..units import KINDS, REGEX_TIMEOUT_S, RegexTimeout, protected_spans, token_kinds, tokens_touching, unit_ids
 from ..verify import input_change
 from ..wiring import TARGET
@@ -322,29 +323,50 @@ def prune_rows(rows: pa.Table, fate: dict[str, tuple], cfg: PruneConfig, model: 
     return pa.Table.from_pydict(cols, schema=schema.PRUNED), effect
 
 
-def write_pruned_shard(task: tuple) -> Counter:
-    """Pass 2 for one scores shard (a top-level function, so worker processes can run it)."""
-    source, target, fate, cfg, fingerprint, model = task
-    table = pq.read_table(source, columns=["id", "messages", "input_ids", "trainable", "logprob", "truncated"])
-    pruned, effect = prune_rows(table, fate, cfg, model)
-    io.write_parquet_atomic(pruned, target, {"curate_version": __version__, "run_fingerprint": fingerprint})
-    return effect
+@dataclass(frozen=True)
+class MaskShard:
+    """Pass 2 for one scores shard: the pruned file it becomes and the fate of its kept samples."""
+
+    index: int
+    source: str  # the scores shard
+    name: str  # the pruned shard, relative to OUT
+    fate: dict  # id -> (quadrant, selection, ppl, ent) of its kept samples
 
 
-def write_masks(tasks: list[tuple], cfg: PruneConfig, reporter: Reporter) -> list[Counter]:
-    """Pass 2 over the kept shards: in this process, in `workers` local processes, or as Ray tasks."""
-    if cfg.engine == "ray":
-        from ..engines.ray import run_tasks
+@dataclass(frozen=True)
+class MaskWork:
+    out: str
+    cfg: PruneConfig
+    fingerprint: str
+    model: dict
 
-        return run_tasks(write_pruned_shard, tasks, cfg.address, reporter)
-    if cfg.workers <= 1 or len(tasks) <= 1:
-        return [write_pruned_shard(t) for t in tasks]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
 
-    # spawn, not fork: forking a process that has polars' thread pool running can deadlock.
-    with ProcessPoolExecutor(min(cfg.workers, len(tasks)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(write_pruned_shard, tasks))
+class MaskWriter:
+    """Writes pruned shards (stateless, but for the tokenizer its text view loads once per process)."""
+
+    def __init__(self, work: MaskWork, gpus: float = 0):
+        self.work = work
+
+    def run(self, shard: MaskShard, progress=lambda units, tokens=0: None) -> dict:
+        w = self.work
+        columns = ["id", "messages", "input_ids", "trainable", "logprob", "truncated"]
+        table = pq.read_table(shard.source, columns=columns)
+        pruned, effect = prune_rows(table, shard.fate, w.cfg, w.model)
+        # what token pruning did travels with the shard: a resumed run adds up the shards it keeps from it
+        meta = {"curate_version": __version__, "run_fingerprint": w.fingerprint, "effect": json.dumps(effect)}
+        io.write_parquet_atomic(pruned, Path(w.out) / shard.name, meta)
+        return dict(effect)
+
+    def close(self) -> None:
+        pass
+
+
+def mask_shard_done(job: Job, shard: MaskShard) -> bool:
+    path = job.out / shard.name
+    try:
+        return path.exists() and io.parquet_metadata(path).get("run_fingerprint") == job.fingerprint
+    except CurateError:  # unreadable: damaged; it is written again
+        return False
 
 
 def identify(job: Job) -> dict:
@@ -404,9 +426,10 @@ def excluded_ids(job: Job, known: pl.Series) -> list[str]:
     return ids
 
 
-def compute(job: Job) -> dict:
-    """Place every sample, triage to the exact budget, write the masks of the kept ones; the manifest's fields."""
-    cfg, out, reporter, fingerprint = job.cfg, job.out, job.reporter, job.fingerprint
+def plan(job: Job) -> list[MaskShard]:
+    """Pass 1: place every sample and triage to the exact budget; the shards of pass 2 are the scores shards that
+    hold a kept sample."""
+    cfg, reporter = job.cfg, job.reporter
     scores_dir, scores_manifest = job.inputs["scores"], job.manifests["scores"]
     positions = scores_manifest.get("score_positions", "all")
     if positions == "trainable" and cfg.entropy_positions == "all":
@@ -455,12 +478,24 @@ def compute(job: Job) -> dict:
     kept_shards = sorted(set(kept["shard"].to_list()))
     reporter.log(f"EU plane: {coords.height:,} samples, keeping {kept.height:,}")
     names = [schema.pruned_shard(j, len(kept_shards)) for j in range(len(kept_shards))]
-    tasks = []
-    for name, shard in zip(names, kept_shards):
+    job.context.update(chosen=chosen, summary=summary, names=names)
+    shard_tasks = []
+    for j, (name, shard) in enumerate(zip(names, kept_shards)):
         part = kept.filter(pl.col("shard") == shard).select("id", "quadrant", "selection", "ppl", "ent")
         fate = {r[0]: r[1:] for r in part.iter_rows()}
-        tasks.append((shards[shard], out / name, fate, cfg, fingerprint, scores_manifest["model"]))
-    effect = sum(write_masks(tasks, cfg, reporter), Counter())
+        shard_tasks.append(MaskShard(j, str(shards[shard]), name, fate))
+    return shard_tasks
+
+
+def reduce(job: Job, shard_tasks: list[MaskShard], results: dict, info: dict) -> dict:
+    """What pass 2 did, over every shard (those of an earlier attempt read from their files), then samples.parquet,
+    stats.json, the card and the picture; the manifest's fields."""
+    cfg, out, reporter, scores_manifest = job.cfg, job.out, job.reporter, job.manifests["scores"]
+    chosen, summary, names = job.context["chosen"], job.context["summary"], job.context["names"]
+    effect = Counter()
+    for shard in shard_tasks:
+        done = results.get(shard.index)
+        effect.update(done if done is not None else json.loads(io.parquet_metadata(out / shard.name)["effect"]))
     loss_tokens = effect.pop("loss_tokens", 0)
     for name in names:  # hashed once: for the card's identity and for the manifest
         job.entries[name] = io.file_entry(out, name)
@@ -479,6 +514,19 @@ def compute(job: Job) -> dict:
         "counts": {"samples_in": samples.height, "samples_out": stats["K"], "dropped": samples.height - stats["K"]},
         "stats": stats,
     }
+
+
+SHARDS = Shards(
+    plan=plan,
+    done=mask_shard_done,
+    work=lambda job: MaskWork(str(job.out), job.cfg, job.fingerprint, job.manifests["scores"]["model"]),
+    worker=MaskWriter,
+    reduce=reduce,
+    engine=lambda cfg: cfg.engine,
+    local_workers=lambda cfg: cfg.workers,
+    pool=lambda cfg, resources: (cfg.workers, 0.0, 1.0),
+    address=lambda cfg: cfg.address,
+)
 
 
 def rule_in_words(cfg: PruneConfig) -> str:
@@ -697,7 +745,7 @@ STAGE = register(
         step=2,
         config=PruneConfig,
         doc="Keep the valuable samples (Q2, Q4) to an exact budget and mask noisy tokens in Q2 samples.",
-        compute=compute,
+        shards=SHARDS,  # pass 2, resumed per shard, in local processes or on Ray (--workers, --engine)
         identify=identify,
         inputs=(
             Input("scores", kind="scores", hint=SCORES_HINT),
@@ -705,6 +753,7 @@ STAGE = register(
         ),
         outputs=(f"{schema.PRUNED_DATA}/{schema.PRUNED_GLOB}", schema.SAMPLES, schema.STATS, CARD, PICTURE),
         needs=lambda cfg: ("ray",) if cfg.engine == "ray" else (),
+        resumable=True,  # pruned shards this run finished are kept
         then=follow_ups,
         result=PruneResult,
         summary=summary,

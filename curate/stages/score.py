@@ -18,13 +18,12 @@ import pyarrow as pa
 
 from .. import io, readers, schema
 from ..config import ScoreConfig
-from ..engines.local import score_locally
-from ..engines.shard import MAX_SKIP_EXAMPLES, ScoreJob, shard_summary
+from ..engines.shard import MAX_SKIP_EXAMPLES, ScoreJob, score_worker, shard_summary
 from ..errors import CurateError
 from ..executor import Job, runner
 from ..formats import DETECT_ROWS, detect_format, parse_fields
 from ..registry import register
-from ..stage import Input, Manifest, Stage
+from ..stage import Input, Manifest, Shards, Stage
 
 
 def identify(job: Job) -> dict:
@@ -105,13 +104,30 @@ def finished_shard(out: Path, index: int, fingerprint: str) -> bool:
         return False
 
 
-def compute(job: Job) -> dict:
-    """Score the shards not finished yet (on the local or Ray engine), then drop duplicate ids and count
-    duplicate conversations; returns the manifest's fields."""
-    out, ranges, info, model = job.out, job.context["ranges"], job.context["info"], job.context["model"]
-    # every worker, local or Ray, scores in the run's dtype
+# ---------------------------------------------------------------- the shards, as the executor runs them
+
+
+def plan(job: Job) -> list:
+    """The shards of the input (planned by `identify`); score shards past them (an earlier, longer --limit of this
+    run) are removed."""
+    ranges, info = job.context["ranges"], job.context["info"]
+    for stray in sorted(job.out.glob(schema.SCORES_GLOB)):
+        if int(stray.stem.split("-")[1]) >= len(ranges):
+            stray.unlink()
+    job.log(
+        f"backend: {job.context['backend']} ({info['backend_choice']}); dtype: {info['dtype']['dtype']} "
+        f"({info['dtype']['why']}); model: {job.context['model'].name}; format: {job.context['format']}; engine: "
+        f"{job.cfg.engine}"
+    )
+    return ranges
+
+
+def work(job: Job) -> ScoreJob:
+    """What every worker needs, local or on Ray: every worker scores in the run's dtype."""
+    info, model = job.context["info"], job.context["model"]
     cfg = job.cfg.model_copy(update={"dtype": info["dtype"]["dtype"]})
-    work = ScoreJob(
+    resumed = tuple(r.index for r in job.context["ranges"] if finished_shard(job.out, r.index, job.fingerprint))
+    job.context["work"] = ScoreJob(
         cfg,
         model.path,
         model.name,
@@ -121,25 +137,45 @@ def compute(job: Job) -> dict:
         job.fingerprint,
         job.context["source"],
         job.given.get("out"),
+        resumed,
     )
-    done = [r.index for r in ranges if finished_shard(out, r.index, job.fingerprint)]
-    todo = [r for r in ranges if r.index not in set(done)]
-    for stray in sorted(out.glob(schema.SCORES_GLOB)):  # e.g. left by an earlier, longer --limit of this run
-        if int(stray.stem.split("-")[1]) >= len(ranges):
-            stray.unlink()
-    job.log(
-        f"backend: {work.backend} ({info['backend_choice']}); dtype: {info['dtype']['dtype']} "
-        f"({info['dtype']['why']}); model: {work.model_name}; format: {work.format}; engine: {cfg.engine}"
-    )
-    if done:
-        job.log(f"resuming: {len(done)} of {len(ranges)} shards are already scored")
-    if cfg.engine == "ray":
-        from ..engines.ray import score_on_ray
+    return job.context["work"]
 
-        engine_info = score_on_ray(work, todo, done, ranges, job.reporter)
-    else:
-        engine_info = score_locally(work, todo, done, ranges, job.reporter)
-    return finalize(job, work, ranges, info, engine_info)
+
+def reduce(job: Job, ranges: list, results: dict, info: dict) -> dict:
+    """The run's scoring figures from the shards scored now, then `finalize`."""
+    tokens = sum(r["tokens"] for r in results.values())
+    seconds = sum(r["seconds"] for r in results.values())
+    engine_info = {
+        **info,
+        "tokens_scored_this_run": tokens,
+        "seconds": info.get("seconds") if info.get("engine") == "ray" else round(seconds, 3),
+        "shard_summaries": {i: r["summary"] for i, r in results.items() if "summary" in r},
+    }
+    wall = engine_info["seconds"] or 0
+    engine_info["tokens_per_s"] = round(tokens / wall, 1) if tokens and wall else None
+    engine_info.setdefault("worker_tokens_per_s", [engine_info["tokens_per_s"]] if engine_info["tokens_per_s"] else [])
+    return finalize(job, job.context["work"], ranges, job.context["info"], engine_info)
+
+
+def ray_pool(cfg, resources: dict) -> tuple[int, float, float]:
+    from ..engines.ray import pool_size
+
+    return pool_size(cfg, resources)
+
+
+SHARDS = Shards(
+    plan=plan,
+    done=lambda job, rows: finished_shard(job.out, rows.index, job.fingerprint),
+    work=work,
+    worker=score_worker,
+    reduce=reduce,
+    size=lambda rows: rows.stop - rows.start,
+    unit="rows",
+    engine=lambda cfg: cfg.engine,
+    pool=ray_pool,
+    address=lambda cfg: cfg.address,
+)
 
 
 # ---------------------------------------------------------------- finishing: duplicates and the manifest
@@ -337,7 +373,7 @@ STAGE = register(
         step=1,
         config=ScoreConfig,
         doc="Score every token of INPUT with a reference model: log-prob and entropy per token, as Parquet.",
-        compute=compute,
+        shards=SHARDS,  # planned, resumed per shard and run on the local or Ray engine by the executor
         identify=identify,
         inputs=(Input("input", data=True, hint="the SFT data to score"), Input("model", model=True)),
         outputs=(schema.SCORES_GLOB,),

@@ -1,0 +1,215 @@
+"""The house's rules, by stages registered here and nowhere else: a stage inserted between score and prune in a
+pipeline file is found by the kind it produces, and a sharded stage resumes after kill -9 at the shard it was on,
+on the local and the Ray engine."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from pydantic import Field
+from typer.testing import CliRunner
+
+from curate import io
+from curate.cli import app
+from curate.config import Options
+from curate.executor import Job
+from curate.registry import REGISTRY, register
+from curate.stage import Input, Manifest, Stage
+
+from .conftest import DEMO, ROOT, kill_when
+
+
+class DropShortConfig(Options):
+    scores: str = Field(description="Scores to filter.")
+    out: str = Field(description="The filtered scores.")
+    min_trainable: int = Field(4, description="Keep samples with at least this many trainable tokens.")
+
+
+def drop_short(job: Job) -> dict:
+    """Scores in, scores out: the samples with enough trainable tokens, shard by shard, with the producer's fields."""
+    manifest = job.manifests["scores"]
+    kept = 0
+    for entry in manifest["files"]:
+        table = pq.read_table(job.inputs["scores"] / entry["name"])
+        keep = [n >= job.cfg.min_trainable for n in table.column("n_trainable").to_pylist()]
+        filtered = table.filter(pa.array(keep))
+        kept += filtered.num_rows
+        meta = io.parquet_metadata(job.inputs["scores"] / entry["name"])
+        io.write_parquet_atomic(filtered, job.out / entry["name"], meta)
+    carried = ("model", "vocab_size", "keep_fields", "signals", "score_positions", "source", "dtype")
+    return {**{k: manifest[k] for k in carried if k in manifest}, "counts": {"samples": kept}}
+
+
+@pytest.fixture
+def drop_short_stage():
+    stage = register(
+        Stage(
+            name="drop-short",
+            produces="scores",
+            config=DropShortConfig,
+            compute=drop_short,
+            inputs=(Input("scores", kind="scores"),),
+            outputs=("part-*.parquet",),
+            result=Manifest,
+        )
+    )
+    yield stage
+    REGISTRY.pop("drop-short")
+
+
+def test_a_stage_between_score_and_prune_in_a_pipeline_file(tmp_path, tiny_model_dir, drop_short_stage):
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(
+        yaml.safe_dump(
+            {
+                "run_dir": "run",
+                "steps": [
+                    {"score": {"input": str(DEMO), "model": str(tiny_model_dir), "limit": 40, "shard_size": 16}},
+                    {"drop-short": {"min_trainable": 12}},
+                    {"prune": {"ratio": 0.5}},
+                ],
+            }
+        )
+    )
+    res = CliRunner().invoke(app, ["run", str(pipeline)])
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "run"
+    manifest = io.read_manifest(run)
+    assert [(s["stage"], s["kind"], s["out"]) for s in manifest["steps"]] == [
+        ("score", "scores", "scores"),
+        ("drop-short", "scores", "drop-short"),
+        ("prune", "pruned", "pruned"),
+    ]
+    pruned = io.read_manifest(run / "pruned")
+    assert pruned["inputs"][0]["path"] == "../drop-short" and pruned["inputs"][0]["kind"] == "scores"
+    short = [n for n in pq.read_table(run / "scores").column("n_trainable").to_pylist() if n < 12]
+    samples = pq.read_table(run / "pruned" / "samples.parquet").num_rows
+    assert short and samples == 40 - len(short)  # pruned from the filtered scores
+    assert CliRunner().invoke(app, ["verify", str(run)]).exit_code == 0
+    assert CliRunner().invoke(app, ["report", str(run)]).exit_code == 0  # the run's parts found by kind
+    again = CliRunner().invoke(app, ["run", str(pipeline)])
+    assert again.exit_code == 0 and again.output.count("nothing to do") == 3
+
+
+# A sharded stage declared inside the process that runs it (the script below): 6 shards, each a file written after a
+# pause, each run of a shard appended to a log. Killed after two shards, the same command again runs only the rest.
+TOY = textwrap.dedent(
+    """
+    import sys, time
+    from dataclasses import dataclass
+    from pathlib import Path
+    from pydantic import Field
+    from curate import io
+    from curate.config import Options
+    from curate.executor import execute
+    from curate.registry import register
+    from curate.stage import Manifest, Shards, Stage
+
+    class ToyConfig(Options):
+        out: str = Field(description="out")
+        engine: str = Field("local", description="local or ray", json_schema_extra={"fingerprint": False})
+        address: str | None = Field(None, description="ray", json_schema_extra={"fingerprint": False})
+
+    @dataclass(frozen=True)
+    class Part:
+        index: int
+
+    class Worker:
+        def __init__(self, out, gpus):
+            self.out = Path(out)
+
+        def run(self, part, progress):
+            time.sleep(0.5)
+            with open(self.out / "ran.log", "a") as f:
+                f.write(f"{part.index}\\n")
+            io.write_bytes_atomic(self.out / f"part-{part.index}.txt", str(part.index).encode())
+            progress(1)
+            return {"index": part.index}
+
+        def close(self):
+            pass
+
+    def reduce(job, parts, results, info):
+        return {"ran_now": sorted(results), "engine": info["engine"]}
+
+    stage = register(Stage(
+        name="toy-shards", config=ToyConfig, outputs=("part-*.txt", "ran.log"), resumable=True, result=Manifest,
+        shards=Shards(
+            plan=lambda job: [Part(i) for i in range(6)],
+            done=lambda job, part: (job.out / f"part-{part.index}.txt").exists(),
+            work=lambda job: str(job.out),
+            worker=Worker,
+            reduce=reduce,
+            engine=lambda cfg: cfg.engine,
+            address=lambda cfg: cfg.address,
+        ),
+    ))
+    out, engine, address = sys.argv[1], sys.argv[2], (sys.argv[3] if len(sys.argv) > 3 else None)
+    execute(stage, ToyConfig(out=out, engine=engine, address=address))
+    print("done")
+    """
+)
+
+
+def run_toy(tmp_path, engine: str, address: str | None = None):
+    script = tmp_path / "toy.py"
+    script.write_text(TOY)
+    out = tmp_path / f"toy-{engine}"
+    command = [sys.executable, str(script), str(out), engine, *([address] if address else [])]
+    kill_when(command, lambda: len(list(out.glob("part-*.txt"))) >= 2)  # kill -9, two shards in
+    finished = {p.name for p in out.glob("part-*.txt")}
+    assert 2 <= len(finished) < 6 and not (out / io.MANIFEST).exists()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = io.read_manifest(out)
+    assert sorted(f["name"] for f in manifest["files"]) == [*(f"part-{i}.txt" for i in range(6)), "ran.log"]
+    assert manifest["engine"] == engine
+    # the second attempt ran exactly the shards the first did not finish, each once
+    left = {f"part-{i}.txt" for i in range(6)} - finished
+    assert manifest["ran_now"] == sorted(int(n.split("-")[1].split(".")[0]) for n in left)
+    ran = [int(x) for x in (out / "ran.log").read_text().split()]
+    assert sorted(set(ran)) == list(range(6)) and len(ran) <= 7  # the shard in flight at the kill, at most, twice
+
+
+@pytest.mark.slow
+def test_a_sharded_stage_resumes_after_kill_9_at_its_shard_on_the_local_engine(tmp_path):
+    run_toy(tmp_path, "local")
+
+
+def test_a_sharded_stage_resumes_after_kill_9_at_its_shard_on_ray(tmp_path, local_ray):
+    import ray
+
+    run_toy(tmp_path, "ray", ray.get_runtime_context().gcs_address)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A Ray cluster this test starts (and stops): the toy's driver joins it, so killing the driver kills no process
+    the test did not start."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024**2, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_the_house_has_no_hand_written_lifecycle():
+    """`locked(` and `write_manifest(` are the executor's and storage's, and the synthetic data's and push's."""
+    found = subprocess.run(
+        ["grep", "-rln", "-e", "locked(", "-e", "write_manifest(", "curate", "--include=*.py"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert sorted(found) == [
+        "curate/executor.py",
+        "curate/io.py",
+        "curate/publish.py",
+        "curate/storage.py",
+        "curate/synthetic.py",
+    ]

@@ -73,7 +73,10 @@ def model_params(
         elif annotation is bool or bool in typing.get_args(annotation):
             info = typer.Option(default, f"{flag(name)}/--no-{flag(name)[2:]}", help=field.description)
         else:
-            info = typer.Option(default, flag(name), help=field.description, show_default=not required)
+            # Unset, the option passes nothing and the model's default applies: a value the user did not type must
+            # not override what `--preset` sets. --help still shows the default.
+            shown = str(default) if not required and default is not None else False
+            info = typer.Option(None if not required else ..., flag(name), help=field.description, show_default=shown)
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation))
     return params
 

@@ -428,3 +428,46 @@ def test_every_reply_of_a_pruned_glaive_conversation_keeps_content_and_calls_sta
         PruneConfig(scores=str(tmp_path / "s"), out=str(tmp_path / "q"), ratio=0.5, token_budget="sample")
     )
     assert paper_budget["stats"]["token_pruning"]["replies_without_content"] > 0
+
+
+def test_preset_paper_is_the_papers_rule_in_one_flag(tmp_path, scores):
+    """The preset sets every option of the paper's rule (the masks byte for byte those of the explicit options, the
+    token rule the per-token brute force checks), the CLI and YAML take it, and options beside it still apply."""
+    explicit = dict(
+        token_unit="token",
+        protect=[],
+        token_order="drop-high",
+        token_budget="sample",
+        token_score="ppl",
+        lam=0.5,
+        placement="conversation",
+        fill="minmax",
+    )
+    run(PruneConfig(scores=str(scores), out=str(tmp_path / "explicit"), ratio=0.25, **explicit))
+    res = CliRunner().invoke(
+        app,
+        ["prune", str(scores), "--out", str(tmp_path / "preset"), "--ratio", "0.25", "--preset", "paper"],
+        env={"COLUMNS": "300"},
+    )
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "drop the most surprising tokens (highest context-aware perplexity), keep 0.5 of the trainable" in text
+    assert "preset paper: --token-unit token --protect none --token-order drop-high --token-budget sample" in text
+    files = [sorted((tmp_path / d / "data").glob("train-*.parquet")) for d in ("explicit", "preset")]
+    assert [pq.read_table(f).to_pylist() for f in files[0]] == [pq.read_table(f).to_pylist() for f in files[1]]
+    import curate
+    from curate.config import load_pipeline
+
+    api = curate.prune(scores=scores, out=tmp_path / "api", ratio=0.25, preset="paper")
+    assert api.config["token_unit"] == "token" and api.config["fill"] == "minmax"
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text("run_dir: r\nscore: {input: demo}\nprune: {ratio: 0.25, preset: paper}\n")
+    assert load_pipeline(pipeline).prune.token_order == "drop-high"
+    cfg = PruneConfig(scores=str(scores), out="x", preset="paper", lam=0.0)  # beside it: still applies
+    assert cfg.lam == 0.0 and cfg.token_unit == "token" and cfg.fill == "minmax"
+    check_pruned(scores, tmp_path / "preset", PruneConfig(scores=str(scores), out="x", ratio=0.25, preset="paper"))
+    stats = json.loads((tmp_path / "preset" / "stats.json").read_text())
+    assert (
+        stats["token_pruning"]["budget"] == "sample"
+        and "trainable tokens (protected ones counted" in (stats["token_pruning"]["rule"])
+    )

@@ -705,6 +705,12 @@ def summary(m: PruneResult) -> list:
                 f"({v['duplicates_of_other_groups']:,} of them count in the group of their first copy)"
             )
         lines.append(line)
+    if m.config.get("preset"):
+        from ..arms import PRESETS
+        from ..card import command_line
+
+        settings = command_line("", PRESETS[m.config["preset"]]).removeprefix("curate prune ").strip()
+        lines.append(f"preset {m.config['preset']}: {settings}")
     notes = st.get("strategy_notes") or {}
     if notes.get("kept_with_ifd_at_least_1"):
         lines.append(

@@ -131,3 +131,13 @@ def test_prune_pass_two_as_ray_tasks_writes_the_same_files(tmp_path, local_score
     on_ray = prune.run(cfg.model_copy(update={"out": str(tmp_path / "ray"), "engine": "ray", "workers": 2}))
     same = [f for f in local["files"] if f["name"] != "stats.json"]  # stats.json records the settings
     assert same == [f for f in on_ray["files"] if f["name"] != "stats.json"]
+
+
+def test_the_ifd_signal_is_the_same_on_ray(tmp_path, tiny_model_dir, local_ray):
+    """The answers scored alone (`--signals ifd`) travel with their shard like every other column."""
+    local = score.run(config(tmp_path / "local", tiny_model_dir, signals=["ifd"]))
+    on_ray = score.run(config(tmp_path / "ray", tiny_model_dir, signals=["ifd"], engine="ray", num_workers=2))
+    assert local["signals"] == on_ray["signals"] == ["ifd"]
+    a, b = rows(tmp_path / "local"), rows(tmp_path / "ray")
+    assert [r["alone_tokens"] for r in a] == [r["alone_tokens"] for r in b] and any(r["alone_tokens"] for r in a)
+    assert np.allclose([r["alone_nll"] or 0 for r in a], [r["alone_nll"] or 0 for r in b], rtol=1e-6)

@@ -43,8 +43,11 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def logprob_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of `logits` [n, V]: log p(target) and the entropy -sum p log p, both in nats, float32.
+def logprob_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, entropy: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of `logits` [n, V]: log p(target) and the entropy -sum p log p, both in nats, float32 (NaN
+    entropies with `entropy=False`: the answer-alone pass of `--signals ifd` needs log-probs only).
 
     In place, to keep the peak at two [n, V] buffers: fp32 `logits` are overwritten with log p (callers hand
     over a chunk they own). log p = z - logsumexp(z); H = -sum exp(log p) log p.
@@ -52,13 +55,15 @@ def logprob_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.
     logp = logits.float()
     lse = torch.logsumexp(logp, dim=-1, keepdim=True)
     target_lp = logp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1) - lse.squeeze(-1)
+    if not entropy:
+        return target_lp, torch.full_like(target_lp, float("nan"))
     logp.sub_(lse)
     entropy = -torch.exp(logp).mul_(logp).sum(-1)
     return target_lp, entropy
 
 
 def chunked_logprob_entropy(
-    hidden: torch.Tensor, head, targets: torch.Tensor, chunk: int, transform=None
+    hidden: torch.Tensor, head, targets: torch.Tensor, chunk: int, transform=None, entropy: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`logprob_entropy(head(hidden), targets)` computed `chunk` positions at a time."""
     lps, ents = [], []
@@ -66,7 +71,7 @@ def chunked_logprob_entropy(
         logits = head(hidden[start : start + chunk])
         if transform is not None:
             logits = transform(logits)
-        lp, ent = logprob_entropy(logits, targets[start : start + chunk])
+        lp, ent = logprob_entropy(logits, targets[start : start + chunk], entropy)
         lps.append(lp)
         ents.append(ent)
     return torch.cat(lps), torch.cat(ents)
@@ -129,7 +134,7 @@ class HFScorer:
 
     @torch.inference_mode()
     def _score_batch(
-        self, seqs: list[np.ndarray], needed: list[np.ndarray] | None
+        self, seqs: list[np.ndarray], needed: list[np.ndarray] | None, entropy: bool = True
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         t0 = time.perf_counter()
         longest = max(len(s) for s in seqs)
@@ -152,7 +157,7 @@ class HFScorer:
         rows = torch.cat([torch.full((len(t),), r, dtype=torch.long) for r, t in enumerate(targets)]).to(self.device)
         cols = torch.from_numpy(np.concatenate(targets)).to(self.device)
         lp, ent = chunked_logprob_entropy(
-            hidden[rows, cols - 1], self.head, ids[rows, cols], self.chunk, self.transform
+            hidden[rows, cols - 1], self.head, ids[rows, cols], self.chunk, self.transform, entropy
         )
         lp, ent = lp.cpu().numpy(), ent.cpu().numpy()
         out, offset = [], 0
@@ -167,14 +172,18 @@ class HFScorer:
         return out
 
     def score(
-        self, sequences: Sequence[np.ndarray], on_batch=None, needed: Sequence[np.ndarray] | None = None
+        self,
+        sequences: Sequence[np.ndarray],
+        on_batch=None,
+        needed: Sequence[np.ndarray] | None = None,
+        entropy: bool = True,
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Scores in input order (NaN where not `needed`, a boolean mask per sequence; default: every position
-        but the first). `on_batch(rows, tokens)` is called after each forward batch."""
+        but the first; NaN entropies with `entropy=False`). `on_batch(rows, tokens)` is called after each batch."""
         results: list = [None] * len(sequences)
         for batch in token_budget_batches([len(s) for s in sequences], self.batch_tokens):
             part = [needed[i] for i in batch] if needed is not None else None
-            for i, r in zip(batch, self._score_batch([sequences[i] for i in batch], part)):
+            for i, r in zip(batch, self._score_batch([sequences[i] for i in batch], part, entropy)):
                 results[i] = r
             if on_batch is not None:
                 on_batch(len(batch), sum(len(sequences[i]) for i in batch))

@@ -208,7 +208,13 @@ class ShardWorker:
                     if len(ids) > 1:
                         owner.append(i)
                         seqs.append(np.asarray(ids, dtype=np.int32))
-        scores = self.scorer.score(seqs, on_batch=lambda rows, tokens: on_batch(0, tokens)) if seqs else []
+        progress = lambda rows, tokens: on_batch(0, tokens)
+        if not seqs:
+            scores = []
+        elif getattr(self.scorer, "name", "") == "hf":  # log-probs only: the entropies of the answers alone go unused
+            scores = self.scorer.score(seqs, on_batch=progress, entropy=False)
+        else:
+            scores = self.scorer.score(seqs, on_batch=progress)
         total, count = [0.0] * len(items), [0] * len(items)
         for i, (lp, _) in zip(owner, scores):
             total[i] -= float(np.asarray(lp[1:], dtype=np.float64).sum())

@@ -21,6 +21,7 @@ FINAL_ANSWER_LINE = re.compile(r"####[^\n]*")
 BOXED = "\\boxed{"
 CODE_FENCE = re.compile(r"```.*?(?:```|\Z)", re.S)
 PRESETS = ("final-answer", "numbers", "tool-calls", "code")
+WATCHED_NAMES = {"final-answer": "final answer", "tool-calls": "tool call"}  # the spans as a sentence says them
 KINDS = ("digits", "words", "punctuation")  # what a masked token is, for the summary
 
 

@@ -27,7 +27,16 @@ from ..executor import Job, runner
 from ..formats import split_tools
 from ..registry import register
 from ..stage import Input, Manifest, Shards, Stage, in_fingerprint
-from ..units import KINDS, REGEX_TIMEOUT_S, RegexTimeout, protected_spans, token_kinds, tokens_touching, unit_ids
+from ..units import (
+    KINDS,
+    REGEX_TIMEOUT_S,
+    WATCHED_NAMES,
+    RegexTimeout,
+    protected_spans,
+    token_kinds,
+    tokens_touching,
+    unit_ids,
+)
 from ..verify import input_change
 from ..wiring import TARGET
 
@@ -606,7 +615,7 @@ def effect_lines(tp: dict) -> list[str]:
             if tp[name]["samples_with"]:
                 lines.append(
                     f"  {tp[name]['samples_lost_part']:,} of {tp[name]['samples_with']:,} pruned samples with a "
-                    f"{name.replace('-', ' ')} lost part of it"
+                    f"{WATCHED_NAMES[name]} lost part of it"
                 )
     if "replies" in tp:
         lines.append(

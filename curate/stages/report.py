@@ -21,6 +21,7 @@ from ..explore import INLINE_LIMIT, Explorer, self_contained_page
 from ..registry import register
 from ..schema import QUADRANT_NAMES, QUADRANTS, SAMPLES, SELECTION_COLOURS, STATS
 from ..stage import Input, Manifest, Stage
+from ..units import WATCHED_NAMES
 
 # Quadrant names sit outside the plot area (above it for the high-entropy quadrants, below the axis for the low
 # ones), where they cover no sample: inside the corners they hid the most extreme points.
@@ -222,13 +223,22 @@ def token_pruning_html(stats: dict) -> str:
             f"{kinds['punctuation']:,} punctuation or markup.</p><ul>"
             + "".join(
                 f"<li>{tp[n]['samples_lost_part']:,} of {tp[n]['samples_with']:,} pruned samples with a "
-                f"{n.replace('-', ' ')} lost part of it</li>"
+                f"{WATCHED_NAMES[n]} lost part of it</li>"
                 for n in ("final-answer", "tool-calls")
+            )
+            + (
+                f"<li>{tp['replies_without_content']:,} of {tp['replies']:,} replies of pruned samples train no word "
+                f"or number ({tp['protected_share']:.0%} of their tokens are protected or end a turn)</li>"
+                if "replies" in tp
+                else ""
             )
             + "</ul>"
         )
     if stats.get("duplicates_left_out"):
-        parts.append(f"<p>{stats['duplicates_left_out']:,} later copies of identical conversations left out.</p>")
+        parts.append(
+            f"<p>{stats['duplicates_left_out']:,} later copies of identical conversations were left out of the "
+            "triage (--keep-duplicates keeps them).</p>"
+        )
     return '<h2 id="tokens">Token pruning</h2>' + "".join(parts)
 
 
@@ -282,7 +292,11 @@ def refresh_html(summary: dict) -> str:
 def duplicates_html(duplicates: dict | None) -> str:
     if not duplicates or not duplicates["groups"]:
         return ""
-    fate = "dropped (--dedup)" if duplicates["dropped"] else "kept (score with --dedup to drop them)"
+    fate = (
+        "dropped when scored (--dedup)"
+        if duplicates["dropped"]
+        else "scored (`score --dedup` drops them); prune leaves them out of the triage"
+    )
     ids = ", ".join(html.escape(i) for i in duplicates["first_ids"])
     return (
         f'<h2 id="duplicates">Duplicates</h2><p>{duplicates["later_copies"]:,} later copies of '

@@ -86,11 +86,28 @@ def file_digest(path: Path) -> str:
 
 
 def ensure_builtin(log=lambda msg: print(msg, file=sys.stderr)) -> Path:
-    """The HF folder of the built-in model, converting the GGUF on first use."""
+    """The HF folder of the built-in model, converting the GGUF on first use. Two processes that start at once (two
+    commands, or test workers) convert it once: the second waits on the first's lock, then finds the folder."""
+    import fcntl
+
     gguf = builtin_gguf()
     target = cache_dir() / "models" / f"SmolLM2-135M-Instruct-{gguf.stat().st_size}"
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+
+    def complete() -> bool:
+        return (target / "config.json").exists() and (target / "model.safetensors").exists()
+
+    if complete():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when a killed holder's process ends
+        if complete():
+            return target
+        convert_builtin(gguf, target, log)
+    return target
+
+
+def convert_builtin(gguf: Path, target: Path, log) -> None:
     require("torch", "transformers", "gguf", purpose="converting the built-in model")
     log(f"First use of the built-in model: converting {gguf.name} to an HF folder in {target} (about 20 s, once).")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -108,9 +125,8 @@ def ensure_builtin(log=lambda msg: print(msg, file=sys.stderr)) -> Path:
     model.hf_quantizer = None
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
+    shutil.rmtree(target, ignore_errors=True)  # an unfinished folder (a conversion killed midway), never a used one
     os.replace(tmp, target)
-    return target
 
 
 def resolve_model(spec: str | None, log=lambda msg: print(msg, file=sys.stderr)) -> ResolvedModel:

@@ -33,12 +33,17 @@ browser:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "chromium not installed (not root): the browser test will skip"
 
+# The tests run in WORKERS processes (pytest-xdist), each with its share of the cores; tests that start Ray or vLLM,
+# or share the scored GSM8K rows, keep to one process each (tests/conftest.py). WORKERS=0 runs them in this process.
+WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(WORKERS) --dist loadgroup
+
 test: $(STAMP) browser lint
-	$(BIN)/python -m pytest -q tests
+	$(PYTEST) tests
 
 # The tests that load neither the built-in SmolLM2 nor vLLM, Ray or a trainer's venv (marker `slow`): minutes.
 test-fast: $(STAMP) lint
-	$(BIN)/python -m pytest -q -m "not slow and not axolotl" tests
+	$(PYTEST) -m "not slow and not axolotl" tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check curate tests scripts

@@ -116,12 +116,32 @@ def build_tiny_model_dir(path: Path, chat_template: str | None = CHATML, tokeniz
 
 # Tests that load the built-in SmolLM2 or start Ray are `slow`: `make test` runs them, `make test-fast` does not.
 HEAVY_FIXTURES = {"smollm2_dir", "smollm2_gsm8k", "local_ray"}
+# `make test` runs the tests in parallel processes (pytest-xdist, --dist loadgroup). Tests of one group run in one
+# process: those that start a Ray cluster ("ray"), and those that start a vLLM engine (one at a time: two on 2 cores
+# would only thrash) with those sharing the 64 scored GSM8K rows ("vllm": one vLLM test compares against those rows,
+# which are then scored once, not once per process).
+GROUP_BY_FIXTURE = {"smollm2_gsm8k": "vllm", "local_ray": "ray"}
+
+# Every parallel test process gets its share of the cores, so N processes never spin N x cores torch threads. Set
+# before any test module imports torch; the commands the tests start inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(share))
+
+
+# Ray starts its workers at nice 15: beside the other test process (or any busy process) they would wait for it, and a
+# 2-minute Ray test would take 10. The tests test no scheduling priority.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if HEAVY_FIXTURES & fixtures:
             item.add_marker(pytest.mark.slow)
+        groups = sorted({GROUP_BY_FIXTURE[f] for f in fixtures if f in GROUP_BY_FIXTURE})
+        if groups and not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(groups[0]))
 
 
 @pytest.fixture(scope="session")

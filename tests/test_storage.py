@@ -146,6 +146,7 @@ def test_a_stale_lock_object_of_another_host_is_taken_over(bucket, tmp_path, mon
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ray")
 def test_ray_workers_read_from_and_write_to_the_bucket_and_nothing_else_to_local_disk(
     bucket, tiny_model_dir, tmp_path, monkeypatch
 ):

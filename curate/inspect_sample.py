@@ -10,6 +10,7 @@ from rich.text import Text
 
 from . import io, runs
 from .errors import CurateError
+from .pruning import score_in_words
 from .schema import SAMPLES, STATS
 
 
@@ -29,7 +30,7 @@ def sample_table(run_dir: str | Path, sample_id: str) -> Table:
         f"ppl {info['ppl']:.3f}, ent {info['ent']:.3f}"
     )
     model = found.scores_manifest["model"]
-    caption = Text(f"scored by {model['name']} ({model['path']}); score: the context-aware {scale} of the token")
+    caption = Text(f"scored by {model['name']} ({model['path']}); score: the token's {score_in_words(lam, scale)}")
     t = Table(title=Text(title), caption=caption)  # Text, not markup: an id may spell `[/]`
     for col in ("pos", "token", "role", "in loss", "logprob", "entropy", "score"):
         t.add_column(col, justify="right" if col not in ("token", "role") else "left")

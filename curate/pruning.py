@@ -329,6 +329,12 @@ def protected_positions(trainable: np.ndarray, truncated: bool) -> np.ndarray:
 TOKEN_SCALES = ("ppl", "nll")
 
 
+def score_in_words(lam: float, scale: str) -> str:
+    """The token score as a reader should name it: a token's own perplexity (or NLL) at lam 0, else context-aware."""
+    x = "perplexity" if scale == "ppl" else "NLL"
+    return x if lam == 0 else f"context-aware {x}, lam {lam:g}"
+
+
 def context_scores(logprob: np.ndarray, trainable: np.ndarray, lam: float, scale: str = "ppl") -> np.ndarray:
     """s[i] = (1 - lam) * x_i + lam * (x_{i-1} + x_{i+1}); non-trainable neighbours count 0.
 

@@ -74,7 +74,7 @@ def test_run_pipeline_end_to_end_then_noop(tmp_path, tiny_model_dir):
     kept = pq.read_table(sorted((tmp_path / "run" / "pruned" / "data").glob("*.parquet")))
     assert kept.num_rows == 6
     saved = yaml.safe_load((tmp_path / "run" / "pipeline.yaml").read_text())
-    assert saved["prune"]["token_ratio"] == 0.5 and saved["prune"]["lam"] == 0.5
+    assert saved["prune"]["token_ratio"] == 0.5 and saved["prune"]["lam"] == 0.0
     res = runner.invoke(app, ["run", str(cfg), "--set", "prune.token_ratio=0.5"])
     assert res.exit_code == 0 and res.output.count("nothing to do") == 2, res.output
     res = runner.invoke(app, ["run", str(cfg), "--set", "prune.nope=1"])

@@ -546,12 +546,12 @@ def rule_in_words(cfg: PruneConfig) -> str:
         how = f"random {what}"
     elif cfg.token_strategy == "ppl":
         how = f"the most surprising {what} (highest perplexity)"
-    elif cfg.token_order == "drop-high":
-        how = f"the most surprising {what} (highest context-aware perplexity)"
     else:
-        how = f"the least surprising {what} (lowest context-aware perplexity: what the model already predicts)"
-    if cfg.token_strategy == "qtuning" and cfg.token_score == "nll":
-        how = how.replace("context-aware perplexity", "context-aware NLL")
+        score = pruning.score_in_words(cfg.lam, cfg.token_score)
+        if cfg.token_order == "drop-high":
+            how = f"the most surprising {what} (highest {score})"
+        else:
+            how = f"the least surprising {what} (lowest {score}: what the model already predicts)"
     if cfg.token_budget == "turn":
         return (
             f"drop {how}, keep {cfg.token_ratio:g} of each assistant turn's prunable tokens (its protected spans "

@@ -8,7 +8,6 @@ machines without a GPU; everything else comes from the trainer's own requirement
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -37,8 +36,10 @@ CLIENTS = {
 
 
 def cache_root() -> Path:
-    root = os.environ.get("CURATE_CACHE") or os.path.join(os.path.expanduser("~/.cache"), "q-curate")
-    return Path(root) / "clients"
+    """The trainers' venvs, in q-curate's cache (CURATE_CACHE, else XDG_CACHE_HOME or ~/.cache, as the tool's)."""
+    from curate.storage import cache_dir
+
+    return cache_dir() / "clients"
 
 
 def _pip(python: Path, *args: str) -> None:

@@ -451,7 +451,7 @@ def test_preset_paper_is_the_papers_rule_in_one_flag(tmp_path, scores):
     )
     assert res.exit_code == 0, res.output
     text = " ".join(res.output.split())
-    assert "drop the most surprising tokens (highest context-aware perplexity, lam 0.5), keep 0.5 of the trainable" in text
+    assert "drop the most surprising tokens (highest context-aware perplexity, lam 0.5), keep 0.5 of the" in text
     assert "preset paper: --token-unit token --protect none --token-order drop-high --token-budget sample" in text
     files = [sorted((tmp_path / d / "data").glob("train-*.parquet")) for d in ("explicit", "preset")]
     assert [pq.read_table(f).to_pylist() for f in files[0]] == [pq.read_table(f).to_pylist() for f in files[1]]

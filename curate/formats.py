@@ -190,6 +190,13 @@ def split_tools(messages: list[dict]) -> tuple[list[dict], str | None]:
     return list(messages), None
 
 
+def to_record(sample_id: str, messages: list[dict]) -> dict:
+    """A canonical conversation as an OpenAI-format row that `read_samples` reads back as the same sample: the tool
+    schemas (its leading `tools` message) in their own `tools` field, as TRL's conversational format has them."""
+    turns, tools = split_tools(messages)
+    return {"id": sample_id, "messages": turns, **({"tools": tools} if tools else {})}
+
+
 def join_tools(messages: list[dict], tools: str | None) -> list[dict]:
     """The inverse of `split_tools`: the conversation as the chat encoder renders it."""
     return [{"role": TOOLS_ROLE, "content": tools}, *messages] if tools else list(messages)

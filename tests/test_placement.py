@@ -10,9 +10,10 @@ from typer.testing import CliRunner
 from curate import corrupt, pruning
 from curate.cli import app
 from curate.config import PruneConfig, ScoreConfig
+from curate.stages import probe as probe_stage
 from curate.stages import prune, score
 
-from .conftest import DEMO
+from .conftest import DEMO, GLAIVE, needs_shared
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +133,24 @@ def test_probe_command_tables_every_strategy_and_placement(mixed_scores, tmp_pat
     assert result["placements"]["max-turn"]["ifd"]["mean"] == pytest.approx(sum(shares) / 2)
     md = (out / "probe.md").read_text()
     assert "| qtuning |" in md and "| ifd |" in md and "| (the input) |" in md and "±" in md
+
+
+@needs_shared
+def test_the_probe_scores_every_row_of_tool_call_data(tmp_path, tiny_model_dir):
+    """The corrupted copy of glaive conversations (tool schemas, calls, tool results) reads back whole: the table
+    counts every distinct conversation, and a row scoring skips would be named above the table."""
+    out = tmp_path / "probe"
+    args = ["probe", str(GLAIVE), "--limit", "40", "--out", str(out), "--model", str(tiny_model_dir), "--seeds", "0"]
+    res = CliRunner().invoke(app, [*args, "--random-seeds", "2"])
+    assert res.exit_code == 0, res.output
+    result = json.loads((out / "probe.json").read_text())
+    scored = json.loads((out / "seed-0" / "scores" / "_manifest.json").read_text())
+    assert scored["counts"]["rows_read"] == 40 and scored["skipped_by_reason"] == {}
+    assert result["samples"] + scored["duplicates"]["later_copies"] == 40
+    assert result["per_seed"]["0"]["corrupted_by_kind"].get("arguments")  # tool-call arguments were altered
+    assert "Rows scoring skipped" not in (out / "probe.md").read_text()
+    named = probe_stage.skipped_line({"per_seed": {"0": {"skipped": {}}, "1": {"skipped": {"unknown_role": 3}}}})
+    assert named == ["Rows scoring skipped (not in the table): seed 1: 3 unknown_role.", ""]
 
 
 def test_report_shows_a_multi_turn_sample_turns(mixed_scores, tmp_path):

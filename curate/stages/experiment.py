@@ -28,6 +28,7 @@ from ..arms import arm_settings
 from ..config import Budget, EvaluateConfig, ExperimentConfig, PruneConfig, TrainConfig
 from ..corrupt import corrupt
 from ..executor import Job, runner
+from ..formats import to_record
 from ..progress import Reporter
 from ..registry import register
 from ..stage import Input, Manifest, Stage
@@ -75,7 +76,9 @@ def evaluate(cfg: ExperimentConfig, model: str, out: Path, reporter: Reporter, f
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
-    io.write_bytes_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+    """Canonical rows ({id, messages}) as JSONL that `curate score` reads back as the same samples, tools included."""
+    lines = (json.dumps(to_record(r["id"], r["messages"]), ensure_ascii=False) + "\n" for r in rows)
+    io.write_bytes_atomic(path, "".join(lines).encode())
 
 
 # ---------------------------------------------------------------- the experiment

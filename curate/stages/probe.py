@@ -123,6 +123,19 @@ def pct(stat: dict) -> str:
     return f"{100 * stat['mean']:.1f}%" + (f" ± {100 * stat['sd']:.1f}" if stat["sd"] else "")
 
 
+def skipped_line(r: dict) -> list[str]:
+    """The rows each seed's scoring skipped (with their reasons), as the table's second paragraph; none: nothing."""
+    per_seed = {seed: t.get("skipped", {}) for seed, t in r["per_seed"].items()}
+    if not any(per_seed.values()):
+        return []
+    said = "; ".join(
+        f"seed {seed}: " + ", ".join(f"{n:,} {reason}" for reason, n in sorted(skips.items()))
+        for seed, skips in per_seed.items()
+        if skips
+    )
+    return [f"Rows scoring skipped (not in the table): {said}.", ""]
+
+
 def probe_markdown(cfg: ProbeConfig, r: dict) -> str:
     placements = list(r["placements"])
     lines = [
@@ -130,6 +143,7 @@ def probe_markdown(cfg: ProbeConfig, r: dict) -> str:
         f"{pct(r['input_share'])} corrupted; budget {cfg.ratio:g}; corruption seeds {', '.join(map(str, r['seeds']))} "
         f"(mean ± sd over them); random: mean of {cfg.random_seeds} draws per seed.",
         "",
+        *skipped_line(r),
         "Share of corrupted samples among the kept ones (lower is better):",
         "",
         "| strategy | " + " | ".join(placements) + " |",
@@ -190,6 +204,7 @@ def compute(job: Job) -> dict:
         )
         coords = prune.mark_duplicates(coords, prune_cfg.keep_duplicates)
         per_seed[seed] = probe_table(coords, bad, cfg, seed, scored.get("signals", []))
+        per_seed[seed]["skipped"] = scored.get("skipped_by_reason", {})  # rows scoring left out: shown, never hidden
     result = combine(per_seed)
     io.write_json_atomic(out / "probe.json", result)
     io.write_bytes_atomic(out / "probe.md", probe_markdown(cfg, result).encode())

@@ -15,7 +15,9 @@ from transformers import AutoTokenizer
 
 from curate import pruning, strategies
 from curate.config import PruneConfig, ScoreConfig
+from curate.engines.shard import RowsByTokens
 from curate.errors import CurateError
+from curate.progress import Reporter
 from curate.stages import prune, score
 
 from .conftest import reference_scores, write_jsonl
@@ -65,6 +67,38 @@ def test_ppl_alone_and_ifd_match_plain_transformers(ifd_scores, tiny_model_dir, 
         train = np.array(r["trainable"][1:], bool)
         conditioned = math.exp(-float(lp[train].mean()))  # every assistant token, end-of-turn markers included
         assert s["ifd"] == pytest.approx(conditioned / want_alone, rel=1e-4)
+
+
+class Recorder(Reporter):
+    def __init__(self):
+        self.done = []
+
+    def start(self, label, total, unit="rows"):
+        self.total = total
+
+    def advance(self, done, tokens=0):
+        self.done.append((done, tokens))
+
+
+def test_with_ifd_the_rows_advance_through_both_passes(tmp_path, tiny_model_dir):
+    """The answers alone are a second pass over the same rows: the bar moves through it, not to 100% in the first
+    pass and still through the second."""
+    data = write_jsonl(tmp_path / "rows.jsonl", ROWS)
+    cfg = ScoreConfig(input=str(data), out=str(tmp_path / "s"), model=str(tiny_model_dir), dtype="fp32", batch_tokens=2)
+    rec = Recorder()
+    score.run(cfg.model_copy(update={"signals": ["ifd"]}), reporter=rec)
+    rows = [done for done, _ in rec.done]
+    assert rows == sorted(rows) and rows[-1] == rec.total == len(ROWS)
+    # all rows done only with the last batch of answers (then the shard's end): not through the whole second pass
+    assert rows.index(len(ROWS)) >= len(rows) - 2 and len(set(rows)) > len(ROWS) // 2
+
+
+def test_rows_by_tokens_hands_on_every_token_and_every_row_once():
+    seen = []
+    progress = RowsByTokens(lambda rows, tokens: seen.append((rows, tokens)), rows=3, total=10)
+    for rows, tokens in [(1, 4), (1, 2), (0, 1), (0, 3)]:  # a first pass over 6 tokens, then a second over 4
+        progress(rows, tokens)
+    assert seen == [(1, 4), (0, 2), (1, 1), (1, 3)]
 
 
 def test_ifd_needs_the_signal(tmp_path, tiny_model_dir):

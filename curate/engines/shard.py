@@ -162,8 +162,12 @@ class ShardWorker:
         self.open()
         needed = [enc.trainable.astype(bool) for _, enc in items] if self.job.cfg.positions == "trainable" else None
         seqs = [enc.input_ids for _, enc in items]
+        alone = self.answers_alone(items) if "ifd" in self.job.cfg.signals else None
+        if alone is not None:  # two passes: rows advance with the tokens of both, not 99% done before the second
+            total = sum(len(s) for s in seqs) + sum(len(s) for _, s in alone)
+            on_batch = RowsByTokens(on_batch, len(items), total)
         scores = self.scorer.score(seqs, on_batch=on_batch, needed=needed) if items else []
-        kept_items, kept_scores = [], []
+        kept_items, kept_scores, kept = [], [], []
         for i, ((sample, enc), (lp, ent)) in enumerate(zip(items, scores)):
             problem = score_problem(lp, ent, len(enc.input_ids), self.scorer.vocab_size, needed and needed[i])
             if problem:  # a numerical failure of the model on this row, not a reason to stop the run
@@ -174,7 +178,9 @@ class ShardWorker:
                 continue
             kept_items.append((sample, enc))
             kept_scores.append((lp, ent))
-        alone = self.score_alone(kept_items, on_batch) if "ifd" in self.job.cfg.signals else None
+            kept.append(i)
+        if alone is not None:
+            alone = self.score_alone(alone, kept, on_batch)
         t0 = time.time()
         table = shard_table(kept_items, kept_scores, self.job.cfg.keep_fields, alone)
         tokens = sum(len(enc.input_ids) for _, enc in items)
@@ -195,30 +201,36 @@ class ShardWorker:
             "seconds": time.time() - started,
         }
 
-    def score_alone(self, items: list, on_batch) -> list[tuple[float | None, int]]:
-        """Per sample (`score --signals ifd`): every assistant turn's text scored by itself, tokenised with the
-        tokenizer's defaults and no chat template, over its tokens after the first (Superfiltering's whole-text
-        perplexity); the summed NLL and the token count, pooled over the turns (None, 0 when no turn has two
-        tokens)."""
-        owner, seqs = [], []
+    def answers_alone(self, items: list) -> list[tuple[int, np.ndarray]]:
+        """`score --signals ifd`: every assistant turn's text by itself, tokenised with the tokenizer's defaults and
+        no chat template (Superfiltering's whole text), as (index of its sample, token ids); turns of one token have
+        no perplexity and are left out."""
+        turns = []
         for i, (sample, _) in enumerate(items):
             for m in sample.messages:
                 if m["role"] == "assistant":
                     ids = self.tokenizer(m["content"])["input_ids"][: self.job.cfg.max_length]
                     if len(ids) > 1:
-                        owner.append(i)
-                        seqs.append(np.asarray(ids, dtype=np.int32))
-        progress = lambda rows, tokens: on_batch(0, tokens)
+                        turns.append((i, np.asarray(ids, dtype=np.int32)))
+        return turns
+
+    def score_alone(self, turns: list, kept: list[int], on_batch) -> list[tuple[float | None, int]]:
+        """Per kept sample (`kept`: indices into the shard's items), the summed NLL of its `turns` over their tokens
+        after the first, and the token count, pooled over the turns (None, 0 when it has no such turn)."""
+        position = {item: k for k, item in enumerate(kept)}
+        turns = [(position[i], ids) for i, ids in turns if i in position]
+        seqs = [ids for _, ids in turns]
+        progress = lambda rows, tokens: on_batch(0, tokens)  # rows advance by tokens (RowsByTokens)
         if not seqs:
             scores = []
         elif getattr(self.scorer, "name", "") == "hf":  # log-probs only: the entropies of the answers alone go unused
             scores = self.scorer.score(seqs, on_batch=progress, entropy=False)
         else:
             scores = self.scorer.score(seqs, on_batch=progress)
-        total, count = [0.0] * len(items), [0] * len(items)
-        for i, (lp, _) in zip(owner, scores):
-            total[i] -= float(np.asarray(lp[1:], dtype=np.float64).sum())
-            count[i] += len(lp) - 1
+        total, count = [0.0] * len(kept), [0] * len(kept)
+        for (k, _), (lp, _) in zip(turns, scores):
+            total[k] -= float(np.asarray(lp[1:], dtype=np.float64).sum())
+            count[k] += len(lp) - 1
         return [(t, n) if n and math.isfinite(t) else (None, 0) for t, n in zip(total, count)]
 
     def metadata(self, rows: readers.RowRange, counts: ShardCounts) -> dict:
@@ -250,6 +262,22 @@ class ShardWorker:
         if scorer.entropy_max_error is not None:  # approximate entropies carry their error bound
             meta["entropy_max_error"] = str(scorer.entropy_max_error)
         return meta
+
+
+class RowsByTokens:
+    """A progress callback for work done in more than one pass over the same rows: it passes the tokens on and
+    turns them into rows, `rows` in all once `total` tokens are done, so a bar moves with the work, not to 99%
+    in the first pass and stands still through the next."""
+
+    def __init__(self, on_batch, rows: int, total: int):
+        self.on_batch, self.rows, self.total = on_batch, rows, max(total, 1)
+        self.tokens = self.reported = 0
+
+    def __call__(self, rows: int, tokens: int = 0) -> None:
+        self.tokens += tokens
+        done = min(self.rows, self.rows * self.tokens // self.total)
+        self.on_batch(done - self.reported, tokens)
+        self.reported = done
 
 
 def shard_summary(folder: Path, name: str) -> dict:

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-FIRST_USE = "import sys; from curate.models import ensure_builtin; print(ensure_builtin(), file=sys.stdout)"
+FIRST_USE = "from curate.models import ensure_builtin; print(ensure_builtin())"
 
 
 @pytest.mark.slow  # converts the built-in GGUF (about 20 s)

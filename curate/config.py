@@ -256,7 +256,10 @@ def _strategy_docs() -> list[tuple[str, str]]:
     return [(s.name, s.doc) for s in strategies.REGISTRY.values()]
 
 
-class PruneOptions(Options):
+class SelectionOptions(Options):
+    """Which samples and tokens stay in the loss: the triage and the token rule, shared by `curate prune` (over a
+    data set) and the in-trainer loss (`curate.dynamic`, over each micro-batch), with the same names and defaults."""
+
     ratio: Ratio = Field(0.125, description="Fraction of samples to keep, in (0, 1]: exactly max(1, round(ratio*N)).")
     token_ratio: Ratio = Field(
         0.5, description="Fraction of trainable tokens kept in Q2 (misconception) samples, in (0, 1]."
@@ -286,12 +289,6 @@ class PruneOptions(Options):
         "--token-ratio of its other tokens (at least one word of every reply); sample: --token-ratio of all the "
         "sample's trainable tokens, protected ones counted in it (the paper's budget: tool calls use it up).",
     )
-    scope: Literal["global", "batch"] = Field(
-        "global",
-        description="global: quantiles over the whole dataset; batch: per shuffled batch (as the paper, in training).",
-    )
-    batch_size: PosInt = Field(8, description="Batch size for --scope batch.")
-    seed: NonNegInt = Field(0, description="Seed for batch shuffling and the random strategies.")
     entropy_positions: Literal["response", "all"] = Field(
         "response", description="Mean entropy over response tokens (paper) or over all positions (official code)."
     )
@@ -322,22 +319,6 @@ class PruneOptions(Options):
     protect_regex: str | None = Field(
         None, description="Also protect what this regular expression matches in an assistant turn's text."
     )
-    keep_duplicates: bool = Field(
-        False,
-        description="Keep identical conversations as separate samples; by default only the first copy (by id) "
-        "takes part and the others are counted as dropped duplicates.",
-    )
-    exclude_ids: str | None = Field(
-        None,
-        description="A text file of sample ids, one per line (as a reviewed selection is downloaded), to leave out "
-        "of the triage: never kept, listed as excluded in samples.parquet; the budget counts the others.",
-    )
-    allow_changed_input: bool = Field(
-        False,
-        description="Prune even though the scored input file changed after scoring (refused by default: the "
-        "scores describe the old rows; score again instead).",
-        json_schema_extra=RUNTIME,
-    )
     strategy: str = Field(
         "qtuning",
         description="Sample strategy (curate.strategies; a strategy registered there from Python is allowed too): "
@@ -351,39 +332,6 @@ class PruneOptions(Options):
         "rank",
         description="How the budget is filled after the quadrants: percentile ranks, or min-max (the official code).",
     )
-    group_by: str | None = Field(
-        None,
-        description="A column carried from the input (score --keep-fields): triage and exact budget within each group.",
-    )
-    group_ratios: dict[str, Ratio] = Field(
-        default_factory=dict,
-        description="Ratios per group with --group-by, e.g. source=math:0.2,chat:0.1 (others: --ratio).",
-    )
-    target_model: str | None = Field(
-        None,
-        description="Also carry the kept samples over to this model's tokenizer and chat template (into "
-        "OUT/target, as `curate retokenize`), to train a model of another family than the scorer.",
-        json_schema_extra=RUNTIME,
-    )
-    report: bool = Field(
-        False, description="Also write the EU-plane report into OUT/report.", json_schema_extra=RUNTIME
-    )
-    workers: PosInt = Field(
-        1,
-        description="Processes writing the masks (pass 2) in parallel; the output is identical.",
-        json_schema_extra=RUNTIME,
-    )
-    engine: Literal["local", "ray"] = Field(
-        "local",
-        description="Where the --workers run: local processes, or tasks on a Ray cluster (see --address).",
-        json_schema_extra=RUNTIME,
-    )
-    address: RayAddress = None
-
-    @field_validator("group_ratios", mode="before")
-    @classmethod
-    def _parse_group_ratios(cls, v: Any) -> Any:
-        return parse_group_ratios(v)
 
     @field_validator("strategy")
     @classmethod
@@ -422,6 +370,64 @@ class PruneOptions(Options):
         if isinstance(values, dict) and values.get("preset") in PRESETS:
             return {**PRESETS[values["preset"]], **values}
         return values
+
+
+class PruneOptions(SelectionOptions):
+    scope: Literal["global", "batch"] = Field(
+        "global",
+        description="global: quantiles over the whole dataset; batch: per shuffled batch (as the paper, in training).",
+    )
+    batch_size: PosInt = Field(8, description="Batch size for --scope batch.")
+    seed: NonNegInt = Field(0, description="Seed for batch shuffling and the random strategies.")
+    keep_duplicates: bool = Field(
+        False,
+        description="Keep identical conversations as separate samples; by default only the first copy (by id) "
+        "takes part and the others are counted as dropped duplicates.",
+    )
+    exclude_ids: str | None = Field(
+        None,
+        description="A text file of sample ids, one per line (as a reviewed selection is downloaded), to leave out "
+        "of the triage: never kept, listed as excluded in samples.parquet; the budget counts the others.",
+    )
+    allow_changed_input: bool = Field(
+        False,
+        description="Prune even though the scored input file changed after scoring (refused by default: the "
+        "scores describe the old rows; score again instead).",
+        json_schema_extra=RUNTIME,
+    )
+    group_by: str | None = Field(
+        None,
+        description="A column carried from the input (score --keep-fields): triage and exact budget within each group.",
+    )
+    group_ratios: dict[str, Ratio] = Field(
+        default_factory=dict,
+        description="Ratios per group with --group-by, e.g. source=math:0.2,chat:0.1 (others: --ratio).",
+    )
+    target_model: str | None = Field(
+        None,
+        description="Also carry the kept samples over to this model's tokenizer and chat template (into "
+        "OUT/target, as `curate retokenize`), to train a model of another family than the scorer.",
+        json_schema_extra=RUNTIME,
+    )
+    report: bool = Field(
+        False, description="Also write the EU-plane report into OUT/report.", json_schema_extra=RUNTIME
+    )
+    workers: PosInt = Field(
+        1,
+        description="Processes writing the masks (pass 2) in parallel; the output is identical.",
+        json_schema_extra=RUNTIME,
+    )
+    engine: Literal["local", "ray"] = Field(
+        "local",
+        description="Where the --workers run: local processes, or tasks on a Ray cluster (see --address).",
+        json_schema_extra=RUNTIME,
+    )
+    address: RayAddress = None
+
+    @field_validator("group_ratios", mode="before")
+    @classmethod
+    def _parse_group_ratios(cls, v: Any) -> Any:
+        return parse_group_ratios(v)
 
     @model_validator(mode="after")
     def _ratios_need_groups(self):
@@ -467,6 +473,22 @@ class TrainOptions(Options):
     scheduler: Scheduler = Field("cosine", description="Learning-rate schedule.")
     seed: NonNegInt = Field(0, description="Seed for shuffling and initialisation.")
     device: Device = Field("auto", json_schema_extra=RUNTIME)
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="Compute dtype: bfloat16 autocast (weights and optimizer stay float32) or float32; auto: "
+        "bfloat16 on a GPU that supports it and on a CPU that computes it natively (AMX or AVX512-BF16), else float32.",
+    )
+    dynamic: bool = Field(
+        False,
+        description="Q-Tuning inside the trainer (the paper's protocol): every sample goes through the forward pass, "
+        "and each micro-batch keeps --ratio of its samples and prunes their tokens in the loss, scored from the "
+        "training forward's own logits by the model being trained. The selection options (--ratio, --token-ratio, "
+        "--strategy random for the paper's random baseline, ...) are prune's, applied per micro-batch.",
+    )
+    selection: SelectionOptions = Field(
+        default_factory=SelectionOptions,
+        description="With dynamic: the triage and token rule applied to each micro-batch (prune's options).",
+    )
 
 
 class TrainConfig(TrainOptions):

@@ -63,17 +63,37 @@ ARMS = {
     "ppl-low": {"strategy": "ppl-low", "token_strategy": "none"},
     "entropy-high": {"strategy": "entropy-high", "token_strategy": "none"},
     "entropy-low": {"strategy": "entropy-low", "token_strategy": "none"},
+    # random samples kept whole: whether a selection beats chance at the same samples (and, at a matched ratio, the
+    # same loss tokens)
+    "random-samples": {"strategy": "random", "token_strategy": "none"},
 }
+
+# The paper's protocol (docs/experiments.md): arms that train on every sample and select in each micro-batch with
+# the model being trained (`curate train --dynamic`), each with the selection it applies there.
+DYNAMIC_ARMS = {
+    "dynamic-qtuning": {"strategy": "qtuning", "token_strategy": "qtuning"},
+    "dynamic-random": ARMS["random"],  # random samples of each micro-batch x random tokens (the paper's baseline)
+}
+# Its offline twin: one round per epoch, each scoring the whole training set with the latest checkpoint, pruning
+# with these settings and training one epoch on the kept samples (`curate refresh`).
+REFRESH_ARMS = {"refresh": ARMS["qtuning"]}
+
+
+def arm_kind(arm: str) -> str:
+    """How an arm trains: static (prune once, train on the subset), dynamic (select per micro-batch in the trainer)
+    or refresh (prune again every epoch with the latest checkpoint)."""
+    return "dynamic" if arm in DYNAMIC_ARMS else "refresh" if arm in REFRESH_ARMS else "static"
 
 
 def arm_settings(arm: str) -> dict:
-    """The prune settings of an arm: a fixed rule of ARMS, else a registered sample strategy (its tokens pruned by
-    the prune section's rule where the strategy prunes tokens)."""
-    if arm in ARMS:
-        return ARMS[arm]
+    """The selection settings of an arm: a fixed rule (ARMS, DYNAMIC_ARMS, REFRESH_ARMS), else a registered sample
+    strategy (its tokens pruned by the prune section's rule where the strategy prunes tokens)."""
+    for table in (ARMS, DYNAMIC_ARMS, REFRESH_ARMS):
+        if arm in table:
+            return table[arm]
     strategy = strategies.get(arm)
     return {"strategy": arm, "token_strategy": "qtuning" if strategy.prunes_tokens else "none"}
 
 
 def arm_names() -> list[str]:
-    return list(dict.fromkeys([*ARMS, *strategies.names()]))
+    return list(dict.fromkeys([*ARMS, *DYNAMIC_ARMS, *REFRESH_ARMS, *strategies.names()]))

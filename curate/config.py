@@ -493,7 +493,8 @@ class TrainOptions(Options):
 
 class TrainConfig(TrainOptions):
     data: str = Field(
-        description="Pruned data: a `curate prune` folder, or one Parquet file with input_ids and labels."
+        description="The data: a `curate prune` folder, a `curate score` folder (every scored sample, whole; with "
+        "--dynamic each micro-batch is triaged) or one Parquet file with input_ids and labels."
     )
     out: str = Field(description="Folder for the trained model (a plain transformers folder; LoRA is merged).")
 
@@ -673,20 +674,22 @@ class ExperimentConfig(Options):
     )
     equal: Literal["epochs", "steps"] = Field(
         "epochs",
-        description="epochs: every arm trains train.epochs passes over its own data; steps: every arm "
-        "trains train.max_steps optimizer steps.",
+        description="epochs: every arm trains train.epochs passes over its own data (a static subset takes fewer "
+        "steps); steps: every arm trains as many optimizer steps as full data (train.max_steps, else train.epochs "
+        "passes over every training row), the protocol behind the paper's gain (its code selects inside the "
+        "trainer, on every step of full data).",
+    )
+    static_steps: Literal["batch", "epochs"] = Field(
+        "batch",
+        description="With equal: steps, how a static subset reaches full data's steps: batch (a batch of its kept "
+        "share of train.batch_size, the same epochs: the forward compute shrinks with the data) or epochs (the same "
+        "batch, more passes over the subset).",
     )
     seeds: list[NonNegInt] = Field(
         default_factory=lambda: [0], description="One training (and random pruning) per seed."
     )
     robustness: RobustnessOptions | None = None
     eval: EvalOptions
-
-    @model_validator(mode="after")
-    def _steps_need_max_steps(self):
-        if self.equal == "steps" and not self.train.max_steps:
-            raise ValueError("equal: steps needs train.max_steps (the steps every arm trains)")
-        return self
 
 
 # ---------------------------------------------------------------- pipelines

@@ -246,17 +246,19 @@ def manifest_kind(manifest: dict) -> str:
     return manifest.get("kind") or LEGACY_KINDS.get(manifest["stage"], manifest["stage"])
 
 
-def verified(folder: Path, kind: str, hint: str) -> dict:
-    """The manifest of `folder` after checking that a run producing `kind` finished there and its files are intact."""
+def verified(folder: Path, kind: str | tuple[str, ...], hint: str) -> dict:
+    """The manifest of `folder` after checking that a run producing `kind` (or one of several) finished there and its
+    files are intact."""
     if not folder.is_dir():
         raise CurateError(f"{folder}: no such folder ({hint})")
     manifest = read_manifest(folder)
     if manifest is None:
         raise CurateError(f"{folder}: no {MANIFEST}, so the run there is unfinished or never started ({hint})")
-    if manifest_kind(manifest) != kind:
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if manifest_kind(manifest) not in kinds:
         raise CurateError(
-            f"{folder} holds the output of `curate {manifest['stage']}` ({manifest_kind(manifest)}), not {kind} "
-            f"({hint})"
+            f"{folder} holds the output of `curate {manifest['stage']}` ({manifest_kind(manifest)}), not "
+            f"{' or '.join(kinds)} ({hint})"
         )
     problems = file_problems(folder, manifest)
     if problems:

@@ -26,7 +26,7 @@ class Input:
     the same run. `field` may be dotted (`eval.data`) for a sectioned config."""
 
     field: str
-    kind: str | None = None
+    kind: str | tuple[str, ...] | None = None  # several: any of these kinds is taken
     data: bool = False
     file_ok: bool = False
     model: bool = False

@@ -16,11 +16,14 @@ def score_config(options: ScoreOptions, input: str, out: Path, model: str | None
     return ScoreConfig(**{**fields, "model": model or options.model}, input=input, out=str(out))
 
 
-def written_rows_config(options: ScoreOptions, rows: Path, out: Path) -> ScoreConfig:
+def written_rows_options(options: ScoreOptions) -> ScoreOptions:
     """Scoring rows q-curate wrote itself (a corrupted copy, as `{id, messages}` JSONL): every row, openai format,
     whatever the section says about the user's own input."""
-    own = options.model_copy(update={"fields": None, "limit": None, "format": "openai"})
-    return score_config(own, str(rows), out)
+    return options.model_copy(update={"fields": None, "limit": None, "format": "openai"})
+
+
+def written_rows_config(options: ScoreOptions, rows: Path, out: Path) -> ScoreConfig:
+    return score_config(written_rows_options(options), str(rows), out)
 
 
 def prune_config(options: PruneOptions, scores: Path, out: Path, **changes) -> PruneConfig:

@@ -223,7 +223,7 @@ def tiny_dataset(tiny_run):
 
     from .conftest import data_files
 
-    return load_training_table(data_files(tiny_run / "pruned"))
+    return load_training_table(data_files(tiny_run / "pruned"))[0]
 
 
 TRAIN_ARGS = dict(

@@ -85,7 +85,7 @@ def test_transformers_trainer_honours_the_loss_mask(tiny_run, tiny_model_dir, pr
 
     model = _model(tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    dataset = load_training_table(data_files(tiny_run / "pruned"))
+    dataset, _ = load_training_table(data_files(tiny_run / "pruned"))
     before = copy.deepcopy(model)
     log = LossLog()
     cfg = TrainConfig(
@@ -110,7 +110,7 @@ def test_trainer_gradients_equal_the_masked_reference(tiny_run, tiny_model_dir, 
 
     model = _model(tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    dataset = load_training_table(data_files(tiny_run / "pruned"))
+    dataset, _ = load_training_table(data_files(tiny_run / "pruned"))
     cfg = TrainConfig(data="", out="", max_steps=1, batch_size=len(dataset), lora_rank=0, device="cpu")
     trainer = build_trainer(cfg, model, tokenizer, dataset, tiny_run / "grad-work")
     batch = next(iter(trainer.get_train_dataloader()))

@@ -18,14 +18,24 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
 from .. import io, strategies, wiring
-from ..arms import arm_settings
-from ..config import Budget, EvaluateConfig, ExperimentConfig, PruneConfig, TrainConfig
+from ..arms import arm_kind, arm_settings
+from ..config import (
+    Budget,
+    EvaluateConfig,
+    ExperimentConfig,
+    PruneConfig,
+    RefreshConfig,
+    ScoreOptions,
+    SelectionOptions,
+    TrainConfig,
+)
 from ..corrupt import corrupt
 from ..executor import Job, runner
 from ..formats import to_record
@@ -33,7 +43,7 @@ from ..progress import Reporter
 from ..registry import register
 from ..stage import Input, Manifest, Stage
 from . import evaluate as evaluate_stage
-from . import prune, score, train
+from . import prune, refresh, score, train
 
 
 def arm_name(arm: str, budget: Budget | None) -> str:
@@ -62,9 +72,34 @@ def prune_config(
     return wiring.prune_config(cfg.prune, scores, out, **changes)
 
 
-def train_config(cfg: ExperimentConfig, seed: int, pruned: Path, out: Path) -> TrainConfig:
-    equal_epochs = {"max_steps": None} if cfg.equal == "epochs" else {}
-    return wiring.train_config(cfg.train, cfg.prune, pruned, out, cfg.score.model, seed=seed, **equal_epochs)
+def selection_options(cfg: ExperimentConfig, arm: str, budget: Budget) -> SelectionOptions:
+    """What a dynamic arm selects in each micro-batch: the prune section's rule, the arm's settings, the budget."""
+    shared = {k: v for k, v in cfg.prune.model_dump().items() if k in SelectionOptions.model_fields}
+    changes = {**arm_settings(arm), "ratio": budget.ratio, "token_ratio": budget.token_ratio}
+    return SelectionOptions.model_validate({**shared, **changes})
+
+
+def full_steps(cfg: ExperimentConfig, n_full: int) -> int:
+    """Full data's optimizer steps: train.max_steps, else train.epochs passes over its n_full rows, counted as the
+    Trainer counts them."""
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    per_epoch = max(1, math.ceil(n_full / cfg.train.batch_size) // cfg.train.grad_accum)
+    return math.ceil(cfg.train.epochs * per_epoch)
+
+
+def train_config(
+    cfg: ExperimentConfig, seed: int, data: Path, out: Path, n_full: int, share: float = 1.0, **changes
+) -> TrainConfig:
+    """An arm's training: equal epochs, or (equal: steps) full data's steps, which a subset of `share` of the rows
+    reaches with its share of the batch (static_steps: batch) or with more passes (static_steps: epochs)."""
+    if cfg.equal == "epochs":
+        changes.setdefault("max_steps", None)
+    else:
+        changes.setdefault("max_steps", full_steps(cfg, n_full))
+        if share < 1 and cfg.static_steps == "batch":
+            changes.setdefault("batch_size", max(1, round(cfg.train.batch_size * share)))
+    return wiring.train_config(cfg.train, cfg.prune, data, out, cfg.score.model, seed=seed, **changes)
 
 
 def evaluate(cfg: ExperimentConfig, model: str, out: Path, reporter: Reporter, force: bool) -> dict:
@@ -84,42 +119,120 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 # ---------------------------------------------------------------- the experiment
 
 
+@dataclass(frozen=True)
+class TrainingSet:
+    """The scored training set an arm starts from, and its full-data form (every distinct sample, whole) that the
+    full and dynamic arms train on; n_full rows set full data's steps."""
+
+    data: str  # the rows, as `curate score` reads them with `score` (the refresh arm scores them every round)
+    score: ScoreOptions
+    scores: Path
+    full: Path
+    n_full: int
+
+
+def training_set(
+    cfg: ExperimentConfig, data: str, options: ScoreOptions, scores: Path, reporter: Reporter, force: bool
+) -> TrainingSet:
+    full = scores.parent / "full-data"
+    pruned = prune.run(prune_config(cfg, "full", None, cfg.seeds[0], scores, full), reporter, force)
+    return TrainingSet(data, options, scores, full, pruned["stats"]["K"])
+
+
 def run_arm(
     cfg: ExperimentConfig,
     arm: str,
     budget: Budget | None,
-    scores: Path,
+    ts: TrainingSet,
     folder: Path,
     reporter: Reporter,
     force: bool,
 ) -> list[dict]:
-    """One arm, once per seed (folder/seed-S): prune, train, evaluate."""
+    """One arm, once per seed (folder/seed-S): its training (as its kind says), then the evaluation; what it cost."""
     runs = []
     for seed in cfg.seeds:
         out = folder / f"seed-{seed}"
-        pruned = prune.run(prune_config(cfg, arm, budget, seed, scores, out / "pruned"), reporter, force)
-        trained = train.run(train_config(cfg, seed, out / "pruned", out / "model"), reporter, force)
+        kind = "full" if arm == "full" else arm_kind(arm)
+        if kind == "refresh":
+            trained, cost = refresh_arm(cfg, arm, budget, seed, ts, out, reporter, force)
+            selection = {}
+        else:
+            data, share, changes, selection = ts.full, 1.0, {}, {}
+            if kind == "dynamic":
+                changes = {"dynamic": True, "selection": selection_options(cfg, arm, budget)}
+            elif kind == "static":
+                pruned = prune.run(prune_config(cfg, arm, budget, seed, ts.scores, out / "pruned"), reporter, force)
+                data, share = out / "pruned", pruned["stats"]["K"] / ts.n_full
+                selection = pruned["stats"]["selection"]
+            options = train_config(cfg, seed, data, out / "model", ts.n_full, share, **changes)
+            trained = train.run(options, reporter, force)
+            cost = train_cost(trained)
         evaluated = evaluate(cfg, trained["model"]["path"], out / "eval", reporter, force)
-        st = pruned["stats"]
+        counts = trained["counts"]
         runs.append(
             {
                 "seed": seed,
-                "samples": st["K"],
-                "loss_tokens": st["trainable_tokens"]["after"],
-                "trained_samples": trained["counts"]["samples"],
-                "trained_loss_tokens": trained["counts"]["loss_tokens"],
-                "steps": trained["counts"]["steps"],
-                "train_seconds": trained["wall_time_s"],
+                "kind": kind,
+                "samples": counts["samples"],
+                "data": trained["config"]["data"],  # what the (last) training read
+                "data_loss_tokens": counts["loss_tokens"],  # the loss tokens of that data, once
+                "batch_size": trained["config"]["batch_size"],
+                **cost,
                 "nll": evaluated["result"]["nll"]["nll"],
                 "final_nll": evaluated["result"]["nll"].get("final_nll"),
                 "em": evaluated["result"].get("em", {}).get("em"),
                 "nll_rows": evaluated["result"]["nll_rows"],
                 "em_rows": evaluated["result"]["em_rows"],
-                "selection": st["selection"],
+                "selection": selection,  # a static subset's kept samples by selection
+                "kept_by_selection": trained.get("kept_by_selection", {}),  # in the micro-batches, over the run
                 "folder": str(out),
             }
         )
     return runs
+
+
+def train_cost(trained) -> dict:
+    """What a training run computed: optimizer steps, tokens through the forward pass and in the loss (over all
+    steps), and its wall time."""
+    c = trained["counts"]
+    return {
+        "steps": c["steps"],
+        "forward_tokens": c.get("forward_tokens", 0),
+        "loss_tokens": c.get("trained_loss_tokens", 0),
+        "seconds": trained["wall_time_s"],
+    }
+
+
+def refresh_arm(cfg, arm, budget, seed, ts, out, reporter, force) -> tuple:
+    """The offline twin of the in-trainer protocol: one round per epoch, each scoring the whole training set with the
+    latest checkpoint, pruning it and training one epoch's share of full data's steps on the kept samples."""
+    rounds = max(1, math.ceil(cfg.train.epochs))
+    ratio = budget.ratio
+    per_round = {"epochs": 1.0, "max_steps": None}
+    if cfg.equal == "steps":
+        per_round["max_steps"] = max(1, full_steps(cfg, ts.n_full) // rounds)
+        if cfg.static_steps == "batch":
+            per_round["batch_size"] = max(1, round(cfg.train.batch_size * ratio))
+    settings = {**arm_settings(arm), "ratio": ratio, "token_ratio": budget.token_ratio, "seed": seed}
+    loop = RefreshConfig(
+        input=ts.data,
+        out=str(out / "refresh"),
+        rounds=rounds,
+        score=ts.score.model_dump(),
+        prune={**cfg.prune.model_dump(), **settings},
+        train={**cfg.train.model_dump(), **per_round, "seed": seed},
+    )
+    refresh.run(loop, reporter, force)
+    cost = {"steps": 0, "forward_tokens": 0, "loss_tokens": 0, "seconds": 0.0}
+    for r in range(1, rounds + 1):
+        d = refresh.round_dir(out / "refresh", r)
+        scored, pruned, trained = (io.read_manifest(d / name) for name in ("scores", "pruned", "model"))
+        round_cost = train_cost(trained)
+        for key in ("steps", "forward_tokens", "loss_tokens"):
+            cost[key] += round_cost[key]
+        cost["forward_tokens"] += scored["counts"]["tokens"]  # scoring the whole set with the latest checkpoint
+        cost["seconds"] += round_cost["seconds"] + scored["wall_time_s"] + pruned["wall_time_s"]
+    return trained, cost
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -139,7 +252,9 @@ def robustness(cfg: ExperimentConfig, clean_rows: list[dict], reporter: Reporter
     data = folder / CORRUPTED
     if not data.exists() or force:
         write_rows(data, rows)
-    scored = score.run(wiring.written_rows_config(cfg.score, data, folder / "scores"), reporter, force)
+    options = wiring.written_rows_options(cfg.score)
+    scored = score.run(wiring.score_config(options, str(data), folder / "scores"), reporter, force)
+    ts = training_set(cfg, str(data), options, folder / "scores", reporter, force)
     budget = Budget(ratio=rc.ratio, token_ratio=rc.token_ratio)
     bad = set(bad_ids)
     kept_share = {}
@@ -161,13 +276,7 @@ def robustness(cfg: ExperimentConfig, clean_rows: list[dict], reporter: Reporter
     for arm in rc.train_arms:
         name = arm_name(arm, None if arm == "full" else budget)
         trained[name] = run_arm(
-            cfg,
-            arm,
-            None if arm == "full" else budget,
-            folder / "scores",
-            folder / "arms" / name,
-            reporter,
-            force,
+            cfg, arm, None if arm == "full" else budget, ts, folder / "arms" / name, reporter, force
         )
     return {
         "fraction": rc.fraction,
@@ -194,11 +303,12 @@ def compute(job: Job) -> dict:
     folder = Path(cfg.run_dir)
     score_cfg = wiring.score_config(cfg.score, cfg.train_data, folder / "scores")
     scored = score.run(score_cfg, reporter, force)
+    ts = training_set(cfg, cfg.train_data, cfg.score, folder / "scores", reporter, force)
     base_model = cfg.train.model or cfg.score.model or "builtin"
     baseline = evaluate(cfg, base_model, folder / "base" / "eval", reporter, force)["result"]
     arms = {}
     for name, arm, budget in planned_arms(cfg):
-        runs = run_arm(cfg, arm, budget, folder / "scores", folder / "arms" / name, reporter, force)
+        runs = run_arm(cfg, arm, budget, ts, folder / "arms" / name, reporter, force)
         arms[name] = {
             "arm": arm,
             "budget": budget.model_dump(exclude={"arms"}) if budget else None,
@@ -214,8 +324,10 @@ def compute(job: Job) -> dict:
         "arms": arms,
         "train_rows": scored["counts"]["samples"],
         "eval_rows": baseline["rows"],
+        "full_rows": ts.n_full,
         "seeds": cfg.seeds,
         "equal": cfg.equal,
+        "static_steps": cfg.static_steps,
     }
     if cfg.robustness:
         clean = [{"id": r["id"], "messages": r["messages"]} for r in training_rows(folder / "scores", scored)]
@@ -246,23 +358,30 @@ def _fmt(stat: dict | None, key: str, scale: float = 1.0, digits: int = 3) -> st
 
 def results_markdown(cfg: ExperimentConfig, results: dict) -> str:
     n_seeds = len(results["seeds"])
+    protocol = "equal epochs"
+    if results["equal"] == "steps":
+        how = "a smaller batch" if results.get("static_steps") == "batch" else "more epochs"
+        protocol = f"equal steps (static subsets: {how})"
     lines = [
         f"Training rows: {results['train_rows']:,}; evaluation rows: {results['eval_rows']['nll']:,} (NLL), "
-        f"{results['eval_rows']['em']:,} (exact match); seeds: {results['seeds']}; equal {results['equal']}"
+        f"{results['eval_rows']['em']:,} (exact match); seeds: {results['seeds']}; {protocol}"
         + (" (mean ± sd over seeds)" if n_seeds > 1 else "")
-        + ".",
+        + ". Cost columns over the whole training run: forward tokens (refresh: its scoring passes too), loss "
+        "tokens (each counted every time it trains), wall time (mean over seeds).",
         "",
-        "| arm | samples | loss tokens | steps | answer NLL (nats/token, lower is better) | final-answer NLL | "
-        "GSM8K EM % |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-        f"| base model (no training) | | | | {results['base']['nll']:.3f} | "
+        "| arm | trains | samples | batch | steps | forward tokens | loss tokens | minutes | answer NLL (lower is "
+        "better) | final-answer NLL | GSM8K EM % |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| base model (no training) | | | | | | | | {results['base']['nll']:.3f} | "
         + (f"{results['base']['final_nll']:.3f} | " if results["base"].get("final_nll") is not None else "n/a | ")
         + (f"{100 * results['base']['em']:.1f} |" if results["base"]["em"] is not None else "n/a |"),
     ]
     for name, a in results["arms"].items():
         r0 = a["runs"][0]
+        minutes = np.mean([r.get("seconds", r.get("train_seconds", 0)) for r in a["runs"]]) / 60
         lines.append(
-            f"| {name} | {r0['samples']:,} | {r0['loss_tokens']:,} | {r0['steps']:,} | {_fmt(a, 'nll')} | "
+            f"| {name} | {r0.get('kind', '')} | {r0['samples']:,} | {r0.get('batch_size', '')} | {r0['steps']:,} | "
+            f"{r0.get('forward_tokens', 0):,} | {r0['loss_tokens']:,} | {minutes:.1f} | {_fmt(a, 'nll')} | "
             f"{_fmt(a, 'final_nll')} | {_fmt(a, 'em', 100, 1)} |"
         )
     rb = results.get("robustness")

@@ -11,8 +11,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .. import io
-from ..config import TrainConfig
+import numpy as np
+
+from .. import io, schema
+from ..config import SelectionOptions, TrainConfig
 from ..errors import CurateError
 from ..executor import Job, identify_model, runner
 from ..registry import register
@@ -22,20 +24,26 @@ CHECKPOINTS = "checkpoints"
 
 
 def training_files(data: Path, manifest: dict | None) -> list[Path]:
-    """The Parquet files to train on: those of a pruned folder (its manifest verified by the executor), or one Parquet
-    file given explicitly."""
+    """The Parquet files to train on: those of a pruned folder or of a scores folder (with --dynamic: every scored
+    sample enters the per-batch triage), its manifest verified by the executor, or one Parquet file given explicitly."""
     if manifest is None:
         if data.suffix != ".parquet":
-            raise CurateError(f"{data}: expected a .parquet file or a `curate prune` folder")
+            raise CurateError(f"{data}: expected a .parquet file, a `curate prune` folder or a `curate score` folder")
         return [data]
-    files = io.pruned_data_files(data, manifest)
+    if io.manifest_kind(manifest) == "scores":
+        files = [data / f["name"] for f in manifest["files"]]
+    else:
+        files = io.pruned_data_files(data, manifest)
     if not files:
-        raise CurateError(f"{data}: the pruned dataset is empty")
+        raise CurateError(f"{data}: the dataset is empty")
     return files
 
 
 def load_training_table(files: list[Path]):
-    """input_ids / attention_mask / labels of the pruned Parquet as a `datasets.Dataset`, checked."""
+    """(input_ids / attention_mask / labels of the training Parquet as a `datasets.Dataset`, the ids of the samples
+    left out), checked: labels from the scores' trainable mask where the files are scores; samples without a loss
+    token left out (they would teach nothing and, all in one batch, log a loss of 0); data with no loss token at all
+    refused."""
     from datasets import disable_progress_bars, load_dataset
 
     disable_progress_bars()
@@ -43,15 +51,42 @@ def load_training_table(files: list[Path]):
         ds = load_dataset("parquet", data_files=[str(f) for f in files], split="train")
     except Exception as e:  # datasets raises many types; the user needs the file, not the stack
         raise CurateError(f"{files[0].parent}: cannot read the Parquet files: {e}") from None
+    if "labels" not in ds.column_names and "trainable" in ds.column_names:  # scores: every assistant token
+        ds = ds.map(
+            lambda r: {"labels": [i if t else schema.IGNORE_INDEX for i, t in zip(r["input_ids"], r["trainable"])]}
+        )
     missing = {"input_ids", "labels"} - set(ds.column_names)
     if missing:
         raise CurateError(
-            f"{files[0]}: column(s) {sorted(missing)} missing; train on the output of `curate prune` "
+            f"{files[0]}: column(s) {sorted(missing)} missing; train on the output of `curate prune` or `curate score` "
             "(or `curate export --format trl`)"
         )
     if "attention_mask" not in ds.column_names:
         ds = ds.map(lambda r: {"attention_mask": [1] * len(r["input_ids"])})
-    return ds.select_columns(["input_ids", "attention_mask", "labels"])
+    if "id" not in ds.column_names:
+        ds = ds.add_column("id", [f"row {i}" for i in range(len(ds))])
+    ds = ds.select_columns(["id", "input_ids", "attention_mask", "labels"])
+    counts = loss_tokens_per_row(ds.with_format("arrow")[:]["labels"])
+    empty = np.flatnonzero(counts == 0).tolist()
+    if len(empty) == len(ds):
+        raise CurateError(
+            f"{files[0].parent}: no sample has a loss token (every label is -100), so training would learn nothing; "
+            "check the masks, e.g. with `curate inspect`"
+        )
+    left_out = ds.select(empty)["id"] if empty else []
+    if empty:
+        ds = ds.select(np.flatnonzero(counts).tolist())
+    return ds.remove_columns("id"), left_out
+
+
+def loss_tokens_per_row(labels) -> np.ndarray:
+    """Labels other than -100 in each row of an Arrow list column, without a Python object per token."""
+    import pyarrow.compute as pc
+
+    labels = labels.combine_chunks()
+    row = np.repeat(np.arange(len(labels)), pc.list_value_length(labels).fill_null(0).to_numpy())
+    flat = pc.list_flatten(labels).to_numpy()
+    return np.bincount(row[flat != schema.IGNORE_INDEX], minlength=len(labels))
 
 
 def _loss_history_callback(history: list, log):
@@ -59,17 +94,68 @@ def _loss_history_callback(history: list, log):
 
     class LossLog(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                history.append({"step": state.global_step, "loss": round(float(logs["loss"]), 5)})
-                log(f"step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f}")
+            if not logs or "loss" not in logs or not logs.get("loss_tokens"):
+                return  # a step that trained no token has no loss to show
+            entry = {"step": state.global_step, "loss": round(float(logs["loss"]), 5)}
+            entry.update({k: v for k, v in logs.items() if k in TALLY or k.startswith("kept_")})
+            history.append(entry)
+            kept = ", ".join(f"{k[5:]} {v}" for k, v in sorted(entry.items()) if k.startswith("kept_"))
+            log(
+                f"step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f} on {entry['loss_tokens']:,} of "
+                f"{entry['label_tokens']:,} label tokens" + (f"; kept {kept} of {entry['samples']}" if kept else "")
+            )
 
     return LossLog()
 
 
-def build_trainer(cfg: TrainConfig, model, tokenizer, dataset, work_dir: Path, callbacks=()):
-    """The transformers Trainer used by `curate train` (and by the tests that prove the masks hold)."""
-    import torch
-    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainingArguments
+TALLY = ("samples", "label_tokens", "loss_tokens")  # what every logged step counts (and, dynamic, kept_Q2, ...)
+
+
+def train_dtype(cfg: TrainConfig) -> tuple[str, str]:
+    """(dtype, why): `auto` is bfloat16 autocast where the device computes it natively (`curate score`'s rule)."""
+    from ..backends import choose_dtype, cpu_bf16_feature, resolve_device
+
+    device = resolve_device(cfg.device)
+    if device.startswith("cuda") and cfg.dtype == "auto":
+        import torch
+
+        if not torch.cuda.is_bf16_supported():
+            return "float32", "auto: this GPU has no bfloat16"
+    return choose_dtype(cfg.dtype, device, None if device.startswith("cuda") else cpu_bf16_feature())
+
+
+def trainer_class(qtuning):
+    """transformers' Trainer that counts what each step trains on (samples, label and loss tokens) into its logs;
+    with `qtuning` (a dynamic.QTuningLoss) it selects in each micro-batch as well."""
+    from transformers import Trainer
+
+    from ..dynamic import with_qtuning
+
+    if qtuning is not None:
+        return with_qtuning(Trainer)
+
+    class CountingTrainer(Trainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            if model.training:
+                tally = self.__dict__.setdefault("tally", dict.fromkeys(TALLY, 0))
+                tokens = int((inputs["labels"][:, 1:] != schema.IGNORE_INDEX).sum())
+                tally["samples"] += len(inputs["labels"])
+                tally["label_tokens"] += tokens
+                tally["loss_tokens"] += tokens
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+        def log(self, logs: dict, *args, **kwargs) -> None:
+            if "loss" in logs:
+                logs.update(self.__dict__.pop("tally", dict.fromkeys(TALLY, 0)))
+            super().log(logs, *args, **kwargs)
+
+    return CountingTrainer
+
+
+def build_trainer(cfg: TrainConfig, model, tokenizer, dataset, work_dir: Path, callbacks=(), qtuning=None):
+    """The transformers Trainer used by `curate train` (and by the tests that prove the masks hold); with `qtuning`,
+    the in-trainer selection (`curate.dynamic`)."""
+    from transformers import DataCollatorForSeq2Seq, PrinterCallback, TrainingArguments
 
     from ..backends import resolve_device
 
@@ -85,7 +171,8 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, dataset, work_dir: Path, c
         warmup_steps=cfg.warmup,
         seed=cfg.seed,
         use_cpu=on_cpu,
-        bf16=not on_cpu and torch.cuda.is_bf16_supported(),
+        bf16=train_dtype(cfg)[0] == "bfloat16",  # autocast: weights, gradients and optimizer stay float32
+        include_num_input_tokens_seen="non_padding",  # the forward tokens, kept in checkpoints across a resume
         logging_steps=1,
         save_strategy="epoch",
         save_total_limit=1,
@@ -94,21 +181,32 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, dataset, work_dir: Path, c
         remove_unused_columns=False,
     )
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
-    trainer = Trainer(
+    trainer = trainer_class(qtuning)(
         model=model,
         args=args,
         train_dataset=dataset,
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=list(callbacks),
+        **({"qtuning": qtuning} if qtuning is not None else {}),
     )
     trainer.remove_callback(PrinterCallback)  # raw log dicts on stdout; progress goes through `log` instead
     return trainer
 
 
 def identify(job: Job) -> dict:
+    cfg = job.cfg
+    kind = io.manifest_kind(job.manifests["data"]) if job.manifests.get("data") else "pruned"
+    if kind == "scores" and not cfg.dynamic:
+        job.log("training on every scored sample, whole (full data); --dynamic selects in each micro-batch instead")
+    if cfg.dynamic:
+        from ..dynamic import check_options
+
+        check_options(cfg.selection)
     job.context["files"] = training_files(job.inputs["data"], job.manifests.get("data"))
-    return identify_model(job)
+    job.context["dtype"], why = train_dtype(cfg)
+    job.log(f"compute dtype {job.context['dtype']} ({why})")
+    return {**identify_model(job), "dtype": job.context["dtype"]}
 
 
 def compute(job: Job) -> dict:
@@ -127,7 +225,10 @@ def _train(cfg: TrainConfig, files: list[Path], model_ref, out: Path, log) -> di
     tokenizer = load_tokenizer(model_ref)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    dataset = load_training_table(files)
+    dataset, left_out = load_training_table(files)
+    if left_out:
+        names = ", ".join(repr(i) for i in left_out[:5]) + (" ..." if len(left_out) > 5 else "")
+        log(f"{len(left_out):,} samples without a loss token left out (every label is -100): {names}")
     model = AutoModelForCausalLM.from_pretrained(model_ref.path, dtype=torch.float32)
     vocab = model.get_input_embeddings().num_embeddings
     columns = dataset.with_format("arrow")[:]  # Arrow columns: counts without Python lists per token
@@ -153,14 +254,21 @@ def _train(cfg: TrainConfig, files: list[Path], model_ref, out: Path, log) -> di
                 task_type="CAUSAL_LM",
             ),
         )
+    qtuning = None
+    if cfg.dynamic:
+        from ..dynamic import QTuningLoss
+
+        qtuning = QTuningLoss(tokenizer=tokenizer, seed=cfg.seed, options=cfg.selection)
     log(
         f"training {model_ref.name} on {len(dataset):,} samples ({n_loss:,} loss tokens), "
         f"{'LoRA rank ' + str(cfg.lora_rank) if cfg.lora_rank else 'full fine-tuning'}"
+        + (f"; in each batch of {cfg.batch_size}: {selection_in_words(cfg)}" if cfg.dynamic else "")
     )
 
     work = out / CHECKPOINTS  # Trainer checkpoints, so an interrupted run resumes; removed when done
     history: list = []
-    trainer = build_trainer(cfg, model, tokenizer, dataset, work, [_loss_history_callback(history, log)])
+    callbacks = [_loss_history_callback(history, log)]
+    trainer = build_trainer(cfg, model, tokenizer, dataset, work, callbacks, qtuning)
     last = get_last_checkpoint(str(work))
     if last:
         log(f"resuming from {last}")
@@ -170,15 +278,38 @@ def _train(cfg: TrainConfig, files: list[Path], model_ref, out: Path, log) -> di
         model = model.merge_and_unload()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    # every logged step, the steps of an interrupted attempt included (the checkpoint carries its log history)
+    steps = [e for e in trainer.state.log_history if "loss" in e and "loss_tokens" in e]
+    trained = {k: sum(int(e.get(k, 0)) for e in steps) for k in TALLY}
+    kept = {k[5:]: sum(int(e.get(k, 0)) for e in steps) for k in sorted({k for e in steps for k in e}) if "kept_" in k}
     shutil.rmtree(work, ignore_errors=True)
     return {
         "base_model": model_ref.entry(),
         "config": {**cfg.model_dump(), "model": model_ref.name},
         "model": {"name": str(out), "path": str(out.resolve()), "base": model_ref.name},
-        "counts": {"samples": len(dataset), "loss_tokens": n_loss, "steps": result.global_step},
+        "dtype": train_dtype(cfg)[0],
+        "counts": {
+            "samples": len(dataset),
+            "samples_without_loss_tokens": len(left_out),
+            "loss_tokens": n_loss,
+            "steps": result.global_step,
+            # what the whole run computed on: every forward token and every token in the loss, over all steps
+            "forward_tokens": int(trainer.state.num_input_tokens_seen),
+            "trained_samples": trained["samples"],
+            "trained_label_tokens": trained["label_tokens"],
+            "trained_loss_tokens": trained["loss_tokens"],
+        },
+        "kept_by_selection": kept,
         "train_loss": round(float(result.training_loss), 5),
         "loss_history": history,
     }
+
+
+def selection_in_words(cfg: TrainConfig) -> str:
+    sel = cfg.selection
+    what = "Q-Tuning's triage" if sel.strategy == "qtuning" else f"the {sel.strategy} strategy"
+    tokens = "no token pruning" if sel.token_strategy == "none" else f"{sel.token_strategy} token pruning"
+    return f"{what} keeps {sel.ratio:g} of the samples, {tokens} at {sel.token_ratio:g}"
 
 
 class TrainResult(Manifest):
@@ -187,15 +318,28 @@ class TrainResult(Manifest):
     counts: dict[str, int]
     train_loss: float
     loss_history: list[dict]
+    dtype: str = "float32"
+    kept_by_selection: dict[str, int] = {}
 
 
 def summary(m: TrainResult) -> list:
     c = m.counts
     last = m.loss_history[-1]["loss"] if m.loss_history else "n/a"
-    return [
-        f"trained {c['steps']:,} steps on {c['samples']:,} samples ({c['loss_tokens']:,} loss tokens), "
+    lines = [
+        f"trained {c['steps']:,} steps ({m.dtype}) on {c['samples']:,} samples ({c['loss_tokens']:,} loss tokens), "
         f"final loss {last}; model: {m.config['out']}"
     ]
+    if c.get("samples_without_loss_tokens"):
+        lines.append(f"{c['samples_without_loss_tokens']:,} samples without a loss token were left out")
+    if "forward_tokens" in c:
+        lines.append(
+            f"over all steps: {c['forward_tokens']:,} tokens through the forward pass, {c['trained_loss_tokens']:,} "
+            f"in the loss (of {c['trained_label_tokens']:,} with a label)"
+        )
+    if m.kept_by_selection:
+        kept = ", ".join(f"{k} {v:,}" for k, v in m.kept_by_selection.items())
+        lines.append(f"kept in the micro-batches, of {c['trained_samples']:,} samples seen: {kept}")
+    return lines
 
 
 # What the trainer writes into OUT: the files of a model and its tokenizer (`save_pretrained`), and its
@@ -219,17 +363,17 @@ STAGE = register(
         produces="model",
         step=4,
         config=TrainConfig,
-        doc="Fine-tune a model on pruned data with the built-in transformers trainer "
-        "(labels = -100 are not in the loss).",
+        doc="Fine-tune a model with the built-in transformers trainer on pruned data (labels = -100 are not in the "
+        "loss), or with --dynamic select in each micro-batch as the paper's code does.",
         compute=compute,
         identify=identify,
         inputs=(
             Input(
                 "data",
-                kind="pruned",
+                kind=("pruned", "scores"),
                 file_ok=True,
-                hint="no Parquet files to train on: give a `curate prune` folder or one .parquet file with input_ids "
-                "and labels",
+                hint="no Parquet files to train on: give a `curate prune` folder, a `curate score` folder (with "
+                "--dynamic) or one .parquet file with input_ids and labels",
             ),
             Input("model", model=True),
         ),
@@ -239,6 +383,10 @@ STAGE = register(
         summary=summary,
         resumable=True,  # checkpoints of an interrupted run with this fingerprint are resumed
         cli_arguments=("data",),
+        cli_sections=(
+            (None, TrainConfig, tuple(f for f in TrainConfig.model_fields if f != "selection")),
+            ("selection", SelectionOptions, tuple(SelectionOptions.model_fields)),
+        ),
     )
 )
 run = runner(STAGE)

@@ -2,7 +2,7 @@
 options as keyword arguments (same names, same validation, same lifecycle) and return their typed results.
 
     import curate
-    scores = curate.score(input="train.jsonl", out="run/scores")
+    scores = curate.score("train.jsonl", out="run/scores")  # the main input as on the command line, or input=...
     pruned = curate.prune(scores="run/scores", out="run/pruned", ratio=0.125)
     print(pruned.stats["K"], pruned.files[0]["name"])
 """
@@ -28,7 +28,14 @@ def stage_function(attribute: str):
     if stage is None or attribute.startswith("_"):
         raise AttributeError(f"module 'curate' has no attribute {attribute!r}")
 
-    def call(*, force: bool = False, reporter: Reporter | None = None, **options: Any) -> Manifest:
+    def call(*arguments: Any, force: bool = False, reporter: Reporter | None = None, **options: Any) -> Manifest:
+        names = stage.cli_arguments  # given positionally, as on the command line
+        if len(arguments) > len(names):
+            takes = f"{', '.join(names)} positionally" if names else "no positional argument"
+            raise TypeError(f"curate.{attribute}() takes {takes}; give the other options by keyword (out=..., ...)")
+        if twice := sorted(set(names[: len(arguments)]) & set(options)):
+            raise TypeError(f"curate.{attribute}() got {', '.join(twice)} both positionally and by keyword")
+        options = {**dict(zip(names, arguments)), **options}
         values = {k: str(v) if isinstance(v, PurePath) else v for k, v in options.items()}
         try:
             cfg = stage.config.model_validate(values)
@@ -37,5 +44,7 @@ def stage_function(attribute: str):
         return execute(stage, cfg, reporter, force)
 
     call.__name__ = attribute
-    call.__doc__ = f"{stage.doc}\n\nKeyword arguments: the options of `curate {stage.name}` ({stage.config.__name__})."
+    positional = f"{', '.join(stage.cli_arguments)} positionally or by keyword, " if stage.cli_arguments else ""
+    named = f"the options of `curate {stage.name}` ({stage.config.__name__})"
+    call.__doc__ = f"{stage.doc}\n\nArguments: {positional}{named} by keyword."
     return call

@@ -23,12 +23,13 @@ GREY, COLOURS = (
     (140, 140, 140),
     {"Q2": (214, 39, 40), "fill-Q2": (255, 152, 150), "Q4": (31, 119, 180), "fill-Q4": (174, 199, 232)},
 )  # schema.SELECTION_COLOURS, as RGB
+OTHER = (44, 160, 44)  # kept by another strategy (longest, ifd, random...): green, as in the report's plot
 
 
 def plane_picture(ppl: np.ndarray, ent: np.ndarray, selection: list, width: int = 480, height: int = 360) -> bytes:
     """The EU plane as a PNG for the card, drawn without a plotting library (prune needs none): every sample a grey
-    dot at (log ppl, entropy), the kept ones over them in their selection's colour; the same bytes for the same
-    samples. The axes run from the 0.5th to the 99.5th percentile."""
+    dot at (log ppl, entropy), the kept ones over them in their selection's colour (green: kept by another strategy
+    than Q-Tuning); the same bytes for the same samples. The axes run from the 0.5th to the 99.5th percentile."""
     img = np.full((height, width, 3), 255, np.uint8)
     x, y = np.log(np.asarray(ppl, float)), np.asarray(ent, float)
     ok = np.isfinite(x) & np.isfinite(y)
@@ -44,7 +45,8 @@ def plane_picture(ppl: np.ndarray, ent: np.ndarray, selection: list, width: int 
     img[height - pad, pad : width - pad + 1] = img[pad : height - pad + 1, pad] = 0  # the axes
     for d in ((0, 0), (0, 1), (1, 0), (1, 1)):  # dropped samples as 2x2 dots, kept ones 3x3 over them
         img[np.clip(py + d[0], 0, height - 1), np.clip(px + d[1], 0, width - 1)] = GREY
-    for name, colour in COLOURS.items():
+    others = [s for s in dict.fromkeys(sel) if s is not None and s not in COLOURS]
+    for name, colour in [*COLOURS.items(), *((s, OTHER) for s in others)]:
         m = np.array([s == name for s in sel], bool)
         for dx in (-1, 0, 1):
             for dy in (-1, 0, 1):
@@ -176,6 +178,18 @@ def score_command(source: str, config: dict, manifest: dict) -> str:
     return " ".join(parts)
 
 
+def picture_legend(selection: dict) -> str:
+    """What the colours of `plane_picture` mean, for the selections a prune made ({selection: samples kept})."""
+    from . import strategies
+
+    others = [s for s in selection if s not in COLOURS]
+    if not others:
+        return "grey samples were dropped, red ones kept as Q2 (pale: fill), blue ones as Q4"
+    docs = {s: strategies.REGISTRY[s].doc.split(";")[0] for s in others if s in strategies.REGISTRY}
+    named = ", ".join(f"`{s}`" + (f" ({docs[s]})" if s in docs else "") for s in others)
+    return f"grey samples were dropped, green ones kept by {named}"
+
+
 def pruned_card(stats: dict, scores_manifest: dict, changed: dict, inherited: dict, data_files: list[dict]) -> str:
     """The card's text; it depends on the data and the settings only (not on where the folder is), so two runs
     of the same prune write the same bytes. `data_files`: the manifest entries of the training data files.
@@ -245,8 +259,7 @@ of {stats["N"]:,} samples kept; {stats["token_pruning"]["rule"] if stats.get("to
 |---|---|---:|---:|
 {rows}
 
-![The EU plane: log perplexity (x) against mean entropy (y); grey samples were dropped, red ones kept as Q2 (pale:
-fill), blue ones as Q4]({PICTURE})
+![The EU plane: log perplexity (x) against mean entropy (y); {picture_legend(stats["selection"])}]({PICTURE})
 
 ## Provenance
 

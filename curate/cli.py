@@ -207,7 +207,7 @@ def add_file_command(stage) -> None:
         force: bool = FORCE,
     ):
         with user_errors():
-            cfg = load_model(stage.config, path, set_, f"{stage.name} config")
+            cfg = load_model(stage.name, path, set_, f"{stage.name} config")
             show(stage, run_with_progress(stage, cfg, force))
 
     cmd.__doc__ = stage.doc

@@ -386,8 +386,9 @@ class PruneOptions(SelectionOptions):
     )
     exclude_ids: str | None = Field(
         None,
-        description="A text file of sample ids, one per line (as a reviewed selection is downloaded), to leave out "
-        "of the triage: never kept, listed as excluded in samples.parquet; the budget counts the others.",
+        description="A text file of sample ids, one per line exactly as written, spaces included (as the explorer "
+        "downloads a selection; # comments allowed), to leave out of the triage: never kept, listed as excluded in "
+        "samples.parquet; the budget counts the others.",
     )
     allow_changed_input: bool = Field(
         False,
@@ -706,24 +707,46 @@ def local_folder(value: str) -> str:
 LocalFolder = Annotated[str, AfterValidator(local_folder)]
 
 
+STEP_NAME = "name"  # beside a step's stage, the folder it writes: {prune: {ratio: 0.25}, name: quarter}
+FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def step_parts(step: dict) -> tuple[str, dict, str | None]:
+    """(stage, options, the name given) of one of a pipeline's `steps`."""
+    ((stage, options),) = [(key, value) for key, value in step.items() if key != STEP_NAME]
+    return stage, options, step.get(STEP_NAME)
+
+
 class Pipeline(Options):
     run_dir: LocalFolder = Field(description="The run folder: one folder per stage inside it.")
     score: ScoreSection | None = None
     prune: PruneOptions | None = None
     train: TrainOptions | None = None  # without refresh: train once on the pruned data into RUN_DIR/model
     refresh: RefreshOptions | None = None  # the loop: RUN_DIR/round-NN/{scores,pruned,model}
-    # Or any registered stages, in order: [{STAGE: {options}}, ...]; each one's inputs are the latest outputs of
-    # the kinds it asks for (a stage producing scores between score and prune is pruned from), its folder
-    # RUN_DIR/KIND (RUN_DIR/STAGE when an earlier step took that name).
-    steps: list[dict[str, dict[str, Any]]] | None = None
+    # Or any registered stages, in order: [{STAGE: {options}, name: FOLDER}, ...] (name optional); each one's
+    # inputs are the latest outputs of the kinds it asks for (a stage producing scores between score and prune is
+    # pruned from), its folder its own (`curate.stages.run.step_folder`).
+    steps: list[dict[str, Any]] | None = None
+
+    @field_validator("steps")
+    @classmethod
+    def _one_stage_each(cls, steps: list[dict] | None) -> list[dict] | None:
+        for i, step in enumerate(steps or []):
+            stages = [key for key in step if key != STEP_NAME]
+            if len(stages) != 1 or not isinstance(step[stages[0]], dict):
+                raise ValueError(f"steps[{i}]: a step is {{STAGE: {{options}}}}, one stage each (and name: FOLDER)")
+            name = step.get(STEP_NAME)
+            if name is not None and not (isinstance(name, str) and FOLDER_NAME.fullmatch(name)):
+                raise ValueError(f"steps[{i}]: name {name!r} is not a plain folder name (letters, digits, . _ -)")
+        return steps
 
     @model_validator(mode="after")
     def _stages_fit_together(self):
         if self.steps is not None:
             if any(getattr(self, s) is not None for s in ("score", "prune", "train", "refresh")):
                 raise ValueError("give either steps or the score/prune/train/refresh sections, not both")
-            if not self.steps or any(len(step) != 1 for step in self.steps):
-                raise ValueError("steps is a list of {STAGE: {options}}, one stage each")
+            if not self.steps:
+                raise ValueError("steps lists no stage")
             return self
         if self.score is None:
             raise ValueError("a pipeline needs a score section (or steps)")
@@ -768,46 +791,67 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-# Keys of a pipeline or experiment file that name files and folders: relative to the file, not to where the
-# command runs (`curate run pipelines/gsm8k.yaml` works from any folder). Model keys name a hub id as often as a
-# folder: they are resolved only when they look like a path or name one there.
-PATH_KEYS = (("run_dir",), ("score", "input"), ("train_data",), ("eval", "data"), ("prune", "exclude_ids"))
-MODEL_KEYS = (("score", "model"), ("train", "model"), ("prune", "target_model"))
+# A config file's paths are relative to the file, not to where the command runs (`curate run pipelines/gsm8k.yaml`
+# works from any folder). Which keys are paths follows from the stages, one rule for every form of file: each
+# stage's declared inputs and output folder (`Stage.places`), for the file's own stage, for each section named after
+# a stage (score:, prune:, train:) and for each of `steps:`. A model names a hub id as often as a folder: it is
+# resolved only when it looks like a path or names one there. A URL is where it is.
 
 
-def resolve_paths(raw: dict, base: Path) -> dict:
-    """`raw` with its path keys made absolute against `base` (the file's folder); `--set` values are the user's
-    own, relative to where they type them, and are applied after this."""
-    for keys in (*PATH_KEYS, *MODEL_KEYS):
-        *parents, last = keys
+def resolve_path(value: str, base: Path, model: bool = False) -> str:
+    """One path-valued option, made absolute against `base`; each of a comma-separated list of files."""
+    if not value or value == "demo" or "://" in value:
+        return value
+    if "," in value and not (base / value).exists():
+        return ",".join(resolve_path(part.strip(), base, model) for part in value.split(","))
+    local = Path(value).expanduser()
+    if model and not (value.startswith((".", "/", "~")) or (base / local).exists()):
+        return value  # a hub id
+    try:
+        return str((base / local).resolve())
+    except RuntimeError:  # a symbolic link loop: the stage that uses the path names it
+        return str((base / local).absolute())
+
+
+def resolve_paths(raw: dict, base: Path, stage) -> dict:
+    """`raw`, a config of `stage` read from a file in `base`, with its paths made absolute against `base`; `--set`
+    values are the user's own, relative to where they type them, and are applied after this."""
+    from .registry import all_stages
+
+    for field, model in stage.places():
+        *parents, last = field.split(".")
         section = raw
         for key in parents:
             section = section.get(key) if isinstance(section, dict) else None
-        value = section.get(last) if isinstance(section, dict) else None
-        if not isinstance(value, str) or not value or value == "demo" or "://" in value:
-            continue  # a URL is where it is
-        local = Path(value).expanduser()
-        if keys in MODEL_KEYS and not (value.startswith((".", "/", "~")) or (base / local).exists()):
-            continue  # a hub id
-        section[last] = str((base / local).resolve())
+        if isinstance(section, dict) and isinstance(section.get(last), str):
+            section[last] = resolve_path(section[last], base, model)
+    stages = all_stages()
+    steps = raw.get("steps") if isinstance(raw.get("steps"), list) else []
+    for part in [raw, *(step for step in steps if isinstance(step, dict))]:
+        for key, value in part.items():
+            if key in stages and isinstance(value, dict):  # a section or a step: that stage's options
+                resolve_paths(value, base, stages[key])
     return raw
 
 
-def load_model(model: type[BaseModel], path: Path, overrides: list[str] | None = None, what: str = "config"):
-    """A YAML file validated as `model`, with its paths relative to the file and `--set key.path=value`
-    overrides; every error at once."""
+def load_model(name: str, path: Path, overrides: list[str] | None = None, what: str = "config"):
+    """A YAML file validated as the config of the stage `name`, with its paths relative to the file and `--set
+    key.path=value` overrides; every error at once."""
+    from .registry import get
+
+    stage = get(name)
     raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise CurateError(f"{path}: a {what} is a mapping of sections")
-    raw = apply_overrides(resolve_paths(raw, path.parent), overrides or [])
+    raw = apply_overrides(resolve_paths(raw, path.parent, stage), overrides or [])
     try:
-        return model.model_validate(raw)
+        return stage.config.model_validate(raw)
     except ValidationError as e:
         raise CurateError(config_errors(f"{path}: {what}", e)) from None
 
 
 def load_pipeline(path: Path, overrides: list[str] | None = None) -> Pipeline:
-    return load_model(Pipeline, path, overrides, "pipeline config")
+    return load_model("run", path, overrides, "pipeline config")
 
 
 KEYED_FIELDS = {"group_ratios"}  # options whose value is a mapping: what follows them in an error's place is a key

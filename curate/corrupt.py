@@ -1,8 +1,9 @@
 """Documented ways to break a copy of a dataset, so a probe can count how much of the breakage a strategy keeps.
 
-Rows are canonical ({"id", "messages"}); every corruption makes a real error, never a no-op:
+Rows are canonical ({"id", "messages"}); every corruption makes a real error, never a no-op: a row counts as
+corrupted only when the result is a conversation the clean data does not hold (not its own, nor another row's).
 - `answer` (rows with one assistant turn): the answer is another chosen row's answer (a cyclic shift over the chosen
-  rows, so none keeps its own).
+  rows; where the previous one's answer is the same text, the one before it, and so on).
 - `reply` (multi-turn rows): the last free-text assistant reply becomes another conversation's last free-text reply;
   only replies that hold a number and run over 60 characters are moved, so each swap states a wrong fact.
 - `arguments` (rows with a tool call whose arguments hold a number): every number in the last such call's arguments
@@ -79,12 +80,22 @@ def _shift_numbers(value):
     return value
 
 
+def _conversation(messages: list[dict]) -> str:
+    return json.dumps(messages, sort_keys=True, ensure_ascii=False)
+
+
 def corrupt(rows: list[dict], fraction: float, seed: int, kinds: tuple[str, ...] = KINDS) -> tuple[list[dict], dict]:
-    """A copy of `rows` with round(fraction * n) of them corrupted (at least 2), each by one kind that applies to it
-    (the kinds taken in turn). Returns the rows and {corrupted id: kind}."""
+    """A copy of `rows` with round(fraction * n) of them chosen for corruption (at least 2), each by one kind that
+    applies to it (the kinds taken in turn). Returns the rows and {corrupted id: kind}: the chosen rows that a
+    corruption really changed into a conversation the clean rows do not hold (with answers that repeat, a swap
+    may find no other answer)."""
     rng = np.random.default_rng(seed)
     applicable = [[k for k in kinds_for(r["messages"]) if k in kinds] for r in rows]
-    eligible = [i for i, a in enumerate(applicable) if a]
+    first = {}
+    for i, r in enumerate(rows):
+        first.setdefault(r["id"], i)
+    # a later row with an id already used is never chosen: scoring skips it, and its id names the first row
+    eligible = [i for i, a in enumerate(applicable) if a and first[rows[i]["id"]] == i]
     n = min(len(eligible), max(2, round(fraction * len(rows))))
     chosen = sorted(rng.choice(eligible, size=n, replace=False).tolist()) if n else []
     out = [dict(r, messages=[dict(m) for m in r["messages"]]) for r in rows]
@@ -92,22 +103,30 @@ def corrupt(rows: list[dict], fraction: float, seed: int, kinds: tuple[str, ...]
     for j, i in enumerate(chosen):
         options = applicable[i]
         by_kind[options[j % len(options)]].append(i)
+    clean = {_conversation(r["messages"]) for r in rows}
     done = {}
+
+    def put(i: int, turn: int, content: str, kind: str) -> bool:
+        """Row i with turn `turn` replaced, where that makes a conversation the clean rows do not hold."""
+        messages = [dict(m) for m in out[i]["messages"]]
+        messages[turn]["content"] = content
+        if _conversation(messages) in clean:
+            return False
+        out[i]["messages"], done[rows[i]["id"]] = messages, kind
+        return True
+
     for kind, picked in by_kind.items():
         if kind == "arguments":
             for i in picked:
                 t = _last_numeric_call(out[i]["messages"])
-                call = _shift_numbers(_call(out[i]["messages"][t]["content"]))
-                out[i]["messages"][t]["content"] = json.dumps(call, ensure_ascii=False)
-                done[rows[i]["id"]] = kind
-            continue
-        if len(picked) < 2:  # a swap needs a partner
+                put(i, t, json.dumps(_shift_numbers(_call(out[i]["messages"][t]["content"])), ensure_ascii=False), kind)
             continue
         turn = _assistant_turns if kind == "answer" else None
         where = [turn(rows[i]["messages"])[-1] if turn else _last_reply(rows[i]["messages"]) for i in picked]
-        for (src, s_turn), (dst, d_turn) in zip(
-            zip(picked, where), zip(picked[1:] + picked[:1], where[1:] + where[:1])
-        ):
-            out[dst]["messages"][d_turn]["content"] = rows[src]["messages"][s_turn]["content"]
-            done[rows[dst]["id"]] = kind
+        for j, (dst, d_turn) in enumerate(zip(picked, where)):
+            # the previous chosen row's text, else the one before it: the first that changes this row
+            for back in range(1, len(picked)):
+                src, s_turn = picked[j - back], where[j - back]
+                if put(dst, d_turn, rows[src]["messages"][s_turn]["content"], kind):
+                    break
     return out, done

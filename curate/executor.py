@@ -139,9 +139,14 @@ def _verified_inputs(stage: Stage, cfg: Any, out: Path, log) -> tuple[dict, dict
     return paths, manifests, fingerprints, given
 
 
-def execute(stage: Stage, cfg: Any, reporter: Reporter | None = None, force: bool = False) -> Manifest:
-    """Run `stage` with `cfg` (see the module's docstring); returns its typed result."""
+def execute(
+    stage: Stage, cfg: Any, reporter: Reporter | None = None, force: bool = False, option: str | None = None
+) -> Manifest:
+    """Run `stage` with `cfg` (see the module's docstring); returns its typed result. `option`: what the user sets
+    OUT with, for the refusals to name (a pipeline step's folder is the run's: `run_dir`); by default the command's
+    option, `--out` (or its config file's key, `run_dir`)."""
     reporter = reporter or Reporter()
+    option = option or out_option(stage)
     started = time.time()
     require_stage(stage, cfg)
     where = stage.output_folder(cfg)
@@ -151,11 +156,12 @@ def execute(stage: Stage, cfg: Any, reporter: Reporter | None = None, force: boo
         with remote.locked(reporter.log):
             local = remote.pull(reporter.log)
             job = _prepare(stage, cfg.model_copy(update={"out": str(local)}), reporter, force, started, remote)
-            manifest = _begin(job) or _compute(job)
+            manifest = _begin(job, option) or _compute(job)
     else:
+        io.resolved(Path(where))  # a symbolic link loop: named before any work
         job = _prepare(stage, cfg, reporter, force, started, None)
         with io.locked(job.out, reporter.log):  # after identify: a refused run leaves no folder behind
-            manifest = _begin(job) or _compute(job)
+            manifest = _begin(job, option) or _compute(job)
     result = stage.result.model_validate(_as_given(manifest, job.given))
     for name, follow_up in stage.then(job.cfg.model_copy(update=job.given)):  # the URLs given, not working copies
         execute(get(name), follow_up, reporter, force)
@@ -175,7 +181,13 @@ def _prepare(stage: Stage, cfg: Any, reporter: Reporter, force: bool, started: f
     return job
 
 
-def _begin(job: Job) -> dict | None:
+def out_option(stage: Stage) -> str:
+    """What a user sets the stage's OUT with: `--out`, or the key of its config file (`run_dir`)."""
+    field = stage.output_field() or "out"
+    return "--" + field.replace("_", "-") if not stage.cli_file else field
+
+
+def _begin(job: Job, option: str) -> dict | None:
     stage = job.stage
     done = outdir.begin(
         job.out,
@@ -187,6 +199,7 @@ def _begin(job: Job) -> dict | None:
         resumable=stage.resumable,
         expensive=stage.expensive,
         reusable=not stage.walks,
+        option=option,
     )
     if job.remote:
         job.remote.push(job.reporter.log)  # what begin cleared goes from the bucket too, before any new file

@@ -107,16 +107,32 @@ def outputs_matching(out: Path, outputs: tuple[str, ...]) -> list[Path]:
 
 
 def write_places(out: Path, outputs: tuple[str, ...]) -> list[Path]:
-    """OUT and every folder below it that a stage writes files into."""
+    """OUT and every folder below it that a stage writes files into (`data/`; for `seed-*/`, each one there)."""
     parents = {Path(p).parent for p in outputs if not p.endswith("/")}
-    return [out / parent for parent in sorted(parents)]
+    places = {place for parent in parents for place in (out.glob(str(parent)) if _wild(parent) else [out / parent])}
+    return sorted(places)
+
+
+def _wild(pattern: Path) -> bool:
+    return any(c in str(pattern) for c in "*?[")
 
 
 def files_in_write_places(out: Path, outputs: tuple[str, ...]) -> list[Path]:
     """Every file (temporaries aside) in the folders below OUT that a stage writes into (`data/`): they may hold
-    only its own files."""
+    only its own files, and the folders of the stages it runs there (the probe's `seed-S/scores/`)."""
     places = [p for p in write_places(out, outputs) if p != out and p.is_dir()]
-    return sorted(f for place in places for f in place.rglob("*") if f.is_file() and not is_temporary(f))
+    return sorted(
+        f
+        for place in places
+        for f in place.rglob("*")
+        if f.is_file() and not is_temporary(f) and not _in_stage_below(f, place)
+    )
+
+
+def _in_stage_below(path: Path, place: Path) -> bool:
+    """Whether `path` is in a folder below `place` that a stage writes (it holds a manifest or a run stamp)."""
+    below = [d for d in path.parents if d != place and d.is_relative_to(place)]
+    return any((d / MANIFEST).exists() or (d / RUN_STAMP).exists() for d in below)
 
 
 # ---------------------------------------------------------------- fingerprints and checksums
@@ -399,5 +415,16 @@ def _take_over(path: Path, holder: dict, log) -> None:
         guard.unlink(missing_ok=True)
 
 
+def resolved(path: Path) -> Path:
+    """`path.resolve()`, where a symbolic link loop on the way is a clear error naming it (Python before 3.13
+    raises a RuntimeError there)."""
+    try:
+        return path.resolve()
+    except RuntimeError:
+        raise CurateError(
+            f"{path}: a symbolic link loop (a link that leads back to itself); remove it or choose another path"
+        ) from None
+
+
 def same_folder(a: Path, b: Path) -> bool:
-    return a.resolve() == b.resolve()
+    return resolved(a) == resolved(b)

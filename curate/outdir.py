@@ -29,15 +29,15 @@ def check_not_input(out: Path, *inputs: Path) -> None:
             raise CurateError(f"--out {out} is the input folder itself; write the output somewhere else")
 
 
-def refuse_foreign_files(out: Path, outputs: tuple[str, ...], stage: str) -> None:
+def refuse_foreign_files(out: Path, outputs: tuple[str, ...], stage: str, option: str = "--out") -> None:
     """A folder inside OUT that the stage writes into (`data/`) must hold only its files: a user's file there
-    would be mixed into the dataset, or deleted with the stage's output."""
+    would be mixed into the dataset, or deleted with the stage's output. `option`: what the user sets OUT with."""
     ours = set(io.outputs_matching(out, outputs))
     for path in io.files_in_write_places(out, outputs):
         if path not in ours:
             raise CurateError(
                 f"{path} was not written by `curate {stage}`, which writes its own files in that folder; move it "
-                "or choose another --out (nothing was deleted)"
+                f"or choose another {option} (nothing was deleted)"
             )
 
 
@@ -76,12 +76,13 @@ def _reuse_or_clear(
     resumable: bool,
     expensive: bool,
     reusable: bool,
+    option: str,
 ) -> dict | None:
     manifest = io.read_manifest(out) if out.is_dir() else None
     if manifest is not None and manifest["stage"] != stage:
         raise CurateError(
             f"{out} is not a `curate {stage}` folder: it holds the output of `curate "
-            f"{manifest['stage']}`; choose another --out (or --force to replace it)"
+            f"{manifest['stage']}`; choose another {option} (or --force to replace it)"
         )
     if manifest is not None and manifest["fingerprint"] == fingerprint:
         if not reusable:  # a stage that walks others again; its manifest is rewritten at the end
@@ -104,14 +105,14 @@ def _reuse_or_clear(
         if strangers:
             raise CurateError(
                 f"{out} holds {strangers[0].name}, which q-curate did not write there; choose another "
-                "--out, or use --force to replace it"
+                f"{option}, or use --force to replace it"
             )
     elif manifest is not None or stamp.get("fingerprint") != fingerprint:
         # a run that failed before writing anything is no loss to redo
         if expensive and io.outputs_matching(out, outputs):
             raise StaleOutputError(
                 f"{out} holds {stage} output from other inputs or settings; use --force to replace it "
-                "or choose another --out"
+                f"or choose another {option}"
             )
         clear(out, outputs, manifest)
     elif not resumable:
@@ -130,13 +131,14 @@ def begin(
     resumable: bool = False,
     expensive: bool = False,
     reusable: bool = True,
+    option: str = "--out",
 ) -> dict | None:
     """The finished manifest if OUT holds exactly this result, intact (and the stage reuses results); else None
-    after preparing OUT."""
-    refuse_foreign_files(out, outputs, stage)
+    after preparing OUT. `option`: what the user sets OUT with, for the refusals (a pipeline's `run_dir`)."""
+    refuse_foreign_files(out, outputs, stage, option)
     if force:  # whatever the stage wrote there, even under a damaged manifest, is replaced
         clear(out, outputs, _readable_manifest(out))
-    elif done := _reuse_or_clear(out, stage, fingerprint, outputs, reporter, resumable, expensive, reusable):
+    elif done := _reuse_or_clear(out, stage, fingerprint, outputs, reporter, resumable, expensive, reusable, option):
         return done
     out.mkdir(parents=True, exist_ok=True)
     for place in io.write_places(out, outputs):

@@ -124,6 +124,20 @@ class Stage:
         """Where a config's output goes: a path, or a URL (never folded through Path, which breaks `s3://`)."""
         return str(self.out(cfg))
 
+    def output_field(self) -> str | None:
+        """The config field that names the output folder (`out`, `run_dir`): `out` asked of a config whose every
+        field holds its own name; None where the folder is no one field."""
+        names = self.config.model_construct(**{name: name for name in self.config.model_fields})
+        found = self.output_folder(names)
+        return found if found in self.config.model_fields else None
+
+    def places(self) -> list[tuple[str, bool]]:
+        """The config fields that name a file, a folder or a model, each with whether it is a model (a hub id as
+        often as a folder): its inputs and its output folder. A config file's paths are these."""
+        fields = [(spec.field, spec.model) for spec in self.inputs]
+        output = self.output_field()
+        return [*fields, (output, False)] if output else fields
+
 
 def in_fingerprint(model: type[BaseModel], field: str) -> bool:
     """Whether a config field changes a stage's result. Fields that only say how or where it runs are declared

@@ -96,9 +96,13 @@ def set_options(text: str | None) -> None:
     command line either (which `ps` shows every user of the machine)."""
     if text and text.startswith("@"):
         try:
-            text = Path(text[1:]).expanduser().read_text()
+            text = Path(text[1:]).expanduser().read_bytes().decode("utf-8-sig")
         except OSError as e:
             raise CurateError(f"--storage-options {text}: cannot read {text[1:]} ({e.strerror})") from None
+        except UnicodeDecodeError as e:  # the position only: the bytes may be a secret
+            raise CurateError(
+                f"--storage-options {text}: {text[1:]} is not UTF-8 text (byte {e.start}); save the JSON as UTF-8"
+            ) from None
     if text:
         os.environ[OPTIONS_ENV] = text
         options("")

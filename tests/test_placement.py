@@ -73,18 +73,21 @@ def test_single_turn_selections_are_identical_under_every_placement(mixed_scores
         assert all(a.equals(b) for a, b in zip(first, other))
 
 
-def conversation(turns):
+def conversation(turns, question="q"):
     msgs = []
     for t in turns:
-        msgs += [{"role": "user", "content": "q"}, {"role": "assistant", "content": t}]
+        msgs += [{"role": "user", "content": question}, {"role": "assistant", "content": t}]
     return msgs
 
 
 def test_corruptions_are_real_errors_of_the_documented_kinds():
     call = json.dumps({"name": "convert", "arguments": {"amount": 100, "to": "EUR"}})
     reply = "The converted amount is 85.5 EUR, at today's rate of 0.855 euros to the dollar."
-    rows = [{"id": f"m{i}", "messages": conversation([call, reply.replace("85.5", str(80 + i))])} for i in range(6)]
-    rows += [{"id": f"s{i}", "messages": conversation([f"The answer is {i}."])} for i in range(6)]
+    # each its own question: an answer swapped between two rows asking the same is another row, not an error
+    rows = [
+        {"id": f"m{i}", "messages": conversation([call, reply.replace("85.5", str(80 + i))], f"q{i}")} for i in range(6)
+    ]
+    rows += [{"id": f"s{i}", "messages": conversation([f"The answer is {i}."], f"q{i}")} for i in range(6)]
     rows += [{"id": "x", "messages": conversation(["hi", "bye"])}]  # nothing applies
     out, bad = corrupt.corrupt(rows, 0.9, seed=0)
     assert "x" not in bad and set(bad.values()) <= set(corrupt.KINDS) and len(bad) >= 8

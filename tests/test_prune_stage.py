@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from curate import pruning, schema
 from curate.cli import app
 from curate.config import PruneConfig
-from curate.errors import CurateError
+from curate.errors import CurateError, StaleOutputError
 from curate.stages.prune import run
 from curate.synthetic import synthetic_scores
 
@@ -313,12 +313,13 @@ def test_excluded_ids_take_no_part_and_the_budget_counts_the_others(tmp_path, sc
     assert not any(s["kept"] for s in samples if s["excluded"])
     assert manifest["stats"]["excluded"] == len(chosen)
     assert manifest["stats"]["K"] == pruning.budget(0.25, len(ids) - len(chosen))  # exact over the others
-    listed.write_text("\n".join(chosen[1:]))  # the list changed: the run is another one
-    rec = Recorder()
-    assert run(cfg, rec)["stats"]["excluded"] == len(chosen) - 1 and not any("nothing to do" in m for m in rec.logs)
+    listed.write_text("\n".join(chosen[1:]))  # the list changed: the run is another one, not this one's result
+    with pytest.raises(StaleOutputError, match="other inputs or settings; use --force"):
+        run(cfg)
+    assert run(cfg, force=True)["stats"]["excluded"] == len(chosen) - 1
     listed.write_text(chosen[0] + "\nno-such-id\n")
     with pytest.raises(CurateError, match="1 of its 2 ids are not in .*'no-such-id'"):
-        run(cfg)
+        run(cfg, force=True)
 
 
 def test_a_pruned_folder_loads_by_name_with_its_card(tmp_path, tiny_run):

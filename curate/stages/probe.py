@@ -136,6 +136,15 @@ def skipped_line(r: dict) -> list[str]:
     return [f"Rows scoring skipped (not in the table): {said}.", ""]
 
 
+def changed_line(r: dict) -> list[str]:
+    """How many of the distinct samples each seed's corruption really changed, by kind: the table's noise."""
+    said = "; ".join(
+        f"seed {seed}: {t['corrupted']:,}" + "".join(f", {n:,} {kind}" for kind, n in t["corrupted_by_kind"].items())
+        for seed, t in r["per_seed"].items()
+    )
+    return [f"Corrupted samples (changed into a conversation the input does not hold): {said}.", ""]
+
+
 def probe_markdown(cfg: ProbeConfig, r: dict) -> str:
     placements = list(r["placements"])
     lines = [
@@ -143,6 +152,7 @@ def probe_markdown(cfg: ProbeConfig, r: dict) -> str:
         f"{pct(r['input_share'])} corrupted; budget {cfg.ratio:g}; corruption seeds {', '.join(map(str, r['seeds']))} "
         f"(mean ± sd over them); random: mean of {cfg.random_seeds} draws per seed.",
         "",
+        *changed_line(r),
         *skipped_line(r),
         "Share of corrupted samples among the kept ones (lower is better):",
         "",

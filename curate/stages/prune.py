@@ -199,6 +199,8 @@ def text_view(model: dict, required: bool):
 
 
 _TEXT_VIEWS: dict = {}
+
+
 def prune_rows(rows: pa.Table, fate: dict[str, tuple], cfg: PruneConfig, model: dict) -> tuple[pa.Table, Counter]:
     """Pruned-schema table for the kept rows of one scores shard, and what token pruning did (with loss_tokens)."""
     cols = {name: [] for name in schema.PRUNED.names}
@@ -322,24 +324,37 @@ def dataset_card(job: Job, stats: dict) -> str:
 
 
 def excluded_ids(job: Job, known: pl.Series) -> list[str]:
-    """The ids of --exclude-ids (one per line; blank lines and `#` comments skipped), all of which must be among
-    `known` (the scored ids): a typo would otherwise exclude nothing, silently."""
+    """The ids of --exclude-ids: one per line, exactly as written (the explorer's download writes them so: an id
+    may end in a space or start with `#`). Blank lines are skipped, and lines starting with `#` that are no id
+    (comments); every other line must be one of `known` (the scored ids): a typo would otherwise exclude nothing,
+    silently."""
     path = job.inputs.get("exclude_ids")
     if path is None:
         return []
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte order mark is not part of an id
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte order mark is not part of an id
     except UnicodeDecodeError:
         raise CurateError(f"{path}: --exclude-ids must be UTF-8 text, one id per line") from None
-    ids = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     known = set(known.to_list())
-    unknown = [i for i in ids if i not in known]
+    lines = [
+        (n, line)
+        for n, line in enumerate(text.splitlines(), 1)
+        if line in known or (line.strip() and not line.startswith("#"))
+    ]
+    unknown = [(n, line) for n, line in lines if line not in known]
     if unknown:
+        named = "; ".join(f"line {n}: {line!r}{near_id(line, known)}" for n, line in unknown[:20])
+        more = f"; and {len(unknown) - 20:,} more" if len(unknown) > 20 else ""
         raise CurateError(
-            f"{path}: {len(unknown):,} of its {len(ids):,} ids are not in {job.inputs['scores']} "
-            f"(first: {', '.join(repr(i) for i in unknown[:5])})"
+            f"{path}: {len(unknown):,} of its {len(lines):,} ids are not in {job.inputs['scores']} ({named}{more}); "
+            "ids are read exactly, spaces included"
         )
-    return ids
+    return [line for _, line in lines]
+
+
+def near_id(line: str, known: set) -> str:
+    """`(did you mean 'q1'?)` where a line is a known id but for spaces around it."""
+    return f" (did you mean {line.strip()!r}?)" if line.strip() in known else ""
 
 
 def plan(job: Job) -> list[MaskShard]:
@@ -559,6 +574,8 @@ def build_stats(cfg: PruneConfig, samples: pl.DataFrame, summary: dict, loss_tok
         "token_pruning": token_pruning_stats(cfg, effect),
         "config": cfg.model_dump(),
     }
+    if cfg.preset:
+        stats["preset"] = {"name": cfg.preset, "replaced": preset_replaced(stats["config"])}
     if "group" in samples.columns:
         # A later copy of a conversation counts in the group of its first copy (the smallest id), which takes part
         # in that group's triage; the copy's own group loses the row, and says so.
@@ -581,6 +598,29 @@ def build_stats(cfg: PruneConfig, samples: pl.DataFrame, summary: dict, loss_tok
             for g, n, k, copies, other in per.iter_rows()
         }
     return stats
+
+
+def preset_replaced(config: dict) -> dict:
+    """The settings of --preset that options given beside it replaced (they win): {option: the preset's value}."""
+    from ..arms import PRESETS
+
+    return {k: v for k, v in PRESETS[config["preset"]].items() if config[k] != v}
+
+
+def preset_lines(config: dict) -> list[str]:
+    """With --preset: the settings it stands for as they were used, and the preset's values that were replaced."""
+    if not config.get("preset"):
+        return []
+    from ..arms import PRESETS
+    from ..card import command_line
+
+    def flags(options: dict) -> str:
+        return command_line("", options).removeprefix("curate prune ").strip()
+
+    line = f"preset {config['preset']}: {flags({k: config[k] for k in PRESETS[config['preset']]})}"
+    if replaced := preset_replaced(config):
+        line += f" (given beside it, in place of the preset's {flags(replaced)})"
+    return [line]
 
 
 class PruneResult(Manifest):
@@ -621,12 +661,7 @@ def summary(m: PruneResult) -> list:
                 f"({v['duplicates_of_other_groups']:,} of them count in the group of their first copy)"
             )
         lines.append(line)
-    if m.config.get("preset"):
-        from ..arms import PRESETS
-        from ..card import command_line
-
-        settings = command_line("", PRESETS[m.config["preset"]]).removeprefix("curate prune ").strip()
-        lines.append(f"preset {m.config['preset']}: {settings}")
+    lines += preset_lines(m.config)
     notes = st.get("strategy_notes") or {}
     if notes.get("kept_with_ifd_at_least_1"):
         lines.append(
@@ -672,10 +707,12 @@ STAGE = register(
         inputs=(
             Input("scores", kind="scores", hint=SCORES_HINT),
             Input("exclude_ids", data=True, hint="the ids to leave out"),
+            Input("target_model", model=True),  # `retokenize` identifies it (OUT/target)
         ),
         outputs=(f"{schema.PRUNED_DATA}/{schema.PRUNED_GLOB}", schema.SAMPLES, schema.STATS, CARD, PICTURE),
         needs=lambda cfg: ("ray",) if cfg.engine == "ray" else (),
         resumable=True,  # pruned shards this run finished are kept
+        expensive=True,  # a pruned folder of other settings may be what a model was trained on: --force replaces it
         then=follow_ups,
         result=PruneResult,
         summary=summary,

@@ -2,9 +2,8 @@
 
 Layout: RUN_DIR/pipeline.yaml (the config as resolved), RUN_DIR/scores/, RUN_DIR/pruned/, RUN_DIR/model/ (with a
 train section), or RUN_DIR/round-NN/{scores,pruned,model}/ (with a refresh section); with `steps:`, one folder per
-step, named by the kind it produces (RUN_DIR/STAGE when an earlier step took that name), each step's inputs the
-latest outputs of the kinds it asks for. Each stage is skipped when its manifest matches its inputs and settings,
-so rerunning a finished pipeline walks them again and does nothing.
+step (`step_folder`), each step's inputs the latest outputs of the kinds it asks for. Each stage is skipped when
+its manifest matches its inputs and settings, so rerunning a finished pipeline walks them again and does nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from ..config import (
     TrainConfig,
     TrainOptions,
     config_errors,
+    step_parts,
 )
 from ..errors import CurateError, StaleOutputError
 from ..executor import Job, execute, needed_modules, runner
@@ -65,38 +65,55 @@ def refresh_config(p: Pipeline) -> RefreshConfig:
     )
 
 
+def step_folder(i: int, stage: Stage, name: str, produced: set[str], names: set[str]) -> str:
+    """The folder of steps[i] when it is given no name: the kind it produces for the first step of that kind
+    (scores, pruned, model: the folders of the sectioned form), else its stage's name for the first step of that
+    stage (a stage of your own after score), else STAGE-I (prune-2, prune-3 after a first prune)."""
+    if stage.kind not in produced:
+        return stage.kind
+    return name if name not in names else f"{name}-{i}"
+
+
 def step_configs(p: Pipeline) -> list[tuple[str, BaseModel]]:
-    """(stage, config) of each of `steps`: its options, its output folder, and its inputs of a kind (a field it does
-    not set) the latest output of that kind before it. Every problem of every step at once."""
-    run_dir, latest, used, plan, problems = Path(p.run_dir), {}, set(), [], []
+    """(stage, config) of each of `steps`: its options, its own output folder, and its inputs of a kind (a field it
+    does not set) the latest output of that kind before it. Every problem of every step at once."""
+    run_dir, latest, plan, problems = Path(p.run_dir), {}, [], []
+    produced, names, folders = set(), set(), {RESOLVED: "the resolved config"}
     scoring_model = None
     for i, step in enumerate(p.steps):
-        ((name, options),) = step.items()
+        name, options, given = step_parts(step)
         try:
             stage = get(name)
         except CurateError as e:
             problems.append(f"  steps[{i}]: {e}")
             continue
-        folder = run_dir / (stage.kind if stage.kind not in used else name)
-        used.add(folder.name)
-        values = dict(options or {})
+        folder = given or step_folder(i, stage, name, produced, names)
+        produced.add(stage.kind)
+        names.add(name)
+        if folder in folders:
+            taken = f"its folder {folder} is {folders[folder]}'s"
+            problems.append(f"  steps[{i}] ({name}): {taken}; give it another `name:`")
+        folders.setdefault(folder, f"steps[{i}]")
+        values = dict(options)
         for spec in stage.inputs:
-            if spec.kind and "." not in spec.field and spec.field not in values and spec.kind in latest:
-                values[spec.field] = str(latest[spec.kind])
+            wanted = (spec.kind,) if isinstance(spec.kind, str) else spec.kind or ()  # several: the first one there
+            found = next((latest[kind] for kind in wanted if kind in latest), None)
+            if found and "." not in spec.field and spec.field not in values:
+                values[spec.field] = str(found)
         if "input" in values and isinstance(values["input"], str):
             values["input"] = resolve_input(values["input"])
         if stage.kind == "scores" and "model" in values:
             scoring_model = values["model"]
         if stage.kind == "model" and "model" in stage.config.model_fields and "model" not in values:
             values["model"] = scoring_model  # the data's tokens are the scoring model's
-        values.setdefault("out", str(folder))
+        values.setdefault("out", str(run_dir / folder))
         try:
             plan.append((name, stage.config.model_validate(values)))
         except ValidationError as e:
             problems.append(config_errors(f"  steps[{i}] ({name})", e))
-        latest[stage.kind] = folder
+        latest[stage.kind] = values["out"]  # where it writes: its own folder, or the `out` it was given
     if problems:
-        raise CurateError("pipeline steps: " + str(len(problems)) + " step(s) with problems:\n" + "\n".join(problems))
+        raise CurateError(f"pipeline steps: {len(problems)} problem(s):\n" + "\n".join(problems))
     return plan
 
 
@@ -141,7 +158,7 @@ def compute(job: Job) -> dict:
     steps = []
     for name, cfg in job.context["stages"]:
         stage = get(name)
-        execute(stage, cfg, job.reporter, job.force)
+        execute(stage, cfg, job.reporter, job.force, option="run_dir")  # the step's folder is the run's
         out = Path(stage.output_folder(cfg))
         steps.append({"stage": name, "kind": stage.kind, "out": io.record_path(job.out, out)})
     return {"steps": steps}

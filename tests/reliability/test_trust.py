@@ -257,7 +257,7 @@ def test_force_deletes_only_what_the_tool_wrote(tmp_path, tiny_run):
     assert all(p.read_text() == "mine" for p in user_files)
 
     (proj / "data" / "raw" / "train.csv").unlink()
-    for args in ([], ["--force"], ["--ratio", "0.25"]):  # a first run, a forced one, other settings
+    for args in ([], ["--force"], ["--ratio", "0.25", "--force"]):  # a first run, a forced one, other settings
         res = runner.invoke(app, ["prune", scores, "--out", str(proj), "--ratio", "0.5", *args])
         assert res.exit_code == 0, res.output
         assert all(p.read_text() == "mine" for p in user_files if p.exists())

@@ -46,11 +46,11 @@ def test_a_pruned_folder_reads_back_as_itself_through_a_shared_datasets_cache(tm
     assert read(a) == ids_in(a) and len(ids_in(a)) == 4
     assert read(b) == ids_in(b) and len(ids_in(b)) == 8
     # pruned again into the same folder: the same number of rows, other masks
-    prune(PruneConfig(scores=str(scores), out=str(b), ratio=0.5, token_ratio=0.25, **PER_TOKEN))
+    prune(PruneConfig(scores=str(scores), out=str(b), ratio=0.5, token_ratio=0.25, **PER_TOKEN), force=True)
     fresh = datasets.load_dataset(str(b), split="train", cache_dir=str(cache))
     on_disk = pq.read_table(sorted((b / "data").glob("train-*.parquet"))).to_pylist()
     assert sorted(map(tuple, fresh["loss_mask"])) == sorted(tuple(r["loss_mask"]) for r in on_disk)
-    prune(PruneConfig(scores=str(scores), out=str(b), ratio=0.75, **PER_TOKEN))
+    prune(PruneConfig(scores=str(scores), out=str(b), ratio=0.75, **PER_TOKEN), force=True)
     assert read(b) == ids_in(b) and len(ids_in(b)) == 12
 
 

@@ -61,11 +61,8 @@ def token_statistics(logits, labels, attention_mask=None, entropy_positions: str
     "all" at every attended position after the first (the official code's mean, prompt included)."""
     import torch
 
-    targets = labels[:, 1:]
-    valid = targets != schema.IGNORE_INDEX
-    rows = logits[:, :-1][valid].float()
-    logp = torch.log_softmax(rows, dim=-1)
-    token_logp = logp.gather(1, targets[valid].unsqueeze(1)).squeeze(1)
+    token_logp, logp = labelled_log_probs(logits, labels)
+    valid = labels[:, 1:] != schema.IGNORE_INDEX
     b, t = labels.shape
     logprob = np.full((b, t), np.nan, dtype=np.float32)
     entropy = np.full((b, t), np.nan, dtype=np.float32)
@@ -82,6 +79,18 @@ def token_statistics(logits, labels, attention_mask=None, entropy_positions: str
             values = _entropy(logp.detach(), normalised=True)  # the loss's log-probs: no second softmax
         entropy[where[0].cpu().numpy(), where[1].cpu().numpy() + 1] = values.cpu().numpy()
     return token_logp, logprob, entropy
+
+
+def labelled_log_probs(logits, labels):
+    """(log-prob of each labelled token, with its gradient; the log-softmax rows they come from), at the labelled
+    positions only, row-major: a causal LM's own loss upcasts and normalises the logits of every position, prompt and
+    padding included."""
+    import torch
+
+    targets = labels[:, 1:]
+    valid = targets != schema.IGNORE_INDEX
+    logp = torch.log_softmax(logits[:, :-1][valid].float(), dim=-1)
+    return logp.gather(1, targets[valid].unsqueeze(1)).squeeze(1), logp
 
 
 def _entropy(rows, normalised: bool):
@@ -256,9 +265,12 @@ class QTuningLoss:
         return tally
 
 
-def plain_loss(logits, labels):
-    """The mean cross-entropy of every labelled token: evaluation, where nothing is selected."""
-    token_logp, _, _ = token_statistics(logits, labels)
+def plain_loss(logits, labels, num_items_in_batch=None):
+    """The cross-entropy of every labelled token, nothing selected: their mean, or their sum over
+    `num_items_in_batch` (the labelled tokens of a whole accumulated batch, as transformers' own causal-LM loss)."""
+    token_logp, _ = labelled_log_probs(logits, labels)
+    if num_items_in_batch is not None:
+        return -token_logp.sum() / num_items_in_batch
     return -token_logp.mean() if token_logp.numel() else logits.sum() * 0.0
 
 

@@ -129,20 +129,25 @@ def trainer_class(qtuning):
     with `qtuning` (a dynamic.QTuningLoss) it selects in each micro-batch as well."""
     from transformers import Trainer
 
-    from ..dynamic import with_qtuning
+    from ..dynamic import plain_loss, with_qtuning
 
     if qtuning is not None:
         return with_qtuning(Trainer)
 
     class CountingTrainer(Trainer):
-        def compute_loss(self, model, inputs, *args, **kwargs):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs = dict(inputs)
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            # the model's own loss, less its float32 log-softmax over the prompt's and the padding's positions
+            loss = plain_loss(outputs.logits, labels, num_items_in_batch)
             if model.training:
                 tally = self.__dict__.setdefault("tally", dict.fromkeys(TALLY, 0))
-                tokens = int((inputs["labels"][:, 1:] != schema.IGNORE_INDEX).sum())
-                tally["samples"] += len(inputs["labels"])
+                tokens = int((labels[:, 1:] != schema.IGNORE_INDEX).sum())
+                tally["samples"] += len(labels)
                 tally["label_tokens"] += tokens
                 tally["loss_tokens"] += tokens
-            return super().compute_loss(model, inputs, *args, **kwargs)
+            return (loss, outputs) if return_outputs else loss
 
         def log(self, logs: dict, *args, **kwargs) -> None:
             if "loss" in logs:

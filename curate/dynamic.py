@@ -90,7 +90,7 @@ def labelled_log_probs(logits, labels):
     targets = labels[:, 1:]
     valid = targets != schema.IGNORE_INDEX
     logp = torch.log_softmax(logits[:, :-1][valid].float(), dim=-1)
-    return logp.gather(1, targets[valid].unsqueeze(1)).squeeze(1), logp
+    return logp.gather(1, targets[valid].long().unsqueeze(1)).squeeze(1), logp
 
 
 def _entropy(rows, normalised: bool):

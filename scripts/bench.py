@@ -758,9 +758,13 @@ def main() -> None:
         f"log-prob/entropy reduction (LM head included) takes {100 * ours['reduction_share']:.0f}% of our scoring "
         f"time on these rows, the decoder the rest.",
         "",
-        "Scoring inside training, as the paper's code does, costs one extra forward per step in every epoch (3 "
-        "epochs in the paper: 3 scoring passes), with the [B, T, V] logits on the accelerator; q-curate scores "
-        "once, offline.",
+        "Scoring inside training, as the paper's code does, needs no extra forward: it reuses the training forward's "
+        "logits, so its cost is the softmax and entropy over the [B, T, V] logits of every step and their memory on "
+        'the accelerator (`curate train --dynamic` measured below, in "Training on this CPU", and at a real shape by '
+        "the GPU check); the selection then follows the model being trained. q-curate's offline scoring is one "
+        "forward pass over the data before training, after which a pruned set trains on its share of the forward "
+        "compute. The in-trainer peer above times that scoring as a pass of its own, to compare the scoring code "
+        "alone.",
         "",
     ]
 

@@ -356,6 +356,57 @@ def _memory():
     }
 
 
+@check("Q-Tuning inside the trainer: its cost per training step, SmolLM2-1.7B shape", timeout=600)
+def _in_trainer():
+    """A full fine-tuning step (bf16 weights, AdamW) of 8 rows x 1,024 tokens, half of them labelled: the model's own
+    loss against the in-trainer loss's GPU work from the same forward's logits (`curate.dynamic.token_statistics`:
+    the log-softmax at the labelled positions, the entropy over the vocabulary there, the kept-token loss). The
+    triage and the token masks run on the CPU (polars, which this machine lacks; milliseconds a micro-batch:
+    BENCHMARKS.md measures the whole step on a CPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(ROOT))
+    from curate.dynamic import token_statistics
+
+    rows, length = (2, 64) if DRY else (8, 1024)
+    model = AutoModelForCausalLM.from_pretrained(build_model("SmolLM2-1.7B")).to(device())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    ids = torch.tensor([list(r) for r in token_ids(rows, long=length)], dtype=torch.long, device=device())
+    labels = ids.clone()
+    labels[:, : length // 2] = -100  # the prompt
+
+    def step(in_trainer: bool) -> float:
+        synchronize()
+        t0 = time.perf_counter()
+        if in_trainer:
+            logits = model(input_ids=ids).logits
+            token_logp, _, _ = token_statistics(logits, labels)
+            loss = -token_logp.mean()
+        else:
+            loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        synchronize()
+        return time.perf_counter() - t0
+
+    times, peaks = {}, {}
+    for way in (False, True, False, True):  # warm-up, then measured, alternating
+        if not DRY:
+            torch.cuda.reset_peak_memory_stats()
+        times.setdefault(way, []).append(step(way))
+        peaks[way] = 0 if DRY else torch.cuda.max_memory_allocated()
+    plain, inside = times[False][-1], times[True][-1]
+    ratio = inside / plain
+    memory = "" if DRY else f"; peak memory {peaks[True] / 2**30:.1f} GiB against {peaks[False] / 2**30:.1f}"
+    return {
+        "ok": DRY or ratio < 1.10,
+        "detail": f"{rows} rows x {length:,} tokens: a step with the in-trainer loss takes {inside:.3f} s against "
+        f"{plain:.3f} s with the model's own loss ({ratio:.2f}x; target under 1.10x){memory}",
+    }
+
+
 # The vLLM paths, where vLLM is installed (a user's GPU box after `make setup`), as they were checked before.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_check_vllm import register_checks  # noqa: E402

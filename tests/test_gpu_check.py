@@ -78,3 +78,4 @@ def test_the_gpu_check_runs_offline_with_only_the_carried_wheels(tmp_path, smoll
     assert all("vLLM" in line for line in lines if line.startswith("SKIP"))
     table = (tmp_path / "work" / "gpu_check.dry-run.md").read_text()
     assert "dry run on CPU" in table and "exact: fp32" in table and "throughput, Qwen2.5-1.5B shape" in table
+    assert "| Q-Tuning inside the trainer: its cost per training step, SmolLM2-1.7B shape | PASS |" in table

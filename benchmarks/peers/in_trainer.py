@@ -6,8 +6,10 @@ entropies are computed from them before the sample and token pruning decide the 
 of 8 in the given order (no length sorting), right padding to the longest row, the full [B, T, V] logits, then
 `log_softmax`, the target log-prob and the entropy per position.
 
-What this costs a user who scores inside training: one extra forward per step, every epoch (3 epochs in the
-paper), against q-curate's one offline pass; and the [B, T, V] logits on the accelerator during training.
+The paper's code scores from the logits of the training forward itself (no extra forward): what it adds to a
+training step is this softmax and entropy over the [B, T, V] logits and their memory on the accelerator. Run here as
+a pass of its own, it compares the scoring code alone with q-curate's offline scorer; `curate.dynamic` is the
+in-trainer form itself.
 """
 
 from __future__ import annotations

@@ -287,9 +287,9 @@ def with_qtuning(base: type) -> type:
             self.loss_is_scaled_for_ga = False
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            inputs = dict(inputs)
+            inputs = {**inputs, "use_cache": False}  # no key-value cache in a training forward
             labels = inputs.pop("labels")
-            outputs = model(**inputs, use_cache=False)
+            outputs = model(**inputs)
             if model.training:
                 loss = self.qtuning(outputs, labels, attention_mask=inputs.get("attention_mask"))
             else:

@@ -8,16 +8,19 @@ corrupted only when the result is a conversation the clean data does not hold (n
   only replies that hold a number and run over 60 characters are moved, so each swap states a wrong fact.
 - `arguments` (rows with a tool call whose arguments hold a number): every number in the last such call's arguments
   is changed (n -> 3n + 7), so the call asks for something else than the conversation wants.
-Pure: rows in, rows out.
+Pure: rows in, rows out; `write_rows` writes them as `curate score` reads them back.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 
+from . import io
+from .formats import to_record
 from .units import is_tool_call
 
 KINDS = ("answer", "reply", "arguments")
@@ -130,3 +133,9 @@ def corrupt(rows: list[dict], fraction: float, seed: int, kinds: tuple[str, ...]
                 if put(dst, d_turn, rows[src]["messages"][s_turn]["content"], kind):
                     break
     return out, done
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """Canonical rows ({id, messages}) as JSONL that `curate score` reads back as the same samples, tools included."""
+    lines = (json.dumps(to_record(r["id"], r["messages"]), ensure_ascii=False) + "\n" for r in rows)
+    io.write_bytes_atomic(path, "".join(lines).encode())

@@ -170,8 +170,8 @@ def select_in_batch(
     ppl, ent = (np.full(b, np.nan) for _ in range(2))
     ppl[eligible], ent[eligible] = coords["ppl"].to_numpy()[eligible], coords["ent"].to_numpy()[eligible]
     selection: list = [None] * b
+    strategy = strategies.get(options.strategy)
     if len(eligible):
-        strategy = strategies.get(options.strategy)
         columns = {
             "id": coords["id"].to_numpy().astype(str)[eligible],
             "ppl": ppl[eligible],
@@ -189,7 +189,7 @@ def select_in_batch(
             continue
         row = np.flatnonzero(attended[i])
         train_row = trainable[i, row].astype(np.int8)
-        if strategies.tokens_pruned(label) and options.token_strategy != "none":
+        if strategy.tokens_pruned(label) and options.token_strategy != "none":
             view = masking.ids_view(pieces(ids[i, row]), train_row) if need_text and pieces else None
             mask = masking.mask_sample(logprob[i, row], train_row, False, view, f"{i:05d}", options, effect, seed)
         else:

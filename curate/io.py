@@ -292,7 +292,7 @@ def verified(folder: Path, kind: str | tuple[str, ...], hint: str) -> dict:
 _held: dict[Path, int] = {}
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -338,7 +338,7 @@ def locked(folder: Path, log=lambda msg: None) -> Iterator[None]:
                 # a command the holder started for this folder (refresh's --train-cmd running `curate train`)
                 yield
                 return
-            elif holder["host"] != me["host"] or _alive(holder["pid"]):
+            elif holder["host"] != me["host"] or pid_alive(holder["pid"]):
                 raise CurateError(
                     f"{folder} is in use by process {holder['pid']} on {holder['host']} since "
                     f"{holder.get('since')} ({redact.text(str(holder.get('command', '')))}); wait for it to finish, or "

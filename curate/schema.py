@@ -62,6 +62,22 @@ PRUNED_GLOB = "train-*.parquet"
 SAMPLES = "samples.parquet"
 STATS = "stats.json"
 
+# What a trainer writes into OUT (`train`, `train-command`): the files of a model and its tokenizer
+# (`save_pretrained`). A user's other files there are neither listed nor deleted.
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer*.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
+
 
 def scores_shard(index: int) -> str:
     return f"part-{index:05d}.parquet"

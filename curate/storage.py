@@ -411,10 +411,10 @@ def _ours(path: Path) -> bool:
 
 def _gone(holder: dict) -> bool:
     """Whether a lock object's holder no longer runs: a dead pid on this host, or a heartbeat too old."""
-    from .io import _alive
+    from .io import pid_alive
 
     if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
-        return not _alive(holder["pid"])
+        return not pid_alive(holder["pid"])
     return time.time() - float(holder.get("heartbeat") or 0) > STALE_S
 
 

@@ -28,14 +28,20 @@ class Strategy:
     select: Callable[[Mapping[str, np.ndarray], int, int, str], pruning.Triage]  # (columns, k, seed, fill)
     needs: tuple[str, ...] = ()  # columns of samples.parquet beyond BASE_COLUMNS
     signals: tuple[str, ...] = ()  # the `curate score --signals` those columns come from
-    prunes_tokens: bool = True  # token pruning applies to every sample it keeps (qtuning: decided per sample)
+    # The selection labels whose samples get token pruning; None: every sample it keeps (labelled with its name)
+    pruned_labels: tuple[str, ...] | None = None
     random: bool = False  # blind to the scores: the probe averages many seeds
 
-    def tokens_pruned(self, selection: str) -> bool:
+    @property
+    def prunes_tokens(self) -> bool:
+        """Whether token pruning applies to any sample it keeps."""
+        return self.pruned_labels is None or bool(self.pruned_labels)
+
+    def tokens_pruned(self, selection: str | None) -> bool:
         """Whether the tokens of a sample this strategy kept with `selection` are pruned."""
-        if self.name == "qtuning":
-            return selection in ("Q2", "fill-Q2")
-        return self.prunes_tokens
+        if selection is None:
+            return False
+        return selection == self.name if self.pruned_labels is None else selection in self.pruned_labels
 
 
 REGISTRY: dict[str, Strategy] = {}
@@ -101,6 +107,7 @@ for _s in (
         "Q-Tuning: Q2 (high perplexity, low entropy) and Q4 (low perplexity, high entropy) by quantile thresholds, "
         "then the fill; tokens pruned in Q2 only",
         _qtuning,
+        pruned_labels=("Q2", "fill-Q2"),  # misconceptions are pruned; calibration data (Q4) trains whole
     ),
     Strategy("random", "random samples (the paper's baseline); tokens pruned in each", _random, random=True),
     Strategy("ppl-high", "the highest perplexity first", ranked("ppl-high", lambda t: -t["ppl"])),
@@ -115,14 +122,14 @@ for _s in (
         _ifd,
         needs=("ifd",),
         signals=("ifd",),
-        prunes_tokens=False,
+        pruned_labels=(),
     ),
     Strategy(
         "longest",
         "the most trainable tokens first (the paper's Longest baseline); whole samples",
         ranked("longest", lambda t: -t["n_trainable"]),
         needs=("n_trainable",),
-        prunes_tokens=False,
+        pruned_labels=(),
     ),
 ):
     register(_s)
@@ -131,12 +138,3 @@ for _s in (
 def describe() -> str:
     """The registered strategies, for --help."""
     return "; ".join(f"{s.name}: {s.doc}" for s in REGISTRY.values())
-
-
-def tokens_pruned(selection: str | None) -> bool:
-    """Token pruning applies to Q2 and fill-Q2 samples and to the samples of a strategy that prunes tokens."""
-    if selection is None:
-        return False
-    if selection in ("Q2", "Q4", "fill-Q2", "fill-Q4"):
-        return REGISTRY["qtuning"].tokens_pruned(selection)
-    return selection in REGISTRY and REGISTRY[selection].prunes_tokens

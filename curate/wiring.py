@@ -10,6 +10,11 @@ from .config import PruneConfig, PruneOptions, ScoreConfig, ScoreOptions, TrainC
 TARGET = "target"  # with prune's target_model: OUT/target holds the kept samples in the target model's tokens
 
 
+def round_dir(out: Path, r: int) -> Path:
+    """A refresh loop's round r (from 1): OUT/round-NN/{scores,pruned,model}."""
+    return out / f"round-{r:02d}"
+
+
 def score_config(options: ScoreOptions, input: str, out: Path, model: str | None = None) -> ScoreConfig:
     """`model` (a later round's checkpoint) replaces the section's own."""
     fields = {k: v for k, v in options.model_dump().items() if k != "input"}

@@ -21,7 +21,7 @@ def test_a_written_copy_reads_back_as_the_same_samples_tools_included(tmp_path):
     """The probe and the experiment write (corrupted) copies of the input and score them: every row must come back,
     tool schemas and ids as they were (a leading `tools` message written as is was an unknown role: 191 of 300
     glaive rows were skipped)."""
-    from curate.stages.experiment import write_rows
+    from curate.corrupt import write_rows
 
     original = samples(GLAIVE)
     assert sum(s.messages[0]["role"] == "tools" for s in original) > 100

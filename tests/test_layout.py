@@ -67,3 +67,22 @@ def test_engines_never_import_stages():
     for module, targets in edges.items():
         if module.startswith("curate.engines"):
             assert not {t for t in targets if t.startswith("curate.stages")}, module
+
+
+def test_stages_never_import_each_other():
+    """A stage that runs others finds them through the registry; what two stages share is a library."""
+    edges = graph()
+    for module, targets in edges.items():
+        if module.startswith("curate.stages."):
+            assert not {t for t in targets if t.startswith("curate.stages.")}, module
+
+
+def test_no_module_imports_a_private_name():
+    """`from X import _name` across modules: a private helper used elsewhere belongs in a library, public."""
+    found = []
+    for path in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                found += [(module_name(path), name) for name in private]
+    assert found == []

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from curate import pruning
-from curate.stages.prune import PruneConfig, select
+from curate.config import PruneConfig
+from curate.triage import select
 
 # ---------------------------------------------------------------- brute force, plain Python
 

@@ -184,3 +184,18 @@ def test_a_strategy_registered_from_outside_is_in_prune_probe_and_experiment(tmp
         assert cfg.budgets[0].arms == ["shortest-toy"]
     finally:
         strategies.REGISTRY.pop("shortest-toy")
+
+
+def test_a_strategy_declares_which_of_its_selections_get_token_pruning():
+    """Q-Tuning prunes the tokens of its misconceptions (Q2, fill-Q2) only; a strategy that keeps whole samples
+    declares no label; by default every sample a strategy keeps (labelled with its name) is pruned."""
+    qtuning = strategies.get("qtuning")
+    assert [s for s in ("Q1", "Q2", "Q3", "Q4", "fill-Q2", "fill-Q4", None) if qtuning.tokens_pruned(s)] == [
+        "Q2",
+        "fill-Q2",
+    ]
+    assert strategies.get("random").tokens_pruned("random") and not strategies.get("ifd").tokens_pruned("ifd")
+    select = strategies.ranked("two-kinds", lambda t: t["ppl"])
+    toy = strategies.Strategy("two-kinds", "toy", select, pruned_labels=("two-kinds-a",))
+    assert toy.prunes_tokens and toy.tokens_pruned("two-kinds-a") and not toy.tokens_pruned("two-kinds")
+    assert not strategies.Strategy("whole", "toy", select, pruned_labels=()).prunes_tokens

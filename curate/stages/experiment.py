@@ -15,7 +15,6 @@ corrupted.jsonl,scores,strategies,arms}, RUN/results.{json,md,png} and RUN/_mani
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -36,14 +35,12 @@ from ..config import (
     SelectionOptions,
     TrainConfig,
 )
-from ..corrupt import corrupt
-from ..executor import Job, runner
-from ..formats import to_record
+from ..corrupt import corrupt, write_rows
+from ..executor import Job, needed_modules, run_stage, runner
 from ..progress import Reporter
-from ..registry import register
+from ..registry import get, register
 from ..stage import Input, Manifest, Stage
-from . import evaluate as evaluate_stage
-from . import prune, refresh, score, train
+from ..tables import kept_share, mean_sd, pyplot
 
 
 def arm_name(arm: str, budget: Budget | None) -> str:
@@ -104,16 +101,10 @@ def train_config(
 
 def evaluate(cfg: ExperimentConfig, model: str, out: Path, reporter: Reporter, force: bool) -> dict:
     """Answer NLL and exact match of one model folder (or hub id) on the experiment's held-out rows."""
-    return evaluate_stage.run(EvaluateConfig(**cfg.eval.model_dump(), model=model, out=str(out)), reporter, force)
+    return run_stage("evaluate", EvaluateConfig(**cfg.eval.model_dump(), model=model, out=str(out)), reporter, force)
 
 
 # ---------------------------------------------------------------- the corrupted training set
-
-
-def write_rows(path: Path, rows: list[dict]) -> None:
-    """Canonical rows ({id, messages}) as JSONL that `curate score` reads back as the same samples, tools included."""
-    lines = (json.dumps(to_record(r["id"], r["messages"]), ensure_ascii=False) + "\n" for r in rows)
-    io.write_bytes_atomic(path, "".join(lines).encode())
 
 
 # ---------------------------------------------------------------- the experiment
@@ -135,7 +126,7 @@ def training_set(
     cfg: ExperimentConfig, data: str, options: ScoreOptions, scores: Path, reporter: Reporter, force: bool
 ) -> TrainingSet:
     full = scores.parent / "full-data"
-    pruned = prune.run(prune_config(cfg, "full", None, cfg.seeds[0], scores, full), reporter, force)
+    pruned = run_stage("prune", prune_config(cfg, "full", None, cfg.seeds[0], scores, full), reporter, force)
     return TrainingSet(data, options, scores, full, pruned["stats"]["K"])
 
 
@@ -161,11 +152,13 @@ def run_arm(
             if kind == "dynamic":
                 changes = {"dynamic": True, "selection": selection_options(cfg, arm, budget)}
             elif kind == "static":
-                pruned = prune.run(prune_config(cfg, arm, budget, seed, ts.scores, out / "pruned"), reporter, force)
+                pruned = run_stage(
+                    "prune", prune_config(cfg, arm, budget, seed, ts.scores, out / "pruned"), reporter, force
+                )
                 data, share = out / "pruned", pruned["stats"]["K"] / ts.n_full
                 selection = pruned["stats"]["selection"]
             options = train_config(cfg, seed, data, out / "model", ts.n_full, share, **changes)
-            trained = train.run(options, reporter, force)
+            trained = run_stage("train", options, reporter, force)
             cost = train_cost(trained)
         evaluated = evaluate(cfg, trained["model"]["path"], out / "eval", reporter, force)
         counts = trained["counts"]
@@ -222,10 +215,10 @@ def refresh_arm(cfg, arm, budget, seed, ts, out, reporter, force) -> tuple:
         prune={**cfg.prune.model_dump(), **settings},
         train={**cfg.train.model_dump(), **per_round, "seed": seed},
     )
-    refresh.run(loop, reporter, force)
+    run_stage("refresh", loop, reporter, force)
     cost = {"steps": 0, "forward_tokens": 0, "loss_tokens": 0, "seconds": 0.0}
     for r in range(1, rounds + 1):
-        d = refresh.round_dir(out / "refresh", r)
+        d = wiring.round_dir(out / "refresh", r)
         scored, pruned, trained = (io.read_manifest(d / name) for name in ("scores", "pruned", "model"))
         round_cost = train_cost(trained)
         for key in ("steps", "forward_tokens", "loss_tokens"):
@@ -241,7 +234,7 @@ def summarise(runs: list[dict]) -> dict:
     for key in ("nll", "final_nll", "em"):
         values = [r[key] for r in runs if r[key] is not None]
         if values:
-            out[key] = {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+            out[key] = mean_sd(values)
     return out
 
 
@@ -253,25 +246,21 @@ def robustness(cfg: ExperimentConfig, clean_rows: list[dict], reporter: Reporter
     if not data.exists() or force:
         write_rows(data, rows)
     options = wiring.written_rows_options(cfg.score)
-    scored = score.run(wiring.score_config(options, str(data), folder / "scores"), reporter, force)
+    scored = run_stage("score", wiring.score_config(options, str(data), folder / "scores"), reporter, force)
     ts = training_set(cfg, str(data), options, folder / "scores", reporter, force)
     budget = Budget(ratio=rc.ratio, token_ratio=rc.token_ratio)
     bad = set(bad_ids)
-    kept_share = {}
+    kept = {}
     scored_signals = set(cfg.score.signals)
     for strategy in [s.name for s in strategies.REGISTRY.values() if set(s.signals) <= scored_signals]:
         d = folder / "strategies" / strategy
-        prune.run(prune_config(cfg, strategy, budget, cfg.seeds[0], folder / "scores", d), reporter, force)
-        kept = (
+        run_stage("prune", prune_config(cfg, strategy, budget, cfg.seeds[0], folder / "scores", d), reporter, force)
+        ids = (
             pl.read_parquet(d / "samples.parquet", columns=["id", "kept"], glob=False)
             .filter(pl.col("kept"))["id"]
             .to_list()
         )
-        kept_share[strategy] = {
-            "kept": len(kept),
-            "corrupted": sum(i in bad for i in kept),
-            "share": sum(i in bad for i in kept) / len(kept),
-        }
+        kept[strategy] = kept_share(ids, bad)
     trained = {}
     for arm in rc.train_arms:
         name = arm_name(arm, None if arm == "full" else budget)
@@ -283,7 +272,7 @@ def robustness(cfg: ExperimentConfig, clean_rows: list[dict], reporter: Reporter
         "corrupted_rows": len(bad_ids),
         "rows": scored["counts"]["samples"],
         "budget": budget.model_dump(),
-        "kept": kept_share,
+        "kept": kept,
         "trained": {name: {"runs": runs, **summarise(runs)} for name, runs in trained.items()},
     }
 
@@ -293,7 +282,7 @@ CORRUPTED = "data/train-corrupted.jsonl"  # in RUN/robustness: the corrupted cop
 
 def needs(cfg: ExperimentConfig) -> tuple[str, ...]:
     score_cfg = wiring.score_config(cfg.score, cfg.train_data, Path(cfg.run_dir) / "scores")
-    return (*score.STAGE.needs(score_cfg), *train.STAGE.needs(cfg.train), "matplotlib")
+    return (*needed_modules(get("score"), score_cfg), *needed_modules(get("train"), cfg.train), "matplotlib")
 
 
 def compute(job: Job) -> dict:
@@ -302,7 +291,7 @@ def compute(job: Job) -> dict:
     cfg, reporter, force = job.cfg, job.reporter, job.force
     folder = Path(cfg.run_dir)
     score_cfg = wiring.score_config(cfg.score, cfg.train_data, folder / "scores")
-    scored = score.run(score_cfg, reporter, force)
+    scored = run_stage("score", score_cfg, reporter, force)
     ts = training_set(cfg, cfg.train_data, cfg.score, folder / "scores", reporter, force)
     base_model = cfg.train.model or cfg.score.model or "builtin"
     baseline = evaluate(cfg, base_model, folder / "base" / "eval", reporter, force)["result"]
@@ -411,9 +400,7 @@ def results_markdown(cfg: ExperimentConfig, results: dict) -> str:
 
 
 def plot_results(results: dict, path: Path) -> None:
-    from .report import _pyplot
-
-    plt = _pyplot()
+    plt = pyplot()
     names = ["base"] + list(results["arms"])
     stats = [
         {"nll": {"mean": results["base"]["nll"], "sd": 0.0}, "em": {"mean": results["base"]["em"] or 0.0, "sd": 0.0}}

@@ -15,18 +15,17 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 
 from .. import io, pruning, strategies, wiring
-from ..config import SCORE_OPTIONS, ProbeConfig, PruneConfig, PruneOptions, ScoreOptions
-from ..corrupt import corrupt
+from ..config import SCORE_OPTIONS, ProbeConfig, PruneOptions, ScoreOptions
+from ..corrupt import corrupt, write_rows
 from ..errors import CurateError
-from ..executor import Job, runner
-from ..registry import register
+from ..executor import Job, needed_modules, run_stage, runner
+from ..registry import get, register
 from ..stage import Input, Manifest, Stage
-from . import prune, score
-from .experiment import write_rows
+from ..tables import kept_share, mean_sd
+from ..triage import collect_coordinates, mark_duplicates, score_files, select
 
 SELECTIONS = ("Q2", "Q4", "fill-Q2", "fill-Q4")
 
@@ -42,13 +41,6 @@ def clean_rows(cfg: ProbeConfig) -> list[dict]:
             if cfg.score.limit is not None and len(rows) >= cfg.score.limit:
                 break
     return rows
-
-
-def kept_share(chosen: pl.DataFrame, bad: dict) -> dict:
-    kept = chosen.filter(pl.col("selection").is_not_null())
-    ids = kept["id"].to_list()
-    hit = [i for i in ids if i in bad]
-    return {"kept": len(ids), "corrupted": len(hit), "share": len(hit) / len(ids) if ids else 0.0}
 
 
 def probe_table(coords: pl.DataFrame, bad: dict, cfg: ProbeConfig, seed: int = 0, signals=("ifd",)) -> dict:
@@ -71,10 +63,8 @@ def probe_table(coords: pl.DataFrame, bad: dict, cfg: ProbeConfig, seed: int = 0
         for strategy in usable:
             draws = []
             for draw in range(cfg.random_seeds) if strategy.random else [seed]:
-                chosen, _ = prune.select(
-                    placed, PruneConfig(**{**base, "strategy": strategy.name, "seed": draw}, scores="", out="")
-                )
-                draws.append(kept_share(chosen, bad))
+                chosen, _ = select(placed, PruneOptions(**{**base, "strategy": strategy.name, "seed": draw}))
+                draws.append(kept_share(chosen.filter(pl.col("selection").is_not_null())["id"].to_list(), bad))
             row = {k: sum(d[k] for d in draws) / len(draws) for k in ("kept", "corrupted", "share")}
             if strategy.name == "qtuning":
                 kept = chosen.filter(pl.col("selection").is_not_null())
@@ -91,10 +81,6 @@ def probe_table(coords: pl.DataFrame, bad: dict, cfg: ProbeConfig, seed: int = 0
         result["placements"][placement] = rows
     result["corrupted_by_kind"] = dict(sorted(Counter(bad[i] for i in unique["id"].to_list() if i in bad).items()))
     return result
-
-
-def mean_sd(values: list[float]) -> dict:
-    return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
 
 
 def combine(per_seed: dict[int, dict]) -> dict:
@@ -183,7 +169,8 @@ def score_options(cfg: ProbeConfig):
 
 def needs(cfg: ProbeConfig) -> tuple[str, ...]:
     out = Path(cfg.out)
-    return score.STAGE.needs(wiring.written_rows_config(score_options(cfg), out / "corrupted.jsonl", out / "scores"))
+    scoring = wiring.written_rows_config(score_options(cfg), out / "corrupted.jsonl", out / "scores")
+    return needed_modules(get("score"), scoring)
 
 
 def compute(job: Job) -> dict:
@@ -201,18 +188,16 @@ def compute(job: Job) -> dict:
         reporter.log(f"seed {seed}: corrupted {len(bad):,} of {len(rows):,} rows: {dict(Counter(bad.values()))}")
         write_rows(folder / "corrupted.jsonl", rows)
         io.write_json_atomic(folder / "corrupted.json", bad)
-        scored = score.run(
-            wiring.written_rows_config(options, folder / "corrupted.jsonl", folder / "scores"), reporter, force
-        )
-        prune_cfg = PruneConfig(**cfg.prune.model_dump(), scores=str(folder / "scores"), out="")
-        coords = prune.collect_coordinates(
-            prune.score_files(folder / "scores", scored),
-            prune_cfg,
+        scoring = wiring.written_rows_config(options, folder / "corrupted.jsonl", folder / "scores")
+        scored = run_stage("score", scoring, reporter, force)
+        coords = collect_coordinates(
+            score_files(folder / "scores", scored),
+            cfg.prune,
             scored.get("vocab_size"),
             scored.get("score_positions", "all"),
             scored.get("signals", []),
         )
-        coords = prune.mark_duplicates(coords, prune_cfg.keep_duplicates)
+        coords = mark_duplicates(coords, cfg.prune.keep_duplicates)
         per_seed[seed] = probe_table(coords, bad, cfg, seed, scored.get("signals", []))
         per_seed[seed]["skipped"] = scored.get("skipped_by_reason", {})  # rows scoring left out: shown, never hidden
     result = combine(per_seed)

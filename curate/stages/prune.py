@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,140 +29,12 @@ from ..formats import split_tools
 from ..masking import WATCHED, mask_sample, needs_text
 from ..registry import register
 from ..stage import Input, Manifest, Shards, Stage, in_fingerprint
+from ..triage import collect_coordinates, mark_duplicates, score_files, select
 from ..units import KINDS, WATCHED_NAMES
 from ..verify import input_change
 from ..wiring import TARGET
 
 SCORES_HINT = "run `curate score` into it first"
-
-
-def score_files(scores_dir: Path, manifest: dict) -> list[Path]:
-    return [scores_dir / f["name"] for f in manifest["files"]]
-
-
-# ---------------------------------------------------------------- pass 1: the plane and the triage
-
-
-def collect_coordinates(
-    shards: list[Path], cfg: PruneConfig, vocab_size: int | None, positions: str = "all", signals: list[str] = ()
-) -> pl.DataFrame:
-    """id, ppl, ent, n_trainable, shard (and group) of every sample, and with `signals` ifd their ppl_alone and
-    ifd; every score checked on the way."""
-    frames = []
-    extra = [cfg.group_by] if cfg.group_by else []
-    alone = [name for name, _ in schema.ALONE] if "ifd" in signals else []
-    extra += alone
-    for i, path in enumerate(shards):
-        try:
-            df = pl.read_parquet(  # glob=False: a folder named `s[1]` is a path, not a pattern
-                path, columns=["id", "content_hash", "n_tokens", "trainable", "logprob", "entropy", *extra], glob=False
-            )
-        except Exception as e:  # polars raises many types for a damaged file; name it
-            raise CurateError(f"{path}: cannot read the scores ({e})") from None
-        coords = pruning.sample_coordinates(df, cfg.entropy_positions, vocab_size, positions)
-        bad = coords.filter(pl.col("problem").is_not_null())
-        if bad.height:
-            row = bad.row(0, named=True)
-            raise CurateError(
-                f"{path}: sample {row['id']!r} {row['problem']} ({bad.height} such samples in this "
-                "shard); the scores are damaged: rescore with `curate score --force`"
-            )
-        coords = coords.drop("problem").with_columns(shard=pl.lit(i, pl.Int32), content_hash=df["content_hash"])
-        if cfg.group_by:
-            coords = coords.with_columns(group=df[cfg.group_by].fill_null("(none)"))
-        if alone:  # IFD from the conversation's perplexity, before any placement moves it
-            ppl_alone = (df["alone_nll"] / df["alone_tokens"].cast(pl.Float64)).exp()
-            coords = coords.with_columns(ppl_alone=ppl_alone).with_columns(ifd=pl.col("ppl") / pl.col("ppl_alone"))
-        frames.append(coords)
-    coords = pl.concat(frames)
-    dup = coords.filter(pl.col("id").is_duplicated())
-    if dup.height:
-        raise CurateError(f"scores contain the id {dup['id'][0]!r} more than once; ids must be unique")
-    return coords
-
-
-def mark_duplicates(coords: pl.DataFrame, keep_duplicates: bool) -> pl.DataFrame:
-    """`duplicate_of`: for a later copy of an identical conversation, the id of the first copy (smallest id);
-    null for first copies, and for every sample with --keep-duplicates. Copies would share the budget."""
-    first = coords.group_by("content_hash").agg(duplicate_of=pl.col("id").min())
-    coords = coords.join(first, on="content_hash", how="left", maintain_order="left")
-    copy = (pl.col("duplicate_of") != pl.col("id")) & pl.lit(not keep_duplicates)
-    return coords.with_columns(duplicate_of=pl.when(copy).then(pl.col("duplicate_of")))
-
-
-def partitions(coords: pl.DataFrame, cfg: PruneConfig) -> np.ndarray:
-    """The triage unit of every sample: its group (with --group-by), then its batch (with --scope batch)."""
-    n = coords.height
-    groups = coords["group"].to_numpy() if "group" in coords.columns else np.zeros(n, dtype=object)
-    if cfg.scope == "global":
-        return pruning.codes(groups)
-    part = np.empty(n, dtype=np.int64)
-    offset = 0
-    for g in pruning.unique_in_order(groups):
-        idx = np.flatnonzero(groups == g)
-        # batches are shuffled within each group, so a group's share holds batch by batch too
-        part[idx] = offset + pruning.batch_assignment(len(idx), cfg.batch_size, cfg.seed)
-        offset = part[idx].max() + 1
-    return part
-
-
-def partition_budgets(part: np.ndarray, groups: np.ndarray | None, cfg: PruneConfig) -> np.ndarray:
-    """K per partition: each group keeps exactly budget(its ratio, its size), split over its batches."""
-    sizes = np.bincount(part)
-    budgets = np.zeros(len(sizes), dtype=np.int64)
-    for g in pruning.unique_in_order(groups) if groups is not None else [None]:
-        members = part if g is None else part[groups == g]
-        ratio = cfg.ratio if g is None else cfg.group_ratios.get(g, cfg.ratio)
-        parts = np.unique(members)
-        budgets[parts] = pruning.split_budget(pruning.budget(ratio, len(members)), sizes[parts])
-    return budgets
-
-
-def select(coords: pl.DataFrame, cfg: PruneConfig) -> tuple[pl.DataFrame, dict]:
-    """Adds quadrant, batch and selection columns; returns them with the triage summary."""
-    ids = coords["id"].to_numpy().astype(str)
-    ppl, ent = coords["ppl"].to_numpy(), coords["ent"].to_numpy()
-    groups = coords["group"].to_numpy() if "group" in coords.columns else None
-    median = pruning.medians(ppl, ent)
-    quadrant = pruning.quadrant_labels(ppl, ent, median)
-    selection = np.full(len(ids), None, dtype=object)
-    part = partitions(coords, cfg)
-    budgets = partition_budgets(part, groups, cfg)
-    alphas, thresholds, notes = [], None, Counter()
-    strategy = strategies.get(cfg.strategy)
-    columns = {"id": ids, **{c: coords[c].to_numpy() for c in (*strategies.BASE_COLUMNS[1:], *strategy.needs)}}
-    # One stable sort groups every partition's indices (ascending) without an O(N) scan per partition.
-    order = np.argsort(part, kind="stable")
-    starts = np.flatnonzero(np.diff(part[order], prepend=-1))
-    for idx in np.split(order, starts[1:]):
-        k = int(budgets[part[idx[0]]])
-        if k == 0:  # a batch whose share of the budget rounds to nothing
-            continue
-        seed = cfg.seed + int(part[idx[0]])
-        result = strategy.select({c: v[idx] for c, v in columns.items()}, k, seed, cfg.fill)
-        selection[idx] = result.selection
-        if result.alpha is not None:
-            alphas.append(result.alpha)
-        thresholds = result.thresholds
-        notes.update(result.notes)
-    one_triage = cfg.scope == "global" and groups is None
-    out = coords.with_columns(
-        pl.Series("quadrant", quadrant),
-        pl.Series("batch", part),
-        pl.Series("selection", list(selection), dtype=pl.String),
-    )
-    summary = {
-        "alpha": thresholds["alpha"] if one_triage and thresholds else None,
-        "thresholds": thresholds if one_triage else None,
-        "alpha_per_batch": (
-            {"min": min(alphas), "mean": float(np.mean(alphas)), "max": max(alphas)}
-            if alphas and not one_triage
-            else None
-        ),
-        "medians": median,
-        **({"strategy_notes": dict(notes)} if notes else {}),
-    }
-    return out, summary
 
 
 # ---------------------------------------------------------------- pass 2: the masks
@@ -201,8 +74,11 @@ def text_view(model: dict, required: bool):
 _TEXT_VIEWS: dict = {}
 
 
-def prune_rows(rows: pa.Table, fate: dict[str, tuple], cfg: PruneConfig, model: dict) -> tuple[pa.Table, Counter]:
-    """Pruned-schema table for the kept rows of one scores shard, and what token pruning did (with loss_tokens)."""
+def prune_rows(
+    rows: pa.Table, fate: dict[str, tuple], cfg: PruneConfig, model: dict, pruned: Collection[str]
+) -> tuple[pa.Table, Counter]:
+    """Pruned-schema table for the kept rows of one scores shard, and what token pruning did (with loss_tokens);
+    `pruned`: the selections whose tokens are pruned."""
     cols = {name: [] for name in schema.PRUNED.names}
     effect = Counter()
     data = rows.to_pydict()
@@ -213,7 +89,7 @@ def prune_rows(rows: pa.Table, fate: dict[str, tuple], cfg: PruneConfig, model: 
         quadrant, selection, ppl, ent = fate[sid]
         ids = np.asarray(data["input_ids"][i], dtype=np.int32)
         trainable = np.asarray(data["trainable"][i], dtype=np.int8)
-        if strategies.tokens_pruned(selection) and cfg.token_strategy != "none":
+        if selection in pruned and cfg.token_strategy != "none":
             view = view or text_view(model, needs_text(cfg)) or False
             spans = view.spans(data["messages"][i], ids) if view else None
             logprob = np.asarray(data["logprob"][i], dtype=np.float32)
@@ -257,6 +133,9 @@ class MaskWork:
     cfg: PruneConfig
     fingerprint: str
     model: dict
+    # the selections whose tokens are pruned, as the strategy says in this process: a strategy registered from
+    # Python is not registered in a worker process
+    pruned: tuple[str, ...]
 
 
 class MaskWriter:
@@ -269,7 +148,7 @@ class MaskWriter:
         w = self.work
         columns = ["id", "messages", "input_ids", "trainable", "logprob", "truncated"]
         table = pq.read_table(shard.source, columns=columns)
-        pruned, effect = prune_rows(table, shard.fate, w.cfg, w.model)
+        pruned, effect = prune_rows(table, shard.fate, w.cfg, w.model, w.pruned)
         # what token pruning did travels with the shard: a resumed run adds up the shards it keeps from it
         meta = {"curate_version": __version__, "run_fingerprint": w.fingerprint, "effect": json.dumps(effect)}
         io.write_parquet_atomic(pruned, Path(w.out) / shard.name, meta)
@@ -447,10 +326,19 @@ def reduce(job: Job, shard_tasks: list[MaskShard], results: dict, info: dict) ->
     }
 
 
+def pruned_selections(job: Job) -> tuple[str, ...]:
+    """The selections of the kept samples whose tokens the strategy prunes (Q2 and fill-Q2 for Q-Tuning)."""
+    strategy = strategies.get(job.cfg.strategy)
+    kept = job.context["chosen"]["selection"].drop_nulls().unique().to_list()
+    return tuple(sorted(label for label in kept if strategy.tokens_pruned(label)))
+
+
 SHARDS = Shards(
     plan=plan,
     done=mask_shard_done,
-    work=lambda job: MaskWork(str(job.out), job.cfg, job.fingerprint, job.manifests["scores"]["model"]),
+    work=lambda job: MaskWork(
+        str(job.out), job.cfg, job.fingerprint, job.manifests["scores"]["model"], pruned_selections(job)
+    ),
     worker=MaskWriter,
     reduce=reduce,
     engine=lambda cfg: cfg.engine,

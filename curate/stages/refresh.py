@@ -26,14 +26,9 @@ from ..config import (
     TrainOptions,
 )
 from ..errors import CurateError
-from ..executor import Job, execute, identify_model, runner
-from ..registry import register
+from ..executor import Job, execute, identify_model, needed_modules, run_stage, runner
+from ..registry import get, register
 from ..stage import Input, Manifest, Stage
-from . import prune, score, train
-
-
-def round_dir(out: Path, r: int) -> Path:
-    return out / f"round-{r:02d}"
 
 
 def transition_table(before: pl.DataFrame, after: pl.DataFrame) -> dict:
@@ -84,7 +79,7 @@ TRAIN_COMMAND = register(
             Input("data", kind="pruned", hint="train on the output of `curate prune`"),
             Input("model", model=True),
         ),
-        outputs=train.MODEL_FILES,
+        outputs=schema.MODEL_FILES,
         cli_arguments=("data",),
     )
 )
@@ -97,10 +92,10 @@ def rounds(job: Job) -> dict:
     summary: dict = {"rounds": [], "transitions": []}
     previous = None
     for r in range(1, cfg.rounds + 1):
-        d = round_dir(out, r)
+        d = wiring.round_dir(out, r)
         reporter.log(f"round {r}/{cfg.rounds}: scoring the full input with {model or 'the built-in model'}")
-        scored = score.run(wiring.score_config(cfg.score, cfg.input, d / "scores", model), reporter, force)
-        pruned = prune.run(wiring.prune_config(cfg.prune, d / "scores", d / "pruned"), reporter, force)
+        scored = run_stage("score", wiring.score_config(cfg.score, cfg.input, d / "scores", model), reporter, force)
+        pruned = run_stage("prune", wiring.prune_config(cfg.prune, d / "scores", d / "pruned"), reporter, force)
         if cfg.train_cmd:
             command = TrainCommandConfig(
                 command=cfg.train_cmd, data=str(d / "pruned"), model=scored["model"]["path"], out=str(d / "model")
@@ -110,7 +105,7 @@ def rounds(job: Job) -> dict:
             # with prune.target_model the first round trains that model, on its own tokens
             later = model if r > 1 else None
             options = wiring.train_config(cfg.train, cfg.prune, d / "pruned", d / "model", model, continue_from=later)
-            train.run(options, reporter, force)
+            run_stage("train", options, reporter, force)
         samples = pl.read_parquet(d / "pruned" / schema.SAMPLES, columns=["id", "quadrant", "kept"], glob=False)
         st = pruned["stats"]
         summary["rounds"].append(
@@ -175,8 +170,8 @@ def summary_lines(m: RefreshResult) -> list:
 def needs(cfg: RefreshConfig) -> tuple[str, ...]:
     score_cfg = wiring.score_config(cfg.score, cfg.input, Path(cfg.out))
     prune_cfg = wiring.prune_config(cfg.prune, Path(cfg.out), Path(cfg.out))
-    modules = [*score.STAGE.needs(score_cfg), *prune.STAGE.needs(prune_cfg)]
-    return tuple(modules if cfg.train_cmd else [*modules, *train.STAGE.needs(cfg.train)])
+    modules = [*needed_modules(get("score"), score_cfg), *needed_modules(get("prune"), prune_cfg)]
+    return tuple(modules if cfg.train_cmd else [*modules, *needed_modules(get("train"), cfg.train)])
 
 
 STAGE = register(

@@ -21,6 +21,7 @@ from ..explore import INLINE_LIMIT, Explorer, self_contained_page
 from ..registry import register
 from ..schema import QUADRANT_NAMES, QUADRANTS, SAMPLES, SELECTION_COLOURS, STATS
 from ..stage import Input, Manifest, Stage
+from ..tables import pyplot
 from ..units import WATCHED_NAMES
 
 # Quadrant names sit outside the plot area (above it for the high-entropy quadrants, below the axis for the low
@@ -31,15 +32,6 @@ CORNERS = {
     "Q3": (0.0, -0.12, "left", "top"),
     "Q4": (0.0, 1.01, "left", "bottom"),
 }
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plain(text) -> str:
@@ -62,7 +54,7 @@ def draw_turns(ax, picks: list[dict]) -> None:
 
 
 def plot_eu_plane(samples: pl.DataFrame, stats: dict, path: Path, picks: list[dict] = ()) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     x = np.log(samples["ppl"].to_numpy())
     y = samples["ent"].to_numpy()
     sel = samples["selection"].to_list()
@@ -133,7 +125,7 @@ def plot_eu_plane(samples: pl.DataFrame, stats: dict, path: Path, picks: list[di
 
 
 def plot_histograms(samples: pl.DataFrame, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     kept = samples.filter(pl.col("kept"))
     fig, axes = plt.subplots(1, 3, figsize=(14, 4), dpi=100)
     for ax, (col, label, transform) in zip(

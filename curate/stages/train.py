@@ -347,21 +347,6 @@ def summary(m: TrainResult) -> list:
     return lines
 
 
-# What the trainer writes into OUT: the files of a model and its tokenizer (`save_pretrained`), and its
-# checkpoints while it runs. A user's other files there are neither listed nor deleted.
-MODEL_FILES = (
-    "config.json",
-    "generation_config.json",
-    "model*.safetensors",
-    "model.safetensors.index.json",
-    "tokenizer*.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-)
 STAGE = register(
     Stage(
         name="train",
@@ -382,7 +367,7 @@ STAGE = register(
             ),
             Input("model", model=True),
         ),
-        outputs=(*MODEL_FILES, CHECKPOINTS + "/"),
+        outputs=(*schema.MODEL_FILES, CHECKPOINTS + "/"),
         needs=lambda cfg: ("torch", "transformers", "datasets", *(("peft",) if cfg.lora_rank else ())),
         result=TrainResult,
         summary=summary,

@@ -316,7 +316,7 @@ def test_batch_scope_keeps_the_exact_budget(tmp_path, ratio):
     import polars as pl
 
     from curate.config import PruneConfig
-    from curate.stages.prune import select
+    from curate.triage import select
 
     rng = np.random.default_rng(0)
     coords = pl.DataFrame(

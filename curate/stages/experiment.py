@@ -161,6 +161,7 @@ def run_arm(
             trained = run_stage("train", options, reporter, force)
             cost = train_cost(trained)
         evaluated = evaluate(cfg, trained["model"]["path"], out / "eval", reporter, force)
+        release_memory()
         counts = trained["counts"]
         runs.append(
             {
@@ -182,6 +183,19 @@ def run_arm(
             }
         )
     return runs
+
+
+def release_memory() -> None:
+    """Give what the finished stages freed back to the system: many arms trained in one process would otherwise hold
+    the peak of every model and batch they loaded (cycles wait for the collector; glibc keeps freed blocks)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def train_cost(trained) -> dict:

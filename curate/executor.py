@@ -48,6 +48,7 @@ class Job:
     # output name -> its manifest entry where the stage has it already (a shard checksummed where it was written,
     # on this machine or another): not read and hashed a second time
     entries: dict[str, dict] = field(default_factory=dict)
+    finished: list[int] = field(default_factory=list)  # a sharded stage: the shards an earlier attempt finished
 
     def publish(self, name: str) -> None:
         """A finished output file (name relative to OUT) is uploaded now, where OUT is a URL, so that a killed run
@@ -214,20 +215,64 @@ def _compute(job: Job) -> dict:
     return manifest
 
 
+# ---------------------------------------------------------------- shards, and their completion
+
+
+MARKER = "run_fingerprint"  # in every shard's Parquet metadata: the run that finished it
+
+
+@dataclass(frozen=True)
+class ShardOutput:
+    """Where a sharded stage's workers write their shards, and the completion marker the executor puts in each: the
+    run's fingerprint, in the shard's own Parquet metadata, so that a shard and its marker land in one rename (as
+    datatrove's executor marks a finished rank, `mark_rank_as_completed`, but with no second file to disagree with
+    the first). Picklable: it travels to worker processes and Ray actors."""
+
+    out: str  # OUT: on this machine a folder, or the working copy of `url`
+    fingerprint: str
+    url: str | None = None  # OUT is this URL: each shard is also uploaded, whole, as it is finished
+
+    @property
+    def folder(self) -> Path:
+        """Where shards are written on this node: OUT, or the working copy of OUT's URL (Ray: any node)."""
+        return storage.staging_dir(self.url) if self.url else Path(self.out)
+
+    def write_parquet(self, name: str, table, metadata: dict) -> None:
+        """Shard `name` (relative to OUT), atomically, marked finished by this run: a killed run keeps it. Its
+        Parquet metadata: the table's own, the mark, then `metadata`."""
+        io.write_parquet_atomic(table, self.folder / name, {MARKER: self.fingerprint, **metadata})
+        if self.url:
+            storage.RemoteFolder(self.url).upload(name)
+
+
+def finished_by(path: Path, fingerprint: str) -> bool:
+    """Whether the shard at `path` was finished by the run with this fingerprint; an unreadable one (damaged on
+    disk) is removed, to be written again."""
+    if not path.exists():
+        return False
+    try:
+        return io.parquet_metadata(path).get(MARKER) == fingerprint
+    except CurateError:
+        path.unlink()
+        return False
+
+
 def run_shards(job: Job) -> dict:
-    """A sharded stage's work: the shards this run finished before are kept, the others run on the stage's engine,
-    then every shard's result is reduced into the manifest's fields."""
+    """A sharded stage's work: the shards this run finished before are kept (their marker is this run's), the
+    others run on the stage's engine, then every shard's result is reduced into the manifest's fields."""
     sh = job.stage.shards
     shards = sh.plan(job)
-    todo = [s for s in shards if not sh.done(job, s)]
+    job.finished = [s.index for s in shards if finished_by(job.out / sh.output(s), job.fingerprint)]
+    todo = [s for s in shards if s.index not in job.finished]
     if len(todo) < len(shards):
         job.log(f"resuming: {len(shards) - len(todo)} of {len(shards)} shards are already done")
     work = sh.work(job)
+    output = ShardOutput(str(job.out), job.fingerprint, job.given.get("out"))
     if sh.engine(job.cfg) == "ray":
         from .engines.ray import run_shards as engine
     else:
         from .engines.local import run_shards as engine
-    results, info = engine(job.stage.name, sh, work, shards, todo, job.cfg, job.reporter)
+    results, info = engine(job.stage.name, sh, work, output, shards, todo, job.cfg, job.reporter)
     return sh.reduce(job, shards, results, info)
 
 

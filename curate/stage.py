@@ -71,15 +71,19 @@ class Shards:
     local engine (this process, or `local_workers` processes) or the Ray engine, and reduces every shard's result
     into the manifest's fields. Shards and `work` travel to Ray workers: both must pickle.
 
-    A worker (`worker(work, gpus)`) has `run(shard, progress) -> dict` (what `reduce` needs of the shard, small:
-    it may come back from another machine; `progress(units, tokens)` adds what the shard has done so far) and
+    Each shard is one Parquet file (`output`), which its worker writes through the `ShardOutput` it is given
+    (`output.write_parquet(name, table, metadata)`): the executor marks it there with the run's fingerprint and
+    checks that mark to know what is finished; a stage says nothing about completion.
+
+    A worker (`worker(work, output, gpus)`) has `run(shard, progress) -> dict` (what `reduce` needs of the shard,
+    small: it may come back from another machine; `progress(units, tokens)` adds what the shard has done so far) and
     `close()`; optionally `open()` (a value logged once its model is loaded), `stream(shards, progress_for)` to
     work ahead (tokenise the next shards while one is scored) and `info()` (where its time went)."""
 
     plan: Callable[[Any], list]  # (Job) -> the shards, each with an `index`
-    done: Callable[[Any, Any], bool]  # (Job, shard) -> its output is there, from this run
-    work: Callable[[Any], Any]  # (Job) -> what every worker needs, once
-    worker: Callable[[Any, float], Any]  # (work, GPUs it may use) -> a worker
+    output: Callable[[Any], str]  # (shard) -> the file it writes, relative to OUT
+    work: Callable[[Any], Any]  # (Job) -> what every worker needs, once (`job.finished`: the shards kept)
+    worker: Callable[[Any, Any, float], Any]  # (work, ShardOutput, GPUs it may use) -> a worker
     reduce: Callable[[Any, list, dict, dict], dict]  # (Job, shards, {index: result}, engine info) -> fields
     size: Callable[[Any], int] = lambda shard: 1  # progress units of a shard (rows for score)
     unit: str = "shards"

@@ -98,12 +98,13 @@ def test_a_stage_between_score_and_prune_in_a_pipeline_file(tmp_path, tiny_model
 
 
 # A sharded stage declared inside the process that runs it (the script below): 6 shards, each a file written after a
-# pause, each run of a shard appended to a log. Killed after two shards, the same command again runs only the rest.
+# pause, each run of a shard appended to a log. Killed after two shards, the same command again runs only the rest:
+# the stage says nothing of completion, the executor's mark in each file does.
 TOY = textwrap.dedent(
     """
     import sys, time
     from dataclasses import dataclass
-    from pathlib import Path
+    import pyarrow as pa
     from pydantic import Field
     from curate import io
     from curate.config import Options
@@ -121,14 +122,14 @@ TOY = textwrap.dedent(
         index: int
 
     class Worker:
-        def __init__(self, out, gpus):
-            self.out = Path(out)
+        def __init__(self, work, output, gpus):
+            self.output = output
 
         def run(self, part, progress):
             time.sleep(0.5)
-            with open(self.out / "ran.log", "a") as f:
+            with open(self.output.folder / "ran.log", "a") as f:
                 f.write(f"{part.index}\\n")
-            io.write_bytes_atomic(self.out / f"part-{part.index}.txt", str(part.index).encode())
+            self.output.write_parquet(f"part-{part.index}.parquet", pa.table({"index": [part.index]}), {})
             progress(1)
             return {"index": part.index}
 
@@ -139,11 +140,11 @@ TOY = textwrap.dedent(
         return {"ran_now": sorted(results), "engine": info["engine"]}
 
     stage = register(Stage(
-        name="toy-shards", config=ToyConfig, outputs=("part-*.txt", "ran.log"), resumable=True, result=Manifest,
+        name="toy-shards", config=ToyConfig, outputs=("part-*.parquet", "ran.log"), resumable=True, result=Manifest,
         shards=Shards(
             plan=lambda job: [Part(i) for i in range(6)],
-            done=lambda job, part: (job.out / f"part-{part.index}.txt").exists(),
-            work=lambda job: str(job.out),
+            output=lambda part: f"part-{part.index}.parquet",
+            work=lambda job: None,
             worker=Worker,
             reduce=reduce,
             engine=lambda cfg: cfg.engine,
@@ -162,16 +163,16 @@ def run_toy(tmp_path, engine: str, address: str | None = None):
     script.write_text(TOY)
     out = tmp_path / f"toy-{engine}"
     command = [sys.executable, str(script), str(out), engine, *([address] if address else [])]
-    kill_when(command, lambda: len(list(out.glob("part-*.txt"))) >= 2)  # kill -9, two shards in
-    finished = {p.name for p in out.glob("part-*.txt")}
+    kill_when(command, lambda: len(list(out.glob("part-*.parquet"))) >= 2)  # kill -9, two shards in
+    finished = {p.name for p in out.glob("part-*.parquet")}
     assert 2 <= len(finished) < 6 and not (out / io.MANIFEST).exists()
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = io.read_manifest(out)
-    assert sorted(f["name"] for f in manifest["files"]) == [*(f"part-{i}.txt" for i in range(6)), "ran.log"]
+    assert sorted(f["name"] for f in manifest["files"]) == [*(f"part-{i}.parquet" for i in range(6)), "ran.log"]
     assert manifest["engine"] == engine
     # the second attempt ran exactly the shards the first did not finish, each once
-    left = {f"part-{i}.txt" for i in range(6)} - finished
+    left = {f"part-{i}.parquet" for i in range(6)} - finished
     assert manifest["ran_now"] == sorted(int(n.split("-")[1].split(".")[0]) for n in left)
     ran = [int(x) for x in (out / "ran.log").read_text().split()]
     assert sorted(set(ran)) == list(range(6)) and len(ran) <= 7  # the shard in flight at the kill, at most, twice

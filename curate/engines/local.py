@@ -23,7 +23,7 @@ def progress_from(reporter: Reporter, base: list[int]):
     return progress_for
 
 
-def run_shards(label: str, sh, work, shards: list, todo: list, cfg, reporter: Reporter) -> tuple[dict, dict]:
+def run_shards(label: str, sh, work, output, shards: list, todo: list, cfg, reporter: Reporter) -> tuple[dict, dict]:
     """({index: result} of the shards in `todo`, the engine's info)."""
     sizes = {s.index: sh.size(s) for s in shards}
     left = {s.index for s in todo}
@@ -33,12 +33,12 @@ def run_shards(label: str, sh, work, shards: list, todo: list, cfg, reporter: Re
     results, info, processes = {}, {}, min(sh.local_workers(cfg), len(todo))
     try:
         if processes > 1:
-            for shard, result in _in_processes(sh.worker, work, todo, processes):
+            for shard, result in _in_processes(sh.worker, work, output, todo, processes):
                 results[shard.index] = result
                 base[0] += sizes[shard.index]
                 reporter.advance(*base)
         elif todo:
-            worker = sh.worker(work, 0)
+            worker = sh.worker(work, output, 0)
             try:
                 progress_for = progress_from(reporter, base)
                 if hasattr(worker, "stream"):
@@ -61,16 +61,16 @@ def run_shards(label: str, sh, work, shards: list, todo: list, cfg, reporter: Re
 _WORKER = None  # in a worker process: the one worker it built
 
 
-def _start(factory, work) -> None:
+def _start(factory, work, output) -> None:
     global _WORKER
-    _WORKER = factory(work, 0)
+    _WORKER = factory(work, output, 0)
 
 
 def _run_one(shard) -> dict:
     return _WORKER.run(shard, lambda units, tokens=0: None)
 
 
-def _in_processes(factory, work, todo: list, processes: int):
+def _in_processes(factory, work, output, todo: list, processes: int):
     """(shard, result) as each finishes, from `processes` spawned processes, each with the worker `factory` (a
     module-level function: it is pickled by name) built once (forking a process that runs polars' thread pool can
     deadlock)."""
@@ -78,7 +78,7 @@ def _in_processes(factory, work, todo: list, processes: int):
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(processes, mp_context=ctx, initializer=_start, initargs=(factory, work)) as pool:
+    with ProcessPoolExecutor(processes, mp_context=ctx, initializer=_start, initargs=(factory, work, output)) as pool:
         futures = {pool.submit(_run_one, s): s for s in todo}
         for future in as_completed(futures):
             yield futures[future], future.result()

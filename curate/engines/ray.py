@@ -30,8 +30,8 @@ def _actor_class():
     class ShardActor:
         """One worker of a sharded stage (a scorer: tokenizer and model) in its own process, on its own GPU(s)."""
 
-        def __init__(self, factory, work, gpus, progress):
-            self.worker = factory(work, gpus)
+        def __init__(self, factory, work, output, gpus, progress):
+            self.worker = factory(work, output, gpus)
             self.progress = progress
             self.tokens, self.seconds = 0, 0.0
 
@@ -82,7 +82,7 @@ def _cause(error) -> BaseException:
     return getattr(error, "cause", None) or error
 
 
-def run_shards(label: str, sh, work, shards: list, todo: list, cfg, reporter: Reporter) -> tuple[dict, dict]:
+def run_shards(label: str, sh, work, output, shards: list, todo: list, cfg, reporter: Reporter) -> tuple[dict, dict]:
     """({index: result} of the shards in `todo`, the engine's info): a pool of actors, each with one worker."""
     import ray
     from ray.util.queue import Queue
@@ -102,7 +102,7 @@ def run_shards(label: str, sh, work, shards: list, todo: list, cfg, reporter: Re
     )
 
     def start():
-        return actor_class.remote(sh.worker, work, gpus, progress)
+        return actor_class.remote(sh.worker, work, output, gpus, progress)
 
     actors: list = []
     try:

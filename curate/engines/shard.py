@@ -32,19 +32,11 @@ class ScoreJob:
     model_hash: str
     backend: str
     format: str  # resolved (never "auto")
-    fingerprint: str
     source: readers.Source | None = None  # the input's files (default: cfg.input, one file)
-    out_url: str | None = None  # OUT is this URL: each shard is written to its working copy, then uploaded
     resumed: tuple[int, ...] = ()  # the shards an earlier attempt of this run finished: their entropy method holds
 
     def input(self) -> readers.Source:
         return self.source or readers.as_source(self.cfg.input)
-
-    def out(self) -> Path:
-        """Where shards are written: OUT, or on this node the working copy of OUT's URL (Ray: any node)."""
-        from ..storage import staging_dir
-
-        return staging_dir(self.out_url) if self.out_url else Path(self.cfg.out)
 
 
 @dataclass
@@ -87,11 +79,13 @@ def score_problem(
 class ShardWorker:
     """Reads, tokenises, scores and writes shards of one job. The scorer is built on the first shard."""
 
-    def __init__(self, job: ScoreJob, log=lambda msg: None):
+    def __init__(self, job: ScoreJob, output=None, log=lambda msg: None):
+        """`output`: the executor's `ShardOutput`, where shards are written (none for a process that only
+        tokenises)."""
         from ..models import load_tokenizer_from
         from ..tokenization import ChatEncoder, ensure_chat_template
 
-        self.job, self.log = job, log
+        self.job, self.output, self.log = job, output, log
         self.tokenizer = load_tokenizer_from(job.model_path, job.model_name)
         ensure_chat_template(self.tokenizer)
         self.encoder = ChatEncoder(self.tokenizer, job.cfg.max_length)
@@ -108,7 +102,7 @@ class ShardWorker:
             t0 = time.time()
             self.scorer = make_scorer(self.job.backend, self.job.model_path, self.job.cfg, log=self.log)
             self.timings["load"] = time.time() - t0
-            refuse_mixed_methods(self.job.out(), list(self.job.resumed), self.scorer.entropy_method)
+            refuse_mixed_methods(self.output.folder, list(self.job.resumed), self.scorer.entropy_method)
         return self.scorer.entropy_method
 
     def stream(self, todo: list, progress_for):
@@ -185,15 +179,11 @@ class ShardWorker:
         table = shard_table(kept_items, kept_scores, self.job.cfg.keep_fields, alone)
         tokens = sum(len(enc.input_ids) for _, enc in items)
         name = schema.scores_shard(rows.index)
-        self.job.out().mkdir(parents=True, exist_ok=True)
-        io.write_parquet_atomic(table, self.job.out() / name, self.metadata(rows, counts))
-        if self.job.out_url:  # one object, whole: a killed run keeps every shard it finished
-            from ..storage import RemoteFolder
-
-            RemoteFolder(self.job.out_url).upload(name)
+        self.output.write_parquet(name, table, self.metadata(rows, counts))
         self.timings["write"] += time.time() - t0
         return {
-            **({"summary": shard_summary(self.job.out(), name)} if self.job.out_url else {}),
+            # written on another machine maybe: what the driver needs of it comes back with the result
+            **({"summary": shard_summary(self.output.folder, name)} if self.output.url else {}),
             "index": rows.index,
             "rows": counts.rows_read,
             "samples": table.num_rows,
@@ -238,7 +228,6 @@ class ShardWorker:
         from ..tokenization import chat_template_hash
 
         meta = {
-            "run_fingerprint": job.fingerprint,
             "model": job.model_name,
             "model_hash": job.model_hash,
             "tokenizer": job.model_name,
@@ -325,7 +314,7 @@ def shard_table(items: list, scores: list, keep_fields: list[str], alone: list |
 # ---------------------------------------------------------------- workers, wherever they run
 
 
-def score_worker(job: ScoreJob, gpus: float = 0) -> ShardWorker:
+def score_worker(job: ScoreJob, output, gpus: float = 0) -> ShardWorker:
     """The scoring worker of `curate.stage.Shards` (local or in a Ray actor, maybe on another machine): the model
     on this node (the built-in one converted here, one given as a URL fetched and checked by its hash), and with
     vLLM on several GPUs, tensor parallelism over them."""
@@ -339,7 +328,7 @@ def score_worker(job: ScoreJob, gpus: float = 0) -> ShardWorker:
         job = replace(job, model_path=model_on_this_node(job.cfg.model, job.model_path, job.model_hash))
     if job.backend == "vllm" and gpus > 1:
         job = replace(job, cfg=job.cfg.model_copy(update={"tensor_parallel_size": int(gpus)}))
-    return ShardWorker(job)
+    return ShardWorker(job, output)
 
 
 _TOKENISER: ShardWorker | None = None  # in a tokenising process: the worker whose tokenizer it uses

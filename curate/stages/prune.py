@@ -13,7 +13,6 @@ import json
 from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -129,9 +128,7 @@ class MaskShard:
 
 @dataclass(frozen=True)
 class MaskWork:
-    out: str
     cfg: PruneConfig
-    fingerprint: str
     model: dict
     # the selections whose tokens are pruned, as the strategy says in this process: a strategy registered from
     # Python is not registered in a worker process
@@ -141,29 +138,22 @@ class MaskWork:
 class MaskWriter:
     """Writes pruned shards (stateless, but for the tokenizer its text view loads once per process)."""
 
-    def __init__(self, work: MaskWork, gpus: float = 0):
-        self.work = work
+    def __init__(self, work: MaskWork, output, gpus: float = 0):
+        self.work, self.output = work, output
 
     def run(self, shard: MaskShard, progress=lambda units, tokens=0: None) -> dict:
         w = self.work
         columns = ["id", "messages", "input_ids", "trainable", "logprob", "truncated"]
         table = pq.read_table(shard.source, columns=columns)
         pruned, effect = prune_rows(table, shard.fate, w.cfg, w.model, w.pruned)
-        # what token pruning did travels with the shard: a resumed run adds up the shards it keeps from it
-        meta = {"curate_version": __version__, "run_fingerprint": w.fingerprint, "effect": json.dumps(effect)}
-        io.write_parquet_atomic(pruned, Path(w.out) / shard.name, meta)
+        # the version is the table's own metadata, ahead of the executor's mark (as pruned files always had it); what
+        # token pruning did travels with the shard: a resumed run adds up the shards it keeps from it
+        pruned = pruned.replace_schema_metadata({"curate_version": __version__})
+        self.output.write_parquet(shard.name, pruned, {"effect": json.dumps(effect)})
         return dict(effect)
 
     def close(self) -> None:
         pass
-
-
-def mask_shard_done(job: Job, shard: MaskShard) -> bool:
-    path = job.out / shard.name
-    try:
-        return path.exists() and io.parquet_metadata(path).get("run_fingerprint") == job.fingerprint
-    except CurateError:  # unreadable: damaged; it is written again
-        return False
 
 
 def identify(job: Job) -> dict:
@@ -335,10 +325,8 @@ def pruned_selections(job: Job) -> tuple[str, ...]:
 
 SHARDS = Shards(
     plan=plan,
-    done=mask_shard_done,
-    work=lambda job: MaskWork(
-        str(job.out), job.cfg, job.fingerprint, job.manifests["scores"]["model"], pruned_selections(job)
-    ),
+    output=lambda shard: shard.name,
+    work=lambda job: MaskWork(job.cfg, job.manifests["scores"]["model"], pruned_selections(job)),
     worker=MaskWriter,
     reduce=reduce,
     engine=lambda cfg: cfg.engine,

@@ -7,10 +7,15 @@ of the turn's content (relative to the content, so templates may differ around i
 loss only if every content character it covers was kept (a token straddling kept and pruned text is pruned).
 End-of-turn markers stay in the loss; prompts stay out. Output: the pruned layout in the target's token ids,
 with per-sample `loss_tokens_source` / `loss_tokens_target`, and in stats.json how closely the token budget
-carried over (kept loss characters after / before).
+carried over (kept loss characters after / before). One shard per pruned file: a killed run resumes at the file it
+was on.
 """
 
 from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +27,7 @@ from ..errors import CurateError, RowError
 from ..executor import Job, identify_model, runner
 from ..formats import join_tools
 from ..registry import register
-from ..stage import Input, Manifest, Stage
+from ..stage import Input, Manifest, Shards, Stage
 from ..tokenization import ChatEncoder, Rendered, in_span
 
 SCHEMA = pa.schema(list(schema.PRUNED) + [("loss_tokens_source", pa.int32()), ("loss_tokens_target", pa.int32())])
@@ -118,48 +123,98 @@ def retokenize_row(row: dict, source: ChatEncoder, target: ChatEncoder) -> dict:
     }
 
 
-def compute(job: Job) -> dict:
-    from ..models import load_tokenizer_from
-    from ..tokenization import ensure_chat_template
+# ---------------------------------------------------------------- the shards, as the executor runs them: one per
+# pruned data file, each carried over whole, so a killed run resumes at the file it was on
 
-    cfg, out, reporter, fingerprint = job.cfg, job.out, job.reporter, job.fingerprint
-    pruned, source_manifest, target = job.inputs["pruned"], job.manifests["pruned"], job.context["target"]
-    src_model = source_manifest["model"]
-    source_tok = load_tokenizer_from(src_model["path"], src_model["name"])
-    target_tok = load_tokenizer_from(target.path, target.name)
-    for tok in (source_tok, target_tok):
-        ensure_chat_template(tok)
-    source, tgt = ChatEncoder(source_tok), ChatEncoder(target_tok, cfg.max_length)
-    files = [str(f.relative_to(pruned)) for f in io.pruned_data_files(pruned, source_manifest)]
-    totals = {
-        "samples": 0,
-        "loss_tokens_source": 0,
-        "loss_tokens_target": 0,
-        "kept_chars_source": 0,
-        "kept_chars_target": 0,
-    }
-    skipped: dict[str, int] = {}
-    reporter.start("retokenize", len(files), unit="shards")
-    for i, name in enumerate(files):
-        rows = []
-        for row in pq.read_table(pruned / name).to_pylist():
+
+@dataclass(frozen=True)
+class Part:
+    index: int
+    name: str  # the pruned data file, relative to the input and to OUT alike (data/train-...)
+
+
+@dataclass(frozen=True)
+class Carry:
+    """What every worker needs: where the pruned files are, and the two tokenizers (by path and name)."""
+
+    pruned: str
+    source: dict  # the scoring model's entry in the pruned manifest
+    target_path: str
+    target_name: str
+    max_length: int | None
+
+
+class Retokenizer:
+    """Carries pruned files over to the target's tokens (both tokenizers loaded once, for every file)."""
+
+    def __init__(self, work: Carry, output, gpus: float = 0):
+        from ..models import load_tokenizer_from
+        from ..tokenization import ensure_chat_template
+
+        self.work, self.output = work, output
+        source_tok = load_tokenizer_from(work.source["path"], work.source["name"])
+        target_tok = load_tokenizer_from(work.target_path, work.target_name)
+        for tok in (source_tok, target_tok):
+            ensure_chat_template(tok)
+        self.source, self.target = ChatEncoder(source_tok), ChatEncoder(target_tok, work.max_length)
+
+    def run(self, part: Part, progress=lambda units, tokens=0: None) -> dict:
+        counts = {key: 0 for key in TOTALS}
+        skipped: dict[str, int] = {}
+        left_out, rows = [], []
+        for row in pq.read_table(Path(self.work.pruned) / part.name).to_pylist():
             try:
-                r = retokenize_row(row, source, tgt)
+                r = retokenize_row(row, self.source, self.target)
             except RowError as e:
                 skipped[e.reason] = skipped.get(e.reason, 0) + 1
-                reporter.log(f"warning: sample {row['id']!r} is left out: {e}")
+                left_out.append(f"warning: sample {row['id']!r} is left out: {e}")
                 continue
             a, b = r.pop("_chars")
-            totals["kept_chars_source"] += a
-            totals["kept_chars_target"] += b
+            counts["kept_chars_source"] += a
+            counts["kept_chars_target"] += b
             for key in ("loss_tokens_source", "loss_tokens_target"):
-                totals[key] += r[key]
+                counts[key] += r[key]
             rows.append(r)
-        totals["samples"] += len(rows)
+        counts["samples"] = len(rows)
+        done = {"counts": counts, "skipped": skipped, "left_out": left_out}
+        # what the file's rows added up to travels with it: a resumed run adds up the files it keeps from it
         table = pa.Table.from_pylist(rows, schema=SCHEMA)
-        io.write_parquet_atomic(table, out / name, {"curate_version": __version__, "run_fingerprint": fingerprint})
-        reporter.advance(i + 1)
-    reporter.finish()
+        self.output.write_parquet(part.name, table, {"curate_version": __version__, "carried": json.dumps(done)})
+        return done
+
+    def close(self) -> None:
+        pass
+
+
+TOTALS = ("samples", "loss_tokens_source", "loss_tokens_target", "kept_chars_source", "kept_chars_target")
+
+
+def plan(job: Job) -> list[Part]:
+    pruned = job.inputs["pruned"]
+    files = io.pruned_data_files(pruned, job.manifests["pruned"])
+    return [Part(i, str(f.relative_to(pruned))) for i, f in enumerate(files)]
+
+
+def work(job: Job) -> Carry:
+    target = job.context["target"]
+    source = job.manifests["pruned"]["model"]
+    return Carry(str(job.inputs["pruned"]), source, target.path, target.name, job.cfg.max_length)
+
+
+def reduce(job: Job, parts: list[Part], results: dict, info: dict) -> dict:
+    """Every file's counts (those of an earlier attempt read from the files), then stats.json; the manifest's
+    fields."""
+    cfg, pruned, source_manifest, target = job.cfg, job.inputs["pruned"], job.manifests["pruned"], job.context["target"]
+    totals = {key: 0 for key in TOTALS}
+    skipped: dict[str, int] = {}
+    for part in parts:
+        done = results.get(part.index) or json.loads(io.parquet_metadata(job.out / part.name)["carried"])
+        for line in done["left_out"]:
+            job.log(line)
+        for key in TOTALS:
+            totals[key] += done["counts"][key]
+        for reason, n in done["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
     if not totals["samples"]:
         raise CurateError(f"{pruned}: no sample could be carried over to {cfg.model} ({skipped})")
     stats = {
@@ -168,11 +223,14 @@ def compute(job: Job) -> dict:
         "source_samples": source_manifest["stats"]["K"],
         "kept_chars_ratio": totals["kept_chars_target"] / max(totals["kept_chars_source"], 1),
         "loss_token_ratio": totals["loss_tokens_target"] / max(totals["loss_tokens_source"], 1),
-        "source_model": src_model["name"],
+        "source_model": source_manifest["model"]["name"],
         "target_model": target.name,
     }
-    io.write_json_atomic(out / schema.STATS, stats)
+    io.write_json_atomic(job.out / schema.STATS, stats)
     return {"model": target.entry(), "stats": stats}
+
+
+SHARDS = Shards(plan=plan, output=lambda part: part.name, work=work, worker=Retokenizer, reduce=reduce)
 
 
 class RetokenizeResult(Manifest):
@@ -197,7 +255,7 @@ STAGE = register(
         config=RetokenizeConfig,
         doc="Carry a pruned dataset over to another model's tokenizer and chat template "
         "(score small, train any model).",
-        compute=compute,
+        shards=SHARDS,  # one per pruned data file, resumed per file by the executor
         identify=lambda job: identify_model(job, "target"),
         inputs=(
             Input("pruned", kind="pruned", hint="retokenize the output of `curate prune`"),
@@ -205,6 +263,7 @@ STAGE = register(
         ),
         outputs=(f"{schema.PRUNED_DATA}/{schema.PRUNED_GLOB}", schema.STATS),
         needs=lambda cfg: ("transformers",),
+        resumable=True,  # the files this run finished are kept
         result=RetokenizeResult,
         summary=summary,
         cli_arguments=("pruned",),

@@ -20,7 +20,7 @@ from .. import io, readers, schema
 from ..config import ScoreConfig
 from ..engines.shard import MAX_SKIP_EXAMPLES, ScoreJob, score_worker, shard_summary
 from ..errors import CurateError
-from ..executor import Job, runner
+from ..executor import Job, finished_by, runner
 from ..formats import DETECT_ROWS, detect_format, parse_fields
 from ..registry import register
 from ..stage import Input, Manifest, Shards, Stage
@@ -88,20 +88,9 @@ def run_dtype(cfg: ScoreConfig, fingerprint_with) -> tuple[str, str]:
         except CurateError:
             continue
         earlier = meta.get("dtype")
-        if earlier and earlier != dtype and meta.get("run_fingerprint") == fingerprint_with(earlier):
+        if earlier and earlier != dtype and finished_by(path, fingerprint_with(earlier)):
             return earlier, f"auto: {earlier}, as this run started (this machine would pick {dtype}: {why})"
     return dtype, why
-
-
-def finished_shard(out: Path, index: int, fingerprint: str) -> bool:
-    path = out / schema.scores_shard(index)
-    if not path.exists():
-        return False
-    try:
-        return io.parquet_metadata(path).get("run_fingerprint") == fingerprint
-    except CurateError:  # unreadable: damaged on disk; it is scored again
-        path.unlink()
-        return False
 
 
 # ---------------------------------------------------------------- the shards, as the executor runs them
@@ -126,7 +115,6 @@ def work(job: Job) -> ScoreJob:
     """What every worker needs, local or on Ray: every worker scores in the run's dtype."""
     info, model = job.context["info"], job.context["model"]
     cfg = job.cfg.model_copy(update={"dtype": info["dtype"]["dtype"]})
-    resumed = tuple(r.index for r in job.context["ranges"] if finished_shard(job.out, r.index, job.fingerprint))
     job.context["work"] = ScoreJob(
         cfg,
         model.path,
@@ -134,10 +122,8 @@ def work(job: Job) -> ScoreJob:
         model.hash,
         job.context["backend"],
         job.context["format"],
-        job.fingerprint,
         job.context["source"],
-        job.given.get("out"),
-        resumed,
+        tuple(job.finished),
     )
     return job.context["work"]
 
@@ -166,7 +152,7 @@ def ray_pool(cfg, resources: dict) -> tuple[int, float, float]:
 
 SHARDS = Shards(
     plan=plan,
-    done=lambda job, rows: finished_shard(job.out, rows.index, job.fingerprint),
+    output=lambda rows: schema.scores_shard(rows.index),
     work=work,
     worker=score_worker,
     reduce=reduce,

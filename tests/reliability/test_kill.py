@@ -1,5 +1,5 @@
-"""kill -9 at several points of score, prune and a refresh round: a rerun of the same command finishes the job,
-with no duplicate and no missing row, and equals an undisturbed run."""
+"""kill -9 at several points of score, prune, retokenize and a refresh round: a rerun of the same command finishes
+the job, with no duplicate and no missing row, and equals an undisturbed run."""
 
 import json
 import subprocess
@@ -9,6 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate import io
+from curate.config import PruneConfig, ScoreConfig
+from curate.stages import prune, score
 from curate.synthetic import synthetic_scores
 
 from ..conftest import DEMO, kill_when
@@ -76,6 +78,33 @@ def test_prune_killed_while_writing_masks_is_redone_whole(tmp_path):
         {k: v for k, v in io.read_json(d / "stats.json").items() if k != "config"}
         for d in (out, tmp_path / "undisturbed")
     ]
+    assert stats[0] == stats[1]
+
+
+def test_retokenize_killed_between_files_resumes_to_the_same_result(tmp_path, tiny_model_dir):
+    """Retokenize carries one pruned file per shard: killed after two, the rerun keeps them (the executor's mark
+    says this run wrote them) and carries the rest, to the files and stats of an undisturbed run."""
+    scores, pruned = tmp_path / "scores", tmp_path / "pruned"
+    score.run(ScoreConfig(input=str(DEMO), out=str(scores), model=str(tiny_model_dir), shard_size=4))
+    prune.run(PruneConfig(scores=str(scores), out=str(pruned), ratio=0.5, token_ratio=0.5))
+    files = len(list((pruned / "data").glob("train-*.parquet")))
+    assert files > 40  # enough files that the kill lands between two of them
+    subprocess.run(
+        curate("retokenize", pruned, "--model", tiny_model_dir, "--out", tmp_path / "undisturbed"),
+        check=True,
+        capture_output=True,
+    )
+    out = tmp_path / "killed"
+    command = curate("retokenize", pruned, "--model", tiny_model_dir, "--out", out)
+    kill_when(command, lambda: len(list((out / "data").glob("train-*.parquet"))) >= 2)
+    kept = {p.name: p.stat().st_mtime_ns for p in (out / "data").glob("train-*.parquet")}
+    assert 2 <= len(kept) < files and not (out / io.MANIFEST).exists()
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"resuming: {len(kept)} of {files} shards are already done" in " ".join(done.stderr.split())
+    assert {n: (out / "data" / n).stat().st_mtime_ns for n in kept} == kept  # not written again
+    assert rows(out, "data/train-*.parquet") == rows(tmp_path / "undisturbed", "data/train-*.parquet")
+    stats = [io.read_json(d / "stats.json") for d in (out, tmp_path / "undisturbed")]
     assert stats[0] == stats[1]
 
 

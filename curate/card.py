@@ -16,6 +16,7 @@ import yaml
 
 from . import __version__, schema, storage
 from .errors import CurateError
+from .kinds import Scores
 
 CARD = "README.md"
 PICTURE = "eu_plane.png"
@@ -161,10 +162,10 @@ def command_line(scores: str, options: dict) -> str:
     return " ".join(parts)
 
 
-def score_command(source: str, config: dict, manifest: dict) -> str:
+def score_command(source: str, config: dict, scores: Scores) -> str:
     """`curate score SOURCE` with what decided the scores: the model, the dtype it ran in, the row limit and the
     length cut."""
-    dtype = (manifest.get("dtype") or {}).get("dtype") or config.get("dtype", "auto")
+    dtype = scores.dtype.get("dtype") or config.get("dtype", "auto")
     from .models import BUILTIN_LABEL
 
     model = config.get("model") or "builtin"
@@ -190,7 +191,7 @@ def picture_legend(selection: dict) -> str:
     return f"grey samples were dropped, green ones kept by {named}"
 
 
-def pruned_card(stats: dict, scores_manifest: dict, changed: dict, inherited: dict, data_files: list[dict]) -> str:
+def pruned_card(stats: dict, scores: Scores, changed: dict, inherited: dict, data_files: list[dict]) -> str:
     """The card's text; it depends on the data and the settings only (not on where the folder is), so two runs
     of the same prune write the same bytes. `data_files`: the manifest entries of the training data files.
 
@@ -214,9 +215,9 @@ def pruned_card(stats: dict, scores_manifest: dict, changed: dict, inherited: di
         "tags": ["q-curate", "sft", "data-pruning"],
         **dataset_info(stats["K"], sum(e["bytes"] for e in data_files)),
     }
-    model = scores_manifest["model"]
-    source = (scores_manifest.get("inputs") or [{}])[0]
-    picked = scores_manifest.get("source") or {}
+    model = scores.model
+    source = scores.inputs[0] if scores.inputs else {}
+    picked = scores.source
     picked = ", ".join(f"{k} {picked[k]}" for k in ("subset", "split") if picked.get(k)) + (
         f" ({len(picked['files'])} data files)" if len(picked.get("files", [])) > 1 else ""
     )
@@ -226,7 +227,7 @@ def pruned_card(stats: dict, scores_manifest: dict, changed: dict, inherited: di
         for q in schema.QUADRANTS
     )
     source_name = PurePosixPath(str(source.get("path", "?"))).name
-    score_config = scores_manifest.get("config", {})
+    score_config = scores.config
     notes = []
     if not inherited.get("license"):
         notes.append(f"- licence: the source's card names none; check the terms of `{source_name}` before you publish")
@@ -240,13 +241,9 @@ def pruned_card(stats: dict, scores_manifest: dict, changed: dict, inherited: di
         )
     if stats.get("excluded"):
         notes.append(f"- {stats['excluded']:,} samples were left out as `--exclude-ids` asked")
-    scored_with = score_command(source_name, score_config, scores_manifest)
+    scored_with = score_command(source_name, score_config, scores)
     notes_text = ("\n" + "\n".join(notes)) if notes else ""
-    template = (
-        f"; chat template `{scores_manifest['chat_template_hash']}`"
-        if scores_manifest.get("chat_template_hash")
-        else ""
-    )
+    template = f"; chat template `{scores.chat_template_hash}`" if scores.chat_template_hash else ""
     return f"""---
 {yaml.safe_dump(header, sort_keys=False).strip()}
 ---

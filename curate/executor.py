@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from . import __version__, io, outdir, readers, storage
+from . import __version__, io, kinds, outdir, readers, storage
 from .errors import CurateError
 from .extras import require
 from .progress import Reporter
@@ -38,7 +38,8 @@ class Job:
     reporter: Reporter
     force: bool
     inputs: dict[str, Path]  # config field -> path
-    manifests: dict[str, dict | None]  # config field -> the verified manifest of that input (None for data)
+    # config field -> the verified manifest of that input, typed as its kind's contract (`curate.kinds`); None for data
+    manifests: dict[str, Manifest | None]
     input_fingerprints: dict[str, str]
     started: float = field(default_factory=time.time)
     fingerprint: str = ""
@@ -130,7 +131,8 @@ def _verified_inputs(stage: Stage, cfg: Any, out: Path, log) -> tuple[dict, dict
         if spec.file_ok and not path.exists():
             raise CurateError(f"{path}: no such file or folder ({spec.hint})")
         if spec.kind and not (spec.file_ok and path.is_file()):
-            manifests[spec.field] = io.verified(path, spec.kind, spec.hint)
+            verified = io.verified(path, spec.kind, spec.hint)
+            manifests[spec.field] = kinds.typed(verified, io.manifest_kind(verified), str(path))
             fingerprints[spec.field] = manifests[spec.field]["fingerprint"]
         elif spec.data or spec.file_ok:
             if not path.exists():
@@ -303,6 +305,16 @@ def runner(stage: Stage):
     return run
 
 
+def carried(job: Job, fields: dict) -> dict:
+    """A stage that consumes and produces one kind (a filter between score and prune) carries its kind's contract
+    from that input: each field it does not give itself, as the input has it."""
+    for spec in job.stage.inputs:
+        source = job.manifests.get(spec.field)
+        if source is not None and io.manifest_kind(source) == job.stage.kind:
+            return {**fields, **{k: source[k] for k in kinds.fields(job.stage.kind) if k not in fields}}
+    return fields
+
+
 def _finish(job: Job, fields: dict) -> dict:
     """The manifest of a computed run: every output file that is there, with its checksum."""
     names = sorted({*outdir.written(job.out, job.stage.outputs), *job.entries})
@@ -318,7 +330,13 @@ def _finish(job: Job, fields: dict) -> dict:
         }
         for f, path in job.inputs.items()
     ]
-    fields = {"config": job.cfg.model_dump(), **fields}  # a stage may record its config resolved
+    fields = {"config": job.cfg.model_dump(), **carried(job, fields)}  # a stage may record its config resolved
+    kind = job.stage.kind
+    if problems := kinds.problems(kind, fields):
+        raise CurateError(
+            f"curate {job.stage.name} produces {kind}, whose manifest carries {', '.join(kinds.fields(kind))}; "
+            f"it gave: {'; '.join(problems)}"
+        )
     fields["config"] = {**fields["config"], **job.given}  # never a working copy's path
     return io.write_manifest(
         job.out,

@@ -15,10 +15,11 @@ import yaml
 from pydantic import Field
 from typer.testing import CliRunner
 
-from curate import io
+from curate import io, kinds
 from curate.cli import app
 from curate.config import Options
-from curate.executor import Job
+from curate.errors import CurateError
+from curate.executor import Job, execute
 from curate.registry import REGISTRY, register
 from curate.stage import Input, Manifest, Stage
 
@@ -32,18 +33,17 @@ class DropShortConfig(Options):
 
 
 def drop_short(job: Job) -> dict:
-    """Scores in, scores out: the samples with enough trainable tokens, shard by shard, with the producer's fields."""
-    manifest = job.manifests["scores"]
+    """Scores in, scores out: the samples with enough trainable tokens, shard by shard. What scores carry (the model,
+    the signals...) it neither lists nor copies: declaring the kind it produces carries the contract."""
     kept = 0
-    for entry in manifest["files"]:
+    for entry in job.manifests["scores"].files:
         table = pq.read_table(job.inputs["scores"] / entry["name"])
         keep = [n >= job.cfg.min_trainable for n in table.column("n_trainable").to_pylist()]
         filtered = table.filter(pa.array(keep))
         kept += filtered.num_rows
         meta = io.parquet_metadata(job.inputs["scores"] / entry["name"])
         io.write_parquet_atomic(filtered, job.out / entry["name"], meta)
-    carried = ("model", "vocab_size", "keep_fields", "signals", "score_positions", "source", "dtype")
-    return {**{k: manifest[k] for k in carried if k in manifest}, "counts": {"samples": kept}}
+    return {"counts": {"samples": kept}}
 
 
 @pytest.fixture
@@ -88,6 +88,8 @@ def test_a_stage_between_score_and_prune_in_a_pipeline_file(tmp_path, tiny_model
     ]
     pruned = io.read_manifest(run / "pruned")
     assert pruned["inputs"][0]["path"] == "../drop-short" and pruned["inputs"][0]["kind"] == "scores"
+    scored, filtered = io.read_manifest(run / "scores"), io.read_manifest(run / "drop-short")
+    assert all(filtered[k] == scored[k] for k in kinds.fields("scores"))  # the contract, carried
     short = [n for n in pq.read_table(run / "scores").column("n_trainable").to_pylist() if n < 12]
     samples = pq.read_table(run / "pruned" / "samples.parquet").num_rows
     assert short and samples == 40 - len(short)  # pruned from the filtered scores
@@ -95,6 +97,58 @@ def test_a_stage_between_score_and_prune_in_a_pipeline_file(tmp_path, tiny_model
     assert CliRunner().invoke(app, ["report", str(run)]).exit_code == 0  # the run's parts found by kind
     again = CliRunner().invoke(app, ["run", str(pipeline)])
     assert again.exit_code == 0 and again.output.count("nothing to do") == 3
+
+
+class Tally(Manifest):
+    """A toy kind's contract: every tally carries its total."""
+
+    total: int
+
+
+class TallyConfig(Options):
+    out: str = Field(description="out")
+    total: int | str | None = Field(None, description="the total to give (of any type), or none")
+
+
+class ReadConfig(Options):
+    tally: str = Field(description="a tally")
+    out: str = Field(description="out")
+
+
+@pytest.fixture
+def tally_stages():
+    kinds.register("tally", Tally)
+    produce = register(
+        Stage(
+            name="toy-tally",
+            produces="tally",
+            config=TallyConfig,
+            compute=lambda job: {} if job.cfg.total is None else {"total": job.cfg.total},
+        )
+    )
+    seen = []
+    consume = register(
+        Stage(
+            name="toy-read",
+            config=ReadConfig,
+            compute=lambda job: seen.append(job.manifests["tally"]) or {},
+            inputs=(Input("tally", kind="tally"),),
+        )
+    )
+    yield produce, consume, seen
+    REGISTRY.pop("toy-tally"), REGISTRY.pop("toy-read"), kinds.CONTRACTS.pop("tally")
+
+
+def test_a_kind_contract_is_checked_where_it_is_produced_and_handed_typed_to_its_consumer(tmp_path, tally_stages):
+    produce, consume, seen = tally_stages
+    with pytest.raises(CurateError, match=r"produces tally, whose manifest carries total; it gave: total \(missing\)"):
+        execute(produce, TallyConfig(out=str(tmp_path / "none")))
+    assert not (tmp_path / "none" / io.MANIFEST).exists()  # refused: no manifest says it is finished
+    with pytest.raises(CurateError, match=r"total \(not int\)"):
+        execute(produce, TallyConfig(out=str(tmp_path / "bad"), total="many"))
+    execute(produce, TallyConfig(out=str(tmp_path / "t"), total=3))
+    execute(consume, ReadConfig(tally=str(tmp_path / "t"), out=str(tmp_path / "r")))
+    assert isinstance(seen[0], Tally) and seen[0].total == 3
 
 
 # A sharded stage declared inside the process that runs it (the script below): 6 shards, each a file written after a

@@ -178,7 +178,7 @@ def run_arm(
                 "nll_rows": evaluated["result"]["nll_rows"],
                 "em_rows": evaluated["result"]["em_rows"],
                 "selection": selection,  # a static subset's kept samples by selection
-                "kept_by_selection": trained.get("kept_by_selection", {}),  # in the micro-batches, over the run
+                "kept_by_selection": trained.kept_by_selection,  # in the micro-batches, over the run
                 "folder": str(out),
             }
         )
@@ -233,7 +233,10 @@ def refresh_arm(cfg, arm, budget, seed, ts, out, reporter, force) -> tuple:
     cost = {"steps": 0, "forward_tokens": 0, "loss_tokens": 0, "seconds": 0.0}
     for r in range(1, rounds + 1):
         d = wiring.round_dir(out / "refresh", r)
-        scored, pruned, trained = (io.read_manifest(d / name) for name in ("scores", "pruned", "model"))
+        scored, pruned, trained = (
+            get(stage).result.model_validate(io.read_manifest(d / name))
+            for stage, name in (("score", "scores"), ("prune", "pruned"), ("train", "model"))
+        )
         round_cost = train_cost(trained)
         for key in ("steps", "forward_tokens", "loss_tokens"):
             cost[key] += round_cost[key]

@@ -175,7 +175,7 @@ def compute(job: Job) -> dict:
     writer, columns = WRITERS[cfg.format]
     table = _read(io.pruned_data_files(job.inputs["pruned"], source), columns)
     max_len = pc.max(pc.list_value_length(table.column("input_ids"))).as_py() or 0
-    name, snippet = writer(table, out.resolve(), source.get("model", {}).get("path", UNKNOWN_MODEL), max_len)
+    name, snippet = writer(table, out.resolve(), source.model.get("path", UNKNOWN_MODEL), max_len)
     io.write_bytes_atomic(out / name, snippet.encode())
     config_file = str((out / name).resolve())
     return {"format": cfg.format, "rows": table.num_rows, "columns": columns, "config_file": config_file}

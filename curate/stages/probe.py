@@ -193,13 +193,13 @@ def compute(job: Job) -> dict:
         coords = collect_coordinates(
             score_files(folder / "scores", scored),
             cfg.prune,
-            scored.get("vocab_size"),
-            scored.get("score_positions", "all"),
-            scored.get("signals", []),
+            scored.vocab_size,
+            scored.score_positions,
+            scored.signals,
         )
         coords = mark_duplicates(coords, cfg.prune.keep_duplicates)
-        per_seed[seed] = probe_table(coords, bad, cfg, seed, scored.get("signals", []))
-        per_seed[seed]["skipped"] = scored.get("skipped_by_reason", {})  # rows scoring left out: shown, never hidden
+        per_seed[seed] = probe_table(coords, bad, cfg, seed, scored.signals)
+        per_seed[seed]["skipped"] = scored.skipped_by_reason  # rows scoring left out: shown, never hidden
     result = combine(per_seed)
     io.write_json_atomic(out / "probe.json", result)
     io.write_bytes_atomic(out / "probe.md", probe_markdown(cfg, result).encode())

@@ -25,9 +25,10 @@ from ..config import PruneConfig, ReportConfig, RetokenizeConfig
 from ..errors import CurateError
 from ..executor import Job, runner
 from ..formats import split_tools
+from ..kinds import Pruned
 from ..masking import WATCHED, mask_sample, needs_text
 from ..registry import register
-from ..stage import Input, Manifest, Shards, Stage, in_fingerprint
+from ..stage import Input, Shards, Stage, in_fingerprint
 from ..triage import collect_coordinates, mark_duplicates, score_files, select
 from ..units import KINDS, WATCHED_NAMES
 from ..verify import input_change
@@ -158,18 +159,18 @@ class MaskWriter:
 
 def identify(job: Job) -> dict:
     """Checks before any work: the scored input unchanged, the grouping field carried by the scores."""
-    cfg, scores_dir, scores_manifest = job.cfg, job.inputs["scores"], job.manifests["scores"]
-    if changed := input_change(scores_dir, scores_manifest):
+    cfg, scores_dir, scores = job.cfg, job.inputs["scores"], job.manifests["scores"]
+    if changed := input_change(scores_dir, scores):
         if not cfg.allow_changed_input:
             raise CurateError(f"{changed}: score it again, or prune the old scores with --allow-changed-input")
         job.log(f"warning: {changed}; pruning the scores of the old rows (--allow-changed-input)")
-    missing = [x for x in strategies.get(cfg.strategy).signals if x not in scores_manifest.get("signals", [])]
+    missing = [x for x in strategies.get(cfg.strategy).signals if x not in scores.signals]
     if missing:
         raise CurateError(
             f"--strategy {cfg.strategy} needs the scores' {', '.join(missing)} signal, and {scores_dir} has none: "
             f"score with --signals {','.join(missing)}"
         )
-    if cfg.group_by and cfg.group_by not in scores_manifest.get("keep_fields", []):
+    if cfg.group_by and cfg.group_by not in scores.keep_fields:
         raise CurateError(
             f"--group-by {cfg.group_by}: the scores in {scores_dir} do not carry that field; score with "
             f"--keep-fields {cfg.group_by}"
@@ -179,17 +180,17 @@ def identify(job: Job) -> dict:
 
 def dataset_card(job: Job, stats: dict) -> str:
     """README.md: what `datasets.load_dataset(OUT)` and the Hub read, and where the data came from."""
-    cfg, scores_manifest = job.cfg, job.manifests["scores"]
+    cfg, scores = job.cfg, job.manifests["scores"]
     defaults = PruneConfig.model_construct()
     changed = {
         k: v
         for k, v in cfg.model_dump(exclude={"scores", "out"}).items()
         if in_fingerprint(PruneConfig, k) and v != getattr(defaults, k, None)
     }
-    source = (scores_manifest.get("inputs") or [{}])[0].get("path")
+    source = scores.inputs[0]["path"] if scores.inputs else None
     inherited = source_card(storage.resolve(job.inputs["scores"], source)) if source else {}
     data = [job.entries[n] for n in sorted(job.entries) if n.startswith(f"{schema.PRUNED_DATA}/")]
-    return pruned_card(stats, scores_manifest, changed, inherited, data)
+    return pruned_card(stats, scores, changed, inherited, data)
 
 
 def excluded_ids(job: Job, known: pl.Series) -> list[str]:
@@ -230,18 +231,16 @@ def plan(job: Job) -> list[MaskShard]:
     """Pass 1: place every sample and triage to the exact budget; the shards of pass 2 are the scores shards that
     hold a kept sample."""
     cfg, reporter = job.cfg, job.reporter
-    scores_dir, scores_manifest = job.inputs["scores"], job.manifests["scores"]
-    positions = scores_manifest.get("score_positions", "all")
-    if positions == "trainable" and cfg.entropy_positions == "all":
+    scores_dir, scores = job.inputs["scores"], job.manifests["scores"]
+    if scores.score_positions == "trainable" and cfg.entropy_positions == "all":
         raise CurateError(
             f"{scores_dir} holds scores of the trainable tokens only; --entropy-positions all needs the "
             "prompt's too: rescore with --positions all"
         )
     if needs_text(cfg):
-        text_view(scores_manifest["model"], required=True)  # a missing tokenizer stops the run before any work
-    shards = score_files(scores_dir, scores_manifest)
-    signals = scores_manifest.get("signals", [])
-    coords = collect_coordinates(shards, cfg, scores_manifest.get("vocab_size"), positions, signals)
+        text_view(scores.model, required=True)  # a missing tokenizer stops the run before any work
+    shards = score_files(scores_dir, scores)
+    coords = collect_coordinates(shards, cfg, scores.vocab_size, scores.score_positions, scores.signals)
     if cfg.group_ratios:
         unknown = sorted(set(cfg.group_ratios) - set(coords["group"].unique().to_list()))
         if unknown:
@@ -290,7 +289,7 @@ def plan(job: Job) -> list[MaskShard]:
 def reduce(job: Job, shard_tasks: list[MaskShard], results: dict, info: dict) -> dict:
     """What pass 2 did, over every shard (those of an earlier attempt read from their files), then samples.parquet,
     stats.json, the card and the picture; the manifest's fields."""
-    cfg, out, reporter, scores_manifest = job.cfg, job.out, job.reporter, job.manifests["scores"]
+    cfg, out, reporter, scores = job.cfg, job.out, job.reporter, job.manifests["scores"]
     chosen, summary, names = job.context["chosen"], job.context["summary"], job.context["names"]
     effect = Counter()
     for shard in shard_tasks:
@@ -310,7 +309,7 @@ def reduce(job: Job, shard_tasks: list[MaskShard], results: dict, info: dict) ->
     picture = plane_picture(samples["ppl"].to_numpy(), samples["ent"].to_numpy(), samples["selection"].to_list())
     io.write_bytes_atomic(out / PICTURE, picture)
     return {
-        "model": scores_manifest["model"],
+        "model": scores.model,
         "counts": {"samples_in": samples.height, "samples_out": stats["K"], "dropped": samples.height - stats["K"]},
         "stats": stats,
     }
@@ -326,7 +325,7 @@ def pruned_selections(job: Job) -> tuple[str, ...]:
 SHARDS = Shards(
     plan=plan,
     output=lambda shard: shard.name,
-    work=lambda job: MaskWork(job.cfg, job.manifests["scores"]["model"], pruned_selections(job)),
+    work=lambda job: MaskWork(job.cfg, job.manifests["scores"].model, pruned_selections(job)),
     worker=MaskWriter,
     reduce=reduce,
     engine=lambda cfg: cfg.engine,
@@ -499,10 +498,8 @@ def preset_lines(config: dict) -> list[str]:
     return [line]
 
 
-class PruneResult(Manifest):
-    model: dict
+class PruneResult(Pruned):
     counts: dict[str, int]
-    stats: dict
 
 
 def summary(m: PruneResult) -> list:

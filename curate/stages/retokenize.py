@@ -26,8 +26,9 @@ from ..config import RetokenizeConfig
 from ..errors import CurateError, RowError
 from ..executor import Job, identify_model, runner
 from ..formats import join_tools
+from ..kinds import Pruned
 from ..registry import register
-from ..stage import Input, Manifest, Shards, Stage
+from ..stage import Input, Shards, Stage
 from ..tokenization import ChatEncoder, Rendered, in_span
 
 SCHEMA = pa.schema(list(schema.PRUNED) + [("loss_tokens_source", pa.int32()), ("loss_tokens_target", pa.int32())])
@@ -197,7 +198,7 @@ def plan(job: Job) -> list[Part]:
 
 def work(job: Job) -> Carry:
     target = job.context["target"]
-    source = job.manifests["pruned"]["model"]
+    source = job.manifests["pruned"].model
     return Carry(str(job.inputs["pruned"]), source, target.path, target.name, job.cfg.max_length)
 
 
@@ -220,10 +221,10 @@ def reduce(job: Job, parts: list[Part], results: dict, info: dict) -> dict:
     stats = {
         **totals,
         "skipped": skipped,
-        "source_samples": source_manifest["stats"]["K"],
+        "source_samples": source_manifest.stats["K"],
         "kept_chars_ratio": totals["kept_chars_target"] / max(totals["kept_chars_source"], 1),
         "loss_token_ratio": totals["loss_tokens_target"] / max(totals["loss_tokens_source"], 1),
-        "source_model": source_manifest["model"]["name"],
+        "source_model": source_manifest.model["name"],
         "target_model": target.name,
     }
     io.write_json_atomic(job.out / schema.STATS, stats)
@@ -233,9 +234,8 @@ def reduce(job: Job, parts: list[Part], results: dict, info: dict) -> dict:
 SHARDS = Shards(plan=plan, output=lambda part: part.name, work=work, worker=Retokenizer, reduce=reduce)
 
 
-class RetokenizeResult(Manifest):
-    model: dict
-    stats: dict
+class RetokenizeResult(Pruned):
+    pass
 
 
 def summary(m: RetokenizeResult) -> list:

@@ -22,8 +22,9 @@ from ..engines.shard import MAX_SKIP_EXAMPLES, ScoreJob, score_worker, shard_sum
 from ..errors import CurateError
 from ..executor import Job, finished_by, runner
 from ..formats import DETECT_ROWS, detect_format, parse_fields
+from ..kinds import Scores
 from ..registry import register
-from ..stage import Input, Manifest, Shards, Stage
+from ..stage import Input, Shards, Stage
 
 
 def identify(job: Job) -> dict:
@@ -295,14 +296,9 @@ PROMPT_NAMES = ("question", "instruction", "prompt", "input", "query", "problem"
 RESPONSE_NAMES = ("answer", "output", "response", "completion", "solution", "target")
 
 
-class ScoreResult(Manifest):
-    model: dict
+class ScoreResult(Scores):
     counts: dict[str, int]
-    dtype: dict[str, str]
     entropy: dict
-    vocab_size: int
-    keep_fields: list[str]
-    score_positions: str
     skipped_by_reason: dict[str, int]
     skipped_examples: list[dict]
     duplicates: dict

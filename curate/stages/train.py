@@ -17,8 +17,9 @@ from .. import io, schema
 from ..config import SelectionOptions, TrainConfig
 from ..errors import CurateError
 from ..executor import Job, identify_model, runner
+from ..kinds import Model
 from ..registry import register
-from ..stage import Input, Manifest, Stage
+from ..stage import Input, Stage
 
 CHECKPOINTS = "checkpoints"
 
@@ -317,8 +318,7 @@ def selection_in_words(cfg: TrainConfig) -> str:
     return f"{what} keeps {sel.ratio:g} of the samples, {tokens} at {sel.token_ratio:g}"
 
 
-class TrainResult(Manifest):
-    base_model: dict
+class TrainResult(Model):
     model: dict
     counts: dict[str, int]
     train_loss: float

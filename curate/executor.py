@@ -20,7 +20,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from . import __version__, io, kinds, outdir, readers, storage
+from . import __version__, engines, io, kinds, outdir, readers, storage
+from .engines import ShardTask
 from .errors import CurateError
 from .extras import require
 from .progress import Reporter
@@ -268,13 +269,9 @@ def run_shards(job: Job) -> dict:
     todo = [s for s in shards if s.index not in job.finished]
     if len(todo) < len(shards):
         job.log(f"resuming: {len(shards) - len(todo)} of {len(shards)} shards are already done")
-    work = sh.work(job)
     output = ShardOutput(str(job.out), job.fingerprint, job.given.get("out"))
-    if sh.engine(job.cfg) == "ray":
-        from .engines.ray import run_shards as engine
-    else:
-        from .engines.local import run_shards as engine
-    results, info = engine(job.stage.name, sh, work, output, shards, todo, job.cfg, job.reporter)
+    task = ShardTask(job.stage.name, sh, sh.work(job), output, shards, todo, sh.resources(job.cfg))
+    results, info = engines.pick(task)(task, job.reporter)
     return sh.reduce(job, shards, results, info)
 
 

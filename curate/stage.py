@@ -65,32 +65,61 @@ Summary = Callable[[Manifest], list]  # lines (str) and Rich renderables for the
 
 
 @dataclass(frozen=True)
+class Resources:
+    """What a sharded stage asks of an engine, from its own options, in one vocabulary for every stage and engine
+    (as a NeMo Curator stage declares its `resources`): an engine reads this, never a stage's config."""
+
+    engine: str = "local"  # "local" (this process, or local processes) or "ray"
+    workers: int | None = None  # at once; none said: 1 locally, on Ray one per GPU (per `gpus_per_worker` GPUs)
+    gpus_per_worker: float | None = None  # none said: 1 where the cluster has GPUs, else 0
+    cpus_per_worker: float = 1.0
+    address: str | None = None  # Ray: the cluster to join (none: a local one is started)
+
+
+class Worker:
+    """A sharded stage's worker, built once per process or Ray actor (`Shards.worker(work, output, gpus)`): `run`
+    does one shard and returns what `reduce` needs of it (small: it may come back from another machine;
+    `progress(units, tokens)` adds what the shard has done so far). The rest have defaults a worker overrides where
+    it needs to: `open` (load the model; a value logged), `stream` (work ahead: tokenise the next shards while one is
+    scored), `info` (where its time went) and `close`."""
+
+    def open(self) -> Any:
+        return None
+
+    def run(self, shard: Any, progress: Callable[..., None]) -> dict:
+        raise NotImplementedError
+
+    def stream(self, shards: list, progress_for: Callable[[Any], Callable[..., None]]):
+        """(shard, result) for each of `shards`, in order."""
+        for shard in shards:
+            yield shard, self.run(shard, progress_for(shard))
+
+    def info(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
 class Shards:
     """Work in independent shards, declared by the stage and run by the executor: it plans the shards, keeps the
     ones a run with this fingerprint finished (an interrupted run redoes only the rest), hands the others to the
-    local engine (this process, or `local_workers` processes) or the Ray engine, and reduces every shard's result
-    into the manifest's fields. Shards and `work` travel to Ray workers: both must pickle.
+    engine the stage's `resources` name (`curate.engines`: in this process, in local processes, on Ray), and reduces
+    every shard's result into the manifest's fields. Shards and `work` travel to Ray workers: both must pickle.
 
     Each shard is one Parquet file (`output`), which its worker writes through the `ShardOutput` it is given
     (`output.write_parquet(name, table, metadata)`): the executor marks it there with the run's fingerprint and
-    checks that mark to know what is finished; a stage says nothing about completion.
-
-    A worker (`worker(work, output, gpus)`) has `run(shard, progress) -> dict` (what `reduce` needs of the shard,
-    small: it may come back from another machine; `progress(units, tokens)` adds what the shard has done so far) and
-    `close()`; optionally `open()` (a value logged once its model is loaded), `stream(shards, progress_for)` to
-    work ahead (tokenise the next shards while one is scored) and `info()` (where its time went)."""
+    checks that mark to know what is finished; a stage says nothing about completion."""
 
     plan: Callable[[Any], list]  # (Job) -> the shards, each with an `index`
     output: Callable[[Any], str]  # (shard) -> the file it writes, relative to OUT
     work: Callable[[Any], Any]  # (Job) -> what every worker needs, once (`job.finished`: the shards kept)
-    worker: Callable[[Any, Any, float], Any]  # (work, ShardOutput, GPUs it may use) -> a worker
+    worker: Callable[[Any, Any, float], Worker]  # (work, ShardOutput, GPUs it may use) -> a worker
     reduce: Callable[[Any, list, dict, dict], dict]  # (Job, shards, {index: result}, engine info) -> fields
     size: Callable[[Any], int] = lambda shard: 1  # progress units of a shard (rows for score)
     unit: str = "shards"
-    engine: Callable[[Any], str] = lambda cfg: "local"  # "local" or "ray", for these settings
-    local_workers: Callable[[Any], int] = lambda cfg: 1  # processes of the local engine (stateless workers)
-    pool: Callable[[Any, dict], tuple] = lambda cfg, resources: (1, 0.0, 1.0)  # Ray: (workers, GPUs, CPUs each)
-    address: Callable[[Any], str | None] = lambda cfg: None  # Ray: the cluster to join
+    resources: Callable[[Any], Resources] = lambda cfg: Resources()  # (config) -> what to run the workers on
 
 
 @dataclass(frozen=True)

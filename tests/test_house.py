@@ -164,7 +164,7 @@ TOY = textwrap.dedent(
     from curate.config import Options
     from curate.executor import execute
     from curate.registry import register
-    from curate.stage import Manifest, Shards, Stage
+    from curate.stage import Manifest, Resources, Shards, Stage, Worker
 
     class ToyConfig(Options):
         out: str = Field(description="out")
@@ -175,7 +175,7 @@ TOY = textwrap.dedent(
     class Part:
         index: int
 
-    class Worker:
+    class Toy(Worker):
         def __init__(self, work, output, gpus):
             self.output = output
 
@@ -187,9 +187,6 @@ TOY = textwrap.dedent(
             progress(1)
             return {"index": part.index}
 
-        def close(self):
-            pass
-
     def reduce(job, parts, results, info):
         return {"ran_now": sorted(results), "engine": info["engine"]}
 
@@ -199,10 +196,9 @@ TOY = textwrap.dedent(
             plan=lambda job: [Part(i) for i in range(6)],
             output=lambda part: f"part-{part.index}.parquet",
             work=lambda job: None,
-            worker=Worker,
+            worker=Toy,
             reduce=reduce,
-            engine=lambda cfg: cfg.engine,
-            address=lambda cfg: cfg.address,
+            resources=lambda cfg: Resources(engine=cfg.engine, address=cfg.address),
         ),
     ))
     out, engine, address = sys.argv[1], sys.argv[2], (sys.argv[3] if len(sys.argv) > 3 else None)

@@ -1,4 +1,5 @@
-"""The house's shape: no import circle anywhere (lazy imports included), and engines never import stages."""
+"""The house's shape: no import circle anywhere (lazy imports included), engines never import a stage or its
+config, stages never import each other, and no module imports another's private name."""
 
 import ast
 from pathlib import Path
@@ -62,11 +63,13 @@ def test_the_cycle_finder_finds_one():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
 
 
-def test_engines_never_import_stages():
+def test_engines_never_import_stages_nor_their_config():
+    """An engine runs any stage from the `Resources` it declares: no stage, no stage's options."""
     edges = graph()
-    for module, targets in edges.items():
-        if module.startswith("curate.engines"):
-            assert not {t for t in targets if t.startswith("curate.stages")}, module
+    engines = [m for m in edges if m.startswith("curate.engines")]
+    assert {"curate.engines.local", "curate.engines.processes", "curate.engines.ray"} <= set(engines)
+    for module in engines:
+        assert not {t for t in edges[module] if t.startswith("curate.stages") or t == "curate.config"}, module
 
 
 def test_stages_never_import_each_other():

@@ -15,9 +15,9 @@ from transformers import AutoTokenizer
 
 from curate import pruning, strategies
 from curate.config import PruneConfig, ScoreConfig
-from curate.engines.shard import RowsByTokens
 from curate.errors import CurateError
 from curate.progress import Reporter
+from curate.scoring import RowsByTokens
 from curate.stages import prune, score
 
 from .conftest import reference_scores, write_jsonl

@@ -1,5 +1,5 @@
 """The Ray engine: a sharded stage's shards (`curate.stage.Shards`) on a pool of Ray actors, one worker each (for
-`curate score --engine ray`, a scorer), over the GPUs of one machine or many.
+`curate score --engine ray`, a scorer), over the GPUs of one machine or many, sized by the stage's `Resources`.
 
 The unit of work is the shard, exactly as in the local engine: a scoring actor reads its shard's input rows,
 tokenises them, scores them and writes the shard atomically into `--out`: a folder every node sees (NFS), or a
@@ -17,7 +17,9 @@ from collections import Counter, deque
 
 from ..errors import CurateError
 from ..progress import Reporter
+from ..stage import Resources
 from ..storage import OPTIONS_ENV
+from . import ShardProgress, ShardTask
 
 MAX_ATTEMPTS = 3  # a shard that fails this many times stops the run
 LOCAL_OBJECT_STORE = 200 * 1024**2  # we pass configs and summaries, never data, through the object store
@@ -38,7 +40,7 @@ def _actor_class():
         def open(self) -> tuple:
             """(what the worker says once loaded, this worker's pid): the pid is logged, so that an operator or a test
             can act on this run's workers only."""
-            return (self.worker.open() if hasattr(self.worker, "open") else None), os.getpid()
+            return self.worker.open(), os.getpid()
 
         def run(self, shard) -> dict:
             def progress(units: int, tokens: int = 0) -> None:
@@ -69,31 +71,28 @@ def _connect(address: str | None, reporter: Reporter) -> bool:
     return True
 
 
-def pool_size(cfg, resources: dict) -> tuple[int, float, float]:
-    """(actors, GPUs and CPUs per actor) for scoring: one actor per GPU (or per --gpus-per-worker GPUs), 1 actor
-    without GPUs."""
-    gpus = resources.get("GPU", 0)
-    per = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else (1.0 if gpus else 0.0)
-    n = cfg.num_workers or (max(1, int(gpus // per)) if per else 1)
-    return n, per, cfg.cpus_per_worker
+def pool_size(resources: Resources, cluster: dict) -> tuple[int, float, float]:
+    """(actors, GPUs and CPUs per actor): as many as asked, else one actor per GPU of the cluster (or per
+    `gpus_per_worker` GPUs), 1 actor without GPUs."""
+    gpus = cluster.get("GPU", 0)
+    per = resources.gpus_per_worker if resources.gpus_per_worker is not None else (1.0 if gpus else 0.0)
+    n = resources.workers or (max(1, int(gpus // per)) if per else 1)
+    return n, per, resources.cpus_per_worker
 
 
 def _cause(error) -> BaseException:
     return getattr(error, "cause", None) or error
 
 
-def run_shards(label: str, sh, work, output, shards: list, todo: list, cfg, reporter: Reporter) -> tuple[dict, dict]:
-    """({index: result} of the shards in `todo`, the engine's info): a pool of actors, each with one worker."""
+def run(task: ShardTask, reporter: Reporter) -> tuple[dict, dict]:
+    """({index: result} of the shards in `task.todo`, the engine's info): a pool of actors, each with one worker."""
     import ray
     from ray.util.queue import Queue
 
-    connected = _connect(sh.address(cfg), reporter)
-    n_workers, gpus, cpus = sh.pool(cfg, ray.cluster_resources())
-    sizes = {s.index: sh.size(s) for s in shards}
-    left = {s.index for s in todo}
-    units_done = sum(n for i, n in sizes.items() if i not in left)
-    reporter.start(label, sum(sizes.values()), sh.unit)
-    reporter.advance(units_done, 0)
+    label, todo = task.label, task.todo
+    connected = _connect(task.resources.address, reporter)
+    n_workers, gpus, cpus = pool_size(task.resources, ray.cluster_resources())
+    bar = ShardProgress(task, reporter)
     progress = Queue()
     # storage options travel to every node by the environment (never through a config or a manifest)
     env = {k: os.environ[k] for k in (OPTIONS_ENV,) if k in os.environ}
@@ -102,14 +101,14 @@ def run_shards(label: str, sh, work, output, shards: list, todo: list, cfg, repo
     )
 
     def start():
-        return actor_class.remote(sh.worker, work, output, gpus, progress)
+        return actor_class.remote(task.shards.worker, task.work, task.output, gpus, progress)
 
     actors: list = []
     try:
         actors = [start() for _ in range(min(n_workers, max(1, len(todo))))] if todo else []
         _open(actors, label, reporter)
         reporter.log(f"ray: {len(actors)} {label} worker(s), {gpus:g} GPU(s) and {cpus:g} CPU(s) each")
-        summary = _dispatch(start, todo, actors, progress, units_done, sizes, label, reporter)
+        summary = _dispatch(start, todo, actors, progress, bar, label, reporter)
     finally:
         for a in actors:
             ray.kill(a)
@@ -142,29 +141,27 @@ def _open(actors, label: str, reporter: Reporter) -> None:
         raise CurateError(f"a Ray worker could not start: {cause}") from None
 
 
-def _dispatch(start, todo, actors, progress, units_done, sizes, label: str, reporter: Reporter) -> dict:
+def _dispatch(start, todo, actors, progress, bar: ShardProgress, label: str, reporter: Reporter) -> dict:
     """Hand shards to idle actors until all are done; replace dead actors (appended to `actors`); retry failed
     shards."""
     import ray
 
     pending, idle, running = deque(todo), list(actors), {}
     failures: Counter = Counter()
-    partial: dict[int, list[int]] = {}  # units and tokens of the shards in flight
-    tokens, replaced, per_worker, t0 = 0, 0, {}, time.time()
+    replaced, per_worker, t0 = 0, {}, time.time()
     results: dict[int, dict] = {}
     while pending or running:
         while pending and idle:
             actor, shard = idle.pop(), pending.popleft()
             running[actor.run.remote(shard)] = (actor, shard)
-            partial[shard.index] = [0, 0]
+            bar.partial[shard.index] = [0, 0]
         ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
         for index, n_units, n_tokens in progress.get_nowait_batch(progress.qsize()):
-            if index in partial:
-                partial[index][0] += n_units
-                partial[index][1] += n_tokens
+            if index in bar.partial:  # not from an attempt that failed since
+                bar.add(index, n_units, n_tokens, show=False)
         for ref in ready:
             actor, shard = running.pop(ref)
-            partial.pop(shard.index, None)
+            bar.partial.pop(shard.index, None)
             try:
                 result = ray.get(ref)
             except ray.exceptions.RayActorError as e:  # the process or its node died: replace it, redo the shard
@@ -185,12 +182,11 @@ def _dispatch(start, todo, actors, progress, units_done, sizes, label: str, repo
                 _give_up_after(failures[shard.index], shard, f"{type(cause).__name__}: {cause}")
                 pending.appendleft(shard)
             else:
-                units_done += sizes[shard.index]
-                tokens += result.get("tokens", 0)
+                bar.finished(shard.index, result)
                 results[shard.index] = result
                 per_worker[result["pid"]] = result["worker_tokens_per_s"]
             idle.append(actor)
-        reporter.advance(units_done + sum(p[0] for p in partial.values()), tokens + sum(p[1] for p in partial.values()))
+        bar.show()
     return {"wall_seconds": time.time() - t0, "per_worker": per_worker, "replaced": replaced, "results": results}
 
 

@@ -28,7 +28,7 @@ from ..formats import split_tools
 from ..kinds import Pruned
 from ..masking import WATCHED, mask_sample, needs_text
 from ..registry import register
-from ..stage import Input, Shards, Stage, in_fingerprint
+from ..stage import Input, Resources, Shards, Stage, Worker, in_fingerprint
 from ..triage import collect_coordinates, mark_duplicates, score_files, select
 from ..units import KINDS, WATCHED_NAMES
 from ..verify import input_change
@@ -136,7 +136,7 @@ class MaskWork:
     pruned: tuple[str, ...]
 
 
-class MaskWriter:
+class MaskWriter(Worker):
     """Writes pruned shards (stateless, but for the tokenizer its text view loads once per process)."""
 
     def __init__(self, work: MaskWork, output, gpus: float = 0):
@@ -152,9 +152,6 @@ class MaskWriter:
         pruned = pruned.replace_schema_metadata({"curate_version": __version__})
         self.output.write_parquet(shard.name, pruned, {"effect": json.dumps(effect)})
         return dict(effect)
-
-    def close(self) -> None:
-        pass
 
 
 def identify(job: Job) -> dict:
@@ -328,10 +325,7 @@ SHARDS = Shards(
     work=lambda job: MaskWork(job.cfg, job.manifests["scores"].model, pruned_selections(job)),
     worker=MaskWriter,
     reduce=reduce,
-    engine=lambda cfg: cfg.engine,
-    local_workers=lambda cfg: cfg.workers,
-    pool=lambda cfg, resources: (cfg.workers, 0.0, 1.0),
-    address=lambda cfg: cfg.address,
+    resources=lambda cfg: Resources(engine=cfg.engine, workers=cfg.workers, gpus_per_worker=0, address=cfg.address),
 )
 
 

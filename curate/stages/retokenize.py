@@ -28,7 +28,7 @@ from ..executor import Job, identify_model, runner
 from ..formats import join_tools
 from ..kinds import Pruned
 from ..registry import register
-from ..stage import Input, Shards, Stage
+from ..stage import Input, Shards, Stage, Worker
 from ..tokenization import ChatEncoder, Rendered, in_span
 
 SCHEMA = pa.schema(list(schema.PRUNED) + [("loss_tokens_source", pa.int32()), ("loss_tokens_target", pa.int32())])
@@ -145,7 +145,7 @@ class Carry:
     max_length: int | None
 
 
-class Retokenizer:
+class Retokenizer(Worker):
     """Carries pruned files over to the target's tokens (both tokenizers loaded once, for every file)."""
 
     def __init__(self, work: Carry, output, gpus: float = 0):
@@ -182,9 +182,6 @@ class Retokenizer:
         table = pa.Table.from_pylist(rows, schema=SCHEMA)
         self.output.write_parquet(part.name, table, {"curate_version": __version__, "carried": json.dumps(done)})
         return done
-
-    def close(self) -> None:
-        pass
 
 
 TOTALS = ("samples", "loss_tokens_source", "loss_tokens_target", "kept_chars_source", "kept_chars_target")

@@ -3,8 +3,8 @@
 Output: `OUT/part-NNNNN.parquet` (schema.SCORES), `OUT/_manifest.json` last. Shard i holds the usable rows among
 input rows [i * shard_size, (i + 1) * shard_size), whichever engine wrote it, so an interrupted run recomputes
 exactly the shards that are missing, and a run started on one engine can be finished on the other. A
-`ShardWorker` does everything for one shard (read, convert, tokenise, score, check, write); the local engine
-runs one in this process (`curate.engines.local`), the Ray engine one per actor (`curate.engines.ray`).
+`ShardWorker` (`curate.scoring`) does everything for one shard (read, convert, tokenise, score, check, write); the
+in-process engine runs one (`curate.engines.local`), the Ray engine one per actor (`curate.engines.ray`).
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ import pyarrow as pa
 
 from .. import io, readers, schema
 from ..config import ScoreConfig
-from ..engines.shard import MAX_SKIP_EXAMPLES, ScoreJob, score_worker, shard_summary
 from ..errors import CurateError
 from ..executor import Job, finished_by, runner
 from ..formats import DETECT_ROWS, detect_format, parse_fields
 from ..kinds import Scores
 from ..registry import register
-from ..stage import Input, Shards, Stage
+from ..scoring import MAX_SKIP_EXAMPLES, ScoreJob, score_worker, shard_summary
+from ..stage import Input, Resources, Shards, Stage
 
 
 def identify(job: Job) -> dict:
@@ -145,12 +145,6 @@ def reduce(job: Job, ranges: list, results: dict, info: dict) -> dict:
     return finalize(job, job.context["work"], ranges, job.context["info"], engine_info)
 
 
-def ray_pool(cfg, resources: dict) -> tuple[int, float, float]:
-    from ..engines.ray import pool_size
-
-    return pool_size(cfg, resources)
-
-
 SHARDS = Shards(
     plan=plan,
     output=lambda rows: schema.scores_shard(rows.index),
@@ -159,9 +153,13 @@ SHARDS = Shards(
     reduce=reduce,
     size=lambda rows: rows.stop - rows.start,
     unit="rows",
-    engine=lambda cfg: cfg.engine,
-    pool=ray_pool,
-    address=lambda cfg: cfg.address,
+    resources=lambda cfg: Resources(
+        engine=cfg.engine,
+        workers=cfg.num_workers if cfg.engine == "ray" else 1,  # locally one scorer, which tokenises ahead
+        gpus_per_worker=cfg.gpus_per_worker,
+        cpus_per_worker=cfg.cpus_per_worker,
+        address=cfg.address,
+    ),
 )
 
 

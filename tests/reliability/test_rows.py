@@ -130,7 +130,7 @@ def test_impossible_scores_are_refused_naming_file_and_sample(tmp_path, scored, 
 def test_scores_are_checked_when_written(tmp_path, tiny_model_dir):
     import numpy as np
 
-    from curate.engines.shard import score_problem
+    from curate.scoring import score_problem
 
     ok = np.array([np.nan, -0.5, -2.0], np.float32), np.array([np.nan, 1.0, 2.0], np.float32)
     assert score_problem(*ok, 3, 100) is None

@@ -1,5 +1,6 @@
-"""The shard worker: everything for one shard of a scoring run (read its input rows, convert, tokenise, score,
-check, write), whichever engine runs it. Engines import this module; it imports no stage."""
+"""The scoring worker: everything for one shard of a scoring run (read its input rows, convert, tokenise, score,
+check, write), whichever engine runs it. The score stage declares it as its shards' worker; a library, it imports
+no stage, and no engine imports it."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pyarrow as pa
 
-from .. import __version__, io, readers, schema
-from ..config import ScoreConfig
-from ..errors import CurateError, RowError
-from ..formats import Sample, Skip, parse_fields, to_sample
-from ..schema import ENTROPY_SLACK, LOGPROB_SLACK
+from . import __version__, io, readers, schema
+from .config import ScoreConfig
+from .errors import CurateError, RowError
+from .formats import Sample, Skip, parse_fields, to_sample
+from .schema import ENTROPY_SLACK, LOGPROB_SLACK
+from .stage import Worker
 
 MAX_SKIP_EXAMPLES = 20
 
@@ -76,14 +78,14 @@ def score_problem(
     return None
 
 
-class ShardWorker:
+class ShardWorker(Worker):
     """Reads, tokenises, scores and writes shards of one job. The scorer is built on the first shard."""
 
     def __init__(self, job: ScoreJob, output=None, log=lambda msg: None):
         """`output`: the executor's `ShardOutput`, where shards are written (none for a process that only
         tokenises)."""
-        from ..models import load_tokenizer_from
-        from ..tokenization import ChatEncoder, ensure_chat_template
+        from .models import load_tokenizer_from
+        from .tokenization import ChatEncoder, ensure_chat_template
 
         self.job, self.output, self.log = job, output, log
         self.tokenizer = load_tokenizer_from(job.model_path, job.model_name)
@@ -97,7 +99,7 @@ class ShardWorker:
         """Build the scorer (slow: loads the model); returns its entropy method, which must be the one of the
         shards this run finished before (a run never mixes exact and approximate entropies)."""
         if self.scorer is None:
-            from ..backends import make_scorer
+            from .backends import make_scorer
 
             t0 = time.time()
             self.scorer = make_scorer(self.job.backend, self.job.model_path, self.job.cfg, log=self.log)
@@ -225,7 +227,7 @@ class ShardWorker:
 
     def metadata(self, rows: readers.RowRange, counts: ShardCounts) -> dict:
         job, scorer = self.job, self.scorer
-        from ..tokenization import chat_template_hash
+        from .tokenization import chat_template_hash
 
         meta = {
             "model": job.model_name,
@@ -320,7 +322,7 @@ def score_worker(job: ScoreJob, output, gpus: float = 0) -> ShardWorker:
     vLLM on several GPUs, tensor parallelism over them."""
     from dataclasses import replace
 
-    from ..models import BUILTIN_LABEL, ensure_builtin, model_on_this_node
+    from .models import BUILTIN_LABEL, ensure_builtin, model_on_this_node
 
     if job.model_name == BUILTIN_LABEL and not Path(job.model_path).exists():
         job = replace(job, model_path=str(ensure_builtin()))
@@ -350,7 +352,7 @@ def tokenise_workers(cfg: ScoreConfig) -> int:
 
     if cfg.tokenize_workers is not None:
         return cfg.tokenize_workers
-    from ..backends import resolve_device
+    from .backends import resolve_device
 
     gpu = resolve_device(cfg.device).startswith("cuda")
     return min(4, max(0, (os.cpu_count() or 1) - 1)) if gpu else 0

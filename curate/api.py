@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .config import config_errors
+from .config.base import config_errors
 from .errors import CurateError
 from .executor import execute
 from .progress import Reporter
@@ -29,7 +29,7 @@ def stage_function(attribute: str):
         raise AttributeError(f"module 'curate' has no attribute {attribute!r}")
 
     def call(*arguments: Any, force: bool = False, reporter: Reporter | None = None, **options: Any) -> Manifest:
-        names = stage.cli_arguments  # given positionally, as on the command line
+        names = stage.cli.arguments  # given positionally, as on the command line
         if len(arguments) > len(names):
             takes = f"{', '.join(names)} positionally" if names else "no positional argument"
             raise TypeError(f"curate.{attribute}() takes {takes}; give the other options by keyword (out=..., ...)")
@@ -44,7 +44,7 @@ def stage_function(attribute: str):
         return execute(stage, cfg, reporter, force)
 
     call.__name__ = attribute
-    positional = f"{', '.join(stage.cli_arguments)} positionally or by keyword, " if stage.cli_arguments else ""
+    positional = f"{', '.join(stage.cli.arguments)} positionally or by keyword, " if stage.cli.arguments else ""
     named = f"the options of `curate {stage.name}` ({stage.config.__name__})"
     call.__doc__ = f"{stage.doc}\n\nArguments: {positional}{named} by keyword."
     return call

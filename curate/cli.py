@@ -18,12 +18,12 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .config import ReportConfig
+from .config.report import ReportConfig
 from .errors import CurateError
 from .executor import execute, require_stage
 from .options import command, sectioned_command
 from .progress import LineReporter, Reporter
-from .registry import all_stages, get
+from .registry import get, in_order
 
 app = typer.Typer(
     add_completion=False,
@@ -179,7 +179,7 @@ def run_with_progress(stage, cfg, force: bool):
 def add_stage_command(stage) -> None:
     """`curate NAME`: the stage's options from its config model (or the sections it exposes, or a YAML file of its
     config), `--force`, and its summary."""
-    if stage.cli_file:
+    if stage.cli.file:
         add_file_command(stage)
         return
 
@@ -188,19 +188,19 @@ def add_stage_command(stage) -> None:
             show(stage, run_with_progress(stage, cfg, force))
 
     cmd.__doc__ = stage.doc
-    if stage.cli_sections:
-        declared = sectioned_command(stage.config, list(stage.cli_sections), arguments=stage.cli_arguments)
+    if stage.cli.sections:
+        declared = sectioned_command(stage.config, list(stage.cli.sections), arguments=stage.cli.arguments)
     else:
-        declared = command(stage.config, arguments=stage.cli_arguments, first=stage.cli_first)
+        declared = command(stage.config, arguments=stage.cli.arguments, first=stage.cli.first)
     app.command(stage.name)(declared(cmd))
 
 
 def add_file_command(stage) -> None:
     """`curate NAME FILE.yaml [--set k=v]`: a config with sections and lists is a file, its paths relative to it."""
-    from .config import load_model
+    from .config.base import load_model
 
     def cmd(
-        path: Path = typer.Argument(..., help=stage.cli_file, metavar="CONFIG"),
+        path: Path = typer.Argument(..., help=stage.cli.file, metavar="CONFIG"),
         set_: list[str] = typer.Option(
             [], "--set", help="Override a config value, e.g. --set prune.ratio=0.25 (repeatable)."
         ),
@@ -214,7 +214,7 @@ def add_file_command(stage) -> None:
     app.command(stage.name)(cmd)
 
 
-for _stage in sorted(all_stages().values(), key=lambda s: s.step):
+for _stage in in_order():
     add_stage_command(_stage)
 
 

@@ -12,6 +12,8 @@ def demo_data_path() -> Path:
 
 def demo_pipeline(out_dir: Path):
     """The demo is an ordinary pipeline: the built-in data, the built-in model, 12.5% of samples."""
-    from .config import Pipeline, PruneOptions, ScoreSection
+    from .config.prune import PruneOptions
+    from .config.run import Pipeline
+    from .config.score import ScoreSection
 
     return Pipeline(run_dir=str(out_dir), score=ScoreSection(input="demo"), prune=PruneOptions(ratio=0.125))

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from . import masking, pruning, schema, strategies
-from .config import SelectionOptions
+from .config.selection import SelectionOptions
 from .errors import CurateError
 
 # Columns a strategy may read in a micro-batch: the coordinates and the loss tokens (IFD needs a pass of its own).

@@ -188,7 +188,7 @@ def _prepare(stage: Stage, cfg: Any, reporter: Reporter, force: bool, started: f
 def out_option(stage: Stage) -> str:
     """What a user sets the stage's OUT with: `--out`, or the key of its config file (`run_dir`)."""
     field = stage.output_field() or "out"
-    return "--" + field.replace("_", "-") if not stage.cli_file else field
+    return "--" + field.replace("_", "-") if not stage.cli.file else field
 
 
 def _begin(job: Job, option: str) -> dict | None:

@@ -13,7 +13,7 @@ from collections import Counter
 import numpy as np
 
 from . import pruning
-from .config import SelectionOptions
+from .config.selection import SelectionOptions
 from .errors import CurateError
 from .units import KINDS, REGEX_TIMEOUT_S, RegexTimeout, protected_spans, token_kinds, tokens_touching, unit_ids
 

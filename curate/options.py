@@ -18,7 +18,7 @@ from typing import Any, Literal, Union
 import typer
 from pydantic import BaseModel, ValidationError
 
-from .config import config_errors
+from .config.base import config_errors
 
 SIMPLE = (str, int, float, bool)
 

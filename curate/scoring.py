@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import __version__, io, readers, schema
-from .config import ScoreConfig
+from .config.score import ScoreConfig
 from .errors import CurateError, RowError
 from .formats import Sample, Skip, parse_fields, to_sample
 from .schema import ENTROPY_SLACK, LOGPROB_SLACK

@@ -123,6 +123,22 @@ class Shards:
 
 
 @dataclass(frozen=True)
+class Cli:
+    """How `curate NAME` and `curate.NAME(...)` present a stage; nothing here changes what it computes. Its place in
+    `curate --help` is derived (`registry.in_order`): after the stages whose output kinds it reads."""
+
+    arguments: tuple[str, ...] = ()  # fields given positionally on the command line (and to `curate.NAME`)
+    first: tuple[str, ...] = ("out",)  # options listed first in --help
+    # A config with sections (score/prune/train): the options the command exposes, as (section or None for the top
+    # level, its model, field names); every other setting is in the stage's YAML form
+    sections: tuple = ()
+    file: str | None = None  # the config is a YAML file (`curate NAME FILE --set k=v`); the argument's help
+    # Kinds it reads where no input declares them (a run folder of several kinds, a model named by path or hub id):
+    # only its place in --help
+    follows: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str
     config: type[BaseModel]
@@ -141,13 +157,7 @@ class Stage:
     walks: bool = False  # runs other stages: a rerun walks them again (each reuses its own finished result)
     shards: Shards | None = None  # work in shards that the executor runs (`compute` is then not called)
     out: Callable[[Any], str] = lambda cfg: cfg.out  # where a config's output goes
-    step: int = 99  # its place in `curate --help`: the order a run goes through the stages
-    cli_arguments: tuple[str, ...] = ()  # fields given positionally on the command line
-    cli_first: tuple[str, ...] = ("out",)  # options listed first in --help
-    # A config with sections (score/prune/train): the options the command exposes, as (section or None for the top
-    # level, its model, field names); every other setting is in the stage's YAML form
-    cli_sections: tuple = ()
-    cli_file: str | None = None  # the config is a YAML file (`curate NAME FILE --set k=v`); the argument's help
+    cli: Cli = Cli()  # how the command shows it: positional arguments, sections, a config file
 
     @property
     def kind(self) -> str:
@@ -174,6 +184,6 @@ class Stage:
 
 def in_fingerprint(model: type[BaseModel], field: str) -> bool:
     """Whether a config field changes a stage's result. Fields that only say how or where it runs are declared
-    with `json_schema_extra=RUNTIME` in `curate.config`, so a new engine-only option cannot break resuming."""
+    with `json_schema_extra=RUNTIME` (`curate.config.base`), so a new engine-only option cannot break resuming."""
     extra = model.model_fields[field].json_schema_extra
     return not (isinstance(extra, dict) and extra.get("fingerprint") is False)

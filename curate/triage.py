@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 
 from . import pruning, schema, strategies
-from .config import PruneOptions
+from .config.prune import PruneOptions
 from .errors import CurateError
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import PruneConfig, PruneOptions, ScoreConfig, ScoreOptions, TrainConfig, TrainOptions
+from .config.prune import PruneConfig, PruneOptions
+from .config.score import ScoreConfig, ScoreOptions
+from .config.train import TrainConfig, TrainOptions
 
 TARGET = "target"  # with prune's target_model: OUT/target holds the kept samples in the target model's tokens
 

@@ -1,5 +1,6 @@
 """The house's shape: no import circle anywhere (lazy imports included), engines never import a stage or its
-config, stages never import each other, and no module imports another's private name."""
+options, options never import a stage, stages never import each other, and no module imports another's private
+name."""
 
 import ast
 from pathlib import Path
@@ -69,7 +70,18 @@ def test_engines_never_import_stages_nor_their_config():
     engines = [m for m in edges if m.startswith("curate.engines")]
     assert {"curate.engines.local", "curate.engines.processes", "curate.engines.ray"} <= set(engines)
     for module in engines:
-        assert not {t for t in edges[module] if t.startswith("curate.stages") or t == "curate.config"}, module
+        assert not {t for t in edges[module] if t.startswith(("curate.stages", "curate.config"))}, module
+
+
+def test_options_import_no_stage_and_the_shared_module_no_stage_options():
+    """A stage's options (`curate.config.NAME`) are read by other stages and libraries without importing a stage;
+    what they share (`curate.config.base`: the types and the YAML loader) knows no stage's options."""
+    edges = graph()
+    options = [m for m in edges if m.startswith("curate.config.")]
+    assert {"curate.config.base", "curate.config.score", "curate.config.selection"} <= set(options)
+    for module in options:
+        assert not {t for t in edges[module] if t.startswith("curate.stages")}, module
+    assert not {t for t in edges["curate.config.base"] if t.startswith("curate.config")}
 
 
 def test_stages_never_import_each_other():

@@ -136,3 +136,121 @@ def test_a_misspelt_option_name_in_a_command_declaration_is_refused():
 
     with pytest.raises(TypeError, match="no field 'inptu'"):
         command(ScoreConfig, arguments=("inptu",))(lambda cfg: None)
+
+
+# ---------------------------------------------------------------- a stage with options is one new file
+
+KEEP_FIRST = '''
+"""Keep the first N scored samples: a stage, its options and its command in this one file."""
+
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from curate import io
+from curate.config.base import RUNTIME, Options, PosInt
+from curate.registry import register
+from curate.stage import Cli, Input, Stage
+
+
+class KeepFirstConfig(Options):
+    scores: str = Field(description="Scores to cut.")
+    out: str = Field(description="The first samples' scores.")
+    samples: PosInt = Field(8, description="How many samples to keep, the first by shard.")
+    chatty: bool = Field(False, description="Say each shard.", json_schema_extra=RUNTIME)
+
+
+def keep_first(job):
+    left = job.cfg.samples
+    for entry in job.manifests["scores"].files:
+        kept = pq.read_table(job.inputs["scores"] / entry["name"]).slice(0, left)
+        left -= kept.num_rows
+        if job.cfg.chatty:
+            job.log(f"{entry['name']}: {kept.num_rows}")
+        source = job.inputs["scores"] / entry["name"]
+        io.write_parquet_atomic(kept, job.out / entry["name"], io.parquet_metadata(source))
+    return {"counts": {"samples": job.cfg.samples - left}}
+
+
+STAGE = register(
+    Stage(
+        name="keep-first",
+        produces="scores",
+        config=KeepFirstConfig,
+        doc="Keep the first scored samples.",
+        compute=keep_first,
+        inputs=(Input("scores", kind="scores"),),
+        outputs=("part-*.parquet",),
+        summary=lambda m: [f"kept {m.counts['samples']} samples"],
+        cli=Cli(arguments=("scores",)),
+    )
+)
+'''
+
+WITH_STAGE = "import sys, curate.stages; curate.stages.__path__.append(sys.argv[1]); from curate.cli import main; "
+
+
+@pytest.fixture
+def keep_first_file(tmp_path, monkeypatch):
+    """The file in a folder of its own that `curate.stages` also reads, as if it had been added to curate/stages/:
+    nothing else is written or edited."""
+    import sys
+
+    import curate.stages
+    from curate import registry
+
+    folder = tmp_path / "more_stages"
+    folder.mkdir()
+    (folder / "keep_first.py").write_text(KEEP_FIRST)
+    monkeypatch.setattr(curate.stages, "__path__", [*curate.stages.__path__, str(folder)])
+    yield folder
+    registry.REGISTRY.pop("keep-first", None)
+    sys.modules.pop("curate.stages.keep_first", None)
+
+
+def test_a_stage_with_its_options_is_one_new_file(tmp_path, tiny_model_dir, keep_first_file):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from curate.cli import app
+    from curate.registry import in_order
+
+    scores = curate.score(DEMO, out=tmp_path / "s", model=str(tiny_model_dir), limit=12, shard_size=5)
+    assert "keep-first" in [s.name for s in in_order()]  # registered, and placed after score (it reads scores)
+    assert [s.name for s in in_order()].index("keep-first") > [s.name for s in in_order()].index("score")
+
+    kept = curate.keep_first(tmp_path / "s", out=tmp_path / "k", samples=7)  # the API
+    assert kept.counts["samples"] == 7 and kept.model == scores.model  # scores in, scores out: the contract carried
+    again = curate.keep_first(scores=tmp_path / "s", out=tmp_path / "k", samples=7, chatty=True)
+    assert again.fingerprint == kept.fingerprint  # a RUNTIME option: the same run
+
+    # the command, with its options from the model, in a fresh process
+    command = [sys.executable, "-c", WITH_STAGE + "sys.argv = ['curate', *sys.argv[2:]]; main()", str(keep_first_file)]
+    listed = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=120)
+    assert "keep-first" in listed.stdout and "Keep the first scored samples." in listed.stdout
+    env = {**os.environ, "COLUMNS": "200"}
+    own = subprocess.run([*command, "keep-first", "--help"], capture_output=True, text=True, timeout=120, env=env)
+    assert own.returncode == 0 and "SCORES" in own.stdout
+    assert "--samples" in own.stdout and "How many samples to keep" in own.stdout and "--chatty" in own.stdout
+    ran = subprocess.run(
+        [*command, "keep-first", str(tmp_path / "s"), "--out", str(tmp_path / "c"), "--samples", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ran.returncode == 0 and "kept 3 samples" in ran.stdout, ran.stderr[-2000:]
+
+    # and a pipeline step, between score and prune, its paths relative to the file
+    pipeline = tmp_path / "p.yaml"
+    steps = [
+        {"score": {"input": str(DEMO), "model": str(tiny_model_dir), "limit": 12, "shard_size": 5}},
+        {"keep-first": {"samples": 9}},
+        {"prune": {"ratio": 0.5}},
+    ]
+    pipeline.write_text(yaml.safe_dump({"run_dir": "run", "steps": steps}))
+    res = cli.invoke(app, ["run", str(pipeline)])
+    assert res.exit_code == 0, res.output
+    assert [s["stage"] for s in io.read_manifest(tmp_path / "run")["steps"]] == ["score", "keep-first", "prune"]
+    assert io.read_manifest(tmp_path / "run" / "pruned")["stats"]["N"] == 9

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..config import ScoreOptions
+from ..config.score import ScoreOptions
 from ..extras import installed, require
 
 

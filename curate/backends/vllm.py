@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..config import ScoreOptions
+from ..config.score import ScoreOptions
 from ..errors import CurateError
 
 PROGRESS_TOKENS = 32768  # sequences go to the engine in groups of about this many tokens, for progress

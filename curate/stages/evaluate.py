@@ -7,10 +7,10 @@ import hashlib
 import json
 
 from .. import io
-from ..config import EvaluateConfig
+from ..config.evaluate import EvaluateConfig
 from ..executor import Job, identify_model, runner
 from ..registry import register
-from ..stage import Input, Manifest, Stage
+from ..stage import Cli, Input, Manifest, Stage
 
 
 def rows_fingerprint(rows: list[dict]) -> str:
@@ -52,7 +52,6 @@ STAGE = register(
     Stage(
         name="evaluate",
         produces="eval",
-        step=8,
         config=EvaluateConfig,
         doc="A model's answer NLL on held-out rows and GSM8K exact match, into OUT/eval.json.",
         compute=compute,
@@ -62,8 +61,7 @@ STAGE = register(
         needs=lambda cfg: ("torch", "transformers"),
         result=EvaluateResult,
         summary=summary,
-        cli_arguments=("data",),
-        cli_first=("model", "out"),
+        cli=Cli(arguments=("data",), first=("model", "out"), follows=("model",)),
     )
 )
 run = runner(STAGE)

@@ -25,21 +25,18 @@ import polars as pl
 
 from .. import io, strategies, wiring
 from ..arms import arm_kind, arm_settings
-from ..config import (
-    Budget,
-    EvaluateConfig,
-    ExperimentConfig,
-    PruneConfig,
-    RefreshConfig,
-    ScoreOptions,
-    SelectionOptions,
-    TrainConfig,
-)
+from ..config.evaluate import EvaluateConfig
+from ..config.experiment import Budget, ExperimentConfig
+from ..config.prune import PruneConfig
+from ..config.refresh import RefreshConfig
+from ..config.score import ScoreOptions
+from ..config.selection import SelectionOptions
+from ..config.train import TrainConfig
 from ..corrupt import corrupt, write_rows
 from ..executor import Job, needed_modules, run_stage, runner
 from ..progress import Reporter
 from ..registry import get, register
-from ..stage import Input, Manifest, Stage
+from ..stage import Cli, Input, Manifest, Stage
 from ..tables import kept_share, mean_sd, pyplot
 
 
@@ -458,7 +455,6 @@ STAGE = register(
     Stage(
         name="experiment",
         produces="experiment",
-        step=11,
         config=ExperimentConfig,
         doc="Does the pruning pay off? Score once, prune every arm from the same scores, train each identically, "
         "evaluate; finished arms are not retrained.",
@@ -473,7 +469,7 @@ STAGE = register(
         out=lambda cfg: cfg.run_dir,
         result=ExperimentResult,
         summary=summary,
-        cli_file="Experiment YAML (see pipelines/experiments/)",
+        cli=Cli(file="Experiment YAML (see pipelines/experiments/)"),
     )
 )
 run = runner(STAGE)

@@ -15,11 +15,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .. import io, schema
-from ..config import ExportConfig
+from ..config.export import ExportConfig
 from ..errors import CurateError
 from ..executor import Job, runner
 from ..registry import register
-from ..stage import Input, Manifest, Stage
+from ..stage import Cli, Input, Manifest, Stage
 
 TOKENIZED = ["input_ids", "attention_mask", "labels"]
 JSONL_COLUMNS = ["id", "messages", "tools", "input_ids", "labels", "loss_mask", "quadrant", "selection"]
@@ -197,7 +197,6 @@ STAGE = register(
     Stage(
         name="export",
         produces="export",
-        step=6,
         config=ExportConfig,
         doc="Write the pruned data in the shape a training framework accepts, with a ready-to-paste config.",
         compute=compute,
@@ -207,8 +206,7 @@ STAGE = register(
         needs=lambda cfg: ("datasets",) if cfg.format == "llamafactory" else (),
         result=ExportResult,
         summary=summary,
-        cli_arguments=("pruned",),
-        cli_first=(),
+        cli=Cli(arguments=("pruned",), first=()),
     )
 )
 run = runner(STAGE)

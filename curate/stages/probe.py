@@ -18,12 +18,14 @@ from pathlib import Path
 import polars as pl
 
 from .. import io, pruning, strategies, wiring
-from ..config import SCORE_OPTIONS, ProbeConfig, PruneOptions, ScoreOptions
+from ..config.probe import ProbeConfig
+from ..config.prune import PruneOptions
+from ..config.score import SCORE_OPTIONS, ScoreOptions
 from ..corrupt import corrupt, write_rows
 from ..errors import CurateError
 from ..executor import Job, needed_modules, run_stage, runner
 from ..registry import get, register
-from ..stage import Input, Manifest, Stage
+from ..stage import Cli, Input, Manifest, Stage
 from ..tables import kept_share, mean_sd
 from ..triage import collect_coordinates, mark_duplicates, score_files, select
 
@@ -219,7 +221,6 @@ STAGE = register(
     Stage(
         name="probe",
         produces="probe",
-        step=10,
         config=ProbeConfig,
         doc="How much broken data does each strategy keep? Corrupt a copy of INPUT (once per corruption seed), score "
         "it (the answers alone too, for IFD), select with every registered strategy and placement at the same budget, "
@@ -232,11 +233,13 @@ STAGE = register(
         walks=True,  # its scoring runs are stages: a rerun walks them, each reusing its finished result
         result=ProbeResult,
         summary=summary,
-        cli_arguments=("input",),
-        cli_sections=(
-            (None, ProbeConfig, ("input", "out", "fraction", "corruptions", "ratio", "seeds", "random_seeds")),
-            ("score", ScoreOptions, SCORE_OPTIONS),
-            ("prune", PruneOptions, ("entropy_positions", "fill", "keep_duplicates")),
+        cli=Cli(
+            arguments=("input",),
+            sections=(
+                (None, ProbeConfig, ("input", "out", "fraction", "corruptions", "ratio", "seeds", "random_seeds")),
+                ("score", ScoreOptions, SCORE_OPTIONS),
+                ("prune", PruneOptions, ("entropy_positions", "fill", "keep_duplicates")),
+            ),
         ),
     )
 )

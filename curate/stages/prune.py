@@ -21,14 +21,16 @@ import pyarrow.parquet as pq
 
 from .. import __version__, io, pruning, schema, storage, strategies
 from ..card import CARD, PICTURE, plane_picture, pruned_card, source_card
-from ..config import PruneConfig, ReportConfig, RetokenizeConfig
+from ..config.prune import PruneConfig
+from ..config.report import ReportConfig
+from ..config.retokenize import RetokenizeConfig
 from ..errors import CurateError
 from ..executor import Job, runner
 from ..formats import split_tools
 from ..kinds import Pruned
 from ..masking import WATCHED, mask_sample, needs_text
 from ..registry import register
-from ..stage import Input, Resources, Shards, Stage, Worker, in_fingerprint
+from ..stage import Cli, Input, Resources, Shards, Stage, Worker, in_fingerprint
 from ..triage import collect_coordinates, mark_duplicates, score_files, select
 from ..units import KINDS, WATCHED_NAMES
 from ..verify import input_change
@@ -566,7 +568,6 @@ STAGE = register(
     Stage(
         name="prune",
         produces="pruned",
-        step=2,
         config=PruneConfig,
         doc="Keep the valuable samples (Q2, Q4) to an exact budget and mask noisy tokens in Q2 samples.",
         shards=SHARDS,  # pass 2, resumed per shard, in local processes or on Ray (--workers, --engine)
@@ -583,7 +584,7 @@ STAGE = register(
         then=follow_ups,
         result=PruneResult,
         summary=summary,
-        cli_arguments=("scores",),
+        cli=Cli(arguments=("scores",)),
     )
 )
 run = runner(STAGE)

@@ -16,19 +16,15 @@ from pathlib import Path
 import polars as pl
 
 from .. import schema, wiring
-from ..config import (
-    SCORE_OPTIONS,
-    PruneOptions,
-    RefreshConfig,
-    ReportConfig,
-    ScoreOptions,
-    TrainCommandConfig,
-    TrainOptions,
-)
+from ..config.prune import PruneOptions
+from ..config.refresh import RefreshConfig, TrainCommandConfig
+from ..config.report import ReportConfig
+from ..config.score import SCORE_OPTIONS, ScoreOptions
+from ..config.train import TrainOptions
 from ..errors import CurateError
 from ..executor import Job, execute, identify_model, needed_modules, run_stage, runner
 from ..registry import get, register
-from ..stage import Input, Manifest, Stage
+from ..stage import Cli, Input, Manifest, Stage
 
 
 def transition_table(before: pl.DataFrame, after: pl.DataFrame) -> dict:
@@ -70,7 +66,6 @@ TRAIN_COMMAND = register(
     Stage(
         name="train-command",
         produces="model",
-        step=5,
         config=TrainCommandConfig,
         doc="Train with your own command (as `curate refresh --train-cmd` does each round).",
         compute=train_with_command,
@@ -80,7 +75,7 @@ TRAIN_COMMAND = register(
             Input("model", model=True),
         ),
         outputs=schema.MODEL_FILES,
-        cli_arguments=("data",),
+        cli=Cli(arguments=("data",)),
     )
 )
 
@@ -178,7 +173,6 @@ STAGE = register(
     Stage(
         name="refresh",
         produces="refresh",
-        step=9,
         config=RefreshConfig,
         doc="The dynamic loop: score with the current model, prune, train, and re-score with the new checkpoint; "
         "then the report. Every other stage setting (scope, lam, LoRA alpha, ...) is available in a pipeline config "
@@ -190,12 +184,14 @@ STAGE = register(
         then=lambda cfg: [("report", ReportConfig(run=cfg.out))],
         result=RefreshResult,
         summary=summary_lines,
-        cli_arguments=("input",),
-        cli_sections=(
-            (None, RefreshConfig, ("input", "out", "rounds", "train_cmd")),
-            ("score", ScoreOptions, SCORE_OPTIONS),
-            ("prune", PruneOptions, ("ratio", "token_ratio")),
-            ("train", TrainOptions, ("epochs", "max_steps", "lr", "batch_size", "lora_rank")),
+        cli=Cli(
+            arguments=("input",),
+            sections=(
+                (None, RefreshConfig, ("input", "out", "rounds", "train_cmd")),
+                ("score", ScoreOptions, SCORE_OPTIONS),
+                ("prune", PruneOptions, ("ratio", "token_ratio")),
+                ("train", TrainOptions, ("epochs", "max_steps", "lr", "batch_size", "lora_rank")),
+            ),
         ),
     )
 )

@@ -15,12 +15,12 @@ import numpy as np
 import polars as pl
 
 from .. import io, pruning, runs, storage, strategies
-from ..config import ReportConfig
+from ..config.report import ReportConfig
 from ..executor import Job, runner
 from ..explore import INLINE_LIMIT, Explorer, self_contained_page
 from ..registry import register
 from ..schema import QUADRANT_NAMES, QUADRANTS, SAMPLES, SELECTION_COLOURS, STATS
-from ..stage import Input, Manifest, Stage
+from ..stage import Cli, Input, Manifest, Stage
 from ..tables import pyplot
 from ..units import WATCHED_NAMES
 
@@ -437,7 +437,6 @@ STAGE = register(
     Stage(
         name="report",
         produces="report",
-        step=7,
         config=ReportConfig,
         doc="Draw the EU plane (eu_plane.png, histograms.png) and write a self-contained report.html.",
         compute=compute,
@@ -448,8 +447,7 @@ STAGE = register(
         out=lambda cfg: cfg.out or storage.join(cfg.run, "report"),
         result=ReportResult,
         summary=lambda m: [f"report: {m.report}"],
-        cli_arguments=("run",),
-        cli_first=(),
+        cli=Cli(arguments=("run",), first=(), follows=("pruned",)),
     )
 )
 run = runner(STAGE)

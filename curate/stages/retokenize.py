@@ -22,13 +22,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import __version__, io, schema
-from ..config import RetokenizeConfig
+from ..config.retokenize import RetokenizeConfig
 from ..errors import CurateError, RowError
 from ..executor import Job, identify_model, runner
 from ..formats import join_tools
 from ..kinds import Pruned
 from ..registry import register
-from ..stage import Input, Shards, Stage, Worker
+from ..stage import Cli, Input, Shards, Stage, Worker
 from ..tokenization import ChatEncoder, Rendered, in_span
 
 SCHEMA = pa.schema(list(schema.PRUNED) + [("loss_tokens_source", pa.int32()), ("loss_tokens_target", pa.int32())])
@@ -248,7 +248,6 @@ STAGE = register(
     Stage(
         name="retokenize",
         produces="pruned",
-        step=3,
         config=RetokenizeConfig,
         doc="Carry a pruned dataset over to another model's tokenizer and chat template "
         "(score small, train any model).",
@@ -263,8 +262,7 @@ STAGE = register(
         resumable=True,  # the files this run finished are kept
         result=RetokenizeResult,
         summary=summary,
-        cli_arguments=("pruned",),
-        cli_first=("model", "out"),
+        cli=Cli(arguments=("pruned",), first=("model", "out")),
     )
 )
 run = runner(STAGE)

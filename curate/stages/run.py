@@ -14,21 +14,17 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from .. import io, readers, wiring
-from ..config import (
-    Pipeline,
-    PruneConfig,
-    RefreshConfig,
-    ScoreConfig,
-    TrainConfig,
-    TrainOptions,
-    config_errors,
-    step_parts,
-)
+from ..config.base import config_errors
+from ..config.prune import PruneConfig
+from ..config.refresh import RefreshConfig
+from ..config.run import Pipeline, step_parts
+from ..config.score import ScoreConfig
+from ..config.train import TrainConfig, TrainOptions
 from ..errors import CurateError, StaleOutputError
 from ..executor import Job, execute, needed_modules, runner
 from ..progress import Reporter
 from ..registry import get, register
-from ..stage import Manifest, Stage
+from ..stage import Cli, Manifest, Stage
 
 RESOLVED = "pipeline.yaml"
 
@@ -184,7 +180,6 @@ STAGE = register(
     Stage(
         name="run",
         produces="run",
-        step=0,
         config=Pipeline,
         doc="Run the stages a pipeline YAML describes (score -> prune [-> train], the refresh loop, or any `steps:`) "
         "into one run folder; finished stages are skipped.",
@@ -196,7 +191,7 @@ STAGE = register(
         out=lambda cfg: cfg.run_dir,
         result=RunResult,
         summary=summary,
-        cli_file="Pipeline YAML (see pipelines/)",
+        cli=Cli(file="Pipeline YAML (see pipelines/)"),
     )
 )
 run = runner(STAGE)

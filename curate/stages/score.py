@@ -17,14 +17,14 @@ import numpy as np
 import pyarrow as pa
 
 from .. import io, readers, schema
-from ..config import ScoreConfig
+from ..config.score import ScoreConfig
 from ..errors import CurateError
 from ..executor import Job, finished_by, runner
 from ..formats import DETECT_ROWS, detect_format, parse_fields
 from ..kinds import Scores
 from ..registry import register
 from ..scoring import MAX_SKIP_EXAMPLES, ScoreJob, score_worker, shard_summary
-from ..stage import Input, Resources, Shards, Stage
+from ..stage import Cli, Input, Resources, Shards, Stage
 
 
 def identify(job: Job) -> dict:
@@ -350,7 +350,6 @@ STAGE = register(
     Stage(
         name="score",
         produces="scores",
-        step=1,
         config=ScoreConfig,
         doc="Score every token of INPUT with a reference model: log-prob and entropy per token, as Parquet.",
         shards=SHARDS,  # planned, resumed per shard and run on the local or Ray engine by the executor
@@ -362,7 +361,7 @@ STAGE = register(
         summary=summary,
         resumable=True,
         expensive=True,
-        cli_arguments=("input",),
+        cli=Cli(arguments=("input",)),
     )
 )
 run = runner(STAGE)

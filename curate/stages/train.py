@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from .. import io, schema
-from ..config import SelectionOptions, TrainConfig
+from ..config.selection import SelectionOptions
+from ..config.train import TrainConfig
 from ..errors import CurateError
 from ..executor import Job, identify_model, runner
 from ..kinds import Model
 from ..registry import register
-from ..stage import Input, Stage
+from ..stage import Cli, Input, Stage
 
 CHECKPOINTS = "checkpoints"
 
@@ -351,7 +352,6 @@ STAGE = register(
     Stage(
         name="train",
         produces="model",
-        step=4,
         config=TrainConfig,
         doc="Fine-tune a model with the built-in transformers trainer on pruned data (labels = -100 are not in the "
         "loss), or with --dynamic select in each micro-batch as the paper's code does.",
@@ -372,10 +372,12 @@ STAGE = register(
         result=TrainResult,
         summary=summary,
         resumable=True,  # checkpoints of an interrupted run with this fingerprint are resumed
-        cli_arguments=("data",),
-        cli_sections=(
-            (None, TrainConfig, tuple(f for f in TrainConfig.model_fields if f != "selection")),
-            ("selection", SelectionOptions, tuple(SelectionOptions.model_fields)),
+        cli=Cli(
+            arguments=("data",),
+            sections=(
+                (None, TrainConfig, tuple(f for f in TrainConfig.model_fields if f != "selection")),
+                ("selection", SelectionOptions, tuple(SelectionOptions.model_fields)),
+            ),
         ),
     )
 )

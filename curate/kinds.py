@@ -26,6 +26,8 @@ class Scores(Manifest):
     source: dict = {}  # the input as read: files, subset, split
     dtype: dict = {}  # the dtype it was scored in, and why
     chat_template_hash: str | None = None
+    # identical conversations: groups, later_copies, dropped (--dedup), first_ids; an older q-curate counted none
+    duplicates: dict = {"groups": 0, "later_copies": 0, "dropped": False, "first_ids": []}
 
 
 class Pruned(Manifest):

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from . import io, storage
+from . import io, kinds, storage
 from .errors import CurateError
+from .kinds import Pruned, Scores
 
 HINT = "run `curate score` and `curate prune` first (as `curate run` and `curate demo` do)"
 
@@ -22,8 +23,8 @@ HINT = "run `curate score` and `curate prune` first (as `curate run` and `curate
 class Run:
     pruned: Path
     scores: Path
-    pruned_manifest: dict
-    scores_manifest: dict
+    pruned_manifest: Pruned  # each as its kind's contract (curate.kinds): typed, no key read with a default
+    scores_manifest: Scores
     refresh: dict | None  # the refresh manifest's summary, for a refresh folder
 
     def score_files(self) -> list[Path]:
@@ -58,14 +59,14 @@ def locate(where: str | Path) -> Run:
             f"{where} holds the output of `curate {manifest['stage']}`; point at a run folder, a "
             "`curate prune` folder or a `curate refresh` folder"
         )
-    pruned_manifest = io.verified(pruned, "pruned", HINT)
+    pruned_manifest = kinds.typed(io.verified(pruned, "pruned", HINT), "pruned", str(pruned))
     source = pruned_manifest["inputs"][0]
     scores_at = storage.resolve(pruned_at if storage.is_url(pruned_at) else pruned, source["path"])
     if (source.get("kind") or io.LEGACY_KINDS.get(source.get("stage"))) == "pruned":
         # a re-tokenised folder: the scores are those of the pruned folder it came from
         return locate(scores_at)
     scores = storage.materialized(scores_at)
-    scores_manifest = io.verified(scores, "scores", HINT)
+    scores_manifest = kinds.typed(io.verified(scores, "scores", HINT), "scores", str(scores))
     return Run(pruned, scores, pruned_manifest, scores_manifest, refresh)
 
 
@@ -82,7 +83,7 @@ def scoring_tokenizer(run: Run):
     """The tokenizer of the model that wrote the scores, as its manifest records it."""
     from .models import load_tokenizer_from
 
-    model = run.scores_manifest["model"]
+    model = run.scores_manifest.model
     return load_tokenizer_from(model["path"], model["name"])
 
 

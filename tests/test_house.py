@@ -151,6 +151,29 @@ def test_a_kind_contract_is_checked_where_it_is_produced_and_handed_typed_to_its
     assert isinstance(seen[0], Tally) and seen[0].total == 3
 
 
+def test_the_parts_of_a_run_are_read_as_their_kinds_contracts(tiny_run, tmp_path):
+    """A run found from any folder (`runs.locate`: the report, the explorer, inspect) is typed as its kinds'
+    contracts: the report reads what scores carry (their duplicates) as fields, and scores from before a field
+    existed read as what the contract says leaving it out meant (no duplicates counted), never a default of the
+    reader's."""
+    import shutil
+
+    from curate import runs
+
+    found = runs.locate(tiny_run)
+    assert isinstance(found.scores_manifest, kinds.Scores) and isinstance(found.pruned_manifest, kinds.Pruned)
+    assert found.scores_manifest.duplicates == io.read_manifest(tiny_run / "scores")["duplicates"]
+    older = tmp_path / "older"
+    shutil.copytree(tiny_run, older)
+    manifest = io.read_json(older / "scores" / io.MANIFEST)
+    del manifest["duplicates"]
+    io.write_json_atomic(older / "scores" / io.MANIFEST, manifest)
+    assert runs.locate(older).scores_manifest.duplicates["groups"] == 0
+    res = CliRunner().invoke(app, ["report", str(older)])
+    assert res.exit_code == 0, res.output
+    assert 'id="duplicates"' not in (older / "report" / "report.html").read_text()
+
+
 # A sharded stage declared inside the process that runs it (the script below): 6 shards, each a file written after a
 # pause, each run of a shard appended to a log. Killed after two shards, the same command again runs only the rest:
 # the stage says nothing of completion, the executor's mark in each file does.

@@ -281,8 +281,8 @@ def refresh_html(summary: dict) -> str:
     return '<h2 id="refresh">Refresh rounds</h2>' + "".join(parts)
 
 
-def duplicates_html(duplicates: dict | None) -> str:
-    if not duplicates or not duplicates["groups"]:
+def duplicates_html(duplicates: dict) -> str:
+    if not duplicates["groups"]:
         return ""
     fate = (
         "dropped when scored (--dedup)"
@@ -315,8 +315,8 @@ def build_html(
     stats: dict,
     images: dict[str, bytes],
     sample_html: list[tuple[dict, str]],
+    duplicates: dict,
     refresh: dict | None = None,
-    duplicates: dict | None = None,
 ) -> str:
     rows = "".join(
         f"<tr><td>{q}</td><td>{QUADRANT_NAMES[q]}</td><td>{stats['quadrants'][q]:,}</td>"
@@ -421,7 +421,7 @@ def compute(job: Job) -> dict:
         for p in picks
     ]
     images = {name: (out / name).read_bytes() for name in ("eu_plane.png", "histograms.png")}
-    page = build_html(stats, images, bodies, found.refresh, found.scores_manifest.get("duplicates"))
+    page = build_html(stats, images, bodies, found.scores_manifest.duplicates, found.refresh)
     page = page.replace('<h2 id="pictures">', explore_html(samples.height) + '<h2 id="pictures">', 1)
     if samples.height <= INLINE_LIMIT:  # the interactive plane, self-contained, beside the report
         io.write_bytes_atomic(out / "explore.html", self_contained_page(Explorer(found)).encode())

@@ -26,7 +26,7 @@ from .errors import CurateError
 from .extras import require
 from .progress import Reporter
 from .registry import get
-from .stage import Manifest, Stage, in_fingerprint
+from .stage import Manifest, Stage, fingerprint_name, fingerprinted, in_fingerprint
 
 
 @dataclass
@@ -77,7 +77,8 @@ class Job:
 def fingerprinted_config(cfg: BaseModel, stage: Stage) -> dict:
     """The config fields that change a result: not the runtime ones, not where inputs and output are."""
     places = {"out", *(i.field for i in stage.inputs)}
-    return {k: v for k, v in cfg.model_dump().items() if k not in places and in_fingerprint(type(cfg), k)}
+    kept = {k: v for k, v in cfg.model_dump().items() if k not in places and in_fingerprint(type(cfg), k)}
+    return {fingerprint_name(type(cfg), k): fingerprinted(getattr(cfg, k), v) for k, v in kept.items()}
 
 
 def needed_modules(stage: Stage, cfg: Any) -> tuple[str, ...]:

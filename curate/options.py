@@ -18,7 +18,7 @@ from typing import Any, Literal, Union
 import typer
 from pydantic import BaseModel, ValidationError
 
-from .config.base import config_errors
+from .config.base import config_errors, former_name
 
 SIMPLE = (str, int, float, bool)
 
@@ -78,6 +78,9 @@ def model_params(
             shown = str(default) if not required and default is not None else False
             info = typer.Option(None if not required else ..., flag(name), help=field.description, show_default=shown)
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation))
+        if (old := former_name(field)) and name not in arguments:  # still read, unlisted; the model says it moved
+            info = typer.Option(None, flag(old), hidden=True)
+            params.append(inspect.Parameter(old, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation))
     return params
 
 

@@ -187,3 +187,26 @@ def in_fingerprint(model: type[BaseModel], field: str) -> bool:
     with `json_schema_extra=RUNTIME` (`curate.config.base`), so a new engine-only option cannot break resuming."""
     extra = model.model_fields[field].json_schema_extra
     return not (isinstance(extra, dict) and extra.get("fingerprint") is False)
+
+
+def fingerprint_name(model: type[BaseModel], field: str) -> str:
+    """The name a field is fingerprinted under: its own, or for a renamed one (declared `formerly`, in
+    `curate.config.base`) the name runs were identified by before, so that a rename changes no run's identity."""
+    extra = model.model_fields[field].json_schema_extra
+    return extra.get("formerly", field) if isinstance(extra, dict) else field
+
+
+def fingerprinted(value: Any, dumped: Any) -> Any:
+    """`dumped` (`value.model_dump()`, or a part of it) with every renamed field under its fingerprint name, in
+    sections and lists of them too."""
+    if isinstance(value, BaseModel):
+        fields = type(value).model_fields
+        return {
+            fingerprint_name(type(value), k) if k in fields else k: fingerprinted(getattr(value, k, None), v)
+            for k, v in dumped.items()
+        }
+    if isinstance(value, (list, tuple)) and isinstance(dumped, list):
+        return [fingerprinted(a, b) for a, b in zip(value, dumped)]
+    if isinstance(value, dict) and isinstance(dumped, dict):
+        return {k: fingerprinted(value.get(k), v) for k, v in dumped.items()}
+    return dumped

@@ -447,7 +447,7 @@ def child_ray(workers: int) -> dict:
     from curate.stages import score
 
     with tempfile.TemporaryDirectory() as d:
-        engine = {"engine": "ray", "num_workers": workers, "cpus_per_worker": 2 / workers} if workers else {}
+        engine = {"engine": "ray", "workers": workers, "cpus_per_worker": 2 / workers} if workers else {}
         t0 = time.perf_counter()
         manifest = score.run(
             ScoreConfig(input=str(GSM8K), fields=FIELDS, limit=SHORT_ROWS, shard_size=4, out=f"{d}/scores", **engine)

@@ -54,7 +54,7 @@ def local_scores(tmp_path_factory, tiny_model_dir):
 
 
 def test_two_actors_equal_the_local_engine(tmp_path, tiny_model_dir, local_scores, local_ray):
-    manifest = score.run(config(tmp_path / "ray", tiny_model_dir, engine="ray", num_workers=2))
+    manifest = score.run(config(tmp_path / "ray", tiny_model_dir, engine="ray", workers=2))
     assert_same(local_scores, tmp_path / "ray")
     s = manifest["scoring"]
     assert s["engine"] == "ray" and s["workers"] == 2 and len(s["worker_tokens_per_s"]) == 2
@@ -77,7 +77,7 @@ def test_a_killed_worker_is_replaced_and_its_shard_redone(tmp_path, tiny_model_d
             killed.append(mine[0])
 
     rec = Recorder(kill_one_of_this_runs_workers)
-    manifest = score.run(config(tmp_path / "ray", tiny_model_dir, engine="ray", num_workers=2), rec)
+    manifest = score.run(config(tmp_path / "ray", tiny_model_dir, engine="ray", workers=2), rec)
     assert killed and manifest["scoring"]["replaced_workers"] >= 1
     assert any("worker died" in m for m in rec.logs)
     assert len(worker_pids(rec.logs)) >= 3 and killed[0] not in worker_pids(rec.logs)[2:]  # a new worker came
@@ -93,7 +93,7 @@ def test_an_interrupted_driver_resumes_only_the_missing_shards(tmp_path, tiny_mo
 
     rec = Recorder(interrupt)
     with pytest.raises(KeyboardInterrupt):
-        score.run(config(out, tiny_model_dir, engine="ray", num_workers=2), rec)
+        score.run(config(out, tiny_model_dir, engine="ray", workers=2), rec)
     finished = {p.name for p in out.glob("part-*.parquet")}
     assert 2 <= len(finished) < 6
     mine, deadline = worker_pids(rec.logs), time.time() + 30
@@ -115,7 +115,7 @@ def test_cli_ray_equals_local_on_gsm8k_with_the_builtin_model(tmp_path, smollm2_
     res = CliRunner().invoke(app, ["score", *common, "--out", str(tmp_path / "local")])
     assert res.exit_code == 0, res.output
     res = CliRunner().invoke(
-        app, ["score", *common, "--engine", "ray", "--num-workers", "2", "--out", str(tmp_path / "ray")]
+        app, ["score", *common, "--engine", "ray", "--workers", "2", "--out", str(tmp_path / "ray")]
     )
     assert res.exit_code == 0, res.output
     assert len(assert_same(tmp_path / "local", tmp_path / "ray")) == 16
@@ -137,7 +137,7 @@ def test_prune_pass_two_as_ray_tasks_writes_the_same_files(tmp_path, local_score
 def test_the_ifd_signal_is_the_same_on_ray(tmp_path, tiny_model_dir, local_ray):
     """The answers scored alone (`--signals ifd`) travel with their shard like every other column."""
     local = score.run(config(tmp_path / "local", tiny_model_dir, signals=["ifd"]))
-    on_ray = score.run(config(tmp_path / "ray", tiny_model_dir, signals=["ifd"], engine="ray", num_workers=2))
+    on_ray = score.run(config(tmp_path / "ray", tiny_model_dir, signals=["ifd"], engine="ray", workers=2))
     assert local["signals"] == on_ray["signals"] == ["ifd"]
     a, b = rows(tmp_path / "local"), rows(tmp_path / "ray")
     assert [r["alone_tokens"] for r in a] == [r["alone_tokens"] for r in b] and any(r["alone_tokens"] for r in a)

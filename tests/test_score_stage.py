@@ -217,3 +217,39 @@ def test_a_resumed_auto_run_keeps_the_dtype_it_started_with(tmp_path, tiny_model
     assert {io.parquet_metadata(p)["dtype"] for p in (tmp_path / "s").glob("part-*.parquet")} == {started}
     assert manifest["dtype"]["dtype"] == started and "as this run started" in manifest["dtype"]["why"]
     assert manifest["config"]["dtype"] == started
+
+
+def test_num_workers_is_read_as_workers_with_a_notice_and_fingerprinted_as_before(tmp_path, tiny_model_dir, capsys):
+    """score's --num-workers and prune's --workers are one idea, one name: the old one still works (a file, the API,
+    the command line), says so once, and no run's identity changes."""
+    from curate.config import base, load_pipeline
+    from curate.executor import fingerprinted_config
+    from curate.registry import get
+
+    base.NOTICED.clear()
+    assert ScoreConfig(input="a", out="b", num_workers=3).workers == 3
+    assert capsys.readouterr().err.count("note: num_workers (--num-workers) is now workers (--workers)") == 1
+    with pytest.raises(ValueError, match="num_workers is the former name of workers: give workers only"):
+        ScoreConfig(input="a", out="b", num_workers=3, workers=2)
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text("run_dir: run\nscore: {input: d.jsonl, num_workers: 2}\nprune: {workers: 2}\n")
+    p = load_pipeline(pipeline)
+    assert p.score.workers == 2 and p.prune.workers == 2 and "num_workers" not in p.model_dump()["score"]
+    # a run of a config with sections is identified as before the rename: the field under its former name
+    assert "num_workers" in fingerprinted_config(p, get("run"))["score"]
+    from curate.stages.score import SHARDS
+
+    assert SHARDS.resources(ScoreConfig(input="a", out="b", engine="ray", num_workers=3)).workers == 3  # Ray's pool
+    plain = ScoreConfig(input="a", out="b")
+    assert fingerprinted_config(plain, get("score")) == fingerprinted_config(
+        plain.model_copy(update={"workers": 4}), get("score")
+    )
+
+    base.NOTICED.clear()
+    data = write_jsonl(tmp_path / "in.jsonl", ROWS[:3])
+    args = ["score", str(data), "--out", str(tmp_path / "s"), "--model", str(tiny_model_dir), "--num-workers", "2"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "is now workers" in res.output and io.read_manifest(tmp_path / "s")["config"]["workers"] == 2
+    bad = CliRunner().invoke(app, [*args[:-1], "0"])
+    assert bad.exit_code == 2 and "--workers" in bad.output  # named by its one name

@@ -174,7 +174,7 @@ def test_ray_workers_read_from_and_write_to_the_bucket_and_nothing_else_to_local
     )
     try:
         cfg = dict(input=data, limit=32, shard_size=8, dtype="float32")
-        manifest = score.run(ScoreConfig(out=f"{bucket}/scores", model=model, engine="ray", num_workers=2, **cfg))
+        manifest = score.run(ScoreConfig(out=f"{bucket}/scores", model=model, engine="ray", workers=2, **cfg))
     finally:
         ray.shutdown()
     assert manifest["scoring"]["workers"] == 2 and manifest["model"]["name"] == model

@@ -12,11 +12,12 @@ every problem is reported at once, with its option or key path.
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import CurateError
 
@@ -41,8 +42,40 @@ Ratio = Annotated[float, AfterValidator(_fraction)]
 RUNTIME = {"fingerprint": False}
 
 
+def formerly(name: str) -> dict:
+    """Declared on a renamed field (`json_schema_extra={**RUNTIME, **formerly("num_workers")}`): its former name is
+    still read, in a file, in `curate.NAME(...)` and on the command line, with a one-line notice, and runs are
+    fingerprinted under it (`curate.stage.fingerprinted`), so the rename changes no run's identity."""
+    return {"formerly": name}
+
+
+def former_name(field) -> str | None:
+    extra = field.json_schema_extra
+    return extra.get("formerly") if isinstance(extra, dict) else None
+
+
+NOTICED: set[str] = set()
+
+
+def notice(line: str) -> None:
+    """A one-line notice on stderr, once per process."""
+    if line not in NOTICED:
+        NOTICED.add(line)
+        print(f"note: {line}", file=sys.stderr)
+
+
 Device = Annotated[
     str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto (CUDA when present), cpu, cuda or cuda:N.")
+]
+# Where a stage's workers run; the engine that runs them reads `Resources`, which the stage declares from these
+# (`curate.stage.Resources`: engine, workers, gpus_per_worker, cpus_per_worker, address).
+Engine = Annotated[
+    Literal["local", "ray"],
+    Field(
+        description="local: this machine (this process, or --workers local processes); ray: --workers Ray actors or "
+        "tasks on a Ray cluster, over many GPUs and machines (see --address).",
+        json_schema_extra=RUNTIME,
+    ),
 ]
 RayAddress = Annotated[
     str | None,
@@ -78,6 +111,25 @@ class Options(BaseModel):
     """Strict: a YAML `limit: true` is an error, not 1; unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _former_names(cls, values: Any) -> Any:
+        """A renamed option given by its former name (`formerly`) is read as the new one, with a notice."""
+        if not isinstance(values, dict):
+            return values
+        for name, field in cls.model_fields.items():
+            old = former_name(field)
+            if old is None or old not in values:
+                continue
+            if name in values:
+                raise ValueError(f"{old} is the former name of {name}: give {name} only")
+            values = {name if key == old else key: value for key, value in values.items()}
+            notice(
+                f"{old} (--{old.replace('_', '-')}) is now {name} (--{name.replace('_', '-')}); the old name still "
+                "works, for now"
+            )
+        return values
 
 
 def local_folder(value: str) -> str:

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .base import KEYED_FIELDS, RUNTIME, NonNegInt, PosInt, Ratio, RayAddress
+from .base import KEYED_FIELDS, RUNTIME, Engine, NonNegInt, PosInt, Ratio, RayAddress
 from .selection import SelectionOptions
 
 
@@ -73,11 +73,7 @@ class PruneOptions(SelectionOptions):
         description="Processes writing the masks (pass 2) in parallel; the output is identical.",
         json_schema_extra=RUNTIME,
     )
-    engine: Literal["local", "ray"] = Field(
-        "local",
-        description="Where the --workers run: local processes, or tasks on a Ray cluster (see --address).",
-        json_schema_extra=RUNTIME,
-    )
+    engine: Engine = "local"
     address: RayAddress = None
 
     @field_validator("group_ratios", mode="before")

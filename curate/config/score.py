@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from .base import RUNTIME, Device, FieldNames, Options, PosInt, RayAddress
+from .base import RUNTIME, Device, Engine, FieldNames, Options, PosInt, RayAddress, formerly
 
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 Dtype = Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"]
@@ -20,16 +20,13 @@ class ScoreOptions(Options):
         "auto",
         description="Scorer: hf (transformers), vllm, or auto (vllm with a CUDA GPU and vllm installed, else hf).",
     )
-    engine: Literal["local", "ray"] = Field(
-        "local",
-        description="local: this process; ray: a pool of Ray actors, one scorer each, over many GPUs/machines.",
-        json_schema_extra=RUNTIME,
-    )
+    engine: Engine = "local"
     address: RayAddress = None
-    num_workers: PosInt | None = Field(
+    workers: PosInt | None = Field(
         None,
-        description="Ray: scorer actors (default: one per GPU of the cluster, or 1 without GPUs).",
-        json_schema_extra=RUNTIME,
+        description="Ray: scorer actors, one scorer each (default: one per GPU of the cluster, or 1 without GPUs); "
+        "locally one scorer.",
+        json_schema_extra={**RUNTIME, **formerly("num_workers")},
     )
     gpus_per_worker: float | None = Field(
         None,

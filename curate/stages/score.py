@@ -155,7 +155,7 @@ SHARDS = Shards(
     unit="rows",
     resources=lambda cfg: Resources(
         engine=cfg.engine,
-        workers=cfg.num_workers if cfg.engine == "ray" else 1,  # locally one scorer, which tokenises ahead
+        workers=cfg.workers if cfg.engine == "ray" else 1,  # locally one scorer, which tokenises ahead
         gpus_per_worker=cfg.gpus_per_worker,
         cpus_per_worker=cfg.cpus_per_worker,
         address=cfg.address,
@@ -299,7 +299,6 @@ class ScoreResult(Scores):
     entropy: dict
     skipped_by_reason: dict[str, int]
     skipped_examples: list[dict]
-    duplicates: dict
     scoring: dict
 
 

@@ -9,7 +9,7 @@ softmax's entropy over the vocabulary at the scored positions, and the triage.
 
 `select_in_batch` is the core, a plain function of logits and labels that returns the loss and what it chose;
 `QTuningLoss` wraps it as a `compute_loss_func` and keeps a tally for the logs; `with_qtuning(TrainerClass)` gives a
-trainer that uses it in `compute_loss` (TRL 1.x runs a second forward for a `compute_loss_func`) and logs the tally.
+trainer that uses it in `compute_loss` (TRL 1.16 runs a second forward for a `compute_loss_func`) and logs the tally.
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ from .errors import CurateError
 # Columns a strategy may read in a micro-batch: the coordinates and the loss tokens (IFD needs a pass of its own).
 BATCH_COLUMNS = ("id", "ppl", "ent", "n_trainable")
 ENTROPY_CHUNK = 512  # rows of [rows, vocab] at a time for the entropy, which needs no gradient
+NEEDS_TEXT = (
+    "whole-word units and protected spans read each token's text: pass {what}, or prune single tokens with nothing "
+    "protected (token_unit='token', protect=[])"
+)
 
 
 @dataclass(frozen=True)
@@ -151,6 +155,9 @@ def select_in_batch(
     """
     import torch
 
+    need_text = masking.needs_text(options)
+    if need_text and pieces is None:  # else Q2 samples would keep every token, silently
+        raise CurateError(NEEDS_TEXT.format(what="pieces=TokenPieces(tokenizer)"))
     token_logp, logprob, entropy = token_statistics(logits, labels, attention_mask, options.entropy_positions)
     ids = labels.detach().cpu().numpy()
     trainable = ids != schema.IGNORE_INDEX
@@ -183,14 +190,13 @@ def select_in_batch(
             selection[i] = label
     keep = np.zeros_like(ids, dtype=np.int8)
     effect = Counter()
-    need_text = masking.needs_text(options)
     for i, label in enumerate(selection):
         if label is None:
             continue
         row = np.flatnonzero(attended[i])
         train_row = trainable[i, row].astype(np.int8)
         if strategy.tokens_pruned(label) and options.token_strategy != "none":
-            view = masking.ids_view(pieces(ids[i, row]), train_row) if need_text and pieces else None
+            view = masking.ids_view(pieces(ids[i, row]), train_row) if need_text else None
             mask = masking.mask_sample(logprob[i, row], train_row, False, view, f"{i:05d}", options, effect, seed)
         else:
             mask = train_row
@@ -213,28 +219,35 @@ class TokenPieces:
         out = []
         for i in ids.tolist():
             if i not in self.cache:
-                if i < 0:
-                    self.cache[i] = ""
-                else:
-                    self.cache[i] = self.tokenizer.decode([i], clean_up_tokenization_spaces=False)
+                self.cache[i] = self.text(i) if i >= 0 else ""
             out.append(self.cache[i])
         return out
+
+    def text(self, i: int) -> str:
+        text = self.tokenizer.decode([i], clean_up_tokenization_spaces=False)
+        # SentencePiece tokenizers (Llama, Mistral, Gemma) mark a word's leading space with "▁" and drop it when a
+        # token is decoded alone; without it, the words of a reply would run together into one unit
+        if (self.tokenizer.convert_ids_to_tokens(i) or "").startswith("\u2581") and not text.startswith(" "):
+            text = " " + text
+        return text
 
 
 class QTuningLoss:
     """The in-trainer loss: `Trainer(..., compute_loss_func=QTuningLoss(tokenizer=tok, ratio=0.25))`, or through
     `with_qtuning`. Options are prune's (`SelectionOptions`: ratio, token_ratio, preset, strategy, token_strategy,
     ...), with prune's defaults; `seed` draws the random strategies (a new draw every micro-batch). The tally of
-    what was kept since the last log is `take_tally()`."""
+    what was kept since the last log is `take_tally()`.
+
+    The loss is the mean over each micro-batch's kept tokens, as in the paper's code. `with_qtuning` trains with it
+    as it is meant to, with gradient accumulation and on several processes; as a `compute_loss_func`, set the
+    trainer's `loss_is_scaled_for_ga = False` when accumulating and `average_tokens_across_devices=False` on
+    several GPUs (the Trainer otherwise treats it as a sum over the batch's labelled tokens)."""
 
     def __init__(self, tokenizer=None, seed: int = 0, options: SelectionOptions | None = None, **values):
         self.options = options if options is not None else SelectionOptions.model_validate(values)
         check_options(self.options)
         if masking.needs_text(self.options) and tokenizer is None:
-            raise CurateError(
-                "whole-word units and protected spans read each token's text: pass tokenizer=..., or prune single "
-                "tokens with nothing protected (token_unit='token', protect=[])"
-            )
+            raise CurateError(NEEDS_TEXT.format(what="tokenizer=..."))
         self.pieces = TokenPieces(tokenizer) if tokenizer is not None else None
         self.seed = seed
         self.calls = 0
@@ -283,8 +296,11 @@ def with_qtuning(base: type) -> type:
         def __init__(self, *args, qtuning: QTuningLoss, **kwargs):
             super().__init__(*args, **kwargs)
             self.qtuning = qtuning
-            # a per-micro-batch mean, as the paper's code: the Trainer divides it by the accumulation steps
+            # a per-micro-batch mean, as the paper's code: the Trainer divides it by the accumulation steps (the
+            # first flag in transformers 5, the second in 4.x, which skips the division for a model that takes loss
+            # keyword arguments) and does not scale it by the number of processes
             self.loss_is_scaled_for_ga = False
+            self.model_accepts_loss_kwargs = False
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs = {**inputs, "use_cache": False}  # no key-value cache in a training forward

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from curate.config import SelectionOptions
-from curate.dynamic import QTuningLoss, select_in_batch, with_qtuning
+from curate.dynamic import QTuningLoss, TokenPieces, select_in_batch, with_qtuning
 from curate.errors import CurateError
 from curate.pruning import budget
 
@@ -163,6 +163,26 @@ def test_options_are_prunes_and_strategies_without_batch_columns_are_refused():
         QTuningLoss(strategy="ifd", token_unit="token", protect=[])
     with pytest.raises(CurateError, match="tokenizer"):
         QTuningLoss()  # whole words and protected spans read the tokens' text
+    labels = torch.tensor([[-100, 3, 4, 5]] * 4)
+    with pytest.raises(CurateError, match="pieces"):  # not: Q2 samples silently keep every token
+        select_in_batch(torch.randn(4, 4, 8), labels, SelectionOptions(ratio=0.5))
+
+
+def test_a_sentencepiece_tokenizers_words_keep_their_spaces():
+    """SentencePiece tokenizers (Llama, Mistral, Gemma) drop a token's leading space when it is decoded alone; the
+    trainer's view of a reply must still have its words apart, or a whole-word unit would span the whole reply."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "\u2581The": 1, "\u2581answer": 2, "\u2581is": 3, "\u258142.": 4}
+    sp = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace()
+    sp.decoder = decoders.Metaspace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=sp)
+    ids = torch.tensor(tok("The answer is 42.")["input_ids"])
+    assert tok.decode([2]) == "answer"  # the tokenizer's own single-token decoding loses the space
+    text = "".join(TokenPieces(tok)(ids))
+    assert text.split() == ["The", "answer", "is", "42."]
 
 
 def test_whole_words_and_the_final_answer_stay_whole_in_the_trainer(smollm2_dir):
@@ -304,3 +324,29 @@ def test_with_qtuning_trains_and_logs_what_it_kept(tiny_model_dir, tiny_dataset,
         kept = sum(v for k, v in entry.items() if k.startswith("kept_"))
         assert kept == budget(0.25, entry["samples"]) and 0 < entry["loss_tokens"] < entry["label_tokens"]
     assert [entry["samples"] for entry in logs] == [8, 8, 4]  # 20 rows
+
+
+def test_with_gradient_accumulation_each_micro_batchs_mean_counts_once(tiny_model_dir, tiny_dataset, tmp_path):
+    """The Trainer divides the per-micro-batch mean by the accumulation steps: a logged step's loss is the mean of
+    its micro-batches' losses (a loss left unscaled would log, and step, twice as large)."""
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    class Recorded(QTuningLoss):
+        def __call__(self, *args, **kwargs):
+            loss = super().__call__(*args, **kwargs)
+            self.seen.append(loss.item())
+            return loss
+
+    model, tok = _tiny(tiny_model_dir)
+    qtuning = Recorded(tokenizer=tok, ratio=0.5, token_ratio=0.5)
+    qtuning.seen = []
+    settings_ = {**TRAIN_ARGS, "max_steps": 2, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2}
+    args = TrainingArguments(**settings_, output_dir=str(tmp_path), remove_unused_columns=False)
+    collator = DataCollatorForSeq2Seq(tok, label_pad_token_id=-100, padding=True)
+    trainer = with_qtuning(Trainer)(
+        model=model, args=args, train_dataset=tiny_dataset, data_collator=collator, qtuning=qtuning
+    )
+    trainer.train()
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(qtuning.seen) == 4
+    assert logged == pytest.approx([np.mean(qtuning.seen[:2]), np.mean(qtuning.seen[2:])], rel=1e-3, abs=1e-4)

@@ -97,3 +97,14 @@ def test_dynamic_training_on_a_scores_folder_selects_in_every_micro_batch(tiny_r
     full = io.read_manifest(tmp_path / "full")["counts"]
     assert full["trained_loss_tokens"] == full["trained_label_tokens"] == full["loss_tokens"]
     json.dumps(manifest)  # the manifest is plain JSON
+
+
+def test_selection_options_without_dynamic_are_refused(tiny_run, tiny_model_dir, tmp_path):
+    """--ratio and the other selection options act inside the trainer only: without --dynamic they would change
+    the fingerprint and nothing else."""
+    out = tmp_path / "m"
+    args = ["train", str(tiny_run / "scores"), "--model", str(tiny_model_dir), "--out", str(out), *TINY]
+    res = runner.invoke(app, [*args, "--ratio", "0.25", "--token-order", "drop-high"])
+    assert res.exit_code != 0 and "--ratio, --token-order: selection options act inside the trainer only" in text(res)
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+    assert not (out / "model.safetensors").exists()

@@ -210,6 +210,14 @@ def identify(job: Job) -> dict:
         from ..dynamic import check_options
 
         check_options(cfg.selection)
+    else:
+        default = SelectionOptions()
+        given = [f for f in SelectionOptions.model_fields if getattr(cfg.selection, f) != getattr(default, f)]
+        if given:  # they would change nothing but the run's fingerprint
+            raise CurateError(
+                f"{', '.join('--' + f.replace('_', '-') for f in given)}: selection options act inside the trainer "
+                "only; add --dynamic, or select offline with `curate prune` and train on its folder"
+            )
     job.context["files"] = training_files(job.inputs["data"], job.manifests.get("data"))
     job.context["dtype"], why = train_dtype(cfg)
     job.log(f"compute dtype {job.context['dtype']} ({why})")

@@ -68,7 +68,7 @@ ARMS = {
     "random-samples": {"strategy": "random", "token_strategy": "none"},
 }
 
-# The paper's protocol (docs/experiments.md): arms that train on every sample and select in each micro-batch with
+# The paper's protocol (EXPERIMENTS.md): arms that train on every sample and select in each micro-batch with
 # the model being trained (`curate train --dynamic`), each with the selection it applies there.
 DYNAMIC_ARMS = {
     "dynamic-qtuning": {"strategy": "qtuning", "token_strategy": "qtuning"},

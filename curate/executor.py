@@ -52,12 +52,6 @@ class Job:
     entries: dict[str, dict] = field(default_factory=dict)
     finished: list[int] = field(default_factory=list)  # a sharded stage: the shards an earlier attempt finished
 
-    def publish(self, name: str) -> None:
-        """A finished output file (name relative to OUT) is uploaded now, where OUT is a URL, so that a killed run
-        keeps it; everything else is uploaded when the run finishes."""
-        if self.remote:
-            self.remote.upload(name)
-
     def log(self, message: str) -> None:
         self.reporter.log(message)
 

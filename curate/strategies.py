@@ -133,8 +133,3 @@ for _s in (
     ),
 ):
     register(_s)
-
-
-def describe() -> str:
-    """The registered strategies, for --help."""
-    return "; ".join(f"{s.name}: {s.doc}" for s in REGISTRY.values())

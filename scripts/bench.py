@@ -537,9 +537,10 @@ def child_explore(n_samples: int) -> dict:
 
 def child_train(steps: int) -> dict:
     """Training steps of the built-in model (LoRA rank 8, as `curate train`) on the same batches of 8 GSM8K training
-    rows, three ways, each with its own copy of the model, interleaved step by step so that a change in the machine's
-    speed falls on all three alike: a plain float32 step (the model's own loss), a plain bfloat16 one (autocast, as
-    `curate train --dtype auto` on a CPU with native bf16) and a bfloat16 one with Q-Tuning inside (`curate.dynamic`,
+    rows, four ways, each with its own copy of the model, interleaved step by step so that a change in the machine's
+    speed falls on all four alike: a plain float32 step (the model's own loss), a plain bfloat16 one (autocast, as
+    `curate train --dtype auto` on a CPU with native bf16), a bfloat16 one with the cross-entropy at the labelled
+    positions only (as `curate train`) and a bfloat16 one with Q-Tuning inside (`curate.dynamic`,
     25% x 50%, the default token rule, from the same forward's logits). Seconds per step (median, the warm-up step
     left out) and the loss of every step."""
     import torch
@@ -608,8 +609,8 @@ def train_section(steps: int = 12) -> list[str]:
         "",
         f"The built-in SmolLM2-135M-Instruct with LoRA rank 8 (as `curate train`), AdamW at 2e-4, {steps} steps on the "
         f"same batches of 8 GSM8K training rows (about 2,100 tokens a batch, padded to the longest row), after one "
-        "warm-up step; median seconds per step. The three ways run in one process, each on its own copy of the model, "
-        "one step of each in turn, so that the machine's changing speed falls on all three alike (the ratios hold; "
+        "warm-up step; median seconds per step. The four ways run in one process, each on its own copy of the model, "
+        "one step of each in turn, so that the machine's changing speed falls on all four alike (the ratios hold; "
         "the seconds vary from day to day). bfloat16 is autocast (weights, gradients and the optimizer stay float32), "
         "which `curate train --dtype auto` picks on a CPU with native bf16.",
         "",
@@ -761,10 +762,10 @@ def main() -> None:
         "Scoring inside training, as the paper's code does, needs no extra forward: it reuses the training forward's "
         "logits, so its cost is the softmax and entropy over the [B, T, V] logits of every step and their memory on "
         'the accelerator (`curate train --dynamic` measured below, in "Training on this CPU", and at a real shape by '
-        "the GPU check); the selection then follows the model being trained. q-curate's offline scoring is one "
-        "forward pass over the data before training, after which a pruned set trains on its share of the forward "
-        "compute. The in-trainer peer above times that scoring as a pass of its own, to compare the scoring code "
-        "alone.",
+        "the GPU check once a GPU is lent); the selection then follows the model being trained. q-curate's offline "
+        "scoring is one forward pass over the data before training, after which a pruned set trains on its share of "
+        "the forward compute. The in-trainer peer above times that scoring as a pass of its own, to compare the "
+        "scoring code alone.",
         "",
     ]
 
@@ -951,12 +952,13 @@ def main() -> None:
 SECTIONS = {"ifd": lambda: ifd_section(ifd_results()), "train": train_section}
 
 
-def replace_section(lines: list[str]) -> None:
+def replace_section(name: str, lines: list[str]) -> None:
     """BENCHMARKS.md with the section whose heading is lines[0] measured anew (the rest as it was)."""
     path = ROOT / "BENCHMARKS.md"
     text = path.read_text()
     heading = lines[0]
-    note = f"(`python scripts/bench.py --only`, {time.strftime('%Y-%m-%d')}, {platform.machine()}, {cpu_flags()})"
+    when = f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {cpu_flags()}"
+    note = f"(`python scripts/bench.py --only {name}`, {when})"
     body = "\n".join([heading, "", note, *lines[1:]]).rstrip() + "\n\n"
     if heading in text:
         start = text.index(heading)
@@ -973,6 +975,6 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--child"]:
         print(json.dumps(CHILDREN[sys.argv[2]](*json.loads(sys.argv[3]))))
     elif sys.argv[1:2] == ["--only"]:
-        replace_section(SECTIONS[sys.argv[2]]())
+        replace_section(sys.argv[2], SECTIONS[sys.argv[2]]())
     else:
         main()

@@ -189,3 +189,19 @@ def test_the_papers_protocol_gives_every_arm_full_datas_steps_and_says_what_each
     md = (tmp_path / "exp" / "results.md").read_text()
     assert "equal steps (static subsets: a smaller batch)" in md and "| forward tokens | loss tokens |" in md
     assert "| dynamic-qtuning-0.5x0.5 | dynamic | 16 | 4 | 8 |" in md
+
+
+def test_full_datas_steps_are_counted_as_the_trainer_counts_them():
+    """An epoch of 16 rows at batch 4 is 4 micro-batches; with 3 of them per step the Trainer takes 2 steps (the last
+    one short), so 2 epochs are 4 steps (not 2: a floor would give full data fewer steps than it trains)."""
+    from types import SimpleNamespace
+
+    from curate.stages.experiment import full_steps
+
+    def cfg(**train):
+        return SimpleNamespace(train=SimpleNamespace(**{"max_steps": None, "epochs": 2, "grad_accum": 1, **train}))
+
+    assert full_steps(cfg(batch_size=4, grad_accum=3), 16) == 4
+    assert full_steps(cfg(batch_size=4), 16) == 8
+    assert full_steps(cfg(batch_size=8, epochs=3), 128) == 48
+    assert full_steps(cfg(batch_size=8, max_steps=5), 128) == 5

@@ -46,7 +46,15 @@ def test_retokenizing_for_the_scoring_tokenizer_itself_reproduces_the_masks(tmp_
     for sid, row in source.items():
         for col in ("input_ids", "labels", "loss_mask"):
             assert target[sid][col] == row[col], (sid, col)
-    assert io.read_json(tmp_path / "t" / "stats.json")["kept_chars_ratio"] == 1.0
+    stats = io.read_json(tmp_path / "t" / "stats.json")
+    assert stats["kept_chars_ratio"] == 1.0
+    assert (stats["N"], stats["K"]) == (io.read_json(pruned / "stats.json")["N"], len(source))  # a pruned folder too
+    # so it can be retokenized in turn
+    res = CliRunner().invoke(
+        app, ["retokenize", str(tmp_path / "t"), "--model", str(tiny_model_dir), "--out", str(tmp_path / "t2")]
+    )
+    assert res.exit_code == 0, res.output
+    assert by_id(tmp_path / "t2").keys() == source.keys()
 
 
 def coverage(tokenizer, ids, mask, messages):

@@ -1,7 +1,7 @@
 """Every stage's options, each beside its stage: `curate.config.NAME` holds the options of the built-in stage NAME
 (`selection`: the triage and token rule that prune and the in-trainer loss share), `curate.config.base` what they
-all share and the YAML loader. Everything is re-exported here (`from curate.config import PruneConfig`); code inside
-q-curate imports the module it needs."""
+all share and the YAML loader. The option models and the common types are re-exported here (`from curate.config
+import PruneConfig`); code inside q-curate imports the module it needs."""
 
 from .base import (
     KEYED_FIELDS,

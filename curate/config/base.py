@@ -72,8 +72,8 @@ Device = Annotated[
 Engine = Annotated[
     Literal["local", "ray"],
     Field(
-        description="local: this machine (this process, or --workers local processes); ray: --workers Ray actors or "
-        "tasks on a Ray cluster, over many GPUs and machines (see --address).",
+        description="local: this machine (see --workers for what runs there); ray: --workers Ray actors or tasks on a "
+        "Ray cluster, over many GPUs and machines (see --address).",
         json_schema_extra=RUNTIME,
     ),
 ]

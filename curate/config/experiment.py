@@ -21,7 +21,8 @@ def _known_arm(v: str) -> str:
     return v
 
 
-# An arm: one of the experiment's fixed rules (curate.arms.ARMS) or any registered sample strategy.
+# An arm: one of the experiment's fixed rules (curate.arms: ARMS, DYNAMIC_ARMS, REFRESH_ARMS) or any registered sample
+# strategy.
 Arm = Annotated[str, AfterValidator(_known_arm)]
 ALL_ARMS = ["full", "random", "qtuning", "qtuning-samples", "ppl-high", "ppl-low", "entropy-high", "entropy-low"]
 

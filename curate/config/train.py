@@ -49,7 +49,8 @@ class TrainOptions(Options):
         description="Q-Tuning inside the trainer (the paper's protocol): every sample goes through the forward pass, "
         "and each micro-batch keeps --ratio of its samples and prunes their tokens in the loss, scored from the "
         "training forward's own logits by the model being trained. The selection options (--ratio, --token-ratio, "
-        "--strategy random for the paper's random baseline, ...) are prune's, applied per micro-batch.",
+        "--strategy random --token-strategy random for the paper's random baseline, ...) are prune's, applied per "
+        "micro-batch.",
     )
     selection: SelectionOptions = Field(
         default_factory=SelectionOptions,

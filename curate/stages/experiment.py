@@ -1,16 +1,19 @@
 """`curate experiment CONFIG.yaml`: does the pruning pay off? The paper's comparison on a user's own data.
 
-One base model, one training set, one evaluation set. The training set is scored once; every arm (full data,
-random samples x random tokens, Q-Tuning, Q-Tuning samples only, and the sample baselines) is pruned from the same
-scores, trained with identical settings and seeds, and evaluated on the same held-out rows (answer NLL and GSM8K
-exact match). The robustness part corrupts a share of the training rows (`curate.corrupt`: another row's answer, on
-multi-turn rows another reply or changed tool-call arguments) and reports, per strategy, how many corrupted rows
-each one keeps, and how the trained arms fare. Every step is a stage with its own manifest, and the experiment is one
-too (the executor's lifecycle: inputs verified, a fingerprint, a lock, the manifest last), so an interrupted
-experiment resumes where it stopped and a finished arm is not retrained.
+One base model, one training set, one evaluation set. The training set is scored once; every static arm (random
+samples x random tokens, Q-Tuning, Q-Tuning samples only, random samples whole, and the sample baselines) is pruned
+from the same scores; full data and the in-trainer arms (dynamic-qtuning, dynamic-random) train on every scored
+sample; the refresh arm re-scores and prunes every epoch. All train with identical settings and seeds (at equal
+epochs, or at full data's steps: the paper's protocol) and are evaluated on the same held-out rows (answer NLL and
+GSM8K exact match). The robustness part corrupts a share of the training rows (`curate.corrupt`: another row's
+answer, on multi-turn rows another reply or changed tool-call arguments) and reports, per strategy, how many
+corrupted rows each one keeps, and how the trained arms fare. Every step is a stage with its own manifest, and the
+experiment is one too (the executor's lifecycle: inputs verified, a fingerprint, a lock, the manifest last), so an
+interrupted experiment resumes where it stopped and a finished arm is not retrained.
 
-Layout: RUN/scores, RUN/arms/ARM/seed-S/{pruned,model,eval}, RUN/base/eval, RUN/robustness/{data/train-
-corrupted.jsonl,scores,strategies,arms}, RUN/results.{json,md,png} and RUN/_manifest.json.
+Layout: RUN/scores, RUN/full-data (every scored sample, for full data and the in-trainer arms),
+RUN/arms/ARM/seed-S/{pruned,model,eval} (a refresh arm: {refresh,eval}), RUN/base/eval, RUN/robustness/{data/train-
+corrupted.jsonl,scores,full-data,strategies,arms}, RUN/results.{json,md,png} and RUN/_manifest.json.
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ def full_steps(cfg: ExperimentConfig, n_full: int) -> int:
     Trainer counts them."""
     if cfg.train.max_steps:
         return cfg.train.max_steps
-    per_epoch = max(1, math.ceil(n_full / cfg.train.batch_size) // cfg.train.grad_accum)
+    per_epoch = max(1, math.ceil(math.ceil(n_full / cfg.train.batch_size) / cfg.train.grad_accum))
     return math.ceil(cfg.train.epochs * per_epoch)
 
 
@@ -99,9 +102,6 @@ def train_config(
 def evaluate(cfg: ExperimentConfig, model: str, out: Path, reporter: Reporter, force: bool) -> dict:
     """Answer NLL and exact match of one model folder (or hub id) on the experiment's held-out rows."""
     return run_stage("evaluate", EvaluateConfig(**cfg.eval.model_dump(), model=model, out=str(out)), reporter, force)
-
-
-# ---------------------------------------------------------------- the corrupted training set
 
 
 # ---------------------------------------------------------------- the experiment
@@ -426,7 +426,7 @@ def plot_results(results: dict, path: Path) -> None:
     ):
         means = [scale * (s.get(key) or {"mean": math.nan})["mean"] for s in stats]
         sds = [scale * (s.get(key) or {"sd": 0.0})["sd"] for s in stats]
-        colours = ["#999999"] + ["#d62728" if n.startswith("qtuning") else "#1f77b4" for n in names[1:]]
+        colours = ["#999999"] + ["#d62728" if "qtuning" in n else "#1f77b4" for n in names[1:]]
         ax.bar(range(len(names)), means, yerr=sds, color=colours, capsize=3)
         ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
         ax.set_ylabel(label)
@@ -456,8 +456,9 @@ STAGE = register(
         name="experiment",
         produces="experiment",
         config=ExperimentConfig,
-        doc="Does the pruning pay off? Score once, prune every arm from the same scores, train each identically, "
-        "evaluate; finished arms are not retrained.",
+        doc="Does the pruning pay off? Score once, build every arm from the same scores (static subsets, full data, "
+        "selection inside the trainer, refresh rounds), train each identically, evaluate; finished arms are not "
+        "retrained.",
         compute=compute,
         inputs=(
             Input("train_data", data=True, hint="the training set"),

@@ -218,6 +218,8 @@ def reduce(job: Job, parts: list[Part], results: dict, info: dict) -> dict:
     stats = {
         **totals,
         "skipped": skipped,
+        "N": source_manifest.stats["N"],  # a pruned folder's figures, so that retokenize's output is one too
+        "K": totals["samples"],
         "source_samples": source_manifest.stats["K"],
         "kept_chars_ratio": totals["kept_chars_target"] / max(totals["kept_chars_source"], 1),
         "loss_token_ratio": totals["loss_tokens_target"] / max(totals["loss_tokens_source"], 1),

@@ -108,11 +108,6 @@ def source_card(source: str | Path) -> dict:
     return {}
 
 
-def source_licence(source: str | Path) -> str | None:
-    licence = source_card(source).get("license")
-    return licence if isinstance(licence, str) else None
-
-
 def size_category(n: int) -> str:
     """The Hub's `size_categories` bucket for n rows."""
     for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):

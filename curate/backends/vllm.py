@@ -193,10 +193,6 @@ class VLLMScorer:
             lp[~keep], ent[~keep] = np.nan, np.nan
         return results
 
-    def preemptions(self) -> int:
-        """Requests the engine preempted (and recomputed) so far; needs ENGINE_OVERRIDES disable_log_stats=False."""
-        return int(sum(m.value for m in self.llm.get_metrics() if m.name == "vllm:num_preemptions"))
-
     def close(self) -> None:
         """Stop the engine processes and free the memory, so a later engine can start in this process."""
         llm = getattr(self, "llm", None)

@@ -132,7 +132,7 @@ def hub_folder(tmp_path, header: str, files=("data/train-00000.jsonl",)) -> str:
 
 def test_dashes_inside_a_card_value_keep_its_configs(tmp_path):
     from curate import readers
-    from curate.card import source_licence
+    from curate.card import source_card
 
     header = (
         "pretty_name: GSM8K --- math\nlicense: 'mit --- see below'\nconfigs:\n- config_name: default\n"
@@ -140,7 +140,7 @@ def test_dashes_inside_a_card_value_keep_its_configs(tmp_path):
     )
     root = hub_folder(tmp_path, header, ("data/train-00000.jsonl", "picked/a.jsonl"))
     assert [p.rsplit("/", 1)[1] for p in readers.resolve(root).files] == ["a.jsonl"]  # the card's files, not data/
-    assert source_licence(root) == "mit --- see below"
+    assert source_card(root)["license"] == "mit --- see below"
 
 
 @pytest.mark.parametrize("path", ["../outside/*.jsonl", "/etc/*", "s3://elsewhere/x.jsonl", "data/../../outside/*"])

@@ -73,6 +73,8 @@ ARMS = {
 DYNAMIC_ARMS = {
     "dynamic-qtuning": {"strategy": "qtuning", "token_strategy": "qtuning"},
     "dynamic-random": ARMS["random"],  # random samples of each micro-batch x random tokens (the paper's baseline)
+    # the released code's rule: the paper's preset, and entropy averaged over every attended position
+    "dynamic-paper": {**ARMS["paper"], "entropy_positions": "all"},
 }
 # Its offline twin: one round per epoch, each scoring the whole training set with the latest checkpoint, pruning
 # with these settings and training one epoch on the kept samples (`curate refresh`).

@@ -239,11 +239,16 @@ class QTuningLoss:
     what was kept since the last log is `take_tally()`.
 
     The loss is the mean over each micro-batch's kept tokens, as in the paper's code. `with_qtuning` trains with it
-    as it is meant to, with gradient accumulation and on several processes; as a `compute_loss_func`, set the
-    trainer's `loss_is_scaled_for_ga = False` when accumulating and `average_tokens_across_devices=False` on
-    several GPUs (the Trainer otherwise treats it as a sum over the batch's labelled tokens)."""
+    as it is meant to: with gradient accumulation, on several processes, a plain loss in evaluation, a refusal of
+    packed rows, and the same draws after a resume. As a bare `compute_loss_func` the Trainer also calls it in
+    evaluation (eval_loss is then the selected samples' loss), with gradient accumulation it needs
+    `loss_is_scaled_for_ga = False` on the trainer (read from transformers 5.19) and on several GPUs
+    `average_tokens_across_devices=False`, since the Trainer otherwise treats it as a sum over the labelled tokens.
+    On several processes the tally counts this process's micro-batches."""
 
     def __init__(self, tokenizer=None, seed: int = 0, options: SelectionOptions | None = None, **values):
+        if options is not None and values:
+            raise CurateError(f"QTuningLoss: pass options= or {', '.join(values)}=, not both")
         self.options = options if options is not None else SelectionOptions.model_validate(values)
         check_options(self.options)
         if masking.needs_text(self.options) and tokenizer is None:
@@ -254,10 +259,11 @@ class QTuningLoss:
         self.tally = Counter()
         self.last: BatchChoice | None = None
 
-    def __call__(self, outputs, labels, num_items_in_batch=None, attention_mask=None):
+    def __call__(self, outputs, labels, num_items_in_batch=None, attention_mask=None, draw: int | None = None):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
-        # one draw per micro-batch, reproducible from the seed and the count of micro-batches so far
-        seed = self.seed * 1_000_003 + self.calls
+        # one draw per micro-batch, reproducible from the seed and the micro-batch's place in training (`with_qtuning`
+        # gives it, so a resumed run draws as an uninterrupted one), else the count of calls so far
+        seed = self.seed * 1_000_003 + (self.calls if draw is None else draw)
         self.calls += 1
         choice = select_in_batch(
             logits, labels, self.options, attention_mask=attention_mask, pieces=self.pieces, seed=seed
@@ -287,6 +293,26 @@ def plain_loss(logits, labels, num_items_in_batch=None):
     return -token_logp.mean() if token_logp.numel() else logits.sum() * 0.0
 
 
+PACKED = (
+    "the in-trainer selection triages the samples of a micro-batch, one per row, but this batch packs several samples "
+    "into a row (TRL's packing=True or padding_free=True): train with packing=False and padding_free=False"
+)
+
+
+def packed(inputs) -> bool:
+    """Whether a batch packs several samples into one row: flash-attention's sequence boundaries, or position ids
+    that start again inside a row's attended tokens."""
+    if "cu_seq_lens_q" in inputs:
+        return True
+    positions = inputs.get("position_ids")
+    if positions is None:
+        return False
+    starts = positions == 0
+    if inputs.get("attention_mask") is not None:
+        starts = starts & (inputs["attention_mask"] != 0)
+    return bool((starts.sum(-1) > 1).any())
+
+
 def with_qtuning(base: type) -> type:
     """`base` (transformers' Trainer, TRL's SFTTrainer, or a subclass) with the in-trainer loss: construct it with
     `qtuning=QTuningLoss(...)`. Training steps use the loss from the training forward's logits; evaluation uses the
@@ -303,14 +329,26 @@ def with_qtuning(base: type) -> type:
             self.model_accepts_loss_kwargs = False
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if packed(inputs):
+                raise CurateError(PACKED)
             inputs = {**inputs, "use_cache": False}  # no key-value cache in a training forward
             labels = inputs.pop("labels")
             outputs = model(**inputs)
             if model.training:
-                loss = self.qtuning(outputs, labels, attention_mask=inputs.get("attention_mask"))
+                loss = self.qtuning(
+                    outputs, labels, attention_mask=inputs.get("attention_mask"), draw=self.micro_batch_index()
+                )
             else:
                 loss = plain_loss(outputs.logits, labels)
             return (loss, outputs) if return_outputs else loss
+
+        def micro_batch_index(self) -> int:
+            """This micro-batch's place in training, from the trainer's step (restored on resume) and the micro-batches
+            already seen in it."""
+            step = self.state.global_step
+            self._micro = self._micro + 1 if getattr(self, "_step", None) == step else 0
+            self._step = step
+            return step * self.args.gradient_accumulation_steps + self._micro
 
         def log(self, logs: dict, *args, **kwargs) -> None:
             if "loss" in logs:

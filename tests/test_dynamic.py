@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from curate.config import SelectionOptions
-from curate.dynamic import QTuningLoss, TokenPieces, select_in_batch, with_qtuning
+from curate.dynamic import QTuningLoss, TokenPieces, packed, select_in_batch, with_qtuning
 from curate.errors import CurateError
 from curate.pruning import budget
 
@@ -163,6 +163,8 @@ def test_options_are_prunes_and_strategies_without_batch_columns_are_refused():
         QTuningLoss(strategy="ifd", token_unit="token", protect=[])
     with pytest.raises(CurateError, match="tokenizer"):
         QTuningLoss()  # whole words and protected spans read the tokens' text
+    with pytest.raises(CurateError, match="not both"):  # not: ratio silently ignored
+        QTuningLoss(options=SelectionOptions(token_unit="token", protect=[]), ratio=0.25)
     labels = torch.tensor([[-100, 3, 4, 5]] * 4)
     with pytest.raises(CurateError, match="pieces"):  # not: Q2 samples silently keep every token
         select_in_batch(torch.randn(4, 4, 8), labels, SelectionOptions(ratio=0.5))
@@ -350,3 +352,80 @@ def test_with_gradient_accumulation_each_micro_batchs_mean_counts_once(tiny_mode
     logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(qtuning.seen) == 4
     assert logged == pytest.approx([np.mean(qtuning.seen[:2]), np.mean(qtuning.seen[2:])], rel=1e-3, abs=1e-4)
+
+
+def test_rows_padded_after_their_sample_are_not_packed_ones():
+    padded = {"position_ids": torch.tensor([[0, 1, 2, 0, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 0, 0]])}
+    assert not packed(padded) and not packed({"input_ids": torch.zeros(2, 3)})
+    assert packed({"position_ids": torch.tensor([[0, 1, 2, 0, 1]])})  # TRL's padding-free row: no attention mask
+
+
+@pytest.mark.parametrize("mode", [{"packing": True}, {"padding_free": True, "max_length": None}])
+def test_trls_packed_rows_are_refused_not_triaged_as_one_sample(tiny_model_dir, tiny_dataset, tmp_path, mode):
+    """Packed, a micro-batch is one row: its triage would keep every sample (max(1, round(0.25 x 1)) = 1 of 1)."""
+    from trl import SFTConfig, SFTTrainer
+
+    model, tok = _tiny(tiny_model_dir)
+    args = SFTConfig(**TRAIN_ARGS, output_dir=str(tmp_path), bf16=False, **mode)
+    qtuning = QTuningLoss(tokenizer=tok, ratio=0.25, token_ratio=0.5)
+    trainer = with_qtuning(SFTTrainer)(
+        model=model, args=args, train_dataset=tiny_dataset, processing_class=tok, qtuning=qtuning
+    )
+    with pytest.raises(CurateError, match="packing=False and padding_free=False"):
+        trainer.train()
+    assert qtuning.calls == 0
+
+
+def test_a_resumed_run_draws_as_an_uninterrupted_one(tiny_model_dir, tiny_dataset, tmp_path):
+    """The random baseline's draw of each micro-batch follows its place in training, so a run resumed from a checkpoint
+    selects what the uninterrupted run selected (a count of calls would start again at 0)."""
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    class Recorded(QTuningLoss):
+        def __call__(self, *args, **kwargs):
+            loss = super().__call__(*args, **kwargs)
+            self.seen.append((tuple(self.last.selection), self.last.token_mask.tobytes()))
+            return loss
+
+    class StopAfterTheFirstStep(TrainerCallback):  # an interruption: a checkpoint at step 1, then no more steps
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_save = control.should_training_stop = True
+
+    def train(out, resume=None, callbacks=()):
+        model, tok = _tiny(tiny_model_dir)
+        qtuning = Recorded(ratio=0.25, token_ratio=0.5, strategy="random", token_strategy="random", **PAPER_TOKENS)
+        qtuning.seen = []
+        args = TrainingArguments(
+            **{**TRAIN_ARGS, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2},
+            output_dir=str(out),
+            remove_unused_columns=False,
+        )
+        collator = DataCollatorForSeq2Seq(tok, label_pad_token_id=-100, padding=True)
+        trainer = with_qtuning(Trainer)(
+            model=model,
+            args=args,
+            train_dataset=tiny_dataset,
+            data_collator=collator,
+            qtuning=qtuning,
+            callbacks=list(callbacks),
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return qtuning.seen
+
+    whole = train(tmp_path / "whole")  # 20 rows, micro-batches of 4, 2 a step: steps of 2, 2 and 1 micro-batches
+    interrupted = train(tmp_path / "cut", callbacks=[StopAfterTheFirstStep()])
+    resumed = train(tmp_path / "cut", resume=str(tmp_path / "cut" / "checkpoint-1"))
+    assert len(whole) == 5 and interrupted == whole[:2]
+    assert resumed == whole[2:]
+    assert len(set(whole)) > 1  # a new draw every micro-batch
+
+
+def test_the_log_says_when_a_small_batch_keeps_more_than_the_ratio():
+    from curate.config.train import TrainConfig
+    from curate.stages.train import selection_in_words
+
+    def words(batch_size):
+        return selection_in_words(TrainConfig(data="d", out="o", dynamic=True, batch_size=batch_size))
+
+    assert "keeps 1 of 8 samples, qtuning token pruning" in words(8)  # ratio 0.125
+    assert "keeps 1 of 2 samples (50%, not --ratio 0.125" in words(2)

@@ -111,6 +111,24 @@ def test_bad_experiment_configs_are_reported_at_once(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "train,equal,says",
+    [
+        ({"dynamic": True}, "steps", "train.dynamic and train.selection are set by each arm"),
+        ({"selection": {"ratio": 0.5}}, "steps", "train.dynamic and train.selection are set by each arm"),
+        ({"max_steps": 20}, "epochs", "train.max_steps with equal: epochs"),
+    ],
+)
+def test_training_settings_that_would_change_what_an_arm_is_are_refused(tmp_path, train, equal, says):
+    """train: is shared by every arm: a selection there would make full data dynamic too, and max_steps under equal
+    epochs would be dropped."""
+    config = tmp_path / "bad.yaml"
+    cfg = {"run_dir": "x", "train_data": "y", "equal": equal, "train": train, "eval": {"data": "z"}}
+    config.write_text(yaml.safe_dump(cfg))
+    res = CliRunner().invoke(app, ["experiment", str(config)])
+    assert res.exit_code == 2 and says in " ".join(res.output.split()), res.output
+
+
+@pytest.mark.parametrize(
     "text,number",
     [
         ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72", 72),
@@ -157,7 +175,7 @@ def test_the_papers_protocol_gives_every_arm_full_datas_steps_and_says_what_each
     the refresh arm re-scores every epoch. Every arm takes full data's optimizer steps, and the table says what each
     computed."""
     cfg = smoke_config(tmp_path, tiny_model_dir)
-    arms = ["full", "dynamic-qtuning", "dynamic-random", "refresh", "qtuning", "random-samples"]
+    arms = ["full", "dynamic-qtuning", "dynamic-paper", "dynamic-random", "refresh", "qtuning", "random-samples"]
     cfg.update(equal="steps", robustness=None, budgets=[{"ratio": 0.5, "token_ratio": 0.5, "arms": arms}])
     cfg["train"]["epochs"] = 2
     config = tmp_path / "protocol.yaml"
@@ -169,12 +187,24 @@ def test_the_papers_protocol_gives_every_arm_full_datas_steps_and_says_what_each
     full = runs["full"]
     assert full["steps"] == 8 and full["batch_size"] == 4  # 16 rows, batch 4, 2 epochs
     assert all(r["steps"] == 8 for r in runs.values()), {n: r["steps"] for n, r in runs.items()}
-    for name in ("dynamic-qtuning", "dynamic-random"):  # every row through the forward, half the samples in the loss
+    for name in (
+        "dynamic-qtuning",
+        "dynamic-paper",
+        "dynamic-random",
+    ):  # every row through the forward, half in the loss
         r = runs[name]
         assert r["kind"] == "dynamic" and r["forward_tokens"] == full["forward_tokens"]
         assert 0 < r["loss_tokens"] < full["loss_tokens"] / 2 + 1
         assert sum(r["kept_by_selection"].values()) == 16  # 2 of each batch of 4, 8 steps
-    assert set(runs["dynamic-qtuning"]["kept_by_selection"]) <= {"Q2", "Q4", "fill-Q2", "fill-Q4"}
+    for name in ("dynamic-qtuning", "dynamic-paper"):
+        assert set(runs[name]["kept_by_selection"]) <= {"Q2", "Q4", "fill-Q2", "fill-Q4"}
+    paper = io.read_manifest(tmp_path / "exp" / "arms" / "dynamic-paper-0.5x0.5" / "seed-0" / "model")
+    selection = paper["config"]["selection"]  # the released code's rule
+    assert (selection["preset"], selection["entropy_positions"], selection["token_order"]) == (
+        "paper",
+        "all",
+        "drop-high",
+    )
     assert set(runs["dynamic-random"]["kept_by_selection"]) == {"random"}
     for name in ("qtuning", "random-samples"):  # 8 samples at batch 2: the same steps, half the forward compute
         r = runs[name]

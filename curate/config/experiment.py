@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, model_validator
 
 from .base import LocalFolder, NonNegInt, Options, Ratio
 from .evaluate import EvalOptions
@@ -76,3 +76,18 @@ class ExperimentConfig(Options):
     )
     robustness: RobustnessOptions | None = None
     eval: EvalOptions
+
+    @model_validator(mode="after")
+    def _each_arm_trains_as_its_name_says(self):
+        # train: is shared by every arm: a selection there would turn full data and the static subsets dynamic too
+        if self.train.dynamic or "selection" in self.train.model_fields_set:
+            raise ValueError(
+                "train.dynamic and train.selection are set by each arm (dynamic-qtuning, dynamic-random and "
+                "dynamic-paper select in the trainer with the prune section's rule): remove them from train:"
+            )
+        if self.equal == "epochs" and self.train.max_steps:
+            raise ValueError(
+                "train.max_steps with equal: epochs: every arm trains train.epochs passes over its own data; use "
+                "equal: steps to train every arm max_steps optimizer steps"
+            )
+        return self

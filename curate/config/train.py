@@ -49,8 +49,9 @@ class TrainOptions(Options):
         description="Q-Tuning inside the trainer (the paper's protocol): every sample goes through the forward pass, "
         "and each micro-batch keeps --ratio of its samples and prunes their tokens in the loss, scored from the "
         "training forward's own logits by the model being trained. The selection options (--ratio, --token-ratio, "
-        "--strategy random --token-strategy random for the paper's random baseline, ...) are prune's, applied per "
-        "micro-batch.",
+        "--preset paper --strategy random --token-strategy random for the paper's random baseline, ...) are prune's, "
+        "applied per micro-batch; a micro-batch keeps max(1, round(ratio x batch)) samples, so a small --batch-size "
+        "keeps more than --ratio (the log says how many).",
     )
     selection: SelectionOptions = Field(
         default_factory=SelectionOptions,

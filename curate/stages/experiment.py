@@ -2,8 +2,8 @@
 
 One base model, one training set, one evaluation set. The training set is scored once; every static arm (random
 samples x random tokens, Q-Tuning, Q-Tuning samples only, random samples whole, and the sample baselines) is pruned
-from the same scores; full data and the in-trainer arms (dynamic-qtuning, dynamic-random) train on every scored
-sample; the refresh arm re-scores and prunes every epoch. All train with identical settings and seeds (at equal
+from the same scores; full data and the in-trainer arms (dynamic-qtuning, dynamic-paper, dynamic-random) train on every
+scored sample; the refresh arm re-scores and prunes every epoch. All train with identical settings and seeds (at equal
 epochs, or at full data's steps: the paper's protocol) and are evaluated on the same held-out rows (answer NLL and
 GSM8K exact match). The robustness part corrupts a share of the training rows (`curate.corrupt`: another row's
 answer, on multi-turn rows another reply or changed tool-call arguments) and reports, per strategy, how many
@@ -211,10 +211,20 @@ def refresh_arm(cfg, arm, budget, seed, ts, out, reporter, force) -> tuple:
     """The offline twin of the in-trainer protocol: one round per epoch, each scoring the whole training set with the
     latest checkpoint, pruning it and training one epoch's share of full data's steps on the kept samples."""
     rounds = max(1, math.ceil(cfg.train.epochs))
+    if cfg.equal == "epochs" and rounds != cfg.train.epochs:
+        reporter.log(
+            f"{arm}: {rounds} rounds of one epoch each, where the other arms train {cfg.train.epochs:g} epochs"
+        )
     ratio = budget.ratio
     per_round = {"epochs": 1.0, "max_steps": None}
     if cfg.equal == "steps":
-        per_round["max_steps"] = max(1, full_steps(cfg, ts.n_full) // rounds)
+        total = full_steps(cfg, ts.n_full)
+        per_round["max_steps"] = max(1, total // rounds)
+        if per_round["max_steps"] * rounds != total:  # one training per round: its steps are the same every round
+            reporter.log(
+                f"{arm}: {rounds} rounds of {per_round['max_steps']} steps, where full data trains {total} (its "
+                "steps do not split into one round per epoch)"
+            )
         if cfg.static_steps == "batch":
             per_round["batch_size"] = max(1, round(cfg.train.batch_size * ratio))
     settings = {**arm_settings(arm), "ratio": ratio, "token_ratio": budget.token_ratio, "seed": seed}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import io, schema
+from .. import io, pruning, schema
 from ..config.selection import SelectionOptions
 from ..config.train import TrainConfig
 from ..errors import CurateError
@@ -324,7 +324,11 @@ def selection_in_words(cfg: TrainConfig) -> str:
     sel = cfg.selection
     what = "Q-Tuning's triage" if sel.strategy == "qtuning" else f"the {sel.strategy} strategy"
     tokens = "no token pruning" if sel.token_strategy == "none" else f"{sel.token_strategy} token pruning"
-    return f"{what} keeps {sel.ratio:g} of the samples, {tokens} at {sel.token_ratio:g}"
+    kept = pruning.budget(sel.ratio, cfg.batch_size)
+    share = f"{kept} of {cfg.batch_size} samples"
+    if abs(kept / cfg.batch_size - sel.ratio) > 0.25 * sel.ratio:  # a small batch cannot keep the share asked for
+        share += f" ({kept / cfg.batch_size:.0%}, not --ratio {sel.ratio:g}: raise --batch-size to keep nearer it)"
+    return f"{what} keeps {share}, {tokens} at {sel.token_ratio:g}"
 
 
 class TrainResult(Model):

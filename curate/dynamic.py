@@ -327,6 +327,7 @@ def with_qtuning(base: type) -> type:
             # keyword arguments) and does not scale it by the number of processes
             self.loss_is_scaled_for_ga = False
             self.model_accepts_loss_kwargs = False
+            self._step, self._micro = None, 0  # the optimizer step of the last micro-batch, and its place in it
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if packed(inputs):
@@ -346,7 +347,7 @@ def with_qtuning(base: type) -> type:
             """This micro-batch's place in training, from the trainer's step (restored on resume) and the micro-batches
             already seen in it."""
             step = self.state.global_step
-            self._micro = self._micro + 1 if getattr(self, "_step", None) == step else 0
+            self._micro = self._micro + 1 if self._step == step else 0
             self._step = step
             return step * self.args.gradient_accumulation_steps + self._micro
 

@@ -378,8 +378,12 @@ def test_trls_packed_rows_are_refused_not_triaged_as_one_sample(tiny_model_dir, 
 
 def test_a_resumed_run_draws_as_an_uninterrupted_one(tiny_model_dir, tiny_dataset, tmp_path):
     """The random baseline's draw of each micro-batch follows its place in training, so a run resumed from a checkpoint
-    selects what the uninterrupted run selected (a count of calls would start again at 0)."""
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+    (through `curate train`'s own trainer) selects what the uninterrupted run selected (a count of calls would start
+    again at 0)."""
+    from transformers import TrainerCallback
+
+    from curate.config.train import TrainConfig
+    from curate.stages.train import build_trainer
 
     class Recorded(QTuningLoss):
         def __call__(self, *args, **kwargs):
@@ -391,25 +395,15 @@ def test_a_resumed_run_draws_as_an_uninterrupted_one(tiny_model_dir, tiny_datase
         def on_step_end(self, args, state, control, **kwargs):
             control.should_save = control.should_training_stop = True
 
+    cfg = TrainConfig(
+        data="", out="", epochs=1, batch_size=4, grad_accum=2, lr=3e-3, lora_rank=0, device="cpu", dtype="float32"
+    )
+
     def train(out, resume=None, callbacks=()):
         model, tok = _tiny(tiny_model_dir)
         qtuning = Recorded(ratio=0.25, token_ratio=0.5, strategy="random", token_strategy="random", **PAPER_TOKENS)
         qtuning.seen = []
-        args = TrainingArguments(
-            **{**TRAIN_ARGS, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2},
-            output_dir=str(out),
-            remove_unused_columns=False,
-        )
-        collator = DataCollatorForSeq2Seq(tok, label_pad_token_id=-100, padding=True)
-        trainer = with_qtuning(Trainer)(
-            model=model,
-            args=args,
-            train_dataset=tiny_dataset,
-            data_collator=collator,
-            qtuning=qtuning,
-            callbacks=list(callbacks),
-        )
-        trainer.train(resume_from_checkpoint=resume)
+        build_trainer(cfg, model, tok, tiny_dataset, out, callbacks, qtuning).train(resume_from_checkpoint=resume)
         return qtuning.seen
 
     whole = train(tmp_path / "whole")  # 20 rows, micro-batches of 4, 2 a step: steps of 2, 2 and 1 micro-batches

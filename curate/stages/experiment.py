@@ -220,7 +220,7 @@ def refresh_arm(cfg, arm, budget, seed, ts, out, reporter, force) -> tuple:
     if cfg.equal == "steps":
         total = full_steps(cfg, ts.n_full)
         per_round["max_steps"] = max(1, total // rounds)
-        if per_round["max_steps"] * rounds != total:  # one training per round: its steps are the same every round
+        if total % rounds:  # one training per round: its steps are the same every round
             reporter.log(
                 f"{arm}: {rounds} rounds of {per_round['max_steps']} steps, where full data trains {total} (its "
                 "steps do not split into one round per epoch)"
